@@ -1,0 +1,28 @@
+"""The demo: a small omni model learns captions, melody descriptions and melody synthesis from the embedded corpus.
+
+    omni train --config configs/demo.py --workdir runs/demo
+
+On 2 CPU cores this takes about 8 minutes (corpus generation a few seconds, compile ~20 s). Expect the held-out
+loss to fall from ~6 to well under 1 for text and audio, and at the end greedy captions of held-out images that
+name shape, colour and place far above chance (chance: 33%, 17%, 20%), with a few samples printed.
+Re-running the same command resumes from the last checkpoint in runs/demo/checkpoints.
+"""
+
+from omni.config import Config
+
+
+def get_config() -> Config:
+    cfg = Config(name="demo")
+    cfg.model.d = 128
+    cfg.model.layers = 4
+    cfg.model.heads = 4
+    cfg.model.kv_heads = 2
+    cfg.model.dtype = "float32"  # CPUs run bf16 matmuls slower than fp32; use bfloat16 on GPU/TPU
+    cfg.data.seq_len = 256
+    cfg.train.steps = 400
+    cfg.train.batch_size = 8
+    cfg.train.lr = 3e-3
+    cfg.train.warmup_steps = 40
+    cfg.train.eval_every = 100
+    cfg.train.checkpoint_every = 100
+    return cfg

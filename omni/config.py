@@ -1,0 +1,330 @@
+"""The one typed config schema, config-file loading and dotted `--set key=value` overrides.
+
+A config file is a Python file with `get_config() -> Config` (the big_vision / ml_collections habit), or a
+`config.json` written by a previous run. Every field below has a default and a line of doc; `omni train
+--help-config` prints them all. Overrides are type checked against the schema: an unknown key or a bad value
+fails at once with a `ConfigError` that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import difflib
+import importlib.util
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist, a value of the wrong type, or fields that do not fit together."""
+
+
+def doc(default: Any, text: str, **kwargs):
+    """A dataclass field carrying its one-line documentation (`metadata['doc']`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": text}, **kwargs)
+    return field(default=default, metadata={"doc": text}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    d: int = doc(256, "model width (residual stream size)")
+    layers: int = doc(4, "number of transformer blocks")
+    heads: int = doc(4, "query heads")
+    kv_heads: int = doc(2, "key/value heads (grouped-query attention); must divide `heads`")
+    head_dim: int = doc(0, "size of one head; 0 means d // heads")
+    mlp: int = doc(0, "SwiGLU hidden size; 0 means the multiple of 64 nearest 8/3 * d")
+    rope_theta: float = doc(10_000.0, "RoPE base frequency")
+    norm_eps: float = doc(1e-6, "RMSNorm epsilon")
+    dtype: Literal["bfloat16", "float32"] = doc("bfloat16", "compute dtype of activations and matmuls")
+    param_dtype: Literal["float32", "bfloat16"] = doc("float32", "dtype parameters are stored and updated in")
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = doc(
+        "none", "what each block keeps for the backward pass: none = keep all, full = recompute all, "
+        "dots = save matmul outputs, dots_no_batch = save matmuls without batch dims")
+    scan_layers: bool = doc(True, "stack blocks with nnx.scan so compile time does not grow with depth")
+    attention: Literal["auto", "xla", "cudnn"] = doc(
+        "auto", "jax.nn.dot_product_attention implementation (auto picks cuDNN on GPU when it can)")
+    init_std: float = doc(0.02, "std of the normal init of embeddings and projections")
+
+
+@dataclass
+class DataConfig:
+    corpus: Literal["demo"] = doc("demo", "which corpus feeds training (the data issue adds TFDS datasets)")
+    seq_len: int = doc(256, "tokens per packed sequence")
+    patch_size: int = doc(8, "image patch side P; an image becomes (H/P) x (W/P) patches of P*P*3 pixels")
+    image_size: int = doc(32, "side of the demo corpus images, pixels (multiple of patch_size)")
+    train_examples: int = doc(6000, "examples in the generated demo train split")
+    eval_examples: int = doc(300, "examples in the generated demo eval split (disjoint draws)")
+    corpus_seed: int = doc(0, "seed of the demo corpus generator")
+    shuffle_seed: int = doc(0, "seed of the per-epoch shuffle and of bin shuffling in the packer")
+    packing_bins: int = doc(0, "first-fit packing bins; 0 means the per-process batch size")
+    worker_threads: int = doc(2, "grain read threads per process")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = doc(300, "optimizer steps to run")
+    batch_size: int = doc(16, "global batch, in packed sequences, per optimizer step")
+    grad_accum: int = doc(1, "micro-batches per step; batch_size must divide by it")
+    lr: float = doc(3e-3, "peak learning rate")
+    warmup_steps: int = doc(30, "linear warmup steps from 0 to lr")
+    min_lr_ratio: float = doc(0.1, "cosine decay ends at lr * min_lr_ratio")
+    weight_decay: float = doc(0.1, "AdamW weight decay (not applied to norms and biases)")
+    b1: float = doc(0.9, "Adam beta1")
+    b2: float = doc(0.95, "Adam beta2")
+    eps: float = doc(1e-8, "Adam epsilon")
+    clip_norm: float = doc(1.0, "global gradient norm clip; 0 disables")
+    seed: int = doc(0, "parameter init seed")
+    log_every: int = doc(10, "steps between metric lines (metrics.jsonl, TensorBoard, progress bar)")
+    eval_every: int = doc(100, "steps between held-out evals; 0 only evaluates at the end")
+    eval_batches: int = doc(0, "eval batches per eval; 0 means the whole eval split")
+    checkpoint_every: int = doc(100, "steps between Orbax checkpoints (the last step is always saved)")
+    keep_checkpoints: int = doc(3, "checkpoints kept; older ones are deleted after a newer one is complete")
+    async_checkpoint: bool = doc(True, "write checkpoints in the background while training goes on")
+    demo_eval_examples: int = doc(64, "held-out examples greedily decoded for the demo task metrics at the end")
+
+
+@dataclass
+class MeshConfig:
+    data: int = doc(-1, "data-parallel axis size; -1 means the devices left over")
+    fsdp: int = doc(1, "fully-sharded data-parallel axis size (params sharded, batch split); -1 as above")
+    tensor: int = doc(1, "tensor-parallel axis size (heads, MLP, vocab split); -1 as above")
+    rules: list = doc(
+        [
+            ["batch", ["data", "fsdp"]],
+            ["length", None],
+            ["embed", "fsdp"],
+            ["act_embed", None],
+            ["heads", "tensor"],
+            ["kv_heads", "tensor"],
+            ["head_dim", None],
+            ["mlp", "tensor"],
+            ["vocab", "tensor"],
+            ["patch", None],
+            ["layers", None],
+        ],
+        "logical axis -> mesh axes table; every parameter and main activation is named with these logical axes",
+    )
+
+
+@dataclass
+class Config:
+    name: str = doc("omni", "run name, shown in logs")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "the transformer"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "the corpus and pipeline"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "optimisation and loop"})
+    mesh: MeshConfig = field(default_factory=MeshConfig, metadata={"doc": "device mesh and sharding rules"})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading, overriding, validating, saving.
+
+
+def load_config(path: str | Path) -> Config:
+    """Reads a `configs/*.py` file (calls its `get_config()`) or a saved `config.json`."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.suffix == ".json":
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        return from_dict(raw, source=str(path))
+    spec = importlib.util.spec_from_file_location(f"omni_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config(); a config file returns its Config from get_config()")
+    config = module.get_config()
+    if not isinstance(config, Config):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected omni.config.Config")
+    return config
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(raw: dict, source: str = "dict") -> Config:
+    config = Config()
+    for key, value in _flatten(raw):
+        set_value(config, key, value, source=source)
+    validate(config)
+    return config
+
+
+def _flatten(raw: dict, prefix: str = ""):
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+
+
+def all_keys(config: Config | None = None) -> list[str]:
+    """Every dotted key of the schema, in order."""
+    keys = []
+    node = config or Config()
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += [f"{f.name}.{k}" for k in all_keys(value)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def describe() -> str:
+    """The schema as text: key, type, default, doc."""
+    lines = []
+    for key in all_keys():
+        node, f = _resolve(Config(), key)
+        lines.append(f"{key:28s} {_type_name(_hints(type(node))[f.name]):28s} "
+                     f"default={getattr(node, f.name)!r:14}  {f.metadata.get('doc', '')}")
+    return "\n".join(lines)
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Applies `key=value` strings (the CLI's `--set`), then validates the whole config."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (for example train.steps=200)")
+        key, text = item.split("=", 1)
+        set_value(config, key.strip(), _parse_literal(text.strip()), source="--set")
+    validate(config)
+    return config
+
+
+def _parse_literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # bare words are strings: model.remat=full
+
+
+@typing.no_type_check
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _resolve(config: Config, key: str):
+    """Returns (the dataclass holding `key`, its field), or raises ConfigError naming what exists."""
+    node = config
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        here = ".".join(parts[:depth])
+        if part not in fields:
+            valid = [f"{here}.{n}" if here else n for n in fields]
+            close = difflib.get_close_matches(key, all_keys(), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{key}'.{hint} Keys {'under ' + here if here else 'at the top'}: "
+                              f"{', '.join(valid)}")
+        value = getattr(node, part)
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(value):
+                raise ConfigError(f"config key '{key}' is a section; set one of its fields, e.g. "
+                                  f"'{key}.{dataclasses.fields(value)[0].name}'")
+            return node, fields[part]
+        if not dataclasses.is_dataclass(value):
+            raise ConfigError(f"unknown config key '{key}': '{'.'.join(parts[:depth + 1])}' is a value, not a section")
+        node = value
+    raise AssertionError("unreachable")
+
+
+def set_value(config: Config, key: str, value: Any, source: str = "") -> None:
+    node, f = _resolve(config, key)
+    expected = _hints(type(node))[f.name]
+    setattr(node, f.name, _coerce(key, value, expected, source))
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + "|".join(map(str, typing.get_args(tp)))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, expected, source: str) -> Any:
+    where = f" (from {source})" if source else ""
+    if typing.get_origin(expected) is Literal:
+        allowed = typing.get_args(expected)
+        if value not in allowed:
+            raise ConfigError(f"bad value {value!r} for '{key}'{where}; allowed values: {', '.join(map(repr, allowed))}")
+        return value
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"bad value {value!r} for '{key}'{where}; expected true or false")
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"bad value {value!r} for '{key}'{where}; expected an integer")
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"bad value {value!r} for '{key}'{where}; expected a number")
+        return float(value)
+    if expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"bad value {value!r} for '{key}'{where}; expected a string")
+        return value
+    if expected is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"bad value {value!r} for '{key}'{where}; expected a list")
+        return [list(v) if isinstance(v, tuple) else v for v in value]
+    raise AssertionError(f"schema type {expected} of {key} is not handled")
+
+
+def validate(config: Config) -> None:
+    """Checks the fields that must fit together; raises ConfigError naming them."""
+    m, d, t = config.model, config.data, config.train
+    positive = {"model.d": m.d, "model.layers": m.layers, "model.heads": m.heads, "model.kv_heads": m.kv_heads,
+                "data.seq_len": d.seq_len, "data.patch_size": d.patch_size, "train.steps": t.steps,
+                "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.log_every": t.log_every}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be positive, got {value}")
+    if m.heads % m.kv_heads:
+        raise ConfigError(f"'model.heads' ({m.heads}) must be a multiple of 'model.kv_heads' ({m.kv_heads})")
+    if m.head_dim == 0 and m.d % m.heads:
+        raise ConfigError(f"'model.d' ({m.d}) must divide by 'model.heads' ({m.heads}), or set 'model.head_dim'")
+    if m.head_dim % 2 or (m.head_dim == 0 and (m.d // m.heads) % 2):
+        raise ConfigError("the head dimension must be even for RoPE; change 'model.d', 'model.heads' or 'model.head_dim'")
+    if d.image_size % d.patch_size:
+        raise ConfigError(f"'data.image_size' ({d.image_size}) must be a multiple of 'data.patch_size' ({d.patch_size})")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"'train.batch_size' ({t.batch_size}) must divide by 'train.grad_accum' ({t.grad_accum})")
+    for key in ("data", "fsdp", "tensor"):
+        size = getattr(config.mesh, key)
+        if size == 0 or size < -1:
+            raise ConfigError(f"'mesh.{key}' must be a positive size or -1 (the devices left over), got {size}")
+    if sum(getattr(config.mesh, k) == -1 for k in ("data", "fsdp", "tensor")) > 1:
+        raise ConfigError("at most one of 'mesh.data', 'mesh.fsdp', 'mesh.tensor' may be -1")
+    for rule in config.mesh.rules:
+        if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise ConfigError(f"'mesh.rules' entry {rule!r} is not [logical_axis, mesh_axes]")
+        axes = rule[1] if isinstance(rule[1], (list, tuple)) else [rule[1]]
+        for axis in axes:
+            if axis not in (None, "data", "fsdp", "tensor"):
+                raise ConfigError(f"'mesh.rules' maps '{rule[0]}' to unknown mesh axis {axis!r}; "
+                                  "mesh axes are 'data', 'fsdp', 'tensor' (or None)")
+
+
+def derived_head_dim(m: ModelConfig) -> int:
+    return m.head_dim or m.d // m.heads
+
+
+def derived_mlp(m: ModelConfig) -> int:
+    return m.mlp or max(64, int(round(8 * m.d / 3 / 64)) * 64)

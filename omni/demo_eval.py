@@ -1,0 +1,110 @@
+"""The demo corpus's task metrics: greedy decoding on held-out examples, scored against their answers.
+
+    caption    generated caption vs truth: exact match, and shape / colour / place accuracy (chance 1/3, 1/6, 1/5)
+    describe   generated melody description: exact match, and the volume word (chance 1/2)
+    synth      generated audio codes: pitch code accuracy per frame against the reference codes
+
+Decoding recomputes the whole prefix at every step (no KV cache yet): fine for the demo's short answers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from omni import data, demo_data
+from omni.config import Config
+from omni.tokens import AUDIO, BOA, EOA, EOS, PAD_ID, TEXT, ByteTokenizer, encode_example, unflatten_codes
+
+MAX_NEW_TOKENS = {"caption": 40, "describe": 24, "synth": 2 + 2 * 16}
+
+
+def _prompt_and_answer(example: dict, cfg: Config):
+    encoded = encode_example(example, data.vocab_for(cfg.data), ByteTokenizer(), cfg.data.patch_size)
+    first_target = int(np.argmax(encoded["is_target"]))
+    return {k: v[:first_target] for k, v in encoded.items()}
+
+
+def greedy_generate(cfg: Config, graphdef, params, prompts: list[dict], max_new: int, stop_id: int) -> list[list[int]]:
+    """Greedy continuation of each prompt (dicts of tokens/patches/modality arrays) until stop_id or max_new."""
+    vocab = data.vocab_for(cfg.data)
+    n = len(prompts)
+    length = max(len(p["tokens"]) for p in prompts) + max_new
+    pdim = data.patch_dim(cfg.data)
+    batch = {"tokens": np.zeros((n, length), np.int32), "patches": np.zeros((n, length, pdim), np.float32),
+             "modality": np.zeros((n, length), np.int32), "segment_ids": np.ones((n, length), np.int32),
+             "positions": np.tile(np.arange(length, dtype=np.int32), (n, 1))}
+    lengths = np.array([len(p["tokens"]) for p in prompts])
+    for i, p in enumerate(prompts):
+        batch["tokens"][i, : lengths[i]] = p["tokens"]
+        batch["patches"][i, : lengths[i]] = p["patches"]
+        batch["modality"][i, : lengths[i]] = p["modality"]
+
+    @jax.jit
+    def next_tokens(params, batch, lengths):
+        logits = nnx.merge(graphdef, params)(batch)
+        return jnp.argmax(logits[jnp.arange(n), lengths - 1], axis=-1)
+
+    out = [[] for _ in range(n)]
+    finished = np.zeros(n, bool)
+    for _ in range(max_new):
+        new = np.asarray(next_tokens(params, batch, lengths))
+        for i in np.flatnonzero(~finished):
+            out[i].append(int(new[i]))
+            batch["tokens"][i, lengths[i]] = new[i]
+            batch["modality"][i, lengths[i]] = AUDIO if vocab.audio_codebook_of(int(new[i])) is not None else TEXT
+            lengths[i] += 1
+            finished[i] |= new[i] == stop_id
+        if finished.all():
+            break
+    return out
+
+
+def run(cfg: Config, graphdef, params, num_examples: int, log=print) -> dict:
+    """Scores greedy answers on the first `num_examples` held-out examples of each task; logs a few samples."""
+    vocab, tokenizer = data.vocab_for(cfg.data), ByteTokenizer()
+    held_out = data.corpus(cfg.data, "eval")
+    results = {}
+    for task in demo_data.TASKS:
+        examples = [e for e in held_out if e["task"] == task][:num_examples]
+        if not examples:
+            continue
+        prompts = [_prompt_and_answer(e, cfg) for e in examples]
+        stop = EOA if task == "synth" else EOS
+        outputs = greedy_generate(cfg, graphdef, params, prompts, MAX_NEW_TOKENS[task], stop)
+        if task == "synth":
+            results[task] = _score_synth(examples, outputs, vocab)
+            log(f"demo synth: pitch code accuracy per frame {results[task]['pitch_acc']:.1%} "
+                f"over {len(examples)} held-out prompts")
+            continue
+        texts = [tokenizer.decode([t - vocab.text_offset for t in o if t != stop]) for o in outputs]
+        answers = [e["answer"] for e in examples]
+        score = {"exact": float(np.mean([t == a for t, a in zip(texts, answers)])), "n": len(examples)}
+        if task == "caption":
+            for attr in ("shape", "colour", "place"):
+                score[attr] = float(np.mean([demo_data.parse_caption(t)[attr] == demo_data.parse_caption(a)[attr]
+                                             for t, a in zip(texts, answers)]))
+            log(f"demo caption: exact {score['exact']:.1%} (chance 1.1%), shape {score['shape']:.1%} (chance 33%), "
+                f"colour {score['colour']:.1%} (17%), place {score['place']:.1%} (20%) on {len(examples)} held-out images")
+        else:
+            score["volume"] = float(np.mean([t.split()[:1] == a.split()[:1] for t, a in zip(texts, answers)]))
+            log(f"demo describe: exact {score['exact']:.1%}, volume word {score['volume']:.1%} (chance 50%) "
+                f"on {len(examples)} held-out melodies")
+        for t, a in list(zip(texts, answers))[:3]:
+            log(f"    truth {a!r:38} model {t!r}")
+        results[task] = score
+    return results
+
+
+def _score_synth(examples, outputs, vocab) -> dict:
+    hits, total = 0, 0
+    for example, out in zip(examples, outputs):
+        reference = example["answer"][:, 0]
+        tokens = [t for t in out if t not in (BOA, EOA, EOS, PAD_ID)]
+        codes = unflatten_codes(np.asarray(tokens, np.int64), vocab)[:, 0] if len(tokens) >= 2 else np.zeros(0)
+        n = min(len(codes), len(reference))
+        hits += int(np.sum(codes[:n] == reference[:n]))
+        total += len(reference)
+    return {"pitch_acc": hits / max(total, 1), "n": len(examples)}

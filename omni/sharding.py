@@ -1,0 +1,98 @@
+"""The device mesh and logical-axis sharding: everything about where arrays live, in one small file.
+
+Parameters and the main activations are named with logical axes ('batch', 'embed', 'heads', ...); the
+config's `mesh.rules` table maps each to mesh axes ('data', 'fsdp', 'tensor'), as in MaxText.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import itertools
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from omni.config import MeshConfig
+
+AXES = ("data", "fsdp", "tensor")
+
+_active: contextvars.ContextVar = contextvars.ContextVar("omni_sharding", default=None)
+
+
+class MeshError(ValueError):
+    """The configured mesh does not fit the devices."""
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """Resolves -1 and checks the product against the device count; the error says what would fit."""
+    sizes = [getattr(cfg, a) for a in AXES]
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % fixed:
+            raise MeshError(_mismatch(cfg, num_devices, f"the fixed axes multiply to {fixed}, "
+                                                        f"which does not divide {num_devices} devices"))
+        sizes = [num_devices // fixed if s == -1 else s for s in sizes]
+    elif fixed != num_devices:
+        raise MeshError(_mismatch(cfg, num_devices, f"it needs {fixed} devices but {num_devices} are available"))
+    return tuple(sizes)
+
+
+def _mismatch(cfg: MeshConfig, num_devices: int, why: str) -> str:
+    fits = [shape for shape in itertools.product(range(1, num_devices + 1), repeat=3)
+            if math.prod(shape) == num_devices]
+    examples = ", ".join(f"data={d} fsdp={f} tensor={t}" for d, f, t in fits[:6])
+    return (f"mesh data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor} does not fit: {why}. "
+            f"Shapes that fit {num_devices} devices: {examples}{', ...' if len(fits) > 6 else ''}. "
+            f"Set them with --set mesh.data=.. --set mesh.fsdp=.. --set mesh.tensor=.. (one of them may be -1).")
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(cfg, len(devices))
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def rules_tuple(rules) -> tuple:
+    """Config rules (lists, for JSON) -> the tuple form flax's logical_axis_rules takes."""
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def logical_to_spec(names, rules) -> PartitionSpec:
+    table = dict(rules_tuple(rules))
+    return PartitionSpec(*(table.get(n) if n is not None else None for n in names))
+
+
+def named(mesh: Mesh, rules, *names) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, rules))
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules):
+    """Makes `constrain` in model code place activations on this mesh with these rules (while tracing)."""
+    token = _active.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _active.reset(token)
+
+
+def constrain(x, *names):
+    """with_sharding_constraint by logical axis names; a no-op outside `activate` (plain single-device use)."""
+    active = _active.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, named(mesh, rules, *names))
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
+    return named(mesh, rules, "batch", "length", *([None] * (ndim - 2)))
+
+
+def global_batch(local_batch: dict, mesh: Mesh, rules) -> dict:
+    """Process-local numpy batch -> global jax arrays sharded on the batch axis (works for one or many hosts)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, np.ndim(v)), v)
+            for k, v in local_batch.items()}

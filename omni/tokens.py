@@ -1,0 +1,201 @@
+"""From an interleaved example to one token stream: the vocabulary layout, text bytes, image patches, audio codes.
+
+An example (before tokenisation) is a dict:
+
+    {"segments": [{"text": "a red circle"}, {"image": uint8[H, W, 3]}, {"audio": int[T, K]}, ...],
+     "targets": ["text"]}                  # modalities the loss learns for this example: "text" and/or "audio"
+
+A segment may carry `"target": False` to keep one span of a target modality out of the loss (a text prompt
+before a text answer, say). The example becomes `<bos> span span ... <eos>` where the spans are
+
+    text    byte ids shifted into the text range
+    image   <boi> p p p p <row> p p p p <row> ... <eoi>   one IMAGE_PATCH token per P x P patch (Fuyu-style),
+            the pixels themselves ride along in `patches` and are projected by the model
+    audio   <boa> c(0,0) c(0,1) .. c(0,K-1) c(1,0) .. <eoa>   codec codes [T, K] flattened frame-major, codebook k
+            in its own id range so the model always knows which codebook comes next
+
+Opening and closing markers of a target audio span are targets (the model must learn to open and close audio);
+`<eos>` is a target when the example's last span is. Image positions are never targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import einops
+import numpy as np
+
+# Modality ids (batch field `modality`).
+PAD, TEXT, IMAGE, AUDIO = 0, 1, 2, 3
+MODALITY_NAMES = {TEXT: "text", IMAGE: "image", AUDIO: "audio"}
+TARGET_MODALITIES = ("text", "audio")
+
+# Special token ids; ids below NUM_SPECIAL are reserved for markers.
+PAD_ID, BOS, EOS, BOI, EOI, ROW, BOA, EOA, IMAGE_PATCH = range(9)
+NUM_SPECIAL = 16
+SPECIAL_NAMES = {PAD_ID: "<pad>", BOS: "<bos>", EOS: "<eos>", BOI: "<boi>", EOI: "<eoi>", ROW: "<row>",
+                 BOA: "<boa>", EOA: "<eoa>", IMAGE_PATCH: "<patch>"}
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Id ranges of the one shared vocabulary: [specials | text | audio codebook 0 | codebook 1 | ...]."""
+
+    text_size: int
+    codebook_sizes: tuple[int, ...]
+    pad_to: int = 128  # the embedding/unembedding rows are padded so they shard and tile evenly
+
+    @property
+    def text_offset(self) -> int:
+        return NUM_SPECIAL
+
+    def audio_offset(self, codebook: int) -> int:
+        return NUM_SPECIAL + self.text_size + sum(self.codebook_sizes[:codebook])
+
+    @property
+    def used_size(self) -> int:
+        return NUM_SPECIAL + self.text_size + sum(self.codebook_sizes)
+
+    @property
+    def size(self) -> int:
+        return -(-self.used_size // self.pad_to) * self.pad_to
+
+    def audio_codebook_of(self, token_id: int) -> int | None:
+        for k in range(len(self.codebook_sizes)):
+            if self.audio_offset(k) <= token_id < self.audio_offset(k) + self.codebook_sizes[k]:
+                return k
+        return None
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: no training, no unknown words, 256 ids."""
+
+    name = "bytes"
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+def patchify(image_HxWx3: np.ndarray, patch_size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [H/P, W/P, P*P*3] in [-1, 1]."""
+    h, w, c = image_HxWx3.shape
+    if c != 3 or h % patch_size or w % patch_size:
+        raise ValueError(f"image of shape {image_HxWx3.shape} is not [H, W, 3] with H and W multiples of "
+                         f"patch size {patch_size}")
+    pixels = image_HxWx3.astype(np.float32) / 127.5 - 1.0
+    return einops.rearrange(pixels, "(h p1) (w p2) c -> h w (p1 p2 c)", p1=patch_size, p2=patch_size)
+
+
+def unpatchify(patches_RxCxD: np.ndarray, patch_size: int) -> np.ndarray:
+    """The inverse of patchify, back to uint8 [H, W, 3]."""
+    pixels = einops.rearrange(patches_RxCxD, "h w (p1 p2 c) -> (h p1) (w p2) c", p1=patch_size, p2=patch_size)
+    return np.clip(np.round((pixels + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def flatten_codes(codes_TxK: np.ndarray, vocab: Vocab) -> np.ndarray:
+    """Codec codes [T, K] -> token ids [T*K], frame-major, codebook k shifted into its own id range."""
+    codes = np.asarray(codes_TxK)
+    if codes.ndim != 2 or codes.shape[1] != len(vocab.codebook_sizes):
+        raise ValueError(f"audio codes of shape {codes.shape} do not match the codec's "
+                         f"{len(vocab.codebook_sizes)} codebooks; expected [frames, {len(vocab.codebook_sizes)}]")
+    sizes = np.asarray(vocab.codebook_sizes)
+    bad = (codes < 0) | (codes >= sizes[None, :])
+    if bad.any():
+        t, k = np.argwhere(bad)[0]
+        raise ValueError(f"audio code {codes[t, k]} at frame {t}, codebook {k} is outside [0, {sizes[k]})")
+    offsets = np.asarray([vocab.audio_offset(k) for k in range(len(sizes))])
+    return (codes + offsets[None, :]).reshape(-1).astype(np.int32)
+
+
+def unflatten_codes(token_ids: np.ndarray, vocab: Vocab) -> np.ndarray:
+    """Audio token ids (frame-major, whole frames) -> codes [T, K]."""
+    k = len(vocab.codebook_sizes)
+    ids = np.asarray(token_ids)[: len(token_ids) // k * k].reshape(-1, k)
+    offsets = np.asarray([vocab.audio_offset(i) for i in range(k)])
+    return ids - offsets[None, :]
+
+
+def encode_example(example: dict, vocab: Vocab, tokenizer, patch_size: int) -> dict:
+    """An example dict (module docstring) -> per-position arrays of one segment, length n.
+
+    Returns tokens int32[n], patches float32[n, P*P*3], modality int32[n], is_target bool[n].
+    """
+    targets = set(example.get("targets", ()))
+    unknown = targets - set(TARGET_MODALITIES)
+    if unknown:
+        raise ValueError(f"targets {sorted(unknown)} are not learnable modalities; choose from {TARGET_MODALITIES}")
+    patch_dim = patch_size * patch_size * 3
+    tokens: list[np.ndarray] = []
+    modality: list[np.ndarray] = []
+    target: list[np.ndarray] = []
+    patches: list[tuple[int, np.ndarray]] = []  # (position, [P*P*3]) of every image patch
+    length = 0
+
+    def emit(ids, mod, is_target):
+        nonlocal length
+        ids = np.asarray(ids, np.int32).reshape(-1)
+        tokens.append(ids)
+        modality.append(np.full(len(ids), mod, np.int32))
+        target.append(np.full(len(ids), is_target, bool))
+        length += len(ids)
+
+    segments = example.get("segments") or []
+    if not segments:
+        raise ValueError("example has no segments")
+    emit([BOS], TEXT, False)
+    last_is_target = False
+    for i, segment in enumerate(segments):
+        kinds = [k for k in ("text", "image", "audio") if k in segment]
+        if len(kinds) != 1:
+            raise ValueError(f"segment {i} must have exactly one of text/image/audio, has {kinds or 'none'}")
+        kind = kinds[0]
+        is_target = kind in targets and segment.get("target", True)
+        if kind == "text":
+            ids = np.asarray(tokenizer.encode(segment["text"]), np.int32) + vocab.text_offset
+            emit(ids, TEXT, is_target)
+        elif kind == "image":
+            grid = patchify(np.asarray(segment["image"]), patch_size)
+            emit([BOI], IMAGE, False)
+            for row in grid:
+                for patch in row:
+                    patches.append((length, patch))
+                    emit([IMAGE_PATCH], IMAGE, False)
+                emit([ROW], IMAGE, False)
+            emit([EOI], IMAGE, False)
+        else:
+            emit([BOA], AUDIO, is_target)
+            emit(flatten_codes(segment["audio"], vocab), AUDIO, is_target)
+            emit([EOA], AUDIO, is_target)
+        last_is_target = is_target
+    emit([EOS], TEXT, last_is_target)
+
+    patch_array = np.zeros((length, patch_dim), np.float32)
+    for position, patch in patches:
+        patch_array[position] = patch
+    return {
+        "tokens": np.concatenate(tokens),
+        "patches": patch_array,
+        "modality": np.concatenate(modality),
+        "is_target": np.concatenate(target),
+    }
+
+
+def describe_tokens(token_ids, vocab: Vocab, tokenizer) -> str:
+    """A readable rendering of a token stream (for logs and debugging)."""
+    out, text = [], []
+    for t in map(int, token_ids):
+        if vocab.text_offset <= t < vocab.text_offset + vocab.text_size:
+            text.append(t - vocab.text_offset)
+            continue
+        if text:
+            out.append(tokenizer.decode(text))
+            text = []
+        k = vocab.audio_codebook_of(t)
+        out.append(SPECIAL_NAMES.get(t, f"<a{k}:{t - vocab.audio_offset(k)}>" if k is not None else f"<{t}>"))
+    if text:
+        out.append(tokenizer.decode(text))
+    return "".join(out)

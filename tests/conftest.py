@@ -1,0 +1,38 @@
+"""Every test process sees 8 CPU devices, so sharding tests can build real multi-device meshes."""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from omni.config import Config  # noqa: E402
+
+
+def tiny_config(**mesh) -> Config:
+    """A model small enough to train in seconds on 2 cores."""
+    cfg = Config(name="tiny")
+    cfg.model.d = 32
+    cfg.model.layers = 2
+    cfg.model.heads = 4
+    cfg.model.kv_heads = 2
+    cfg.model.dtype = "float32"
+    cfg.data.seq_len = 128
+    cfg.data.train_examples = 300
+    cfg.data.eval_examples = 48
+    cfg.train.batch_size = 8
+    cfg.train.steps = 20
+    cfg.train.warmup_steps = 5
+    cfg.train.log_every = 5
+    cfg.train.eval_every = 0
+    cfg.train.checkpoint_every = 10
+    cfg.train.demo_eval_examples = 0
+    for axis, size in mesh.items():
+        setattr(cfg.mesh, axis, size)
+    return cfg
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config()

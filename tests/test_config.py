@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+from omni import config as config_lib
+from omni.config import Config, ConfigError
+
+
+def test_defaults_validate_and_every_field_is_documented():
+    config_lib.validate(Config())
+    for key in config_lib.all_keys():
+        node, f = config_lib._resolve(Config(), key)
+        assert f.metadata.get("doc"), f"{key} has no doc"
+
+
+def test_overrides_are_typed():
+    cfg = config_lib.apply_overrides(Config(), ["train.steps=7", "train.lr=1e-4", "model.remat=full",
+                                                "train.async_checkpoint=false", "mesh.data=2"])
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.model.remat == "full"
+    assert cfg.train.async_checkpoint is False
+    assert cfg.mesh.data == 2
+    # An int is accepted where a float is expected, and stored as float.
+    assert isinstance(config_lib.apply_overrides(Config(), ["train.lr=1"]).train.lr, float)
+
+
+def test_unknown_key_names_the_key_and_suggests():
+    with pytest.raises(ConfigError) as e:
+        config_lib.apply_overrides(Config(), ["train.stepz=3"])
+    assert "'train.stepz'" in str(e.value) and "train.steps" in str(e.value)
+    with pytest.raises(ConfigError, match="unknown config key 'modle.d'"):
+        config_lib.apply_overrides(Config(), ["modle.d=3"])
+
+
+def test_bad_values_name_key_and_allowed_values():
+    with pytest.raises(ConfigError) as e:
+        config_lib.apply_overrides(Config(), ["model.remat=sometimes"])
+    assert "'model.remat'" in str(e.value) and "'dots'" in str(e.value) and "'full'" in str(e.value)
+    with pytest.raises(ConfigError, match="'train.steps'.*integer"):
+        config_lib.apply_overrides(Config(), ["train.steps=many"])
+    with pytest.raises(ConfigError, match="'train.steps'.*integer"):
+        config_lib.apply_overrides(Config(), ["train.steps=2.5"])
+    with pytest.raises(ConfigError, match="key=value"):
+        config_lib.apply_overrides(Config(), ["train.steps"])
+    with pytest.raises(ConfigError, match="section"):
+        config_lib.apply_overrides(Config(), ["train=3"])
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="kv_heads"):
+        config_lib.apply_overrides(Config(), ["model.heads=4", "model.kv_heads=3"])
+    with pytest.raises(ConfigError, match="grad_accum"):
+        config_lib.apply_overrides(Config(), ["train.batch_size=10", "train.grad_accum=4"])
+    with pytest.raises(ConfigError, match="unknown mesh axis 'model'"):
+        config_lib.apply_overrides(Config(), ["mesh.rules=[['embed', 'model']]"])
+
+
+def test_config_files_and_json_round_trip(tmp_path):
+    cfg = config_lib.load_config("configs/demo.py")
+    assert cfg.name == "demo"
+    path = tmp_path / "config.json"
+    config_lib.save_config(cfg, path)
+    again = config_lib.load_config(path)
+    assert config_lib.to_dict(again) == config_lib.to_dict(cfg)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train": {"nope": 1}}))
+    with pytest.raises(ConfigError, match="train.nope"):
+        config_lib.load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        config_lib.load_config(tmp_path / "missing.py")
+
+
+def test_config_files_open_with_their_command():
+    from pathlib import Path
+
+    for path in Path("configs").glob("*.py"):
+        assert "omni train --config" in path.read_text().split('"""')[1], path

@@ -1,0 +1,87 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from omni.loss import masked_next_token_loss, target_mask
+from omni.tokens import AUDIO, PAD, TEXT
+
+
+def _batch(tokens, segment_ids, is_target, modality):
+    return {"tokens": jnp.array([tokens], jnp.int32), "segment_ids": jnp.array([segment_ids], jnp.int32),
+            "is_target": jnp.array([is_target], bool), "modality": jnp.array([modality], jnp.int32)}
+
+
+LOGITS = np.log(np.array([[
+    [0.1, 0.6, 0.2, 0.1],   # t=0 predicts token 1
+    [0.25, 0.25, 0.4, 0.1],  # t=1 predicts token 2
+    [0.7, 0.1, 0.1, 0.1],   # t=2 predicts token 3 (first of segment 2: must not count)
+    [0.2, 0.2, 0.2, 0.4],   # t=3 predicts token 4
+    [0.25, 0.25, 0.25, 0.25],  # t=4 predicts token 5 (padding: must not count)
+    [0.25, 0.25, 0.25, 0.25],
+]], np.float32))
+T, A = TEXT, AUDIO
+BASE = dict(tokens=[0, 1, 2, 0, 3, 0], segment_ids=[1, 1, 1, 2, 2, 0], is_target=[0, 1, 1, 1, 1, 1],
+            modality=[T, T, T, T, A, PAD])
+
+
+def test_loss_against_hand_computation():
+    loss, metrics = masked_next_token_loss(jnp.array(LOGITS), _batch(**BASE))
+    # Counted: t=0 -> token 1 (p=0.6, text), t=1 -> token 2 (p=0.4, text), t=3 -> token 4 = 3 (p=0.4, audio).
+    expected = -(np.log(0.6) + np.log(0.4) + np.log(0.4)) / 3
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(metrics["loss/text"]) == pytest.approx(-(np.log(0.6) + np.log(0.4)) / 2, rel=1e-5)
+    assert float(metrics["loss/audio"]) == pytest.approx(-np.log(0.4), rel=1e-5)
+    assert float(metrics["tokens/text"]) == 2 and float(metrics["tokens/audio"]) == 1
+    assert float(metrics["acc/text"]) == 1.0 and float(metrics["acc/audio"]) == 1.0
+    np.testing.assert_array_equal(target_mask(_batch(**BASE))[0], [True, True, False, True, False])
+
+
+def test_non_target_labels_do_not_move_the_loss_and_targets_do():
+    loss = masked_next_token_loss(jnp.array(LOGITS), _batch(**BASE))[0]
+    for position in (0, 3, 5):  # first token (never predicted), first token of segment 2, padding
+        changed = dict(BASE, tokens=list(BASE["tokens"]))
+        changed["tokens"][position] = 2
+        assert float(masked_next_token_loss(jnp.array(LOGITS), _batch(**changed))[0]) == float(loss)
+    for position in (1, 2, 4):
+        changed = dict(BASE, tokens=list(BASE["tokens"]))
+        changed["tokens"][position] = 0
+        assert float(masked_next_token_loss(jnp.array(LOGITS), _batch(**changed))[0]) != pytest.approx(float(loss))
+
+
+def test_is_target_false_removes_a_position():
+    changed = dict(BASE, is_target=[0, 1, 0, 1, 1, 1])
+    loss = masked_next_token_loss(jnp.array(LOGITS), _batch(**changed))[0]
+    assert float(loss) == pytest.approx(-(np.log(0.6) + np.log(0.4)) / 2, rel=1e-5)
+
+
+def test_no_leak_across_packed_segments_through_the_model():
+    """Logits of one packed example do not depend on the other example's tokens, in either direction."""
+    from omni.config import ModelConfig
+    from omni.model import OmniTransformer
+
+    cfg = ModelConfig(d=32, layers=2, heads=4, kv_heads=2, dtype="float32")
+    model = OmniTransformer(cfg, 128, 12, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    L = 12
+    batch = {"tokens": jnp.array(rng.integers(16, 100, (1, L)), jnp.int32), "patches": jnp.zeros((1, L, 12)),
+             "modality": jnp.full((1, L), TEXT, jnp.int32),
+             "segment_ids": jnp.array([[1] * 5 + [2] * 5 + [0] * 2], jnp.int32),
+             "positions": jnp.array([list(range(5)) * 2 + [0, 0]], jnp.int32)}
+    logits = model(batch)
+    first = dict(batch, tokens=batch["tokens"].at[0, 1].set(7))   # change inside segment 1
+    second = dict(batch, tokens=batch["tokens"].at[0, 6].set(7))  # change inside segment 2
+    np.testing.assert_allclose(model(first)[0, 5:10], logits[0, 5:10], atol=1e-6)
+    np.testing.assert_allclose(model(second)[0, :5], logits[0, :5], atol=1e-6)
+    assert not np.allclose(model(first)[0, 1:5], logits[0, 1:5])  # the change is seen inside its own segment
+    # Segment 2 at positions 0..4 gives the same logits as segment 1 with the same tokens: no position leak.
+    same = dict(batch, tokens=batch["tokens"].at[0, 5:10].set(batch["tokens"][0, :5]))
+    np.testing.assert_allclose(model(same)[0, 5:10], model(same)[0, :5], atol=1e-5)
+
+
+def test_gradient_only_from_targets():
+    logits = jnp.array(LOGITS)
+    grads = jax.grad(lambda lg: masked_next_token_loss(lg, _batch(**BASE))[0])(logits)
+    nonzero_rows = np.flatnonzero(np.abs(np.asarray(grads[0])).sum(-1) > 0)
+    np.testing.assert_array_equal(nonzero_rows, [0, 1, 3])

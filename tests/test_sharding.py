@@ -1,0 +1,73 @@
+"""The same batch and init give the same loss and gradients on 1 device and on 8 devices under several meshes."""
+
+import jax
+import numpy as np
+import pytest
+
+from omni import data, sharding, train
+from omni.config import ConfigError, MeshConfig
+from tests.conftest import tiny_config
+
+
+def _loss_and_grads(cfg, devices):
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    tx, schedule = train.build_optimizer(cfg)
+    graphdef, state, shardings = train.init_state(cfg, mesh, tx)
+    step = train.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+    batch = next(iter(data.train_dataset(cfg)))
+    params_before = jax.device_get(state["params"])
+    new_state, metrics = step(state, sharding.global_batch(batch, mesh, cfg.mesh.rules))
+    params_after = jax.device_get(new_state["params"])
+    # Adam's first step moves every weight by ~lr * sign(grad): the update carries the gradient's direction.
+    update = jax.tree.map(lambda a, b: a - b, params_after, params_before)
+    return jax.device_get(metrics), params_before, update, new_state
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    return _loss_and_grads(tiny_config(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])
+def test_eight_devices_match_one(single_device, shape):
+    assert len(jax.devices()) == 8
+    cfg = tiny_config(data=shape[0], fsdp=shape[1], tensor=shape[2])
+    metrics, params, update, state = _loss_and_grads(cfg, jax.devices())
+    ref_metrics, ref_params, ref_update, _ = single_device
+    for key in ("loss", "loss/text", "loss/audio", "grad_norm", "tokens/text"):
+        assert metrics[key] == pytest.approx(ref_metrics[key], rel=2e-5), key
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_array_equal(a, b)  # same init whatever the mesh
+    for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref_update)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+    # Parameters really are split: the embedding table's 'embed' axis goes to fsdp, 'vocab' to tensor.
+    embed = state["params"]["embed"]
+    assert embed.sharding.shard_shape(embed.shape) == (embed.shape[0] // shape[2], embed.shape[1] // shape[1])
+
+
+def test_gradient_accumulation_matches_one_big_batch(single_device):
+    cfg = tiny_config(data=1, fsdp=1, tensor=1)
+    cfg.train.grad_accum = 4
+    metrics, _, update, _ = _loss_and_grads(cfg, jax.devices()[:1])
+    ref_metrics, _, ref_update, _ = single_device
+    assert metrics["loss"] == pytest.approx(ref_metrics["loss"], rel=1e-5)
+    assert metrics["grad_norm"] == pytest.approx(ref_metrics["grad_norm"], rel=1e-4)
+    for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref_update)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_mesh_that_does_not_fit_says_what_would():
+    with pytest.raises(sharding.MeshError) as e:
+        sharding.make_mesh(MeshConfig(data=3, fsdp=1, tensor=1))
+    message = str(e.value)
+    assert "needs 3 devices but 8 are available" in message and "data=2 fsdp=2 tensor=2" in message
+    with pytest.raises(sharding.MeshError, match="do not divide|does not divide"):
+        sharding.make_mesh(MeshConfig(data=-1, fsdp=3, tensor=1))
+    assert sharding.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
+
+
+def test_batch_that_does_not_split_over_the_mesh_is_refused():
+    cfg = tiny_config(data=8, fsdp=1, tensor=1)
+    cfg.train.batch_size = 4
+    with pytest.raises(ConfigError, match="batch_size"):
+        train._check_batch_fits_mesh(cfg, sharding.make_mesh(cfg.mesh))

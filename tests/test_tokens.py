@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from omni import tokens as T
+
+
+@pytest.fixture
+def vocab():
+    return T.Vocab(text_size=256, codebook_sizes=(64, 16))
+
+
+def test_vocab_ranges_are_disjoint_and_padded(vocab):
+    assert vocab.text_offset == T.NUM_SPECIAL
+    assert vocab.audio_offset(0) == T.NUM_SPECIAL + 256
+    assert vocab.audio_offset(1) == vocab.audio_offset(0) + 64
+    assert vocab.used_size == T.NUM_SPECIAL + 256 + 80
+    assert vocab.size % 128 == 0 and vocab.size >= vocab.used_size
+    assert vocab.audio_codebook_of(vocab.audio_offset(1) + 15) == 1
+    assert vocab.audio_codebook_of(vocab.text_offset) is None
+
+
+def test_patchify_round_trip_and_layout():
+    image = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    patches = T.patchify(image, 8)
+    assert patches.shape == (2, 3, 8 * 8 * 3)
+    # Patch (row 1, col 2) holds exactly the pixels of that 8x8 block, row-major, channels last.
+    np.testing.assert_allclose(patches[1, 2], image[8:16, 16:24].reshape(-1) / 127.5 - 1.0, atol=1e-6)
+    np.testing.assert_array_equal(T.unpatchify(patches, 8), image)
+    with pytest.raises(ValueError, match="patch size 5"):
+        T.patchify(image, 5)
+
+
+def test_codes_flatten_frame_major(vocab):
+    codes = np.array([[1, 2], [3, 4], [5, 6]])
+    flat = T.flatten_codes(codes, vocab)
+    o0, o1 = vocab.audio_offset(0), vocab.audio_offset(1)
+    np.testing.assert_array_equal(flat, [o0 + 1, o1 + 2, o0 + 3, o1 + 4, o0 + 5, o1 + 6])
+    np.testing.assert_array_equal(T.unflatten_codes(flat, vocab), codes)
+
+
+def test_bad_codes_name_frame_and_codebook(vocab):
+    with pytest.raises(ValueError, match="code 16 at frame 1, codebook 1 is outside"):
+        T.flatten_codes(np.array([[0, 0], [0, 16]]), vocab)
+    with pytest.raises(ValueError, match="2 codebooks"):
+        T.flatten_codes(np.zeros((4, 3), int), vocab)
+
+
+def test_encode_example_layout_and_targets(vocab):
+    image = np.zeros((16, 16, 3), np.uint8)
+    example = {"segments": [{"text": "hi", "target": False}, {"image": image}, {"text": "ok"},
+                            {"audio": np.array([[1, 2]])}],
+               "targets": ["text"]}
+    enc = T.encode_example(example, vocab, T.ByteTokenizer(), patch_size=8)
+    t, off = vocab.text_offset, vocab.audio_offset
+    P = T.IMAGE_PATCH
+    expected = [T.BOS, t + ord("h"), t + ord("i"),
+                T.BOI, P, P, T.ROW, P, P, T.ROW, T.EOI,
+                t + ord("o"), t + ord("k"),
+                T.BOA, off(0) + 1, off(1) + 2, T.EOA, T.EOS]
+    np.testing.assert_array_equal(enc["tokens"], expected)
+    I, X, A = T.IMAGE, T.TEXT, T.AUDIO
+    np.testing.assert_array_equal(enc["modality"], [X, X, X, I, I, I, I, I, I, I, I, X, X, A, A, A, A, X])
+    # Only "ok" is a target: the prompt opted out, images never, audio is not a target modality here,
+    # and <eos> follows a non-target span.
+    np.testing.assert_array_equal(np.flatnonzero(enc["is_target"]), [11, 12])
+    assert enc["patches"].shape == (18, 192)
+    assert np.all(enc["patches"][[4, 5, 7, 8]] == -1.0)  # black pixels, scaled to [-1, 1]
+    assert np.all(enc["patches"][[0, 3, 6, 11]] == 0.0)
+
+
+def test_audio_target_includes_markers_and_eos(vocab):
+    example = {"segments": [{"text": "play"}, {"audio": np.array([[1, 2], [3, 4]])}], "targets": ["audio"]}
+    enc = T.encode_example(example, vocab, T.ByteTokenizer(), patch_size=8)
+    assert enc["tokens"][5] == T.BOA and enc["tokens"][-2] == T.EOA
+    np.testing.assert_array_equal(np.flatnonzero(enc["is_target"]), range(5, 12))
+
+
+def test_bad_examples_are_refused(vocab):
+    tok = T.ByteTokenizer()
+    with pytest.raises(ValueError, match="no segments"):
+        T.encode_example({"segments": [], "targets": ["text"]}, vocab, tok, 8)
+    with pytest.raises(ValueError, match="segment 0 must have exactly one"):
+        T.encode_example({"segments": [{"text": "a", "audio": 1}]}, vocab, tok, 8)
+    with pytest.raises(ValueError, match="not learnable"):
+        T.encode_example({"segments": [{"text": "a"}], "targets": ["image"]}, vocab, tok, 8)
