@@ -19,10 +19,10 @@ def get_config() -> Config:
     cfg.model.kv_heads = 2
     cfg.model.dtype = "float32"  # CPUs run bf16 matmuls slower than fp32; use bfloat16 on GPU/TPU
     cfg.data.seq_len = 256
-    cfg.train.steps = 400
-    cfg.train.batch_size = 8
+    cfg.train.steps = 600
+    cfg.train.batch_size = 16
     cfg.train.lr = 3e-3
-    cfg.train.warmup_steps = 40
-    cfg.train.eval_every = 100
-    cfg.train.checkpoint_every = 100
+    cfg.train.warmup_steps = 50
+    cfg.train.eval_every = 200
+    cfg.train.checkpoint_every = 200
     return cfg
