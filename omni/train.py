@@ -22,10 +22,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from omni import checkpoint, config as config_lib, data, sharding
+from omni.codec import ToneCodec
 from omni.config import Config
 from omni.loss import loss_sums, metrics_from_sums
 from omni.metrics import MetricWriter
 from omni.model import OmniTransformer, flops_per_token, param_count
+from omni.tokens import ByteTokenizer
 
 # Datasheet dense bf16 peaks per chip, FLOP/s, for the 'mfu_datasheet' figure.
 DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
@@ -240,7 +242,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
     writer = MetricWriter(workdir)
     peak = measure_matmul_peak(mesh, cfg.model.dtype)
     sheet = datasheet_peak(mesh)
-    meta = {"config": config_lib.to_dict(cfg), "tokenizer": "bytes", "codec": "tone-v1",
+    meta = {"config": config_lib.to_dict(cfg), "tokenizer": ByteTokenizer.name, "codec": ToneCodec.name,
             "vocab": {"size": vocab.size, "text_size": vocab.text_size, "codebook_sizes": list(vocab.codebook_sizes)}}
 
     if start_step == 0:
