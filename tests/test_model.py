@@ -82,3 +82,12 @@ def test_parameter_and_flop_counts_match_a_hand_count():
     model = OmniTransformer(cfg, V, PD, rngs=nnx.Rngs(0))
     assert param_count(nnx.state(model, nnx.Param)) == matmul_params(cfg, V) + V * 32 + PD * 32 + 32 + norms
     assert flops_per_token(cfg, V, seq_len=16) == 6 * (2 * per_layer + 32 * V) + 6 * 2 * 16 * 32
+
+
+def test_bf16_compute_keeps_fp32_params_and_tracks_fp32_logits():
+    fp32 = OmniTransformer(_cfg(), V, PD, rngs=nnx.Rngs(0))
+    bf16 = OmniTransformer(_cfg(dtype="bfloat16"), V, PD, rngs=nnx.Rngs(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
+    low, high = bf16(_batch()), fp32(_batch())
+    assert low.dtype == jnp.float32  # the unembedding accumulates in fp32 for the loss
+    np.testing.assert_allclose(low, high, atol=0.05)
