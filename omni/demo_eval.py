@@ -21,7 +21,8 @@ from omni.tokens import AUDIO, BOA, EOA, EOS, PAD_ID, TEXT, ByteTokenizer, encod
 MAX_NEW_TOKENS = {"caption": 40, "describe": 24, "synth": 2 + 2 * 16}
 
 
-def _prompt_and_answer(example: dict, cfg: Config):
+def _prompt(example: dict, cfg: Config) -> dict:
+    """The example's per-position arrays up to (not including) its first target token."""
     encoded = encode_example(example, data.vocab_for(cfg.data), ByteTokenizer(), cfg.data.patch_size)
     first_target = int(np.argmax(encoded["is_target"]))
     return {k: v[:first_target] for k, v in encoded.items()}
@@ -71,7 +72,7 @@ def run(cfg: Config, graphdef, params, num_examples: int, log=print) -> dict:
         examples = [e for e in held_out if e["task"] == task][:num_examples]
         if not examples:
             continue
-        prompts = [_prompt_and_answer(e, cfg) for e in examples]
+        prompts = [_prompt(e, cfg) for e in examples]
         stop = EOA if task == "synth" else EOS
         outputs = greedy_generate(cfg, graphdef, params, prompts, MAX_NEW_TOKENS[task], stop)
         if task == "synth":
