@@ -2,6 +2,14 @@
 
     omni train --config configs/demo.py --workdir runs/demo [--set train.steps=200 --set model.d=256 ...]
     omni config [--config configs/demo.py] [--set ...]     # print the resolved config (or the schema with --schema)
+    omni data build --manifest my_data.jsonl --out data/my_data [--codec ...] [--tokenizer ...] [--skip-bad]
+    omni data build --tfds coco_captions --out data/coco       # a TFDS catalog dataset through its adapter
+    omni data show --config configs/demo.py --out batch.png    # one packed batch: modality and loss mask
+    omni data bench --config configs/demo.py --workers 0 2     # pipeline throughput beside the train step
+    omni tokenizer train --manifest my_data.jsonl --vocab-size 8192 --out tok/
+    omni codec fit --manifest my_data.jsonl --out codec/
+    omni codec encode --codec codec/ --wav in.wav --out codes.npy
+    omni codec decode --codec codec/ --codes codes.npy --out out.wav
 """
 
 from __future__ import annotations
@@ -28,6 +36,67 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--config", help="a configs/*.py file or a saved config.json (default: the schema defaults)")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     show.add_argument("--schema", action="store_true", help="list every key with its type, default and doc")
+
+    data_verb = verbs.add_parser("data", help="build, inspect and benchmark datasets").add_subparsers(
+        dest="action", required=True)
+    build = data_verb.add_parser("build", help="a JSONL manifest (or a TFDS catalog dataset) -> an omni dataset")
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="JSONL manifest, one example per line (README: manifest format)")
+    source.add_argument("--tfds", metavar="NAME", help="a prepared TFDS catalog dataset with an adapter: "
+                                                        "coco_captions, librispeech")
+    build.add_argument("--out", required=True, help="folder for the built dataset")
+    build.add_argument("--codec", help="audio codec for WAV audio: 'tone' or a folder from `omni codec fit` "
+                                       "(precomputed codes name their own codec)")
+    build.add_argument("--tokenizer", help="text tokenizer stored with the dataset: 'bytes', tokenizer.json, "
+                                           "a folder from `omni tokenizer train`, or a SentencePiece .model")
+    build.add_argument("--skip-bad", action="store_true",
+                       help="skip bad lines (each is reported with its reason) instead of stopping at the first")
+    build.add_argument("--eval-fraction", type=float, default=0.05,
+                       help="share of lines without a \"split\" field that go to eval (stable hash)")
+    build.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    build.add_argument("--tfds-data-dir", help="TFDS data_dir holding the prepared catalog dataset")
+    build.add_argument("--tfds-train-split", default="train", help="catalog split for omni's train split")
+    build.add_argument("--tfds-eval-split", default="", help="catalog split for omni's eval split (default: "
+                                                              "validation for coco_captions, dev_clean for librispeech)")
+    build.add_argument("--limit", type=int, help="at most this many catalog examples per split")
+    build.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="adapter option, e.g. task=tts for librispeech or captions=all for coco_captions")
+
+    for name, text in (("show", "draw one packed batch (modality and loss mask per position)"),
+                       ("bench", "time the input pipeline beside the train step")):
+        sub = data_verb.add_parser(name, help=text)
+        sub.add_argument("--config", required=True)
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        if name == "show":
+            sub.add_argument("--out", default="batch.png", help="where to write the picture")
+            sub.add_argument("--split", default="train", choices=("train", "eval"))
+        else:
+            sub.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="worker counts to time")
+            sub.add_argument("--batches", type=int, default=20, help="batches timed per worker count")
+            sub.add_argument("--steps", type=int, default=5, help="train steps timed (0: skip the model)")
+            sub.add_argument("--out", help="append the JSON lines to this file")
+
+    tok = verbs.add_parser("tokenizer", help="text tokenizers").add_subparsers(dest="action", required=True)
+    tok_train = tok.add_parser("train", help="train a byte-level BPE tokenizer on a manifest's text")
+    tok_train.add_argument("--manifest", required=True)
+    tok_train.add_argument("--vocab-size", type=int, required=True)
+    tok_train.add_argument("--out", required=True, help="folder for tokenizer.json")
+
+    codec = verbs.add_parser("codec", help="the built-in audio codec").add_subparsers(dest="action", required=True)
+    fit = codec.add_parser("fit", help="fit the mel residual-VQ codec on a manifest's WAV audio")
+    fit.add_argument("--manifest", required=True)
+    fit.add_argument("--out", required=True)
+    fit.add_argument("--codebooks", type=int, default=None, help="residual codebooks (default: the codec's)")
+    fit.add_argument("--codebook-size", type=int, default=None, help="codes per codebook (default: the codec's)")
+    fit.add_argument("--seed", type=int, default=0)
+    enc = codec.add_parser("encode", help="WAV -> codes .npy [frames, codebooks]")
+    enc.add_argument("--codec", required=True, help="'tone' or a folder from `omni codec fit`")
+    enc.add_argument("--wav", required=True)
+    enc.add_argument("--out", required=True)
+    dec = codec.add_parser("decode", help="codes .npy -> WAV, to listen to what the model sees")
+    dec.add_argument("--codec", required=True)
+    dec.add_argument("--codes", required=True)
+    dec.add_argument("--out", required=True)
     return parser
 
 
@@ -38,25 +107,157 @@ def _resolve(args):
     return config_lib.apply_overrides(cfg, args.set)
 
 
+def _options(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--option {pair!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _data_build(args) -> None:
+    from omni import dataset
+    from omni.codec import load_codec
+    from omni.text_tokenizer import load_tokenizer
+
+    codec = load_codec(args.codec) if args.codec else None
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    report = dataset.BuildReport()
+    if args.manifest:
+        examples, codec = dataset.manifest_examples(args.manifest, codec, args.eval_fraction, report, args.skip_bad)
+        source = args.manifest
+    else:
+        from omni import adapters
+
+        examples = adapters.catalog_examples(args.tfds, args.tfds_train_split, args.tfds_eval_split,
+                                             args.tfds_data_dir, args.limit, **_options(args.option))
+        examples = dataset.raw_examples(examples, codec, report, args.skip_bad, source=f"tfds:{args.tfds}")
+        source = f"tfds:{args.tfds}"
+    dataset.build(examples, args.out, codec, tokenizer, report, overwrite=args.overwrite, source=source)
+    print(f"omni: built {args.out}: {report.summary()}")
+
+
+def _data_show(args) -> None:
+    from omni import data, data_show
+
+    cfg = _resolve(args)
+    if args.split == "train":
+        batch = next(iter(data.train_dataset(cfg)))
+    else:
+        batch = data.eval_batches(cfg)[0]
+    print(data_show.summarize(batch, data.vocab_for(cfg.data), data.tokenizer_for(cfg.data)))
+    path = data_show.draw(batch, args.out, title=f"{cfg.name}: one {args.split} batch, data.dataset={cfg.data.dataset}")
+    print(f"omni: wrote {path}")
+
+
+def _manifest_lines(path):
+    from omni import manifest
+
+    for number, line in manifest.read_lines(path):
+        if isinstance(line, manifest.ManifestError):
+            raise line
+        manifest.check_line(line, path, number)
+        yield number, line
+
+
+def _tokenizer_train(args) -> None:
+    from omni.text_tokenizer import train_bpe
+
+    texts = [s["text"] for _, line in _manifest_lines(args.manifest) for s in line["segments"] if "text" in s]
+    tok = train_bpe(texts, args.vocab_size, args.out)
+    print(f"omni: trained a {tok.vocab_size}-token BPE tokenizer on {len(texts)} texts -> {args.out}/tokenizer.json")
+
+
+def _codec(args) -> None:
+    from pathlib import Path
+
+    import numpy as np
+
+    from omni import audio, codec as codec_lib
+
+    if args.action == "fit":
+        base = Path(args.manifest).parent
+        paths = [base / s["audio"] for _, line in _manifest_lines(args.manifest) for s in line["segments"]
+                 if "audio" in s]
+        if not paths:
+            raise ConfigError(f"{args.manifest} has no WAV audio segments to fit a codec on")
+        hparams = {k: v for k, v in (("codebooks", args.codebooks), ("codebook_size", args.codebook_size))
+                   if v is not None}
+        fitted = codec_lib.fit_codec_on_files(paths, args.out, seed=args.seed, **hparams)
+        print(f"omni: fitted {fitted.name} on {len(paths)} clips: {fitted.frame_rate:g} frames/s, codebooks "
+              f"{list(fitted.codebook_sizes)} -> {args.out}")
+        return
+    codec = codec_lib.load_codec(args.codec)
+    if args.action == "encode":
+        codes = codec.encode(audio.load_audio(args.wav, codec.sample_rate))
+        np.save(args.out, codes)
+        print(f"omni: {args.wav} -> {args.out}: codes {list(codes.shape)} at {codec.frame_rate:g} frames/s")
+    else:
+        from omni.manifest import load_codes
+
+        try:
+            codes = load_codes(Path(args.codes))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        wave = codec.decode(codes)
+        audio.write_wav(args.out, wave, codec.sample_rate)
+        print(f"omni: {args.codes} -> {args.out}: {len(wave) / codec.sample_rate:.2f} s at {codec.sample_rate} Hz")
+
+
+def _user_errors() -> tuple:
+    """Exceptions that mean bad input (a file, a line, a key): printed as one line, exit code 2."""
+    from omni.audio import AudioError
+    from omni.dataset import DatasetError
+    from omni.manifest import ManifestError
+    from omni.text_tokenizer import TokenizerError
+
+    errors = [ConfigError, AudioError, DatasetError, ManifestError, TokenizerError]
+    try:
+        from omni.codec import CodecError
+
+        errors.append(CodecError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.verb == "config":
-            from omni import config as config_lib
+        return _run(args)
+    except _user_errors() as e:
+        print(f"omni: error: {e}", file=sys.stderr)
+        return 2
 
-            print(config_lib.describe() if args.schema else json.dumps(config_lib.to_dict(_resolve(args)), indent=2))
-            return 0
-        cfg = _resolve(args)
+
+def _run(args) -> int:
+    if args.verb == "data":
+        {"build": _data_build, "show": _data_show, "bench": _data_bench}[args.action](args)
+    elif args.verb == "tokenizer":
+        _tokenizer_train(args)
+    elif args.verb == "codec":
+        _codec(args)
+    elif args.verb == "config":
+        from omni import config as config_lib
+
+        print(config_lib.describe() if args.schema else json.dumps(config_lib.to_dict(_resolve(args)), indent=2))
+    else:
         from omni import sharding, train
 
+        cfg = _resolve(args)
         try:
             train.train(cfg, args.workdir, progress=not args.no_progress)
         except sharding.MeshError as e:
             raise ConfigError(str(e)) from None
-        return 0
-    except ConfigError as e:
-        print(f"omni: error: {e}", file=sys.stderr)
-        return 2
+    return 0
+
+
+def _data_bench(args) -> None:
+    from omni import data_bench
+
+    data_bench.run(_resolve(args), args.workers, args.batches, args.steps, out=args.out)
 
 
 if __name__ == "__main__":

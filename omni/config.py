@@ -54,16 +54,30 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    corpus: Literal["demo"] = doc("demo", "which corpus feeds training (the data issue adds TFDS datasets)")
+    dataset: str = doc("demo", "a dataset folder made by `omni data build`, or 'demo' for the generated demo "
+                               "corpus (written as PNG/WAV + manifest and built once into data.cache_dir)")
+    cache_dir: str = doc("", "where the demo corpus is built; '' means $OMNI_CACHE or ~/.cache/omni")
+    tokenizer: str = doc("", "text tokenizer: 'bytes', a tokenizer.json (or its folder), a SentencePiece .model; "
+                             "'' means the dataset's own (bytes unless it was built with --tokenizer)")
     seq_len: int = doc(256, "tokens per packed sequence")
+    overlong: Literal["split", "truncate", "error"] = doc(
+        "split", "an example longer than seq_len: 'split' into seq_len chunks (each its own segment; only the "
+                 "first token of each later chunk loses its left context), 'truncate' to the first seq_len tokens "
+                 "(logged with a warning), or 'error'")
     patch_size: int = doc(8, "image patch side P; an image becomes (H/P) x (W/P) patches of P*P*3 pixels")
+    max_image_patches: int = doc(256, "patch budget per image: larger images are resized down keeping their "
+                                      "aspect ratio, every side is rounded to a multiple of patch_size")
+    audio_layout: Literal["flat", "delay"] = doc("flat", "audio codes [T, K] as tokens: 'flat' frame-major, or "
+                                                         "'delay' (MusicGen delay pattern, omni.tokens)")
     image_size: int = doc(32, "side of the demo corpus images, pixels (multiple of patch_size)")
     train_examples: int = doc(6000, "examples in the generated demo train split")
     eval_examples: int = doc(300, "examples in the generated demo eval split (disjoint draws)")
     corpus_seed: int = doc(0, "seed of the demo corpus generator")
     shuffle_seed: int = doc(0, "seed of the per-epoch shuffle and of bin shuffling in the packer")
     packing_bins: int = doc(0, "first-fit packing bins; 0 means the per-process batch size")
-    worker_threads: int = doc(2, "grain read threads per process")
+    worker_threads: int = doc(2, "threads decoding and tokenising examples in each reading process")
+    num_workers: int = doc(0, "grain worker processes per host (0: read in the training process); the data "
+                              "order depends on it, so resume with the same value")
 
 
 @dataclass
@@ -292,7 +306,8 @@ def validate(config: Config) -> None:
     m, d, t = config.model, config.data, config.train
     positive = {"model.d": m.d, "model.layers": m.layers, "model.heads": m.heads, "model.kv_heads": m.kv_heads,
                 "data.seq_len": d.seq_len, "data.patch_size": d.patch_size, "train.steps": t.steps,
-                "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.log_every": t.log_every}
+                "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
+                "data.max_image_patches": d.max_image_patches}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"'{key}' must be positive, got {value}")
@@ -304,6 +319,8 @@ def validate(config: Config) -> None:
         raise ConfigError("the head dimension must be even for RoPE; change 'model.d', 'model.heads' or 'model.head_dim'")
     if d.image_size % d.patch_size:
         raise ConfigError(f"'data.image_size' ({d.image_size}) must be a multiple of 'data.patch_size' ({d.patch_size})")
+    if d.num_workers < 0 or d.worker_threads < 0:
+        raise ConfigError("'data.num_workers' and 'data.worker_threads' must be >= 0")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"'train.batch_size' ({t.batch_size}) must divide by 'train.grad_accum' ({t.grad_accum})")
     for key in ("data", "fsdp", "tensor"):

@@ -1,61 +1,191 @@
-"""The input pipeline: corpus -> seeded shuffle per epoch -> tokenise -> first-fit packing -> batches (grain).
+"""The input pipeline: a built dataset -> seeded shuffle per epoch -> decode + tokenise -> pack -> batches (grain).
 
-Each process reads its own shard of the examples (`[process_index::process_count]`) and yields process-local
-batches in the layout of omni.batch; the trainer turns them into global arrays. The train iterator is a grain
-`DatasetIterator` whose state is saved in every checkpoint, so a resumed run continues with the next batch.
+    dataset (omni.dataset, TFDS array_record, random access)
+      -> this process's shard: examples [process_index::process_count]
+      -> seeded shuffle, new order every epoch, endless repeat           (train only)
+      -> Tokenize (worker_threads threads): decode images and resize them to the patch budget, text through
+         the tokenizer, audio codes to tokens; an over-long example is split or truncated (data.overlong)
+      -> first-fit packing into seq_len rows (segment ids, positions restart per example, target masks kept)
+      -> batches of [local_batch, seq_len, ...] in the layout of omni.batch
+      -> num_workers > 0: the whole chain runs in grain worker processes, prefetching ahead of the trainer
+
+The train iterator is a grain `DatasetIterator` whose state is saved in every checkpoint, so a resumed run
+continues with exactly the next batch. Nothing is dropped silently: splits are counted in the dataset build
+report, over-long examples are split by default and truncation is logged.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import io
+import logging
+import os
+from pathlib import Path
 
 import grain
 import numpy as np
 from grain import experimental as grain_experimental
 
-from omni import demo_data
+from omni import dataset as dataset_lib
 from omni.batch import FIELDS
-from omni.codec import ToneCodec
 from omni.config import Config, DataConfig
-from omni.tokens import ByteTokenizer, Vocab, encode_example
+from omni.tokens import Vocab, encode_example
 
 PACKED_FIELDS = ("tokens", "patches", "modality", "is_target")
+DEMO_VERSION = 1
+MAX_CHUNKS = 64  # the most pieces data.overlong="split" cuts one example into
+log = logging.getLogger("omni.data")
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+
+def cache_root(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("OMNI_CACHE") or "~/.cache/omni").expanduser()
+
+
+def demo_path(cfg: DataConfig) -> Path:
+    return cache_root(cfg) / (f"demo-v{DEMO_VERSION}-{cfg.image_size}px-{cfg.train_examples}-{cfg.eval_examples}"
+                              f"-seed{cfg.corpus_seed}")
+
+
+def build_demo(cfg: DataConfig) -> Path:
+    """Writes the demo corpus as PNG/WAV files + manifest and builds it, once (other processes wait for it)."""
+    from omni import demo_data
+    from omni.codec import ToneCodec
+
+    path = demo_path(cfg)
+    if (path / dataset_lib.DATASET_FILE).exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / dataset_lib.DATASET_FILE).exists():
+            log.info("building the demo corpus into %s", path)
+            manifest = demo_data.write_manifest(Path(str(path) + ".source"), cfg.train_examples, cfg.eval_examples,
+                                                cfg.image_size, cfg.corpus_seed)
+            report = dataset_lib.BuildReport()
+            examples, codec = dataset_lib.manifest_examples(manifest, ToneCodec(), 0.0, report, skip_bad=False)
+            dataset_lib.build(examples, path, codec, report=report, overwrite=True, source=str(manifest))
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _open(path: str) -> dataset_lib.Dataset:
+    return dataset_lib.open_dataset(path)
+
+
+def dataset_for(cfg: DataConfig) -> dataset_lib.Dataset:
+    """The dataset data.dataset names (the demo corpus is built on first use)."""
+    path = build_demo(cfg) if cfg.dataset == "demo" else Path(cfg.dataset).expanduser()
+    return _open(str(path))
+
+
+def tokenizer_spec(cfg: DataConfig) -> str:
+    return cfg.tokenizer or dataset_for(cfg).tokenizer_spec()
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(spec: str):
+    from omni.text_tokenizer import load_tokenizer
+
+    return load_tokenizer(spec)
+
+
+def tokenizer_for(cfg: DataConfig):
+    return _tokenizer(tokenizer_spec(cfg))
 
 
 def vocab_for(cfg: DataConfig) -> Vocab:
-    return Vocab(text_size=ByteTokenizer.vocab_size, codebook_sizes=ToneCodec.codebook_sizes)
+    return Vocab(text_size=tokenizer_for(cfg).vocab_size, codebook_sizes=dataset_for(cfg).codebook_sizes)
 
 
 def patch_dim(cfg: DataConfig) -> int:
     return cfg.patch_size * cfg.patch_size * 3
 
 
-@functools.lru_cache(maxsize=4)
-def _demo_split(split: str, num_examples: int, image_size: int, seed: int) -> tuple:
-    return tuple(demo_data.make_split(split, num_examples, image_size, seed))
+# ----------------------------------------------------------------------------------------------- examples
+
+def fit_image(image_HxWx3: np.ndarray, patch_size: int, max_patches: int) -> np.ndarray:
+    """Resize keeping the aspect ratio so the image has at most max_patches patches, sides multiples of P.
+
+    Images that already fit with sides that are multiples of P are returned untouched (no resampling).
+    """
+    from PIL import Image
+
+    h, w = image_HxWx3.shape[:2]
+    p = patch_size
+    if h % p == 0 and w % p == 0 and (h // p) * (w // p) <= max_patches:
+        return image_HxWx3
+    scale = min(1.0, (max_patches * p * p / (h * w)) ** 0.5)
+    rows, cols = max(1, round(h * scale / p)), max(1, round(w * scale / p))
+    while rows * cols > max_patches:  # rounding up can overshoot the budget by a row or a column
+        if rows >= cols:
+            rows -= 1
+        else:
+            cols -= 1
+    resized = Image.fromarray(image_HxWx3).resize((cols * p, rows * p), Image.Resampling.BICUBIC)
+    return np.asarray(resized)
 
 
-def corpus(cfg: DataConfig, split: str) -> tuple[dict, ...]:
-    """The examples of a split (the demo corpus is generated on first use and kept for the process)."""
-    if cfg.corpus != "demo":
-        raise ValueError(f"unknown corpus {cfg.corpus!r}")
-    num = cfg.train_examples if split == "train" else cfg.eval_examples
-    return _demo_split(split, num, cfg.image_size, cfg.corpus_seed)
+def decode_image(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def prepare(record: dict, cfg: DataConfig, codebook_count: int) -> dict:
+    """A stored example -> the example dict encode_example takes (images decoded and fitted to the budget)."""
+    example = dataset_lib.decode_record(record, codebook_count)
+    for segment in example["segments"]:
+        if "image_bytes" in segment:
+            segment["image"] = fit_image(decode_image(segment.pop("image_bytes")), cfg.patch_size,
+                                         cfg.max_image_patches)
+    return example
+
+
+def fit_to_length(encoded: dict, seq_len: int, overlong: str, example_id: str) -> list[dict]:
+    """The example as pieces of at most seq_len positions, by the data.overlong rule."""
+    n = len(encoded["tokens"])
+    if n <= seq_len:
+        return [encoded]
+    if overlong == "error":
+        raise ValueError(f"example {example_id} has {n} tokens, more than data.seq_len={seq_len}; raise "
+                         "data.seq_len or set data.overlong=split|truncate")
+    if overlong == "truncate":
+        log.warning("example %s: %d tokens truncated to data.seq_len=%d", example_id, n, seq_len)
+        return [{k: v[:seq_len] for k, v in encoded.items()}]
+    if n > MAX_CHUNKS * seq_len:
+        raise ValueError(f"example {example_id} has {n} tokens, more than {MAX_CHUNKS} x data.seq_len; "
+                         "raise data.seq_len or shorten the example")
+    return [{k: v[start:start + seq_len] for k, v in encoded.items()} for start in range(0, n, seq_len)]
 
 
 class Tokenize(grain.transforms.Map):
-    """example dict -> per-position arrays (omni.tokens.encode_example), checked against the sequence budget."""
+    """stored example -> list of per-position array dicts (one, or several pieces of an over-long example).
+
+    Holds only names, not the tokenizer, so it pickles cheaply into grain worker processes.
+    """
 
     def __init__(self, cfg: DataConfig):
-        self.vocab, self.tokenizer, self.cfg = vocab_for(cfg), ByteTokenizer(), cfg
+        self.cfg = cfg
+        self.tokenizer_spec = tokenizer_spec(cfg)
+        self.codebook_sizes = dataset_for(cfg).codebook_sizes
 
-    def map(self, example: dict) -> dict:
-        encoded = encode_example(example, self.vocab, self.tokenizer, self.cfg.patch_size)
-        n = len(encoded["tokens"])
-        if n > self.cfg.seq_len:
-            raise ValueError(f"a {example.get('task', '')} example has {n} tokens, more than data.seq_len="
-                             f"{self.cfg.seq_len}; raise data.seq_len (examples are never cut silently)")
-        return encoded
+    def map(self, record: dict) -> list[dict]:
+        tokenizer = _tokenizer(self.tokenizer_spec)
+        vocab = Vocab(text_size=tokenizer.vocab_size, codebook_sizes=self.codebook_sizes)
+        example = prepare(record, self.cfg, len(self.codebook_sizes))
+        encoded = encode_example(example, vocab, tokenizer, self.cfg.patch_size, self.cfg.audio_layout)
+        return fit_to_length(encoded, self.cfg.seq_len, self.cfg.overlong, example["id"])
+
+
+class _Pieces(grain_experimental.FlatMapTransform):
+    max_fan_out = MAX_CHUNKS
+
+    def flat_map(self, pieces: list[dict]) -> list[dict]:
+        return pieces
 
 
 def _unpack_names(packed: dict) -> dict:
@@ -66,6 +196,7 @@ def _unpack_names(packed: dict) -> dict:
 
 
 def _pack(ds: grain.IterDataset, cfg: DataConfig, bins: int, shuffle_bins: bool) -> grain.IterDataset:
+    ds = grain_experimental.FlatMapIterDataset(ds, _Pieces())
     return grain_experimental.FirstFitPackIterDataset(
         ds, length_struct={name: cfg.seq_len for name in PACKED_FIELDS}, num_packing_bins=bins,
         seed=cfg.shuffle_seed, shuffle_bins=shuffle_bins)
@@ -77,20 +208,32 @@ def local_batch_size(cfg: Config, process_count: int) -> int:
     return cfg.train.batch_size // process_count
 
 
+def split_source(cfg: DataConfig, split: str, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """This process's shard of a split's stored examples."""
+    return grain.MapDataset.source(dataset_for(cfg).source(split))[process_index::process_count]
+
+
 def train_dataset(cfg: Config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Endless packed train batches of this process: dict of [local_batch, seq_len, ...] numpy arrays."""
     batch = local_batch_size(cfg, process_count)
-    examples = grain.MapDataset.source(corpus(cfg.data, "train"))[process_index::process_count]
+    examples = split_source(cfg.data, "train", process_index, process_count)
     ds = examples.seed(cfg.data.shuffle_seed).shuffle().repeat().map(Tokenize(cfg.data))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.data.worker_threads, prefetch_buffer_size=4 * batch))
     ds = _pack(ds, cfg.data, cfg.data.packing_bins or batch, shuffle_bins=True)
-    return ds.batch(batch, drop_remainder=True).map(_unpack_names)
+    ds = ds.batch(batch, drop_remainder=True).map(_unpack_names)
+    if cfg.data.num_workers:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (known grain 0.2 issue)
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.num_workers))
+    return ds
 
 
 def eval_batches(cfg: Config, process_index: int = 0, process_count: int = 1) -> list[dict]:
     """The whole eval split of this process, packed in order; the last batch is filled with padding rows."""
     batch = local_batch_size(cfg, process_count)
-    examples = grain.MapDataset.source(corpus(cfg.data, "eval"))[process_index::process_count]
+    examples = split_source(cfg.data, "eval", process_index, process_count)
     ds = _pack(examples.map(Tokenize(cfg.data)).to_iter_dataset(), cfg.data, batch, shuffle_bins=False)
     batches = list(ds.batch(batch, drop_remainder=False).map(_unpack_names))
     if batches and len(batches[-1]["tokens"]) < batch:
@@ -100,3 +243,11 @@ def eval_batches(cfg: Config, process_index: int = 0, process_count: int = 1) ->
     if cfg.train.eval_batches:
         batches = batches[: cfg.train.eval_batches]
     return batches
+
+
+def examples(cfg: DataConfig, split: str, limit: int | None = None) -> list[dict]:
+    """Decoded examples of a split in stored order (for demo metrics and inspection), images fitted."""
+    source = dataset_for(cfg).source(split)
+    count = len(dataset_for(cfg).codebook_sizes)
+    n = len(source) if limit is None else min(limit, len(source))
+    return [prepare(source[i], cfg, count) for i in range(n)]

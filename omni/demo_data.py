@@ -3,8 +3,11 @@
 Three tasks, a third of the examples each, so the demo run shows real cross-modal learning:
 
     caption    image of a coloured shape at a place      -> text  "a red circle at the top left"
-    describe   tone melody (ToneCodec codes)             -> text  "loud notes c e g"
+    describe   tone melody (WAV, ToneCodec codes)        -> text  "loud notes c e g"
     synth      text "play loud c e g"                    -> audio codes of that melody
+
+The corpus goes through the same path as a user's data: `write_manifest` writes PNGs, WAVs and a manifest,
+which omni.data builds into a TFDS dataset (once, into data.cache_dir) and reads back with grain.
 
 Images are 32 x 32 (data.image_size) with pixel noise, jittered position and size; melodies are 1-3 notes
 of c4..b4, 0.2 s each, soft or loud, slightly detuned. Train and eval splits are disjoint random draws.
@@ -12,6 +15,9 @@ Chance levels for the held-out captions: shape 1/3, colour 1/6, place 1/5, whole
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -58,30 +64,62 @@ def synth_melody(rng: np.random.Generator, notes: list[str], volume: str, sample
     return np.concatenate(pieces).astype(np.float32)
 
 
-def make_example(rng: np.random.Generator, task: str, image_size: int, codec: ToneCodec) -> dict:
+def make_example(rng: np.random.Generator, task: str, image_size: int, sample_rate: int) -> dict:
+    """One raw example (omni.manifest) with its task and answer in "meta"."""
     if task == "caption":
         shape, colour, place = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(PLACES))
         answer = f"a {colour} {shape} at the {place}" if place != "center" else f"a {colour} {shape} in the center"
         image = draw_scene(rng, image_size, shape, colour, place)
-        return {"task": task, "answer": answer, "targets": ["text"],
+        return {"meta": {"task": task, "answer": answer}, "targets": ["text"],
                 "segments": [{"image": image}, {"text": answer}]}
     notes = list(rng.choice(list(NOTES), size=rng.integers(1, 4)))
     volume = str(rng.choice(list(VOLUMES)))
-    codes = codec.encode(synth_melody(rng, notes, volume, codec.sample_rate))
+    audio = {"audio": synth_melody(rng, notes, volume, sample_rate), "sample_rate": sample_rate}
     if task == "describe":
         answer = f"{volume} notes {' '.join(notes)}"
-        return {"task": task, "answer": answer, "targets": ["text"],
-                "segments": [{"audio": codes}, {"text": answer}]}
-    return {"task": task, "answer": codes, "targets": ["audio"],
-            "segments": [{"text": f"play {volume} {' '.join(notes)}"}, {"audio": codes}]}
+        return {"meta": {"task": task, "answer": answer}, "targets": ["text"],
+                "segments": [audio, {"text": answer}]}
+    prompt = f"play {volume} {' '.join(notes)}"
+    return {"meta": {"task": task, "answer": prompt}, "targets": ["audio"],
+            "segments": [{"text": prompt}, audio]}
 
 
-def make_split(split: str, num_examples: int, image_size: int, seed: int) -> list[dict]:
-    """A list of `num_examples` examples; 'train' and 'eval' use independent random streams."""
+def make_split(split: str, num_examples: int, image_size: int, seed: int,
+               sample_rate: int = ToneCodec.sample_rate) -> list[dict]:
+    """A list of `num_examples` raw examples; 'train' and 'eval' use independent random streams."""
     stream = {"train": 0, "eval": 1}[split]
     rng = np.random.default_rng([seed, stream])
-    codec = ToneCodec()
-    return [make_example(rng, TASKS[i % len(TASKS)], image_size, codec) for i in range(num_examples)]
+    return [make_example(rng, TASKS[i % len(TASKS)], image_size, sample_rate) for i in range(num_examples)]
+
+
+def write_manifest(out_dir, train_examples: int, eval_examples: int, image_size: int, seed: int) -> Path:
+    """The demo corpus as a user would bring it: PNG images, WAV clips and a manifest.jsonl; returns its path."""
+    from PIL import Image
+
+    from omni.audio import write_wav
+
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / "audio").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for split, n in (("train", train_examples), ("eval", eval_examples)):
+        for i, example in enumerate(make_split(split, n, image_size, seed)):
+            name = f"{split}-{i:06d}"
+            segments = []
+            for segment in example["segments"]:
+                if "image" in segment:
+                    Image.fromarray(segment["image"]).save(out_dir / "images" / f"{name}.png")
+                    segments.append({"image": f"images/{name}.png"})
+                elif "audio" in segment:
+                    write_wav(out_dir / "audio" / f"{name}.wav", segment["audio"], segment["sample_rate"])
+                    segments.append({"audio": f"audio/{name}.wav"})
+                else:
+                    segments.append({"text": segment["text"]})
+            lines.append(json.dumps({"id": name, "split": split, "targets": example["targets"],
+                                     "meta": example["meta"], "segments": segments}))
+    manifest = out_dir / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
 
 
 def parse_caption(text: str) -> dict:

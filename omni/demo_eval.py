@@ -16,14 +16,15 @@ from flax import nnx
 
 from omni import data, demo_data
 from omni.config import Config
-from omni.tokens import AUDIO, BOA, EOA, EOS, PAD_ID, TEXT, ByteTokenizer, encode_example, unflatten_codes
+from omni.tokens import AUDIO, AUDIO_DELAY, BOA, EOA, EOS, PAD_ID, TEXT, encode_example, unflatten_codes
 
 MAX_NEW_TOKENS = {"caption": 40, "describe": 24, "synth": 2 + 2 * 16}
 
 
 def _prompt(example: dict, cfg: Config) -> dict:
     """The example's per-position arrays up to (not including) its first target token."""
-    encoded = encode_example(example, data.vocab_for(cfg.data), ByteTokenizer(), cfg.data.patch_size)
+    encoded = encode_example(example, data.vocab_for(cfg.data), data.tokenizer_for(cfg.data), cfg.data.patch_size,
+                             cfg.data.audio_layout)
     first_target = int(np.argmax(encoded["is_target"]))
     return {k: v[:first_target] for k, v in encoded.items()}
 
@@ -65,23 +66,23 @@ def greedy_generate(cfg: Config, graphdef, params, prompts: list[dict], max_new:
 
 def run(cfg: Config, graphdef, params, num_examples: int, log=print) -> dict:
     """Scores greedy answers on the first `num_examples` held-out examples of each task; logs a few samples."""
-    vocab, tokenizer = data.vocab_for(cfg.data), ByteTokenizer()
-    held_out = data.corpus(cfg.data, "eval")
+    vocab, tokenizer = data.vocab_for(cfg.data), data.tokenizer_for(cfg.data)
+    held_out = data.examples(cfg.data, "eval")
     results = {}
     for task in demo_data.TASKS:
-        examples = [e for e in held_out if e["task"] == task][:num_examples]
+        examples = [e for e in held_out if e["meta"].get("task") == task][:num_examples]
         if not examples:
             continue
         prompts = [_prompt(e, cfg) for e in examples]
         stop = EOA if task == "synth" else EOS
         outputs = greedy_generate(cfg, graphdef, params, prompts, MAX_NEW_TOKENS[task], stop)
         if task == "synth":
-            results[task] = _score_synth(examples, outputs, vocab)
+            results[task] = _score_synth(examples, outputs, vocab, cfg.data.audio_layout)
             log(f"demo synth: pitch code accuracy per frame {results[task]['pitch_acc']:.1%} "
                 f"over {len(examples)} held-out prompts")
             continue
         texts = [tokenizer.decode([t - vocab.text_offset for t in o if t != stop]) for o in outputs]
-        answers = [e["answer"] for e in examples]
+        answers = [e["meta"]["answer"] for e in examples]
         score = {"exact": float(np.mean([t == a for t, a in zip(texts, answers)])), "n": len(examples)}
         if task == "caption":
             for attr in ("shape", "colour", "place"):
@@ -99,12 +100,13 @@ def run(cfg: Config, graphdef, params, num_examples: int, log=print) -> dict:
     return results
 
 
-def _score_synth(examples, outputs, vocab) -> dict:
+def _score_synth(examples, outputs, vocab, layout: str) -> dict:
     hits, total = 0, 0
     for example, out in zip(examples, outputs):
-        reference = example["answer"][:, 0]
+        reference = next(s["audio"] for s in example["segments"] if "audio" in s)[:, 0]
         tokens = [t for t in out if t not in (BOA, EOA, EOS, PAD_ID)]
-        codes = unflatten_codes(np.asarray(tokens, np.int64), vocab)[:, 0] if len(tokens) >= 2 else np.zeros(0)
+        codes = unflatten_codes(np.asarray(tokens, np.int64), vocab, layout)[:, 0] if len(tokens) >= 2 else np.zeros(0)
+        codes = np.where(codes == AUDIO_DELAY - vocab.audio_offset(0), -1, codes)
         n = min(len(codes), len(reference))
         hits += int(np.sum(codes[:n] == reference[:n]))
         total += len(reference)

@@ -12,7 +12,10 @@ before a text answer, say). The example becomes `<bos> span span ... <eos>` wher
     image   <boi> p p p p <row> p p p p <row> ... <eoi>   one IMAGE_PATCH token per P x P patch (Fuyu-style),
             the pixels themselves ride along in `patches` and are projected by the model
     audio   <boa> c(0,0) c(0,1) .. c(0,K-1) c(1,0) .. <eoa>   codec codes [T, K] flattened frame-major, codebook k
-            in its own id range so the model always knows which codebook comes next
+            in its own id range so the model always knows which codebook comes next (audio_layout "flat");
+            with the delay pattern (audio_layout "delay", MusicGen-style) step s holds c(s,0) c(s-1,1) ..
+            c(s-K+1,K-1), T+K-1 steps, <delay> where a codebook has not started or has ended, so coarse codes
+            of a frame come before the fine codes that depend on them by a whole step
 
 Opening and closing markers of a target audio span are targets (the model must learn to open and close audio);
 `<eos>` is a target when the example's last span is. Image positions are never targets.
@@ -31,10 +34,11 @@ MODALITY_NAMES = {TEXT: "text", IMAGE: "image", AUDIO: "audio"}
 TARGET_MODALITIES = ("text", "audio")
 
 # Special token ids; ids below NUM_SPECIAL are reserved for markers.
-PAD_ID, BOS, EOS, BOI, EOI, ROW, BOA, EOA, IMAGE_PATCH = range(9)
+PAD_ID, BOS, EOS, BOI, EOI, ROW, BOA, EOA, IMAGE_PATCH, AUDIO_DELAY = range(10)
 NUM_SPECIAL = 16
 SPECIAL_NAMES = {PAD_ID: "<pad>", BOS: "<bos>", EOS: "<eos>", BOI: "<boi>", EOI: "<eoi>", ROW: "<row>",
-                 BOA: "<boa>", EOA: "<eoa>", IMAGE_PATCH: "<patch>"}
+                 BOA: "<boa>", EOA: "<eoa>", IMAGE_PATCH: "<patch>", AUDIO_DELAY: "<delay>"}
+AUDIO_LAYOUTS = ("flat", "delay")
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,9 @@ def unpatchify(patches_RxCxD: np.ndarray, patch_size: int) -> np.ndarray:
     return np.clip(np.round((pixels + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def flatten_codes(codes_TxK: np.ndarray, vocab: Vocab) -> np.ndarray:
-    """Codec codes [T, K] -> token ids [T*K], frame-major, codebook k shifted into its own id range."""
+def flatten_codes(codes_TxK: np.ndarray, vocab: Vocab, layout: str = "flat") -> np.ndarray:
+    """Codec codes [T, K] -> token ids, codebook k shifted into its own id range; [T*K] frame-major for the
+    "flat" layout, [(T+K-1)*K] for the "delay" layout (module docstring)."""
     codes = np.asarray(codes_TxK)
     if codes.ndim != 2 or codes.shape[1] != len(vocab.codebook_sizes):
         raise ValueError(f"audio codes of shape {codes.shape} do not match the codec's "
@@ -108,18 +113,32 @@ def flatten_codes(codes_TxK: np.ndarray, vocab: Vocab) -> np.ndarray:
         t, k = np.argwhere(bad)[0]
         raise ValueError(f"audio code {codes[t, k]} at frame {t}, codebook {k} is outside [0, {sizes[k]})")
     offsets = np.asarray([vocab.audio_offset(k) for k in range(len(sizes))])
-    return (codes + offsets[None, :]).reshape(-1).astype(np.int32)
+    ids = (codes + offsets[None, :]).astype(np.int32)
+    if layout == "flat":
+        return ids.reshape(-1)
+    if layout != "delay":
+        raise ValueError(f"audio layout {layout!r} is not one of {AUDIO_LAYOUTS}")
+    t, k = ids.shape
+    delayed = np.full((t + k - 1, k), AUDIO_DELAY, np.int32)
+    for j in range(k):
+        delayed[j:j + t, j] = ids[:, j]
+    return delayed.reshape(-1)
 
 
-def unflatten_codes(token_ids: np.ndarray, vocab: Vocab) -> np.ndarray:
-    """Audio token ids (frame-major, whole frames) -> codes [T, K]."""
+def unflatten_codes(token_ids: np.ndarray, vocab: Vocab, layout: str = "flat") -> np.ndarray:
+    """Audio token ids (whole steps of K) -> codes [T, K]; the inverse of flatten_codes."""
     k = len(vocab.codebook_sizes)
     ids = np.asarray(token_ids)[: len(token_ids) // k * k].reshape(-1, k)
     offsets = np.asarray([vocab.audio_offset(i) for i in range(k)])
+    if layout == "delay":
+        t = len(ids) - k + 1
+        if t <= 0:
+            return np.zeros((0, k), np.int64)
+        ids = np.stack([ids[j:j + t, j] for j in range(k)], axis=1)
     return ids - offsets[None, :]
 
 
-def encode_example(example: dict, vocab: Vocab, tokenizer, patch_size: int) -> dict:
+def encode_example(example: dict, vocab: Vocab, tokenizer, patch_size: int, audio_layout: str = "flat") -> dict:
     """An example dict (module docstring) -> per-position arrays of one segment, length n.
 
     Returns tokens int32[n], patches float32[n, P*P*3], modality int32[n], is_target bool[n].
@@ -168,7 +187,7 @@ def encode_example(example: dict, vocab: Vocab, tokenizer, patch_size: int) -> d
             emit([EOI], IMAGE, False)
         else:
             emit([BOA], AUDIO, is_target)
-            emit(flatten_codes(segment["audio"], vocab), AUDIO, is_target)
+            emit(flatten_codes(segment["audio"], vocab, audio_layout), AUDIO, is_target)
             emit([EOA], AUDIO, is_target)
         last_is_target = is_target
     emit([EOS], TEXT, last_is_target)

@@ -22,12 +22,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from omni import checkpoint, config as config_lib, data, sharding
-from omni.codec import ToneCodec
 from omni.config import Config
 from omni.loss import loss_sums, metrics_from_sums
 from omni.metrics import MetricWriter
 from omni.model import OmniTransformer, flops_per_token, param_count
-from omni.tokens import ByteTokenizer
 
 # Datasheet dense bf16 peaks per chip, FLOP/s, for the 'mfu_datasheet' figure.
 DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
@@ -242,7 +240,9 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
     writer = MetricWriter(workdir)
     peak = measure_matmul_peak(mesh, cfg.model.dtype)
     sheet = datasheet_peak(mesh)
-    meta = {"config": config_lib.to_dict(cfg), "tokenizer": ByteTokenizer.name, "codec": ToneCodec.name,
+    dataset = data.dataset_for(cfg.data)
+    meta = {"config": config_lib.to_dict(cfg), "dataset": str(dataset.path),
+            "tokenizer": data.tokenizer_for(cfg.data).identity(), "codec": dataset.meta.get("codec"),
             "vocab": {"size": vocab.size, "text_size": vocab.text_size, "codebook_sizes": list(vocab.codebook_sizes)}}
 
     if start_step == 0:
@@ -296,7 +296,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
     writer.write(cfg.train.steps, {f"eval/{k}": v for k, v in final.items()})
     log(f"omni: step {cfg.train.steps} held-out loss {_modality_summary(final)}")
     tasks = {}
-    if cfg.train.demo_eval_examples and cfg.data.corpus == "demo":
+    if cfg.train.demo_eval_examples and cfg.data.dataset == "demo":
         with sharding.activate(mesh, rules):
             tasks = demo_eval.run(cfg, graphdef, state["params"], cfg.train.demo_eval_examples, log=log)
     result = {"step": cfg.train.steps, "eval": final, "demo_tasks": tasks}

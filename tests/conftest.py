@@ -1,9 +1,12 @@
 """Every test process sees 8 CPU devices, so sharding tests can build real multi-device meshes."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The demo corpus is built once per test session (subprocesses inherit this) instead of into ~/.cache.
+os.environ.setdefault("OMNI_CACHE", tempfile.mkdtemp(prefix="omni-test-cache-"))
 
 import pytest  # noqa: E402
 

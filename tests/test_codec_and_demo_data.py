@@ -35,9 +35,9 @@ def test_demo_splits_are_deterministic_disjoint_and_balanced():
     b = demo_data.make_split("train", 30, 32, seed=0)
     e = demo_data.make_split("eval", 30, 32, seed=0)
     assert all(np.array_equal(x["segments"][0].get("image", 0), y["segments"][0].get("image", 0)) for x, y in zip(a, b))
-    assert [x["task"] for x in a].count("caption") == 10
-    images_a = {x["segments"][0]["image"].tobytes() for x in a if x["task"] == "caption"}
-    images_e = {x["segments"][0]["image"].tobytes() for x in e if x["task"] == "caption"}
+    assert [x["meta"]["task"] for x in a].count("caption") == 10
+    images_a = {x["segments"][0]["image"].tobytes() for x in a if x["meta"]["task"] == "caption"}
+    images_e = {x["segments"][0]["image"].tobytes() for x in e if x["meta"]["task"] == "caption"}
     assert not images_a & images_e
 
 

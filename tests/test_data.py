@@ -30,7 +30,7 @@ def test_eval_packing_preserves_every_token_and_mask():
         assert not b["tokens"][pad].any() and not b["is_target"][pad].any() and not b["patches"][pad].any()
     vocab = data.vocab_for(cfg.data)
     expected = Counter()
-    for example in data.corpus(cfg.data, "eval"):
+    for example in data.examples(cfg.data, "eval"):
         enc = encode_example(example, vocab, ByteTokenizer(), cfg.data.patch_size)
         expected[(tuple(enc["tokens"]), tuple(enc["is_target"]))] += 1
     assert Counter(s for b in batches for s in _segments(b)) == expected
@@ -82,8 +82,58 @@ def test_iterator_state_restores_to_exactly_the_next_batch():
         assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
-def test_example_longer_than_the_budget_fails_loudly():
+def test_overlong_examples_are_split_truncated_or_refused_never_lost(caplog):
     cfg = tiny_config()
     cfg.data.seq_len = 20
+    lengths = [len(encode_example(e, data.vocab_for(cfg.data), ByteTokenizer(), cfg.data.patch_size)["tokens"])
+               for e in data.examples(cfg.data, "eval")]
+    assert max(lengths) > 20
+    batches = data.eval_batches(cfg)  # default data.overlong="split": every token is somewhere
+    assert sum(int((b["segment_ids"] > 0).sum()) for b in batches) == sum(lengths)
+
+    cfg.data.overlong = "truncate"
+    with caplog.at_level("WARNING", logger="omni.data"):
+        batches = data.eval_batches(cfg)
+    assert sum(int((b["segment_ids"] > 0).sum()) for b in batches) == sum(min(n, 20) for n in lengths)
+    assert sum("truncated to data.seq_len=20" in r.message for r in caplog.records) == sum(n > 20 for n in lengths)
+
+    cfg.data.overlong = "error"
     with pytest.raises(ValueError, match="more than data.seq_len=20"):
         data.eval_batches(cfg)
+
+
+def test_split_pieces_keep_order_and_flags():
+    encoded = {"tokens": np.arange(45), "is_target": np.arange(45) % 3 == 0}
+    pieces = data.fit_to_length(encoded, 20, "split", "x")
+    assert [len(p["tokens"]) for p in pieces] == [20, 20, 5]
+    assert np.array_equal(np.concatenate([p["tokens"] for p in pieces]), encoded["tokens"])
+    assert np.array_equal(np.concatenate([p["is_target"] for p in pieces]), encoded["is_target"])
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (100, 50), (37, 203), (5, 5), (640, 480)])
+def test_images_fit_the_patch_budget_keeping_aspect(shape):
+    image = np.random.default_rng(0).integers(0, 255, shape + (3,), dtype=np.uint8)
+    fitted = data.fit_image(image, patch_size=8, max_patches=64)
+    h, w = fitted.shape[:2]
+    assert h % 8 == 0 and w % 8 == 0 and (h // 8) * (w // 8) <= 64 and h >= 8 and w >= 8
+    if shape == (32, 32):
+        assert fitted is image  # already fits: no resampling
+    if min(shape) >= 40:
+        assert abs(np.log((h / w) / (shape[0] / shape[1]))) < 0.35
+
+
+def test_worker_processes_deliver_and_resume_exactly():
+    cfg = tiny_config()
+    cfg.data.num_workers = 2
+    it = iter(data.train_dataset(cfg))
+    first = next(it)
+    check_batch(first, cfg.data.seq_len, data.patch_dim(cfg.data))
+    state = it.get_state()
+    expected = [next(it) for _ in range(2)]
+    it.close()
+    fresh = iter(data.train_dataset(cfg))
+    fresh.set_state(state)
+    for want in expected:
+        got = next(fresh)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+    fresh.close()

@@ -83,3 +83,18 @@ def test_bad_examples_are_refused(vocab):
         T.encode_example({"segments": [{"text": "a", "audio": 1}]}, vocab, tok, 8)
     with pytest.raises(ValueError, match="not learnable"):
         T.encode_example({"segments": [{"text": "a"}], "targets": ["image"]}, vocab, tok, 8)
+
+
+def test_delay_pattern_round_trip_and_layout():
+    AUDIO_DELAY, Vocab, flatten_codes, unflatten_codes = T.AUDIO_DELAY, T.Vocab, T.flatten_codes, T.unflatten_codes
+    vocab = Vocab(text_size=256, codebook_sizes=(8, 4, 4))
+    codes = np.array([[1, 2, 3], [4, 0, 1], [7, 3, 2], [0, 1, 0]])
+    ids = flatten_codes(codes, vocab, "delay").reshape(-1, 3)
+    assert ids.shape == (4 + 3 - 1, 3)
+    # step s holds codebook k of frame s-k: coarse codes of a frame lead its finer codes
+    assert ids[0].tolist() == [codes[0, 0] + vocab.audio_offset(0), AUDIO_DELAY, AUDIO_DELAY]
+    assert ids[2].tolist() == [codes[2, 0] + vocab.audio_offset(0), codes[1, 1] + vocab.audio_offset(1),
+                               codes[0, 2] + vocab.audio_offset(2)]
+    assert ids[-1].tolist() == [AUDIO_DELAY, AUDIO_DELAY, codes[3, 2] + vocab.audio_offset(2)]
+    assert np.array_equal(unflatten_codes(ids.reshape(-1), vocab, "delay"), codes)
+    assert np.array_equal(unflatten_codes(flatten_codes(codes, vocab), vocab), codes)

@@ -1,0 +1,161 @@
+"""Manifest -> TFDS array_record dataset -> read back: round trip, precomputed codes, and every bad-input case."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from omni import dataset
+from omni.audio import read_wav, write_wav
+from omni.codec import ToneCodec
+from omni.manifest import ManifestError
+
+TONE = {"name": ToneCodec.name, "frame_rate": ToneCodec.frame_rate, "codebook_sizes": list(ToneCodec.codebook_sizes)}
+
+
+def _media(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    Image.fromarray(rng.integers(0, 255, (30, 20, 3), dtype=np.uint8)).save(tmp_path / "tall.jpg", quality=90)
+    t = np.arange(16000 // 2) / 16000
+    write_wav(tmp_path / "a440.wav", 0.4 * np.sin(2 * np.pi * 440 * t), 16000)
+    write_wav(tmp_path / "a440_8k.wav", 0.4 * np.sin(2 * np.pi * 440 * t[::2]), 8000)
+    np.save(tmp_path / "codes.npy", np.stack([np.arange(10) % 64, np.arange(10) % 16], 1))
+
+
+def _write(tmp_path, lines, name="manifest.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def _build(manifest, out, skip_bad=False, codec=None):
+    report = dataset.BuildReport()
+    examples, codec = dataset.manifest_examples(manifest, codec or ToneCodec(), 0.0, report, skip_bad)
+    return dataset.build(examples, out, codec, report=report)
+
+
+GOOD = [
+    {"id": "cap", "segments": [{"image": "wide.png"}, {"text": "a wide picture"}], "targets": ["text"]},
+    {"id": "asr", "split": "eval", "segments": [{"audio": "a440.wav"}, {"text": "la"}], "targets": ["text"]},
+    {"id": "tts", "segments": [{"text": "sing la", "target": False}, {"audio": "a440_8k.wav"}],
+     "targets": ["audio", "text"], "meta": {"note": "resampled from 8 kHz"}},
+    {"id": "pre", "segments": [{"image": "tall.jpg"}, {"codes": "codes.npy"}], "targets": ["audio"], "codec": TONE},
+]
+
+
+def test_manifest_round_trip(tmp_path):
+    _media(tmp_path)
+    report = _build(_write(tmp_path, GOOD), tmp_path / "ds")
+    assert report.counts == {"train": 3, "eval": 1} and not report.skipped
+    ds = dataset.open_dataset(tmp_path / "ds")
+    assert ds.codebook_sizes == ToneCodec.codebook_sizes and ds.meta["codec"]["name"] == ToneCodec.name
+    read = {}
+    for split in ("train", "eval"):
+        source = ds.source(split)
+        for i in range(len(source)):
+            example = dataset.decode_record(source[i], 2)
+            read[example["id"]] = example
+    assert sorted(read) == ["asr", "cap", "pre", "tts"]
+    cap = read["cap"]
+    assert cap["targets"] == ["text"] and cap["segments"][1] == {"text": "a wide picture", "target": True}
+    assert cap["segments"][0]["image_bytes"] == (tmp_path / "wide.png").read_bytes()  # stored as given
+    wave, _ = read_wav(tmp_path / "a440.wav")
+    assert np.array_equal(read["asr"]["segments"][0]["audio"], ToneCodec().encode(wave))
+    tts = read["tts"]
+    assert tts["segments"][0] == {"text": "sing la", "target": False} and tts["meta"] == {"note": "resampled from 8 kHz"}
+    assert np.all(tts["segments"][1]["audio"][2:-2, 0] == ToneCodec.note_code(440))  # 8 kHz resampled to 16 kHz
+    assert np.array_equal(read["pre"]["segments"][1]["audio"], np.load(tmp_path / "codes.npy"))
+    assert read["pre"]["segments"][0]["image_bytes"] == (tmp_path / "tall.jpg").read_bytes()
+
+
+def test_precomputed_codes_define_the_codec_when_none_is_given(tmp_path):
+    _media(tmp_path)
+    mimi = {"name": "mimi", "frame_rate": 12.5, "codebook_sizes": [2048, 2048, 2048]}
+    np.save(tmp_path / "mimi.npy", np.array([[1, 2, 3], [2047, 0, 5]]))
+    lines = [{"segments": [{"text": "hi"}, {"codes": "mimi.npy"}], "targets": ["audio"], "codec": mimi}]
+    report = dataset.BuildReport()
+    examples, codec = dataset.manifest_examples(_write(tmp_path, lines), None, 0.0, report, False)
+    dataset.build(examples, tmp_path / "ds", codec, report=report)
+    ds = dataset.open_dataset(tmp_path / "ds")
+    assert ds.codebook_sizes == (2048, 2048, 2048) and ds.meta["codec"]["frame_rate"] == 12.5
+    assert dataset.decode_record(ds.source("train")[0], 3)["segments"][1]["audio"].tolist() == [[1, 2, 3], [2047, 0, 5]]
+    with pytest.raises(ValueError, match="decode them with the original mimi"):
+        ds.codec().decode(np.zeros((2, 3), np.int32))
+
+
+def _bad_cases(tmp_path):
+    _media(tmp_path)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    (tmp_path / "noise.wav").write_bytes(b"RIFF not really a wave file")
+    write_wav(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    np.save(tmp_path / "range.npy", np.array([[1, 2], [64, 3]]))
+    np.save(tmp_path / "three.npy", np.zeros((4, 3), np.int64))
+    return [  # (line, expected message part)
+        ({"segments": [{"image": "corrupt.png"}, {"text": "x"}], "targets": ["text"]}, "cannot decode image"),
+        ({"segments": [{"image": "missing.png"}, {"text": "x"}], "targets": ["text"]}, "image file not found"),
+        ({"segments": [{"audio": "noise.wav"}, {"text": "x"}], "targets": ["text"]}, "noise.wav"),
+        ({"segments": [{"audio": "empty.wav"}, {"text": "x"}], "targets": ["text"]}, "empty"),
+        ({"segments": [{"codes": "range.npy"}], "targets": ["audio"], "codec": TONE}, "code 64 at frame 1, codebook 0"),
+        ({"segments": [{"codes": "three.npy"}], "targets": ["audio"], "codec": TONE}, "2 codebooks"),
+        ({"segments": [], "targets": ["text"]}, "empty example"),
+        ({"segments": [{"text": "x", "colour": "red"}], "targets": ["text"]}, "unknown field(s) ['colour']"),
+        ({"segments": [{"image": "wide.png"}], "targets": ["text"]}, "nothing to learn"),
+        ("{\"segments\": [", "not valid JSON"),
+    ]
+
+
+def test_each_bad_input_names_its_line_and_reason(tmp_path):
+    for line, message in _bad_cases(tmp_path):
+        manifest = _write(tmp_path, GOOD[:1] + [line], name="bad.jsonl")
+        with pytest.raises(ManifestError) as error:
+            _build(manifest, tmp_path / "out")
+        assert f"bad.jsonl:2: " in str(error.value) and message in str(error.value), str(error.value)
+        assert not (tmp_path / "out" / dataset.DATASET_FILE).exists()  # nothing half-built is left as a dataset
+
+
+def test_skip_bad_reports_every_skipped_line(tmp_path):
+    cases = _bad_cases(tmp_path)
+    lines = GOOD + [line for line, _ in cases]
+    report = _build(_write(tmp_path, lines), tmp_path / "ds", skip_bad=True)
+    assert report.counts == {"train": 3, "eval": 1}
+    assert [s["line"] for s in report.skipped] == list(range(len(GOOD) + 1, len(lines) + 1))
+    for skipped, (_, message) in zip(report.skipped, cases):
+        assert message in skipped["reason"]
+    meta = dataset.open_dataset(tmp_path / "ds").meta
+    assert len(meta["skipped"]) == len(cases) and f"skipped {len(cases)} bad line(s)" in report.summary()
+
+
+def test_wav_without_codec_and_codes_without_identity_are_refused(tmp_path):
+    _media(tmp_path)
+    report = dataset.BuildReport()
+    with pytest.raises(ManifestError, match=r"manifest.jsonl:1: WAV audio needs a codec"):
+        dataset.manifest_examples(_write(tmp_path, [GOOD[1]]), None, 0.0, report, False)
+    line = {"segments": [{"codes": "codes.npy"}], "targets": ["audio"]}
+    with pytest.raises(ManifestError, match=r"manifest.jsonl:1: precomputed codes need the codec's identity"):
+        dataset.manifest_examples(_write(tmp_path, [line]), None, 0.0, report, False)
+    other = dict(GOOD[3], codec={"name": "dac", "frame_rate": 86, "codebook_sizes": [1024] * 2})
+    with pytest.raises(ManifestError, match="one dataset holds one codec"):
+        _build(_write(tmp_path, [other]), tmp_path / "ds")
+
+
+def test_existing_dataset_is_not_overwritten_and_unfinished_one_is_named(tmp_path):
+    _media(tmp_path)
+    manifest = _write(tmp_path, GOOD)
+    _build(manifest, tmp_path / "ds")
+    with pytest.raises(dataset.DatasetError, match="--overwrite"):
+        _build(manifest, tmp_path / "ds")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(dataset.DatasetError, match="did not finish"):
+        dataset.open_dataset(tmp_path / "half")
+
+
+def test_hash_split_is_stable_and_roughly_the_fraction(tmp_path):
+    from omni.manifest import split_of
+
+    lines = [{"id": f"ex{i}", "segments": [{"text": "x"}]} for i in range(2000)]
+    splits = [split_of(line, i, 0.1) for i, line in enumerate(lines)]
+    assert splits == [split_of(line, i + 7, 0.1) for i, line in enumerate(lines)]  # not the line number
+    assert 150 < splits.count("eval") < 250
