@@ -55,9 +55,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="share of lines without a \"split\" field that go to eval (stable hash)")
     build.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     build.add_argument("--tfds-data-dir", help="TFDS data_dir holding the prepared catalog dataset")
-    build.add_argument("--tfds-train-split", default="train", help="catalog split for omni's train split")
+    build.add_argument("--tfds-train-split", default="", help="catalog split(s) for omni's train split (default: "
+                                                               "train for coco_captions, train_clean100+train_clean360"
+                                                               "+train_other500 for librispeech)")
     build.add_argument("--tfds-eval-split", default="", help="catalog split for omni's eval split (default: "
-                                                              "validation for coco_captions, dev_clean for librispeech)")
+                                                              "val for coco_captions, dev_clean for librispeech)")
     build.add_argument("--limit", type=int, help="at most this many catalog examples per split")
     build.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="adapter option, e.g. task=tts for librispeech or captions=all for coco_captions")
