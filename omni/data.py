@@ -44,15 +44,22 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("OMNI_CACHE") or "~/.cache/omni").expanduser()
 
 
+DEMOS = ("demo", "demo-speech")
+
+
 def demo_path(cfg: DataConfig) -> Path:
-    return cache_root(cfg) / (f"demo-v{DEMO_VERSION}-{cfg.image_size}px-{cfg.train_examples}-{cfg.eval_examples}"
-                              f"-seed{cfg.corpus_seed}")
+    return cache_root(cfg) / (f"{cfg.dataset}-v{DEMO_VERSION}-{cfg.image_size}px-{cfg.train_examples}-"
+                              f"{cfg.eval_examples}-seed{cfg.corpus_seed}")
 
 
 def build_demo(cfg: DataConfig) -> Path:
-    """Writes the demo corpus as PNG/WAV files + manifest and builds it, once (other processes wait for it)."""
+    """Writes a demo corpus as PNG/WAV files + manifest and builds it, once (other processes wait for it).
+
+    demo          tone melodies through ToneCodec
+    demo-speech   spoken captions (espeak-ng) through a MelRVQCodec fitted on the train clips
+    """
     from omni import demo_data
-    from omni.codec import ToneCodec
+    from omni.codec import ToneCodec, fit_codec_on_files
 
     path = demo_path(cfg)
     if (path / dataset_lib.DATASET_FILE).exists():
@@ -61,11 +68,18 @@ def build_demo(cfg: DataConfig) -> Path:
     with open(str(path) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (path / dataset_lib.DATASET_FILE).exists():
-            log.info("building the demo corpus into %s", path)
-            manifest = demo_data.write_manifest(Path(str(path) + ".source"), cfg.train_examples, cfg.eval_examples,
-                                                cfg.image_size, cfg.corpus_seed)
+            log.info("building the %s corpus into %s", cfg.dataset, path)
+            source = Path(str(path) + ".source")
+            write = demo_data.write_manifest if cfg.dataset == "demo" else demo_data.write_speech_manifest
+            manifest = write(source, cfg.train_examples, cfg.eval_examples, cfg.image_size, cfg.corpus_seed)
+            if cfg.dataset == "demo":
+                codec = ToneCodec()
+            else:
+                clips = sorted((source / "speech").glob("train-*.wav"))
+                codec = fit_codec_on_files(clips, Path(str(path) + ".codec"), codebooks=4, codebook_size=64,
+                                           seed=cfg.corpus_seed)
             report = dataset_lib.BuildReport()
-            examples, codec = dataset_lib.manifest_examples(manifest, ToneCodec(), 0.0, report, skip_bad=False)
+            examples, codec = dataset_lib.manifest_examples(manifest, codec, 0.0, report, skip_bad=False)
             dataset_lib.build(examples, path, codec, report=report, overwrite=True, source=str(manifest))
     return path
 
@@ -77,7 +91,7 @@ def _open(path: str) -> dataset_lib.Dataset:
 
 def dataset_for(cfg: DataConfig) -> dataset_lib.Dataset:
     """The dataset data.dataset names (the demo corpus is built on first use)."""
-    path = build_demo(cfg) if cfg.dataset == "demo" else Path(cfg.dataset).expanduser()
+    path = build_demo(cfg) if cfg.dataset in DEMOS else Path(cfg.dataset).expanduser()
     return _open(str(path))
 
 

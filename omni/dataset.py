@@ -22,6 +22,7 @@ Images stay encoded so the patch budget is a training choice; audio is stored as
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -307,7 +308,8 @@ def build(examples: dict, out, codec, tokenizer=None, report: BuildReport | None
     builder = _builder_class()(examples={s: guarded(f) for s, f in examples.items()},
                                     data_dir=str(tmp), file_format="array_record")
     try:
-        builder.download_and_prepare()
+        with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading and preparing..." banners
+            builder.download_and_prepare()
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if first_error:

@@ -6,6 +6,9 @@ Three tasks, a third of the examples each, so the demo run shows real cross-moda
     describe   tone melody (WAV, ToneCodec codes)        -> text  "loud notes c e g"
     synth      text "play loud c e g"                    -> audio codes of that melody
 
+With espeak-ng installed, `data.dataset=demo-speech` builds spoken captions instead (write_speech_manifest):
+image + caption + the caption spoken, encoded by a MelRVQCodec fitted on the clips at build time.
+
 The corpus goes through the same path as a user's data: `write_manifest` writes PNGs, WAVs and a manifest,
 which omni.data builds into a TFDS dataset (once, into data.cache_dir) and reads back with grain.
 
@@ -17,6 +20,8 @@ Chance levels for the held-out captions: shape 1/3, colour 1/6, place 1/5, whole
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +134,55 @@ def parse_caption(text: str) -> dict:
     return {"shape": next((s for s in SHAPES if s in words), None),
             "colour": next((c for c in COLOURS if c in words), None),
             "place": place}
+
+
+# ----------------------------------------------------------------------------------------------- spoken captions
+
+SPEECH_TASKS = ("spoken_caption", "transcribe")
+
+
+def espeak_available() -> bool:
+    return shutil.which("espeak-ng") is not None
+
+
+def speak(text: str, path, rng: np.random.Generator) -> None:
+    """A WAV of `text` spoken by espeak-ng (22,050 Hz) with a random pitch and speed, so voices vary."""
+    if not espeak_available():
+        raise RuntimeError("the spoken-caption demo needs espeak-ng: install it (apt install espeak-ng) or use "
+                           "data.dataset=demo")
+    pitch, speed = int(rng.integers(30, 71)), int(rng.integers(140, 181))
+    subprocess.run(["espeak-ng", "-v", "en", "-p", str(pitch), "-s", str(speed), "-w", str(path), text],
+                   check=True, capture_output=True)
+
+
+def write_speech_manifest(out_dir, train_examples: int, eval_examples: int, image_size: int, seed: int) -> Path:
+    """Image + caption + spoken caption triples (espeak-ng), half as image -> text + speech, half as speech -> text.
+
+        spoken_caption   image            -> text "a red circle at the top left" -> speech of that caption
+        transcribe       speech of a caption -> text of it
+    """
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    for folder in ("images", "speech"):
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+    lines = []
+    for split, n in (("train", train_examples), ("eval", eval_examples)):
+        rng = np.random.default_rng([seed, {"train": 0, "eval": 1}[split], 7])
+        for i in range(n):
+            name, task = f"{split}-{i:06d}", SPEECH_TASKS[i % len(SPEECH_TASKS)]
+            example = make_example(rng, "caption", image_size, ToneCodec.sample_rate)
+            caption = example["meta"]["answer"]
+            speak(caption, out_dir / "speech" / f"{name}.wav", rng)
+            if task == "spoken_caption":
+                Image.fromarray(example["segments"][0]["image"]).save(out_dir / "images" / f"{name}.png")
+                segments = [{"image": f"images/{name}.png"}, {"text": caption}, {"audio": f"speech/{name}.wav"}]
+                targets = ["text", "audio"]
+            else:
+                segments = [{"audio": f"speech/{name}.wav"}, {"text": caption}]
+                targets = ["text"]
+            lines.append(json.dumps({"id": name, "split": split, "targets": targets,
+                                     "meta": {"task": task, "answer": caption}, "segments": segments}))
+    manifest = out_dir / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest

@@ -18,7 +18,9 @@ from omni import data, demo_data
 from omni.config import Config
 from omni.tokens import AUDIO, AUDIO_DELAY, BOA, EOA, EOS, PAD_ID, TEXT, encode_example, unflatten_codes
 
-MAX_NEW_TOKENS = {"caption": 40, "describe": 24, "synth": 2 + 2 * 16}
+MAX_NEW_TOKENS = {"caption": 40, "describe": 24, "synth": 2 + 2 * 16, "spoken_caption": 40, "transcribe": 40}
+STOP = {"synth": EOA, "spoken_caption": BOA}  # the others end their text answer with <eos>
+CAPTION_TASKS = ("caption", "spoken_caption", "transcribe")
 
 
 def _prompt(example: dict, cfg: Config) -> dict:
@@ -69,12 +71,12 @@ def run(cfg: Config, graphdef, params, num_examples: int, log=print) -> dict:
     vocab, tokenizer = data.vocab_for(cfg.data), data.tokenizer_for(cfg.data)
     held_out = data.examples(cfg.data, "eval")
     results = {}
-    for task in demo_data.TASKS:
+    for task in demo_data.TASKS + demo_data.SPEECH_TASKS:
         examples = [e for e in held_out if e["meta"].get("task") == task][:num_examples]
         if not examples:
             continue
         prompts = [_prompt(e, cfg) for e in examples]
-        stop = EOA if task == "synth" else EOS
+        stop = STOP.get(task, EOS)
         outputs = greedy_generate(cfg, graphdef, params, prompts, MAX_NEW_TOKENS[task], stop)
         if task == "synth":
             results[task] = _score_synth(examples, outputs, vocab, cfg.data.audio_layout)
@@ -84,12 +86,12 @@ def run(cfg: Config, graphdef, params, num_examples: int, log=print) -> dict:
         texts = [tokenizer.decode([t - vocab.text_offset for t in o if t != stop]) for o in outputs]
         answers = [e["meta"]["answer"] for e in examples]
         score = {"exact": float(np.mean([t == a for t, a in zip(texts, answers)])), "n": len(examples)}
-        if task == "caption":
+        if task in CAPTION_TASKS:
             for attr in ("shape", "colour", "place"):
                 score[attr] = float(np.mean([demo_data.parse_caption(t)[attr] == demo_data.parse_caption(a)[attr]
                                              for t, a in zip(texts, answers)]))
-            log(f"demo caption: exact {score['exact']:.1%} (chance 1.1%), shape {score['shape']:.1%} (chance 33%), "
-                f"colour {score['colour']:.1%} (17%), place {score['place']:.1%} (20%) on {len(examples)} held-out images")
+            log(f"demo {task}: exact {score['exact']:.1%} (chance 1.1%), shape {score['shape']:.1%} (chance 33%), "
+                f"colour {score['colour']:.1%} (17%), place {score['place']:.1%} (20%) on {len(examples)} held-out examples")
         else:
             score["volume"] = float(np.mean([t.split()[:1] == a.split()[:1] for t, a in zip(texts, answers)]))
             log(f"demo describe: exact {score['exact']:.1%}, volume word {score['volume']:.1%} (chance 50%) "

@@ -296,7 +296,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
     writer.write(cfg.train.steps, {f"eval/{k}": v for k, v in final.items()})
     log(f"omni: step {cfg.train.steps} held-out loss {_modality_summary(final)}")
     tasks = {}
-    if cfg.train.demo_eval_examples and cfg.data.dataset == "demo":
+    if cfg.train.demo_eval_examples and cfg.data.dataset in data.DEMOS:
         with sharding.activate(mesh, rules):
             tasks = demo_eval.run(cfg, graphdef, state["params"], cfg.train.demo_eval_examples, log=log)
     result = {"step": cfg.train.steps, "eval": final, "demo_tasks": tasks}
