@@ -72,3 +72,25 @@ def test_running_again_resumes_from_the_last_checkpoint(trained, capsys):
     steps = [r["step"] for r in read_metrics(workdir) if "loss" in r]
     assert steps[-3:] == [60, 65, 70] and steps.count(60) == 1  # no step of the first run was redone
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [50, 60, 70]
+
+
+def test_checkpoint_holds_the_worker_pipeline_position(tmp_path):
+    """With grain worker processes, a checkpoint at step 3 restores the iterator to the 4th batch."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    from omni import checkpoint
+
+    cfg = tiny_config()
+    cfg.data.num_workers = 2
+    cfg.train.steps, cfg.train.checkpoint_every, cfg.train.eval_batches = 6, 3, 1
+    train.train(cfg, tmp_path, progress=False)
+    reference = iter(data.train_dataset(cfg))
+    want = [next(reference) for _ in range(4)][-1]
+    reference.close()
+    resumed = iter(data.train_dataset(cfg))
+    manager = checkpoint.make_manager(tmp_path, cfg.train)
+    manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+    got = next(resumed)
+    resumed.close()
+    assert all(np.array_equal(got[k], want[k]) for k in want)
