@@ -1,27 +1,58 @@
 """One Orbax CheckpointManager per run: train state, grain iterator state and run metadata, saved together.
 
-Layout: `<workdir>/checkpoints/<step>/{state,data,meta}`. Orbax writes into `<step>.orbax-checkpoint-tmp-*`
-and renames when complete, so a save killed half-way never replaces the last good checkpoint, and
-`latest_step()` only sees complete ones. Old checkpoints are deleted only after a newer one is finalised.
+Layout: `<workdir>/checkpoints/<step>/{state,data,meta}`; `meta` holds the resolved config, the step, the
+dataset and the tokenizer and codec identities.
+
+What protects a run:
+- Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a save killed
+  half-way never looks like a checkpoint; leftovers are cleaned when the next run starts. Old checkpoints are
+  deleted (keep-N) only after a newer one is finalised.
+- `restore_latest` walks back from the newest checkpoint: one that cannot be read (a file truncated, missing
+  or garbled) is reported, moved to `<workdir>/checkpoints.rejected/` and the previous one is tried.
+- A checkpoint whose parameter shapes differ from the current config is not skipped: it fails with
+  `CheckpointMismatchError` naming the first mismatching parameter and the config keys that changed.
+- Restoring onto the shardings of the current state means a run saved on one mesh resumes on another.
 """
 
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from omni.config import TrainConfig
+
+REJECTED_DIR = "checkpoints.rejected"
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint was written by a model of another shape (a different config)."""
+
+
+class NoUsableCheckpointError(RuntimeError):
+    """Checkpoints exist but none of them can be read."""
 
 
 def make_manager(workdir: str | Path, tc: TrainConfig) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=tc.keep_checkpoints, save_interval_steps=1, enable_async_checkpointing=tc.async_checkpoint,
-        create=True)
+        create=True, cleanup_tmp_directories=True)
+    # Handlers registered up front, so a fresh manager can read metadata before its first save or restore.
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("state", ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+    registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+    registry.add("data", grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointHandler)
+    registry.add("data", grain.checkpoint.CheckpointRestore, grain.checkpoint.CheckpointHandler)
+    registry.add("meta", ocp.args.JsonSave, ocp.JsonCheckpointHandler)
+    registry.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
     return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options,
-                                 item_names=("state", "data", "meta"))
+                                 handler_registry=registry)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, meta: dict) -> None:
@@ -43,3 +74,127 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
         data=grain.checkpoint.CheckpointRestore(data_iterator),
         meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator, config: dict | None = None,
+                   log=print):
+    """Restores the newest readable checkpoint; returns (step, state, meta), or None when there is none.
+
+    Unreadable checkpoints are reported and moved aside; a shape mismatch raises CheckpointMismatchError.
+    `config` (the current resolved config as a dict) only serves to name what changed in that error.
+    """
+    manager.reload()
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return None
+    for step in steps:
+        path = step_path(manager, step)
+        try:
+            saved = manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
+            _reject(manager, step, f"its metadata cannot be read ({_short(e)})", log)
+            continue
+        check_shapes(_metadata_tree(saved), abstract_state, path, config, _saved_config(manager, step))
+        try:
+            state, meta = restore(manager, step, abstract_state, data_iterator)
+        except Exception as e:  # noqa: BLE001
+            _reject(manager, step, _short(e), log)
+            continue
+        return step, state, meta
+    raise NoUsableCheckpointError(
+        f"none of the checkpoints in {manager.directory} ({', '.join(map(str, steps))}) could be read; they were "
+        f"moved to {Path(manager.directory).parent / REJECTED_DIR}. Start a new run with another --workdir, or "
+        f"move a good checkpoint back")
+
+
+def step_path(manager: ocp.CheckpointManager, step: int) -> Path:
+    return Path(manager.directory) / str(step)
+
+
+def check_shapes(saved_tree, abstract_state, path: Path, config: dict | None, saved_config: dict | None) -> None:
+    """Raises CheckpointMismatchError at the first parameter whose name or shape differs."""
+    saved = {_key(p): tuple(getattr(leaf, "shape", ())) for p, leaf in _leaves(saved_tree)}
+    # Parameters first: their names say more than the optimizer moments that mirror them.
+    wanted = {_key(p): tuple(leaf.shape) for p, leaf in _leaves(abstract_state)}
+    wanted = dict(sorted(wanted.items(), key=lambda item: not item[0].startswith("params.")))
+    problem = None
+    for name, shape in wanted.items():
+        if name not in saved:
+            problem = f"parameter '{name}' (shape {list(shape)}) is not in the checkpoint"
+        elif saved[name] != shape:
+            problem = f"parameter '{name}' has shape {list(saved[name])} in the checkpoint but {list(shape)} in this config"
+        if problem:
+            break
+    if problem is None:
+        extra = sorted(set(saved) - set(wanted))
+        if not extra:
+            return
+        problem = f"the checkpoint has parameter '{extra[0]}' that this config does not"
+    changed = _changed_keys(saved_config, config)
+    hint = f" Config keys that differ from the checkpoint's: {', '.join(changed)}." if changed else ""
+    raise CheckpointMismatchError(
+        f"checkpoint {path} does not fit this model: {problem}.{hint} Resume with the config the run was "
+        f"started with (it is saved in the workdir as config.json), or use a new --workdir")
+
+
+def _leaves(tree):
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+
+
+def _key(path) -> str:
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+    return ".".join(parts)
+
+
+def _metadata_tree(metadata):
+    return getattr(metadata, "tree", metadata)
+
+
+def _saved_config(manager, step) -> dict | None:
+    try:
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"].get("config")
+    except Exception:  # noqa: BLE001 - only used to make an error message better
+        return None
+
+
+def _changed_keys(saved: dict | None, now: dict | None, prefix: str = "") -> list[str]:
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return []
+    out = []
+    for key in now:
+        a, b = saved.get(key), now[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b and key in saved:
+            out.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return out
+
+
+def _short(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+def _reject(manager: ocp.CheckpointManager, step: int, why: str, log) -> None:
+    """Moves an unreadable checkpoint out of the way (so the run can save that step again) and says so."""
+    src = step_path(manager, step)
+    dst = Path(manager.directory).parent / REJECTED_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    log(f"omni: checkpoint {src} is unreadable and is skipped: {why}. Moved to {dst}; trying the previous one")
+    if jax.process_index() == 0:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(src), str(dst))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"omni_reject_checkpoint_{step}")
+    manager.reload()
+
+
+def agree(flag: bool) -> bool:
+    """Process 0's decision, on every process (a save must happen on all hosts or none)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))

@@ -215,7 +215,10 @@ def _user_errors() -> tuple:
     from omni.manifest import ManifestError
     from omni.text_tokenizer import TokenizerError
 
-    errors = [ConfigError, AudioError, DatasetError, ManifestError, TokenizerError]
+    from omni.checkpoint import CheckpointMismatchError, NoUsableCheckpointError
+
+    errors = [ConfigError, AudioError, DatasetError, ManifestError, TokenizerError, CheckpointMismatchError,
+              NoUsableCheckpointError]
     try:
         from omni.codec import CodecError
 

@@ -97,7 +97,10 @@ class TrainConfig:
     log_every: int = doc(10, "steps between metric lines (metrics.jsonl, TensorBoard, progress bar)")
     eval_every: int = doc(100, "steps between held-out evals; 0 only evaluates at the end")
     eval_batches: int = doc(0, "eval batches per eval; 0 means the whole eval split")
-    checkpoint_every: int = doc(100, "steps between Orbax checkpoints (the last step is always saved)")
+    checkpoint_every: int = doc(100, "steps between Orbax checkpoints (the last step is always saved); 0: none "
+                                     "by steps")
+    checkpoint_minutes: float = doc(0.0, "also save when this many minutes passed since the last save (checked "
+                                         "at logging steps, decided by process 0); 0 disables")
     keep_checkpoints: int = doc(3, "checkpoints kept; older ones are deleted after a newer one is complete")
     async_checkpoint: bool = doc(True, "write checkpoints in the background while training goes on")
     demo_eval_examples: int = doc(64, "held-out examples greedily decoded for the demo task metrics at the end")

@@ -1,7 +1,8 @@
 """Where metrics go: `metrics.jsonl` (one JSON object per logged step), TensorBoard event files, the console.
 
-Only process 0 writes. Keys use '/' groups ('loss/text', 'eval/acc/audio') so TensorBoard groups curves by
-modality.
+Only process 0 writes. A run resumed from step N first drops the rows after N that the interrupted run had
+written (and TensorBoard purges them), so the files read as one run with no step twice. Keys use '/' groups
+('loss/text', 'eval/acc/audio') so TensorBoard groups curves by modality.
 """
 
 from __future__ import annotations
@@ -14,14 +15,20 @@ import numpy as np
 
 
 class MetricWriter:
-    def __init__(self, workdir: str | Path):
+    def __init__(self, workdir: str | Path, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            if self.path.exists():
+                kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= resume_step]
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                tmp.replace(self.path)  # a kill here leaves the old file or the new one, never half of one
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"),
+                                     purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:

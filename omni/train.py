@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from omni import checkpoint, config as config_lib, data, sharding
+from omni import checkpoint, config as config_lib, data, preemption, sharding
 from omni.config import Config
 from omni.loss import loss_sums, metrics_from_sums
 from omni.metrics import MetricWriter
@@ -213,7 +213,6 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
-    _save_resolved_config(cfg, workdir, log)
 
     mesh = sharding.make_mesh(cfg.mesh)
     rules = cfg.mesh.rules
@@ -230,14 +229,22 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
     eval_data = data.eval_batches(cfg, jax.process_index(), jax.process_count())
     manager = checkpoint.make_manager(workdir, cfg.train)
     start_step = 0
-    if manager.latest_step() is not None:
-        start_step = manager.latest_step()
-        state, _ = checkpoint.restore(manager, start_step, checkpoint.abstract_like(state), train_iter)
-        log(f"omni: resumed from {workdir / 'checkpoints' / str(start_step)} (step {start_step})")
+    try:
+        restored = checkpoint.restore_latest(manager, checkpoint.abstract_like(state), train_iter,
+                                             config=config_lib.to_dict(cfg), log=log)
+    except Exception:
+        manager.close()  # let Orbax's background threads end before the error reaches the user
+        raise
+    _save_resolved_config(cfg, workdir, log)  # after the restore: a config that does not fit never replaces it
+    if restored is not None:
+        start_step, state, _ = restored
+        log(f"omni: resumed from {checkpoint.step_path(manager, start_step)} (step {start_step})")
+    if start_step >= cfg.train.steps and restored is not None:
+        log(f"omni: the run already reached train.steps={cfg.train.steps}; raise it to train further")
 
     train_step = make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
     eval_step = make_eval_step(cfg, graphdef, mesh)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, resume_step=start_step)
     peak = measure_matmul_peak(mesh, cfg.model.dtype)
     sheet = datasheet_peak(mesh)
     dataset = data.dataset_for(cfg.data)
@@ -253,44 +260,63 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not (progress and is_main), desc="train",
                dynamic_ncols=True)
+    watch = preemption.PreemptionWatch()
+    last_save_time, preempted_at = time.monotonic(), None
     interval_start, interval_steps, wait_s = time.perf_counter(), 0, 0.0
-    for step in range(start_step, cfg.train.steps):
-        t0 = time.perf_counter()
-        batch = sharding.global_batch(next(train_iter), mesh, rules)
-        wait_s += time.perf_counter() - t0
-        state, metrics = train_step(state, batch)
-        interval_steps += 1
-        done = step + 1
-        if step == start_step:  # the first step includes compilation: time it apart
-            jax.block_until_ready(metrics)
-            compile_s = time.perf_counter() - interval_start
-            log_row = {"compile_time_s": compile_s}
-            interval_start, interval_steps, wait_s = time.perf_counter(), 0, 0.0
-            writer.write(done, log_row)
-        elif done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            metrics = jax.device_get(metrics)
-            elapsed = time.perf_counter() - interval_start
-            step_time = elapsed / interval_steps
-            row = {k: float(v) for k, v in metrics.items()}
-            row.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
-                       mfu=flops_tok * tokens_per_step / step_time / peak,
-                       host_wait_frac=wait_s / elapsed, matmul_peak_tflops=peak / 1e12)
-            if sheet:
-                row["mfu_datasheet"] = flops_tok * tokens_per_step / step_time / sheet
-            writer.write(done, row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", text=f"{row['loss/text']:.3f}",
-                            audio=f"{row['loss/audio']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            interval_start, interval_steps, wait_s = time.perf_counter(), 0, 0.0
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
-            ev = evaluate(eval_step, state["params"], eval_data, mesh, rules)
-            writer.write(done, {f"eval/{k}": v for k, v in ev.items()})
-            if is_main:
-                bar.write(f"step {done}: held-out loss {_modality_summary(ev)}")
-        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-            checkpoint.save(manager, done, state, train_iter, dict(meta, step=done))
-        bar.update(1)
-    bar.close()
+    try:
+        for step in range(start_step, cfg.train.steps):
+            t0 = time.perf_counter()
+            batch = sharding.global_batch(next(train_iter), mesh, rules)
+            wait_s += time.perf_counter() - t0
+            state, metrics = train_step(state, batch)
+            interval_steps += 1
+            done = step + 1
+            log_step = done % cfg.train.log_every == 0 or done == cfg.train.steps
+            if step == start_step:  # the first step includes compilation: time it apart, log its losses only
+                jax.block_until_ready(metrics)
+                row = {"compile_time_s": time.perf_counter() - interval_start}
+                if log_step:
+                    row.update({k: float(v) for k, v in jax.device_get(metrics).items()})
+                writer.write(done, row)
+                interval_start, interval_steps, wait_s = time.perf_counter(), 0, 0.0
+            elif log_step:
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - interval_start
+                step_time = elapsed / interval_steps
+                row = {k: float(v) for k, v in metrics.items()}
+                row.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
+                           mfu=flops_tok * tokens_per_step / step_time / peak,
+                           host_wait_frac=wait_s / elapsed, matmul_peak_tflops=peak / 1e12)
+                if sheet:
+                    row["mfu_datasheet"] = flops_tok * tokens_per_step / step_time / sheet
+                writer.write(done, row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", text=f"{row['loss/text']:.3f}",
+                                audio=f"{row['loss/audio']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                interval_start, interval_steps, wait_s = time.perf_counter(), 0, 0.0
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
+                ev = evaluate(eval_step, state["params"], eval_data, mesh, rules)
+                writer.write(done, {f"eval/{k}": v for k, v in ev.items()})
+                if is_main:
+                    bar.write(f"step {done}: held-out loss {_modality_summary(ev)}")
+            preempted = watch.reached(done)
+            if preempted or _checkpoint_due(cfg, done, log_step, last_save_time):
+                checkpoint.save(manager, done, state, train_iter, dict(meta, step=done))
+                last_save_time = time.monotonic()
+            bar.update(1)
+            if preempted:
+                preempted_at = done
+                break
+    finally:
+        watch.close()
+        bar.close()
     manager.wait_until_finished()
+
+    if preempted_at is not None:
+        where = checkpoint.step_path(manager, preempted_at)
+        log(f"omni: SIGTERM received: saved step {preempted_at} to {where}; run the same command to resume")
+        writer.close()
+        manager.close()
+        return {"step": preempted_at, "preempted": True, "checkpoint": str(where)}
 
     final = evaluate(eval_step, state["params"], eval_data, mesh, rules)
     writer.write(cfg.train.steps, {f"eval/{k}": v for k, v in final.items()})
@@ -305,6 +331,16 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
     writer.close()
     manager.close()
     return result
+
+
+def _checkpoint_due(cfg: Config, done: int, log_step: bool, last_save_time: float) -> bool:
+    """Same answer on every host: the step rules are deterministic, the time rule is process 0's call."""
+    tc = cfg.train
+    if done == tc.steps or (tc.checkpoint_every and done % tc.checkpoint_every == 0):
+        return True
+    if tc.checkpoint_minutes > 0 and log_step:
+        return checkpoint.agree(time.monotonic() - last_save_time >= 60 * tc.checkpoint_minutes)
+    return False
 
 
 def _modality_summary(ev: dict) -> str:
