@@ -198,3 +198,45 @@ def agree(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+    """Complete checkpoints of a workdir, oldest first."""
+    root = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+
+
+def pick_step(workdir: str | Path, step: int | None) -> int:
+    """`step`, or the latest one; a clear error when the workdir has none or not that one."""
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise NoUsableCheckpointError(f"no complete checkpoint in {Path(workdir) / 'checkpoints'}; train first "
+                                      f"(omni train --workdir {workdir} ...)")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise NoUsableCheckpointError(f"{Path(workdir) / 'checkpoints'} has no step {step}; it has "
+                                      f"{', '.join(map(str, steps))}")
+    return step
+
+
+def read_meta(workdir: str | Path, step: int) -> dict:
+    """The run metadata saved with a checkpoint (resolved config, dataset, tokenizer, codec, vocab, step)."""
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+        Path(workdir).absolute() / "checkpoints" / str(step) / "meta")
+
+
+def restore_params(workdir: str | Path, step: int, abstract_params):
+    """Only the parameters of a checkpoint (the optimizer moments stay on disk), onto the shardings of
+    `abstract_params` (ShapeDtypeStructs), or as host numpy arrays where a leaf has no sharding."""
+    path = Path(workdir).absolute() / "checkpoints" / str(step) / "state"
+
+    def restore_arg(leaf):
+        if getattr(leaf, "sharding", None) is None:
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+        return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype)
+
+    item = {"params": abstract_params}
+    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=jax.tree.map(restore_arg, item), partial_restore=True))
+    return restored["params"]

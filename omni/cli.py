@@ -1,6 +1,7 @@
 """The `omni` command line.
 
     omni train --config configs/demo.py --workdir runs/demo [--set train.steps=200 --set model.d=256 ...]
+    omni eval --workdir runs/demo [--step N]               # per-modality eval loss/accuracy + demo task scores
     omni config [--config configs/demo.py] [--set ...]     # print the resolved config (or the schema with --schema)
     omni data build --manifest my_data.jsonl --out data/my_data [--codec ...] [--tokenizer ...] [--skip-bad]
     omni data build --tfds coco_captions --out data/coco       # a TFDS catalog dataset through its adapter
@@ -31,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set train.steps=200 (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+    ev = verbs.add_parser("eval", help="held-out loss/accuracy per modality and demo task scores of a checkpoint")
+    ev.add_argument("--workdir", required=True)
+    ev.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the checkpoint's config, e.g. --set mesh.fsdp=1 on fewer devices")
+    ev.add_argument("--demo-examples", type=int, help="held-out examples per demo task (default: the config's)")
 
     show = verbs.add_parser("config", help="print the resolved config, or the whole schema")
     show.add_argument("--config", help="a configs/*.py file or a saved config.json (default: the schema defaults)")
@@ -244,6 +252,13 @@ def _run(args) -> int:
         _tokenizer_train(args)
     elif args.verb == "codec":
         _codec(args)
+    elif args.verb == "eval":
+        from omni import evaluate, sharding
+
+        try:
+            evaluate.evaluate_checkpoint(args.workdir, args.step, args.set, args.demo_examples)
+        except sharding.MeshError as e:
+            raise ConfigError(str(e)) from None
     elif args.verb == "config":
         from omni import config as config_lib
 

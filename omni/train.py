@@ -255,7 +255,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
     if start_step == 0:
         first_eval = evaluate(eval_step, state["params"], eval_data, mesh, rules)
         writer.write(0, {f"eval/{k}": v for k, v in first_eval.items()})
-        log(f"omni: step 0 held-out loss {_modality_summary(first_eval)}")
+        log(f"omni: step 0 held-out loss {modality_summary(first_eval)}")
 
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not (progress and is_main), desc="train",
@@ -297,7 +297,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
                 ev = evaluate(eval_step, state["params"], eval_data, mesh, rules)
                 writer.write(done, {f"eval/{k}": v for k, v in ev.items()})
                 if is_main:
-                    bar.write(f"step {done}: held-out loss {_modality_summary(ev)}")
+                    bar.write(f"step {done}: held-out loss {modality_summary(ev)}")
             preempted = watch.reached(done)
             if preempted or _checkpoint_due(cfg, done, log_step, last_save_time):
                 checkpoint.save(manager, done, state, train_iter, dict(meta, step=done))
@@ -320,7 +320,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
 
     final = evaluate(eval_step, state["params"], eval_data, mesh, rules)
     writer.write(cfg.train.steps, {f"eval/{k}": v for k, v in final.items()})
-    log(f"omni: step {cfg.train.steps} held-out loss {_modality_summary(final)}")
+    log(f"omni: step {cfg.train.steps} held-out loss {modality_summary(final)}")
     tasks = {}
     if cfg.train.demo_eval_examples and cfg.data.dataset in data.DEMOS:
         with sharding.activate(mesh, rules):
@@ -343,7 +343,7 @@ def _checkpoint_due(cfg: Config, done: int, log_step: bool, last_save_time: floa
     return False
 
 
-def _modality_summary(ev: dict) -> str:
+def modality_summary(ev: dict) -> str:
     return (f"text {ev['loss/text']:.3f} (acc {ev['acc/text']:.1%}), "
             f"audio {ev['loss/audio']:.3f} (acc {ev['acc/audio']:.1%})")
 

@@ -1,0 +1,66 @@
+"""`omni eval`: held-out loss and accuracy per modality, and the demo tasks' scores, for one checkpoint.
+
+    omni eval --workdir runs/demo [--step N] [--set train.eval_batches=8 ...]
+
+Reads the config saved with that checkpoint (overrides apply on top, e.g. another mesh for fewer devices),
+restores only the parameters, evaluates the eval split and writes `<workdir>/eval-<step>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from omni import checkpoint, config as config_lib, data, sharding, train
+
+
+def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides: list[str] = (),
+                        demo_examples: int | None = None, log=print) -> dict:
+    """Evaluates a checkpoint of `workdir`; returns and saves {"step", "eval", "demo_tasks"}."""
+    from omni import demo_eval
+
+    workdir = Path(workdir)
+    step = checkpoint.pick_step(workdir, step)
+    cfg = config_lib.from_dict(checkpoint.read_meta(workdir, step)["config"], source=f"checkpoint {step}")
+    cfg = config_lib.apply_overrides(cfg, list(overrides))
+    mesh = sharding.make_mesh(cfg.mesh)
+    params = restore_params_onto(cfg, mesh, workdir, step)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: train.build_model(cfg)))
+
+    eval_step = train.make_eval_step(cfg, graphdef, mesh)
+    batches = data.eval_batches(cfg, jax.process_index(), jax.process_count())
+    metrics = train.evaluate(eval_step, params, batches, mesh, cfg.mesh.rules)
+    log(f"omni: {workdir / 'checkpoints' / str(step)}: held-out loss {train.modality_summary(metrics)} "
+        f"over {metrics['tokens/target']:.0f} target tokens")
+    tasks = {}
+    examples = cfg.train.demo_eval_examples if demo_examples is None else demo_examples
+    if examples and cfg.data.dataset in data.DEMOS:
+        with sharding.activate(mesh, cfg.mesh.rules):
+            tasks = demo_eval.run(cfg, graphdef, params, examples, log=log)
+    result = {"step": step, "eval": metrics, "demo_tasks": tasks}
+    if jax.process_index() == 0:
+        out = workdir / f"eval-{step}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        log(f"omni: wrote {out}")
+    return result
+
+
+def restore_params_onto(cfg, mesh, workdir: Path, step: int):
+    """The checkpoint's parameters, sharded on `mesh` as training shards them (shapes checked first)."""
+    tx, _ = train.build_optimizer(cfg)
+    abstract_model = nnx.eval_shape(lambda: train.build_model(cfg))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    param_shardings = train.state_shardings(cfg, mesh, (graphdef, abstract_params), tx)["params"]
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nnx.to_pure_dict(abstract_params), param_shardings)
+    manager = checkpoint.make_manager(workdir, cfg.train)
+    try:
+        saved = manager.item_metadata(step)["state"]
+        checkpoint.check_shapes({"params": checkpoint._metadata_tree(saved)["params"]}, {"params": target},
+                                checkpoint.step_path(manager, step), None, None)
+    finally:
+        manager.close()
+    return checkpoint.restore_params(workdir, step, target)
