@@ -194,3 +194,46 @@ def test_a_checkpoint_saved_on_8_devices_restores_on_another_mesh(tmp_path, devi
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
         assert b.sharding.mesh.devices.size == devices, path
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+
+
+AGREEMENT_SCRIPT = """
+import sys, time
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]), local_device_ids=[0])
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+from omni.preemption import PreemptionWatch
+
+watch = PreemptionWatch()
+print("ready", flush=True)
+for step in range(1, 100_000):
+    multihost_utils.process_allgather(jnp.full(1, step))  # a collective per step, as training has
+    if watch.reached(step):
+        print("stopped at", step, flush=True)
+        break
+    time.sleep(0.005)
+"""
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-c", AGREEMENT_SCRIPT, f"127.0.0.1:{port}", str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for i in range(2)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready"
+        time.sleep(1.0)
+        procs[1].send_signal(signal.SIGTERM)  # only one host hears it, as on a pod
+        outs = [proc.communicate(timeout=60)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    stops = [[line for line in out.splitlines() if line.startswith("stopped at")] for out in outs]
+    assert all(len(s) == 1 for s in stops), outs
+    assert stops[0] == stops[1]
