@@ -201,42 +201,58 @@ def agree(flag: bool) -> bool:
 
 
 def checkpoint_steps(workdir: str | Path) -> list[int]:
-    """Complete checkpoints of a workdir, oldest first."""
+    """Steps of the complete checkpoints of a workdir, oldest first (never `*.orbax-checkpoint-tmp-*`)."""
     root = Path(workdir) / "checkpoints"
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+    return sorted(ocp.utils.checkpoint_steps(root)) if root.is_dir() else []
 
 
 def pick_step(workdir: str | Path, step: int | None) -> int:
     """`step`, or the latest one; a clear error when the workdir has none or not that one."""
     steps = checkpoint_steps(workdir)
+    root = Path(workdir) / "checkpoints"
     if not steps:
-        raise NoUsableCheckpointError(f"no complete checkpoint in {Path(workdir) / 'checkpoints'}; train first "
-                                      f"(omni train --workdir {workdir} ...)")
+        raise NoUsableCheckpointError(f"no complete checkpoint in {root}; train first (omni train --workdir "
+                                      f"{workdir} ...)")
     if step is None:
         return steps[-1]
     if step not in steps:
-        raise NoUsableCheckpointError(f"{Path(workdir) / 'checkpoints'} has no step {step}; it has "
-                                      f"{', '.join(map(str, steps))}")
+        raise NoUsableCheckpointError(f"there is no checkpoint of step {step} in {root}; the steps that exist "
+                                      f"are {', '.join(map(str, steps))}")
     return step
 
 
 def read_meta(workdir: str | Path, step: int) -> dict:
     """The run metadata saved with a checkpoint (resolved config, dataset, tokenizer, codec, vocab, step)."""
-    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-        Path(workdir).absolute() / "checkpoints" / str(step) / "meta")
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(Path(workdir).absolute() / "checkpoints" / str(step) / "meta",
+                                    args=ocp.args.JsonRestore())
+
+
+def read_params_to_host(step_dir: Path) -> dict:
+    """The checkpoint's params subtree as numpy arrays on the host, nothing else.
+
+    The state item holds {step, params, opt_state}; a partial restore with only `params` in the target reads
+    only those arrays (Orbax trims its read list to the target), so the optimizer moments (2x the params) are
+    never loaded. restore_type=np.ndarray gathers every array whole, whatever mesh wrote it.
+    """
+    handler = ocp.PyTreeCheckpointHandler()
+    saved = handler.metadata(Path(step_dir) / "state")
+    params_metadata = getattr(saved, "tree", saved)["params"]
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_metadata)
+    with ocp.Checkpointer(handler) as checkpointer:
+        restored = checkpointer.restore(Path(step_dir) / "state", args=ocp.args.PyTreeRestore(
+            item={"params": params_metadata}, restore_args={"params": restore_args}, partial_restore=True))
+    return restored["params"]
 
 
 def restore_params(workdir: str | Path, step: int, abstract_params):
     """Only the parameters of a checkpoint (the optimizer moments stay on disk), onto the shardings of
-    `abstract_params` (ShapeDtypeStructs), or as host numpy arrays where a leaf has no sharding."""
+    `abstract_params` (ShapeDtypeStructs with shardings): each process reads just its shards."""
     path = Path(workdir).absolute() / "checkpoints" / str(step) / "state"
-
-    def restore_arg(leaf):
-        if getattr(leaf, "sharding", None) is None:
-            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
-        return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype)
-
     item = {"params": abstract_params}
-    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=jax.tree.map(restore_arg, item), partial_restore=True))
+    restore_args = jax.tree.map(
+        lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype), item)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
     return restored["params"]

@@ -2,6 +2,7 @@
 
     omni train --config configs/demo.py --workdir runs/demo [--set train.steps=200 --set model.d=256 ...]
     omni eval --workdir runs/demo [--step N]               # per-modality eval loss/accuracy + demo task scores
+    omni export --workdir runs/demo [--step N] --out exported/demo [--dtype bfloat16]
     omni config [--config configs/demo.py] [--set ...]     # print the resolved config (or the schema with --schema)
     omni data build --manifest my_data.jsonl --out data/my_data [--codec ...] [--tokenizer ...] [--skip-bad]
     omni data build --tfds coco_captions --out data/coco       # a TFDS catalog dataset through its adapter
@@ -39,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override the checkpoint's config, e.g. --set mesh.fsdp=1 on fewer devices")
     ev.add_argument("--demo-examples", type=int, help="held-out examples per demo task (default: the config's)")
+
+    exp = verbs.add_parser("export", help="a checkpoint's params as safetensors + config + tokenizer + codec")
+    exp.add_argument("--workdir", required=True)
+    exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    exp.add_argument("--out", required=True, help="a new folder")
+    exp.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
 
     show = verbs.add_parser("config", help="print the resolved config, or the whole schema")
     show.add_argument("--config", help="a configs/*.py file or a saved config.json (default: the schema defaults)")
@@ -225,7 +232,9 @@ def _user_errors() -> tuple:
 
     from omni.checkpoint import CheckpointMismatchError, NoUsableCheckpointError
 
-    errors = [ConfigError, AudioError, DatasetError, ManifestError, TokenizerError, CheckpointMismatchError,
+    from omni.export import ExportError
+
+    errors = [ExportError, ConfigError, AudioError, DatasetError, ManifestError, TokenizerError, CheckpointMismatchError,
               NoUsableCheckpointError]
     try:
         from omni.codec import CodecError
@@ -259,6 +268,13 @@ def _run(args) -> int:
             evaluate.evaluate_checkpoint(args.workdir, args.step, args.set, args.demo_examples)
         except sharding.MeshError as e:
             raise ConfigError(str(e)) from None
+    elif args.verb == "export":
+        from omni import export
+
+        out = export.export(args.workdir, args.out, args.step, args.dtype)
+        info = json.loads((out / export.CONFIG_FILE).read_text())["export"]
+        print(f"omni: exported step {info['step']} of {args.workdir} as {info['dtype']} to {out} "
+              f"({(out / export.WEIGHTS_FILE).stat().st_size / 2**20:.1f} MiB)")
     elif args.verb == "config":
         from omni import config as config_lib
 

@@ -44,4 +44,4 @@ def test_eval_cli_prints_metrics_and_names_a_missing_step(run):
     assert "held-out loss text" in ok.stdout and (workdir / "eval-2.json").exists()
     bad = subprocess.run([sys.executable, "-m", "omni.cli", "eval", "--workdir", str(workdir), "--step", "3"],
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "has no step 3; it has 2, 4" in bad.stderr
+    assert bad.returncode == 2 and "no checkpoint of step 3 in" in bad.stderr
