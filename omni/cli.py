@@ -3,6 +3,7 @@
     omni train --config configs/demo.py --workdir runs/demo [--set train.steps=200 --set model.d=256 ...]
     omni eval --workdir runs/demo [--step N]               # per-modality eval loss/accuracy + demo task scores
     omni export --workdir runs/demo [--step N] --out exported/demo [--dtype bfloat16]
+    omni generate --model exported/demo --prompt "<image:cat.png>" --target text|audio [--audio a.wav]
     omni config [--config configs/demo.py] [--set ...]     # print the resolved config (or the schema with --schema)
     omni data build --manifest my_data.jsonl --out data/my_data [--codec ...] [--tokenizer ...] [--skip-bad]
     omni data build --tfds coco_captions --out data/coco       # a TFDS catalog dataset through its adapter
@@ -46,6 +47,19 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     exp.add_argument("--out", required=True, help="a new folder")
     exp.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
+
+    gen = verbs.add_parser("generate", help="text or audio from an exported model after an interleaved prompt")
+    gen.add_argument("--model", required=True, help="a folder written by `omni export`")
+    gen.add_argument("--prompt", required=True,
+                     help="text with inline <image:PATH>, <audio:PATH.wav> or <codes:PATH.npy> tags")
+    gen.add_argument("--audio", action="append", default=[], help="a WAV file appended to the prompt (repeatable)")
+    gen.add_argument("--target", choices=("text", "audio"), default="text", help="what to generate")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", default="generated.wav",
+                     help="where audio goes: a WAV when the codec decodes, else codes as .npy")
 
     show = verbs.add_parser("config", help="print the resolved config, or the whole schema")
     show.add_argument("--config", help="a configs/*.py file or a saved config.json (default: the schema defaults)")
@@ -233,8 +247,9 @@ def _user_errors() -> tuple:
     from omni.checkpoint import CheckpointMismatchError, NoUsableCheckpointError
 
     from omni.export import ExportError
+    from omni.generate import GenerateError
 
-    errors = [ExportError, ConfigError, AudioError, DatasetError, ManifestError, TokenizerError, CheckpointMismatchError,
+    errors = [ExportError, GenerateError, ConfigError, AudioError, DatasetError, ManifestError, TokenizerError, CheckpointMismatchError,
               NoUsableCheckpointError]
     try:
         from omni.codec import CodecError
@@ -275,6 +290,8 @@ def _run(args) -> int:
         info = json.loads((out / export.CONFIG_FILE).read_text())["export"]
         print(f"omni: exported step {info['step']} of {args.workdir} as {info['dtype']} to {out} "
               f"({(out / export.WEIGHTS_FILE).stat().st_size / 2**20:.1f} MiB)")
+    elif args.verb == "generate":
+        _generate(args)
     elif args.verb == "config":
         from omni import config as config_lib
 
@@ -288,6 +305,41 @@ def _run(args) -> int:
         except sharding.MeshError as e:
             raise ConfigError(str(e)) from None
     return 0
+
+
+def _generate(args) -> None:
+    from pathlib import Path
+
+    import numpy as np
+
+    from omni import audio, export, generate
+
+    model = export.load_export(args.model)
+    cfg = model.config
+    segments = generate.parse_prompt(args.prompt, args.audio, patch_size=cfg.data.patch_size,
+                                     max_image_patches=cfg.data.max_image_patches, codec=model.codec)
+    prompt = generate.prompt_arrays(segments, model.vocab, model.tokenizer, cfg.data.patch_size,
+                                    cfg.data.audio_layout, args.target)
+    result = generate.generate(model.graphdef, model.params, cfg.model, model.vocab, [prompt], target=args.target,
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               seed=args.seed, audio_layout=cfg.data.audio_layout)
+    output = generate.decode_output(result.tokens[0], args.target, model.vocab, model.tokenizer, model.codec,
+                                    cfg.data.audio_layout)
+    ending = "a stop token" if result.stopped[0] is not None else f"--max-new-tokens={args.max_new_tokens}"
+    if args.target == "text":
+        print(output)
+    elif output["wave"] is not None:
+        audio.write_wav(args.out, output["wave"], output["sample_rate"])
+        print(f"omni: {len(output['codes'])} audio frames -> {args.out} "
+              f"({len(output['wave']) / output['sample_rate']:.2f} s at {output['sample_rate']} Hz)")
+    else:
+        out = Path(args.out).with_suffix(".npy")
+        np.save(out, output["codes"])
+        print(f"omni: {len(output['codes'])} frames of {model.codec.name if model.codec else 'audio'} codes -> {out} "
+              f"(this codec cannot decode to a waveform here)")
+    print(f"omni: {result.decode_tokens + 1} tokens until {ending}; prompt {len(prompt['tokens'])} tokens, prefill "
+          f"{result.prefill_s * 1e3:.1f} ms, decode {result.decode_tokens_per_s:,.0f} tokens/s, compile "
+          f"{result.compile_s:.1f} s", file=sys.stderr)
 
 
 def _data_bench(args) -> None:

@@ -4,66 +4,43 @@
     describe   generated melody description: exact match, and the volume word (chance 1/2)
     synth      generated audio codes: pitch code accuracy per frame against the reference codes
 
-Decoding recomputes the whole prefix at every step (no KV cache yet): fine for the demo's short answers.
+Decoding is omni.generate's: one prefill of the prompt batch into a KV cache, then one token per step inside a
+jitted loop, restricted to the answer's modality (text ids for text answers, codebook-ordered codes for synth).
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from omni import data, demo_data
 from omni.config import Config
-from omni.tokens import AUDIO, AUDIO_DELAY, BOA, EOA, EOS, PAD_ID, TEXT, encode_example, unflatten_codes
+from omni.generate import generate
+from omni.tokens import AUDIO_DELAY, BOA, EOA, EOS, PAD_ID, encode_example, unflatten_codes
 
-MAX_NEW_TOKENS = {"caption": 40, "describe": 24, "synth": 2 + 2 * 16, "spoken_caption": 40, "transcribe": 40}
+# synth: up to 16 frames of 2 codes, then <eoa> (its <boa> ends the prompt)
+MAX_NEW_TOKENS = {"caption": 40, "describe": 24, "synth": 1 + 2 * 16, "spoken_caption": 40, "transcribe": 40}
 STOP = {"synth": EOA, "spoken_caption": BOA}  # the others end their text answer with <eos>
+TARGET = {"synth": "audio"}  # the answer's modality; the others answer in text (spoken_caption: text, then <boa>)
 CAPTION_TASKS = ("caption", "spoken_caption", "transcribe")
 
 
 def _prompt(example: dict, cfg: Config) -> dict:
-    """The example's per-position arrays up to (not including) its first target token."""
+    """The example's per-position arrays up to its first target token: excluded for a text answer, included
+    when it is the <boa> that opens an audio answer (the generator continues with codes)."""
     encoded = encode_example(example, data.vocab_for(cfg.data), data.tokenizer_for(cfg.data), cfg.data.patch_size,
                              cfg.data.audio_layout)
     first_target = int(np.argmax(encoded["is_target"]))
-    return {k: v[:first_target] for k, v in encoded.items()}
+    end = first_target + (encoded["tokens"][first_target] == BOA)
+    return {k: encoded[k][:end] for k in ("tokens", "patches", "modality")}
 
 
-def greedy_generate(cfg: Config, graphdef, params, prompts: list[dict], max_new: int, stop_id: int) -> list[list[int]]:
-    """Greedy continuation of each prompt (dicts of tokens/patches/modality arrays) until stop_id or max_new."""
-    vocab = data.vocab_for(cfg.data)
-    n = len(prompts)
-    length = max(len(p["tokens"]) for p in prompts) + max_new
-    pdim = data.patch_dim(cfg.data)
-    batch = {"tokens": np.zeros((n, length), np.int32), "patches": np.zeros((n, length, pdim), np.float32),
-             "modality": np.zeros((n, length), np.int32), "segment_ids": np.ones((n, length), np.int32),
-             "positions": np.tile(np.arange(length, dtype=np.int32), (n, 1))}
-    lengths = np.array([len(p["tokens"]) for p in prompts])
-    for i, p in enumerate(prompts):
-        batch["tokens"][i, : lengths[i]] = p["tokens"]
-        batch["patches"][i, : lengths[i]] = p["patches"]
-        batch["modality"][i, : lengths[i]] = p["modality"]
-
-    @jax.jit
-    def next_tokens(params, batch, lengths):
-        logits = nnx.merge(graphdef, params)(batch)
-        return jnp.argmax(logits[jnp.arange(n), lengths - 1], axis=-1)
-
-    out = [[] for _ in range(n)]
-    finished = np.zeros(n, bool)
-    for _ in range(max_new):
-        new = np.asarray(next_tokens(params, batch, lengths))
-        for i in np.flatnonzero(~finished):
-            out[i].append(int(new[i]))
-            batch["tokens"][i, lengths[i]] = new[i]
-            batch["modality"][i, lengths[i]] = AUDIO if vocab.audio_codebook_of(int(new[i])) is not None else TEXT
-            lengths[i] += 1
-            finished[i] |= new[i] == stop_id
-        if finished.all():
-            break
-    return out
+def greedy_generate(cfg: Config, graphdef, params, prompts: list[dict], max_new: int, stop_id: int,
+                    target: str = "text") -> list[list[int]]:
+    """Greedy continuation of each prompt (dicts of tokens/patches/modality arrays) until stop_id (left out of
+    the output) or max_new tokens, with the KV-cache generator."""
+    result = generate(graphdef, params, cfg.model, data.vocab_for(cfg.data), prompts, target=target,
+                      max_new_tokens=max_new, stop_ids=(stop_id,), audio_layout=cfg.data.audio_layout)
+    return result.tokens
 
 
 def run(cfg: Config, graphdef, params, num_examples: int, log=print) -> dict:
@@ -77,7 +54,8 @@ def run(cfg: Config, graphdef, params, num_examples: int, log=print) -> dict:
             continue
         prompts = [_prompt(e, cfg) for e in examples]
         stop = STOP.get(task, EOS)
-        outputs = greedy_generate(cfg, graphdef, params, prompts, MAX_NEW_TOKENS[task], stop)
+        outputs = greedy_generate(cfg, graphdef, params, prompts, MAX_NEW_TOKENS[task], stop,
+                                  target=TARGET.get(task, "text"))
         if task == "synth":
             results[task] = _score_synth(examples, outputs, vocab, cfg.data.audio_layout)
             log(f"demo synth: pitch code accuracy per frame {results[task]['pitch_acc']:.1%} "

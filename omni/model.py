@@ -7,6 +7,19 @@ Text and audio tokens are looked up in one embedding table; image positions inst
 of their P*P*3 pixels (Fuyu-style). Attention is causal and stays inside each packed segment. Parameters are
 stored in `param_dtype` (fp32) and cast to `dtype` (bf16) for compute. Every parameter carries logical axis
 names (see omni.sharding) so the same code shards on any mesh.
+
+Inference with a KV cache (omni.generate) calls the same model with `cache=init_cache(...)`, one example per
+row starting at slot 0, so a token's cache slot is also its RoPE position:
+
+    model(prompt_batch, cache=cache)                -> logits [B, P, V], cache with slots 0..P-1 written
+        prefill: the right-padded prompt block runs as in training (segment_ids 1 on tokens, 0 on padding)
+    model(step_batch, cache=cache, decode=True)     -> logits [B, 1, V], cache with one more slot per row
+        decode: one token per row at slot positions[i, 0] (rows may differ), attending to slots <= that slot
+
+The cache is {"k", "v"}: [layers, B, S, kv_heads, head_dim] in the compute dtype, S the longest total length.
+It travels through the layers as part of the scan carry (or the Python loop), and each layer writes only its
+new slots in place, so a decode step moves O(layers x B x kv_heads x head_dim) cache bytes, not the whole
+cache. Remat is skipped on this path (it only saves memory for a backward pass).
 """
 
 from __future__ import annotations
@@ -69,7 +82,8 @@ class Attention(nnx.Module):
         self.wo = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype)
         self.cfg = cfg
 
-    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, cache=None, layer=None, decode=False):
+        """Attention output [B, L, D]; with a cache (module docstring) returns (output, updated cache)."""
         dt = jnp.dtype(self.cfg.dtype)
         q_BxLxNxH = jnp.einsum("bld,dnh->blnh", x_BxLxD, self.wq[...].astype(dt))
         k_BxLxKxH = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wk[...].astype(dt))
@@ -77,11 +91,30 @@ class Attention(nnx.Module):
         q_BxLxNxH = sharding.constrain(rope(q_BxLxNxH, positions_BxL, self.cfg.rope_theta),
                                        "batch", "length", "heads", "head_dim")
         k_BxLxKxH = rope(k_BxLxKxH, positions_BxL, self.cfg.rope_theta)
+        if decode:
+            return self._decode(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, positions_BxL[:, 0], cache, layer)
+        if cache is not None:  # prefill: the block attends as in training; its keys/values fill slots 0..L-1
+            cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype),
+                                                        (layer, 0, 0, 0, 0))
+                     for name, new in (("k", k_BxLxKxH), ("v", v_BxLxKxH))}
         same_segment_Bx1xLxL = (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
         implementation = None if self.cfg.attention == "auto" else self.cfg.attention
         out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=same_segment_Bx1xLxL,
                                                    is_causal=True, implementation=implementation)
-        return jnp.einsum("blnh,nhd->bld", out_BxLxNxH, self.wo[...].astype(dt))
+        out_BxLxD = jnp.einsum("blnh,nhd->bld", out_BxLxNxH, self.wo[...].astype(dt))
+        return out_BxLxD if cache is None else (out_BxLxD, cache)
+
+    def _decode(self, q_Bx1xNxH, k_Bx1xKxH, v_Bx1xKxH, slot_B, cache, layer):
+        """One new token per row: write its key/value at the row's slot, attend to slots 0..slot."""
+        rows_B = jnp.arange(slot_B.shape[0])
+        cache = {name: cache[name].at[layer, rows_B, slot_B].set(new[:, 0].astype(cache[name].dtype))
+                 for name, new in (("k", k_Bx1xKxH), ("v", v_Bx1xKxH))}
+        keys_BxSxKxH, values_BxSxKxH = cache["k"][layer], cache["v"][layer]
+        out_Bx1xNxH = jax.nn.dot_product_attention(q_Bx1xNxH, keys_BxSxKxH.astype(q_Bx1xNxH.dtype),
+                                                   values_BxSxKxH.astype(q_Bx1xNxH.dtype),
+                                                   key_value_seq_lengths=(slot_B + 1).astype(jnp.int32))
+        out_Bx1xD = jnp.einsum("blnh,nhd->bld", out_Bx1xNxH, self.wo[...].astype(jnp.dtype(self.cfg.dtype)))
+        return out_Bx1xD, cache
 
 
 class SwiGLU(nnx.Module):
@@ -106,10 +139,14 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype)
         self.mlp = SwiGLU(cfg, rngs)
 
-    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
-        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segment_ids_BxL, positions_BxL)
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, cache=None, layer=None, decode=False):
+        attended = self.attn(self.attn_norm(x_BxLxD), segment_ids_BxL, positions_BxL, cache, layer, decode)
+        if cache is not None:
+            attended, cache = attended
+        x_BxLxD = x_BxLxD + attended
         x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
-        return sharding.constrain(x_BxLxD, "batch", "length", "act_embed")
+        x_BxLxD = sharding.constrain(x_BxLxD, "batch", "length", "act_embed")
+        return x_BxLxD if cache is None else (x_BxLxD, cache)
 
 
 class OmniTransformer(nnx.Module):
@@ -142,8 +179,17 @@ class OmniTransformer(nnx.Module):
         x_BxLxD = jnp.where(is_patch_BxL[..., None], patches_BxLxD, x_BxLxD)
         return sharding.constrain(x_BxLxD, "batch", "length", "act_embed")
 
-    def __call__(self, batch) -> jax.Array:
-        """The batch of omni.batch -> logits float32 [B, L, V] (position t predicts token t+1)."""
+    def __call__(self, batch, cache=None, decode=False, logits_at=None):
+        """The batch of omni.batch -> logits float32 [B, L, V] (position t predicts token t+1).
+
+        With `cache` (init_cache) returns (logits, updated cache): a prefill of the prompt block, or with
+        `decode=True` one token per row at slot positions[:, 0] (module docstring). `logits_at` (int [B], cache
+        path only) unembeds just that position of each row: logits [B, 1, V], e.g. a prompt's last token.
+        """
+        if cache is not None:
+            return self._cached_call(batch, cache, decode, logits_at)
+        if decode or logits_at is not None:
+            raise ValueError("decode and logits_at need a cache (omni.model.init_cache)")
         segment_ids_BxL, positions_BxL = batch["segment_ids"], batch["positions"]
         x_BxLxD = self.embed_inputs(batch)
 
@@ -163,10 +209,39 @@ class OmniTransformer(nnx.Module):
             for block in self.blocks:
                 x_BxLxD = run_block(block, x_BxLxD)
 
+        return self.logits(x_BxLxD)
+
+    def logits(self, x_BxLxD) -> jax.Array:
         x_BxLxD = self.final_norm(x_BxLxD)
         logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, self.unembed[...].astype(x_BxLxD.dtype),
                                   preferred_element_type=jnp.float32)
         return sharding.constrain(logits_BxLxV, "batch", "length", "vocab")
+
+    def _cached_call(self, batch, cache, decode: bool, logits_at=None):
+        """The KV-cache path: the stacked cache rides in the layer carry; layer i reads/writes cache[:, i]."""
+        segment_ids_BxL, positions_BxL = batch["segment_ids"], batch["positions"]
+        x_BxLxD = self.embed_inputs(batch)
+        if self.cfg.scan_layers:
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def scan_blocks(carry, block):
+                x, cache, layer = carry
+                x, cache = block(x, segment_ids_BxL, positions_BxL, cache, layer, decode)
+                return x, cache, layer + 1
+
+            x_BxLxD, cache, _ = scan_blocks((x_BxLxD, cache, jnp.zeros((), jnp.int32)), self.blocks)
+        else:
+            for layer, block in enumerate(self.blocks):
+                x_BxLxD, cache = block(x_BxLxD, segment_ids_BxL, positions_BxL, cache, layer, decode)
+        if logits_at is not None:
+            x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at[:, None, None], axis=1)
+        return self.logits(x_BxLxD), cache
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
+    """An empty KV cache {"k", "v"}: zeros [layers, batch_size, max_len, kv_heads, head_dim] in cfg.dtype."""
+    shape = (cfg.layers, batch_size, max_len, cfg.kv_heads, derived_head_dim(cfg))
+    return {name: sharding.constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)),
+                                     "layers", "batch", "length", "kv_heads", "head_dim") for name in ("k", "v")}
 
 
 def param_count(params) -> int:
