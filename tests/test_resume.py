@@ -96,12 +96,24 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path):
     assert resumed.returncode == 0 and f"(step {saved[0]})" in out, out
 
 
-@pytest.fixture
-def three_checkpoints(tmp_path):
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
     cfg = tiny_config()
     cfg.train.steps, cfg.train.checkpoint_every, cfg.train.eval_batches = 6, 2, 1
-    train.train(cfg, tmp_path, progress=False)
-    return cfg, tmp_path
+    workdir = tmp_path_factory.mktemp("trained")
+    train.train(cfg, workdir, progress=False)
+    return cfg, workdir
+
+
+@pytest.fixture
+def three_checkpoints(trained_once, tmp_path):
+    """A fresh copy of a run with checkpoints 2, 4, 6 that each test may damage."""
+    import copy
+    import shutil
+
+    cfg, workdir = trained_once
+    shutil.copytree(workdir, tmp_path / "run")
+    return copy.deepcopy(cfg), tmp_path / "run"
 
 
 def _state_files(workdir: Path, step: int) -> list[Path]:
@@ -172,11 +184,18 @@ def test_cli_reports_a_mismatch_as_a_user_error(three_checkpoints, tmp_path_fact
     assert "omni: error: checkpoint" in result.stderr and "model.layers (2 -> 3)" in result.stderr
 
 
-@pytest.mark.parametrize("devices,mesh", [(1, {"data": 1}), (4, {"data": 1, "fsdp": 4})])
-def test_a_checkpoint_saved_on_8_devices_restores_on_another_mesh(tmp_path, devices, mesh):
+@pytest.fixture(scope="module")
+def saved_on_8_devices(tmp_path_factory):
     cfg = tiny_config(data=1, fsdp=8)
     cfg.train.steps, cfg.train.checkpoint_every, cfg.train.eval_batches = 2, 2, 1
-    train.train(cfg, tmp_path, progress=False)
+    workdir = tmp_path_factory.mktemp("fsdp8")
+    train.train(cfg, workdir, progress=False)
+    return cfg, workdir
+
+
+@pytest.mark.parametrize("devices,mesh", [(1, {"data": 1}), (4, {"data": 1, "fsdp": 4})])
+def test_a_checkpoint_saved_on_8_devices_restores_on_another_mesh(saved_on_8_devices, devices, mesh):
+    cfg, tmp_path = saved_on_8_devices
     saved_manager = checkpoint.make_manager(tmp_path, cfg.train)
     saved_mesh = sharding.make_mesh(cfg.mesh)
     tx, _ = train.build_optimizer(cfg)
@@ -271,3 +290,15 @@ def test_a_kill_during_an_async_save_keeps_the_last_good_checkpoint(tmp_path):
     restored = manager.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     assert restored["meta"]["step"] == steps[-1]
     manager.close()
+
+
+def test_time_based_checkpoints_without_a_step_interval(tmp_path):
+    cfg = tiny_config()
+    cfg.train.steps, cfg.train.log_every, cfg.train.eval_batches = 4, 1, 1
+    cfg.train.checkpoint_every, cfg.train.checkpoint_minutes = 0, 1e-6  # due at every logging step
+    train.train(cfg, tmp_path, progress=False)
+    assert checkpoint.checkpoint_steps(tmp_path) == [2, 3, 4]  # keep 3; step 1 was saved, then rotated out
+
+    cfg.train.steps, cfg.train.checkpoint_minutes = 8, 60.0  # not due again within this test: only the last step
+    train.train(cfg, tmp_path, progress=False)
+    assert checkpoint.checkpoint_steps(tmp_path) == [3, 4, 8]
