@@ -4,6 +4,7 @@
     omni eval --workdir runs/demo [--step N]               # per-modality eval loss/accuracy + demo task scores
     omni export --workdir runs/demo [--step N] --out exported/demo [--dtype bfloat16]
     omni generate --model exported/demo --prompt "<image:cat.png>" --target text|audio [--audio a.wav]
+    omni bench --config configs/bench/omni_1b.py [--text-only]   # step time, tokens/s, TFLOP/s, MFU: one JSON line
     omni config [--config configs/demo.py] [--set ...]     # print the resolved config (or the schema with --schema)
     omni data build --manifest my_data.jsonl --out data/my_data [--codec ...] [--tokenizer ...] [--skip-bad]
     omni data build --tfds coco_captions --out data/coco       # a TFDS catalog dataset through its adapter
@@ -60,6 +61,19 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", default="generated.wav",
                      help="where audio goes: a WAV when the codec decodes, else codes as .npy")
+
+    bench = verbs.add_parser("bench", help="time the real train step beside a matmul measured in the same run")
+    bench.add_argument("--config", required=True, help="e.g. configs/bench/omni_1b.py (configs/bench/omni_cpu.py on CPU)")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--text-only", action="store_true", help="the same size on text documents only")
+    bench.add_argument("--steps", type=int, default=5, help="timed steps (after compile and warm-up)")
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--vocab", type=int, default=32768, help="vocabulary size (sets the unembedding cost)")
+    bench.add_argument("--codebooks", type=int, default=8)
+    bench.add_argument("--codebook-size", type=int, default=1024)
+    bench.add_argument("--matmul-size", type=int, help="side of the peak-measuring matmul (default 8192 on "
+                                                        "accelerators, 1024 on CPU)")
+    bench.add_argument("--out", default="bench.jsonl", help="append the JSON line here")
 
     show = verbs.add_parser("config", help="print the resolved config, or the whole schema")
     show.add_argument("--config", help="a configs/*.py file or a saved config.json (default: the schema defaults)")
@@ -292,6 +306,17 @@ def _run(args) -> int:
               f"({(out / export.WEIGHTS_FILE).stat().st_size / 2**20:.1f} MiB)")
     elif args.verb == "generate":
         _generate(args)
+    elif args.verb == "bench":
+        from omni import bench as bench_lib
+
+        from omni import sharding
+
+        try:
+            bench_lib.run(_resolve(args), text_only=args.text_only, warmup=args.warmup, steps=args.steps,
+                          vocab_size=args.vocab, codebooks=args.codebooks, codebook_size=args.codebook_size,
+                          matmul_size=args.matmul_size, out=args.out)
+        except sharding.MeshError as e:
+            raise ConfigError(str(e)) from None
     elif args.verb == "config":
         from omni import config as config_lib
 

@@ -36,8 +36,9 @@ DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e
 # Model, optimizer and sharded state.
 
 
-def build_model(cfg: Config, seed: int | None = None) -> OmniTransformer:
-    vocab = data.vocab_for(cfg.data)
+def build_model(cfg: Config, seed: int | None = None, vocab=None) -> OmniTransformer:
+    """The model for `cfg`; the vocabulary is the dataset's unless given (benchmarks have no dataset)."""
+    vocab = vocab or data.vocab_for(cfg.data)
     return OmniTransformer(cfg.model, vocab.size, data.patch_dim(cfg.data),
                            rngs=nnx.Rngs(cfg.train.seed if seed is None else seed))
 
@@ -89,15 +90,15 @@ def _divisible(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
     return PartitionSpec(*out)
 
 
-def init_state(cfg: Config, mesh, tx):
+def init_state(cfg: Config, mesh, tx, vocab=None):
     """The initial train state, created directly in its shardings (no full copy on one device)."""
-    abstract_model = nnx.eval_shape(lambda: build_model(cfg))
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg, vocab=vocab))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     shardings = state_shardings(cfg, mesh, (graphdef, abstract_params), tx)
 
     @partial(jax.jit, out_shardings=shardings)
     def create():
-        params = nnx.to_pure_dict(nnx.state(build_model(cfg), nnx.Param))
+        params = nnx.to_pure_dict(nnx.state(build_model(cfg, vocab=vocab), nnx.Param))
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
     return graphdef, create(), shardings
