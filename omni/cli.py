@@ -255,16 +255,15 @@ def _user_errors() -> tuple:
     """Exceptions that mean bad input (a file, a line, a key): printed as one line, exit code 2."""
     from omni.audio import AudioError
     from omni.dataset import DatasetError
-    from omni.manifest import ManifestError
-    from omni.text_tokenizer import TokenizerError
-
     from omni.checkpoint import CheckpointMismatchError, NoUsableCheckpointError
-
     from omni.export import ExportError
     from omni.generate import GenerateError
+    from omni.manifest import ManifestError
+    from omni.sharding import MeshError
+    from omni.text_tokenizer import TokenizerError
 
-    errors = [ExportError, GenerateError, ConfigError, AudioError, DatasetError, ManifestError, TokenizerError, CheckpointMismatchError,
-              NoUsableCheckpointError]
+    errors = [ConfigError, MeshError, AudioError, DatasetError, ManifestError, TokenizerError,
+              CheckpointMismatchError, NoUsableCheckpointError, ExportError, GenerateError]
     try:
         from omni.codec import CodecError
 
@@ -291,12 +290,9 @@ def _run(args) -> int:
     elif args.verb == "codec":
         _codec(args)
     elif args.verb == "eval":
-        from omni import evaluate, sharding
+        from omni import evaluate
 
-        try:
-            evaluate.evaluate_checkpoint(args.workdir, args.step, args.set, args.demo_examples)
-        except sharding.MeshError as e:
-            raise ConfigError(str(e)) from None
+        evaluate.evaluate_checkpoint(args.workdir, args.step, args.set, args.demo_examples)
     elif args.verb == "export":
         from omni import export
 
@@ -309,26 +305,17 @@ def _run(args) -> int:
     elif args.verb == "bench":
         from omni import bench as bench_lib
 
-        from omni import sharding
-
-        try:
-            bench_lib.run(_resolve(args), text_only=args.text_only, warmup=args.warmup, steps=args.steps,
-                          vocab_size=args.vocab, codebooks=args.codebooks, codebook_size=args.codebook_size,
-                          matmul_size=args.matmul_size, out=args.out)
-        except sharding.MeshError as e:
-            raise ConfigError(str(e)) from None
+        bench_lib.run(_resolve(args), text_only=args.text_only, warmup=args.warmup, steps=args.steps,
+                      vocab_size=args.vocab, codebooks=args.codebooks, codebook_size=args.codebook_size,
+                      matmul_size=args.matmul_size, out=args.out)
     elif args.verb == "config":
         from omni import config as config_lib
 
         print(config_lib.describe() if args.schema else json.dumps(config_lib.to_dict(_resolve(args)), indent=2))
     else:
-        from omni import sharding, train
+        from omni import train
 
-        cfg = _resolve(args)
-        try:
-            train.train(cfg, args.workdir, progress=not args.no_progress)
-        except sharding.MeshError as e:
-            raise ConfigError(str(e)) from None
+        train.train(_resolve(args), args.workdir, progress=not args.no_progress)
     return 0
 
 
