@@ -113,9 +113,9 @@ def step_path(manager: ocp.CheckpointManager, step: int) -> Path:
 
 def check_shapes(saved_tree, abstract_state, path: Path, config: dict | None, saved_config: dict | None) -> None:
     """Raises CheckpointMismatchError at the first parameter whose name or shape differs."""
-    saved = {_key(p): tuple(getattr(leaf, "shape", ())) for p, leaf in _leaves(saved_tree)}
+    saved = {_name(p): tuple(getattr(leaf, "shape", ())) for p, leaf in _leaves(saved_tree)}
     # Parameters first: their names say more than the optimizer moments that mirror them.
-    wanted = {_key(p): tuple(leaf.shape) for p, leaf in _leaves(abstract_state)}
+    wanted = {_name(p): tuple(leaf.shape) for p, leaf in _leaves(abstract_state)}
     wanted = dict(sorted(wanted.items(), key=lambda item: not item[0].startswith("params.")))
     problem = None
     for name, shape in wanted.items():
@@ -141,14 +141,8 @@ def _leaves(tree):
     return jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
 
 
-def _key(path) -> str:
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-    return ".".join(parts)
+def _name(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator=".")
 
 
 def _metadata_tree(metadata):
@@ -157,7 +151,7 @@ def _metadata_tree(metadata):
 
 def _saved_config(manager, step) -> dict | None:
     try:
-        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"].get("config")
+        return read_meta(Path(manager.directory).parent, step).get("config")
     except Exception:  # noqa: BLE001 - only used to make an error message better
         return None
 
@@ -228,31 +222,26 @@ def read_meta(workdir: str | Path, step: int) -> dict:
                                     args=ocp.args.JsonRestore())
 
 
-def read_params_to_host(step_dir: Path) -> dict:
-    """The checkpoint's params subtree as numpy arrays on the host, nothing else.
+def restore_params(workdir: str | Path, step: int, abstract_params=None):
+    """Only the parameters of a checkpoint: the state item also holds the optimizer moments (2x the params),
+    but a partial restore reads just what its target names.
 
-    The state item holds {step, params, opt_state}; a partial restore with only `params` in the target reads
-    only those arrays (Orbax trims its read list to the target), so the optimizer moments (2x the params) are
-    never loaded. restore_type=np.ndarray gathers every array whole, whatever mesh wrote it.
+    With `abstract_params` (ShapeDtypeStructs with shardings, shapes checked first) each process reads only its
+    shards; without, every array comes back whole on the host as numpy, whatever mesh wrote it.
     """
+    step_dir = Path(workdir).absolute() / "checkpoints" / str(step)
     handler = ocp.PyTreeCheckpointHandler()
-    saved = handler.metadata(Path(step_dir) / "state")
-    params_metadata = getattr(saved, "tree", saved)["params"]
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_metadata)
+    saved = _metadata_tree(handler.metadata(step_dir / "state"))["params"]
+    if abstract_params is None:
+        target = saved
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+    else:
+        check_shapes({"params": saved}, {"params": abstract_params}, step_dir, None, None)
+        target = abstract_params
+        restore_args = jax.tree.map(
+            lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype),
+            abstract_params)
     with ocp.Checkpointer(handler) as checkpointer:
-        restored = checkpointer.restore(Path(step_dir) / "state", args=ocp.args.PyTreeRestore(
-            item={"params": params_metadata}, restore_args={"params": restore_args}, partial_restore=True))
-    return restored["params"]
-
-
-def restore_params(workdir: str | Path, step: int, abstract_params):
-    """Only the parameters of a checkpoint (the optimizer moments stay on disk), onto the shardings of
-    `abstract_params` (ShapeDtypeStructs with shardings): each process reads just its shards."""
-    path = Path(workdir).absolute() / "checkpoints" / str(step) / "state"
-    item = {"params": abstract_params}
-    restore_args = jax.tree.map(
-        lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype), item)
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))
+        restored = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
     return restored["params"]

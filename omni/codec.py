@@ -540,6 +540,16 @@ def codec_identity(codec: AudioCodec) -> dict:
             "sample_rate": None if sample_rate is None else int(sample_rate)}
 
 
+def codec_from_identity(identity: dict) -> AudioCodec:
+    """The codec a recorded identity (codec_identity) names: a built-in one by its name, otherwise an external
+    codec whose codes omni takes as they are (PrecomputedCodec). Fitted codecs load from their folder instead."""
+    try:
+        return load_codec(identity["name"])
+    except CodecError:
+        return PrecomputedCodec(identity["name"], identity["frame_rate"], tuple(identity["codebook_sizes"]),
+                                identity.get("sample_rate"))
+
+
 def load_codec(spec: str | os.PathLike) -> AudioCodec:
     """A codec from a spec: "tone" or "tone-v1" -> ToneCodec; a directory holding codec.json (or that file
     itself) -> the MelRVQCodec saved there."""

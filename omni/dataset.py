@@ -349,18 +349,14 @@ class Dataset:
         return tuple(self.meta["codec"]["codebook_sizes"]) if self.meta.get("codec") else ()
 
     def codec(self):
-        from omni.codec import PrecomputedCodec, load_codec
+        from omni.codec import codec_from_identity, load_codec
 
         identity = self.meta.get("codec")
         if identity is None:
             return None
         if identity.get("path"):
             return load_codec(str(self.path / identity["path"]))
-        try:
-            codec = load_codec(identity["name"])
-        except ValueError:
-            return PrecomputedCodec(identity["name"], identity["frame_rate"], tuple(identity["codebook_sizes"]))
-        return codec
+        return codec_from_identity(identity)
 
     def tokenizer_spec(self) -> str:
         name = self.meta.get("tokenizer")

@@ -160,8 +160,8 @@ def params_from_tensors(tensors: dict, abstract_params: dict, scan_layers: bool,
         raise ExportError(f"{WEIGHTS_FILE} has tensor '{extra[0]}' that the model of config.json does not have")
 
     def build(path, leaf):
-        keys = tuple(_key_str(k) for k in path)
-        name = ".".join(keys)
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        keys = name.split(".")
         if scan_layers and keys[0] == "blocks":
             rest = ".".join(keys[1:])
             stacked = np.stack([np.asarray(tensors[f"blocks.{i}.{rest}"]) for i in range(leaf.shape[0])])
@@ -177,22 +177,13 @@ def _get(tree: dict, path: tuple):
     return tree
 
 
-def _key_str(entry) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
 def abstract_model(cfg: Config, vocab: Vocab):
     """(graphdef, pure param dict of ShapeDtypeStructs) of the model `cfg` builds, without allocating it."""
     from flax import nnx
 
-    from omni.data import patch_dim
-    from omni.model import OmniTransformer
+    from omni.train import build_model
 
-    model = nnx.eval_shape(lambda: OmniTransformer(cfg.model, vocab.size, patch_dim(cfg.data), rngs=nnx.Rngs(0)))
-    graphdef, abstract = nnx.split(model, nnx.Param)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, vocab=vocab)), nnx.Param)
     return graphdef, nnx.to_pure_dict(abstract)
 
 
@@ -261,7 +252,7 @@ def _tokenizer_of(cfg: Config, meta: dict):
 
 def _codec_of(meta: dict):
     """The codec the dataset was built with, from the identity in the checkpoint meta; None without audio."""
-    from omni.codec import CodecError, PrecomputedCodec, load_codec
+    from omni.codec import CodecError, codec_from_identity, load_codec
 
     identity = meta.get("codec")
     if not identity:
@@ -273,11 +264,7 @@ def _codec_of(meta: dict):
         except CodecError as e:
             raise ExportError(f"cannot load codec {identity['name']} from the dataset folder {where}: {e}. The "
                               f"dataset folder must still exist to export; restore it there") from e
-    try:
-        return load_codec(identity["name"])
-    except CodecError:
-        return PrecomputedCodec(identity["name"], identity["frame_rate"], identity["codebook_sizes"],
-                                identity.get("sample_rate"))
+    return codec_from_identity(identity)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -306,7 +293,7 @@ def export(workdir, out, step: int | None = None, dtype: str = "bfloat16") -> Pa
     tokenizer = _tokenizer_of(cfg, meta)
     codec = _codec_of(meta)
     vocab = _vocab_of(meta, tokenizer, codec)
-    tensors = cast_tensors(_checked_tensors(step_dir, cfg, vocab), dtype)
+    tensors = cast_tensors(_checked_tensors(workdir, step, cfg, vocab), dtype)
 
     info = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "dtype": dtype,
@@ -347,9 +334,10 @@ def _vocab_of(meta: dict, tokenizer, codec) -> Vocab:
     return vocab
 
 
-def _checked_tensors(step_dir: Path, cfg: Config, vocab: Vocab) -> dict[str, np.ndarray]:
+def _checked_tensors(workdir: Path, step: int, cfg: Config, vocab: Vocab) -> dict[str, np.ndarray]:
     """The checkpoint's tensors by export name, checked against the model its own config builds."""
-    tensors = tensors_from_params(checkpoint.read_params_to_host(step_dir), cfg.model.scan_layers)
+    step_dir = workdir / "checkpoints" / str(step)
+    tensors = tensors_from_params(checkpoint.restore_params(workdir, step), cfg.model.scan_layers)
     _, abstract = abstract_model(cfg, vocab)
     wanted = tensor_shapes(abstract, cfg.model.scan_layers)
     got = {name: tuple(t.shape) for name, t in tensors.items()}
@@ -388,18 +376,13 @@ def _save_codec(codec, folder: Path) -> None:
 
 def load_codec_folder(folder: Path):
     """The codec an export's codec/ folder holds (None when there is none)."""
-    from omni.codec import CodecError, PrecomputedCodec, load_codec
+    from omni.codec import codec_from_identity, load_codec
 
     if not (folder / CODEC_FILE).is_file():
         return None
     if (folder / "codec.npz").is_file():
         return load_codec(str(folder))
-    identity = json.loads((folder / CODEC_FILE).read_text())
-    try:
-        return load_codec(identity["name"])
-    except CodecError:
-        return PrecomputedCodec(identity["name"], identity["frame_rate"], identity["codebook_sizes"],
-                                identity.get("sample_rate"))
+    return codec_from_identity(json.loads((folder / CODEC_FILE).read_text()))
 
 
 READ_SNIPPET = '''\

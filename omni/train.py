@@ -240,7 +240,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
     if restored is not None:
         start_step, state, _ = restored
         log(f"omni: resumed from {checkpoint.step_path(manager, start_step)} (step {start_step})")
-    if start_step >= cfg.train.steps and restored is not None:
+    if start_step >= cfg.train.steps:
         log(f"omni: the run already reached train.steps={cfg.train.steps}; raise it to train further")
 
     train_step = make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
