@@ -85,19 +85,17 @@ def parse_prompt(text: str, audio=(), *, patch_size: int = 8, max_image_patches:
 
 
 def load_image(path: str, patch_size: int, max_image_patches: int) -> np.ndarray:
-    """An image file -> uint8 [H, W, 3] RGB fitted to the patch budget (omni.data.fit_image)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from omni.data import fit_image
+    """An image file -> uint8 [H, W, 3] RGB fitted to the patch budget, read as the dataset build reads images."""
+    from omni.data import decode_image, fit_image
+    from omni.manifest import load_image_bytes
 
     if not Path(path).is_file():
         raise GenerateError(f"image file {path} does not exist; check the path in <image:{path}>")
     try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise GenerateError(f"could not read image {path} ({type(e).__name__}: {e}); is it a PNG/JPEG file?") from e
-    return fit_image(pixels, patch_size, max_image_patches)
+        data = load_image_bytes(Path(path))
+    except ValueError as e:
+        raise GenerateError(f"{e}; is it a PNG/JPEG file?") from e
+    return fit_image(decode_image(data), patch_size, max_image_patches)
 
 
 def encode_audio(path: str, codec) -> np.ndarray:
@@ -120,20 +118,19 @@ def encode_audio(path: str, codec) -> np.ndarray:
 
 
 def load_codes(path: str, codec) -> np.ndarray:
-    """A .npy of int codes [frames, codebooks] of the model's codec."""
+    """A .npy of int codes [frames, codebooks] of the model's codec, checked as the dataset build checks them."""
+    from omni.dataset import check_codes
+    from omni.manifest import load_codes as read_codes
+
     if codec is None:
         raise GenerateError(f"cannot use codes {path}: this model has no audio codec (its dataset had no audio)")
     if not Path(path).is_file():
         raise GenerateError(f"codes file {path} does not exist; check the path in <codes:{path}>")
     try:
-        codes = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise GenerateError(f"could not read codes {path} as a .npy array ({e})") from e
-    sizes = np.asarray(codec.codebook_sizes)
-    if (codes.ndim != 2 or codes.shape[1] != len(sizes) or not np.issubdtype(codes.dtype, np.integer)
-            or (codes < 0).any() or (codes >= sizes[None]).any()):
-        raise GenerateError(f"codes {path}: expected ints [frames, {len(sizes)}] within codebook sizes "
-                            f"{list(sizes)} of codec {codec.name!r}; got {codes.dtype}{list(codes.shape)}")
+        codes = read_codes(Path(path))
+        check_codes(codes, codec.codebook_sizes)
+    except ValueError as e:
+        raise GenerateError(f"codes {path} do not fit codec {codec.name!r}: {e}") from e
     return codes
 
 
