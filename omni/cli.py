@@ -4,6 +4,7 @@
     omni eval --workdir runs/demo [--step N]               # per-modality eval loss/accuracy + demo task scores
     omni export --workdir runs/demo [--step N] --out exported/demo [--dtype bfloat16]
     omni generate --model exported/demo --prompt "<image:cat.png>" --target text|audio [--audio a.wav]
+    omni ablate --config configs/ablate_fusion.py --workdir runs/ablate [--seeds 3]   # early vs late vs cross
     omni bench --config configs/bench/omni_1b.py [--text-only]   # step time, tokens/s, TFLOP/s, MFU: one JSON line
     omni config [--config configs/demo.py] [--set ...]     # print the resolved config (or the schema with --schema)
     omni data build --manifest my_data.jsonl --out data/my_data [--codec ...] [--tokenizer ...] [--skip-bad]
@@ -61,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", default="generated.wav",
                      help="where audio goes: a WAV when the codec decodes, else codes as .npy")
+
+    abl = verbs.add_parser("ablate", help="train every fusion variant x seed of the config's ablate plan alike, "
+                                          "then write ablation.csv/.md/.png (re-run to resume)")
+    abl.add_argument("--config", required=True, help="e.g. configs/ablate_fusion.py")
+    abl.add_argument("--workdir", required=True, help="one folder per run under <workdir>/runs, reports at the top")
+    abl.add_argument("--seeds", type=int, help="runs per variant (default: the config's ablate.seeds)")
+    abl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field of every run, e.g. --set ablate.match=params")
+    abl.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
     bench = verbs.add_parser("bench", help="time the real train step beside a matmul measured in the same run")
     bench.add_argument("--config", required=True, help="e.g. configs/bench/omni_1b.py (configs/bench/omni_cpu.py on CPU)")
@@ -302,6 +312,10 @@ def _run(args) -> int:
               f"({(out / export.WEIGHTS_FILE).stat().st_size / 2**20:.1f} MiB)")
     elif args.verb == "generate":
         _generate(args)
+    elif args.verb == "ablate":
+        from omni import ablate
+
+        ablate.run_ablation(_resolve(args), args.workdir, seeds=args.seeds, progress=not args.no_progress)
     elif args.verb == "bench":
         from omni import bench as bench_lib
 

@@ -50,6 +50,13 @@ class ModelConfig:
     attention: Literal["auto", "xla", "cudnn"] = doc(
         "auto", "jax.nn.dot_product_attention implementation (auto picks cuDNN on GPU when it can)")
     init_std: float = doc(0.02, "std of the normal init of embeddings and projections")
+    fusion: Literal["early", "late", "cross"] = doc(
+        "early", "early: every token shares every layer; late: the first model.late_layers layers are "
+                 "modality-specific (own weights per modality, attention within the token's own span); cross: "
+                 "a text/audio decoder with gated cross-attention into a separate image encoder (Flamingo-style)")
+    late_layers: int = doc(0, "late fusion: how many of the model.layers layers are modality-specific (0 = early)")
+    encoder_layers: int = doc(2, "cross fusion: depth of the image encoder (bidirectional within each image)")
+    cross_every: int = doc(1, "cross fusion: a gated cross-attention block before every N-th decoder layer")
 
 
 @dataclass
@@ -124,9 +131,21 @@ class MeshConfig:
             ["vocab", "tensor"],
             ["patch", None],
             ["layers", None],
+            ["modality", None],
         ],
         "logical axis -> mesh axes table; every parameter and main activation is named with these logical axes",
     )
+
+
+@dataclass
+class AblateConfig:
+    variants: list = doc(["early", "late:1", "late:2", "cross"],
+                         "fusion variants `omni ablate` trains: 'early', 'late:K' (K modality-specific layers), "
+                         "'cross'; the first one is the reference that 'match' adjusts the others to")
+    seeds: int = doc(1, "runs per variant, with train.seed, train.seed+1, ... (data order is the same for all)")
+    match: Literal["none", "params", "flops"] = doc(
+        "none", "adjust each variant's width (model.d, SwiGLU size in proportion) to the reference's total "
+                "parameters or training FLOPs per token; 'none' keeps the config's width for all")
 
 
 @dataclass
@@ -136,6 +155,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "the corpus and pipeline"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "optimisation and loop"})
     mesh: MeshConfig = field(default_factory=MeshConfig, metadata={"doc": "device mesh and sharding rules"})
+    ablate: AblateConfig = field(default_factory=AblateConfig, metadata={"doc": "the plan of `omni ablate`"})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,6 +220,16 @@ def all_keys(config: Config | None = None) -> list[str]:
         else:
             keys.append(f.name)
     return keys
+
+
+def changed_keys(before: dict, after: dict) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (to_dict form)."""
+    def get(tree, dotted):
+        for part in dotted.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
+
+    return [k for k in all_keys() if get(before, k) != get(after, k)]
 
 
 def describe() -> str:
@@ -314,6 +344,18 @@ def validate(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"'{key}' must be positive, got {value}")
+    if not 0 <= m.late_layers <= m.layers:
+        raise ConfigError(f"'model.late_layers' ({m.late_layers}) must be between 0 and 'model.layers' ({m.layers})")
+    if m.late_layers and m.fusion != "late":
+        raise ConfigError(f"'model.late_layers' is {m.late_layers} but 'model.fusion' is '{m.fusion}'; set "
+                          "model.fusion=late or model.late_layers=0")
+    if m.fusion == "cross" and (m.cross_every <= 0 or m.layers % m.cross_every or m.encoder_layers <= 0):
+        raise ConfigError(f"cross fusion needs 'model.encoder_layers' > 0 and 'model.layers' ({m.layers}) to be a "
+                          f"multiple of 'model.cross_every' ({m.cross_every})")
+    for variant in config.ablate.variants:
+        parse_variant(variant)
+    if not config.ablate.variants or config.ablate.seeds <= 0:
+        raise ConfigError("'ablate.variants' must name at least one variant and 'ablate.seeds' must be positive")
     if m.heads % m.kv_heads:
         raise ConfigError(f"'model.heads' ({m.heads}) must be a multiple of 'model.kv_heads' ({m.kv_heads})")
     if m.head_dim == 0 and m.d % m.heads:
@@ -340,6 +382,17 @@ def validate(config: Config) -> None:
             if axis not in (None, "data", "fsdp", "tensor"):
                 raise ConfigError(f"'mesh.rules' maps '{rule[0]}' to unknown mesh axis {axis!r}; "
                                   "mesh axes are 'data', 'fsdp', 'tensor' (or None)")
+
+
+def parse_variant(variant) -> tuple[str, int]:
+    """'early' -> ("early", 0); 'late:2' -> ("late", 2); 'cross' -> ("cross", 0). Raises ConfigError otherwise."""
+    text = str(variant)
+    fusion, _, k = text.partition(":")
+    if fusion in ("early", "cross") and not k:
+        return fusion, 0
+    if fusion == "late" and k.isdigit():
+        return fusion, int(k)
+    raise ConfigError(f"'ablate.variants' entry {variant!r} is not 'early', 'late:K' (K an integer) or 'cross'")
 
 
 def derived_head_dim(m: ModelConfig) -> int:

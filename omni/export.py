@@ -290,6 +290,9 @@ def export(workdir, out, step: int | None = None, dtype: str = "bfloat16") -> Pa
     step_dir = workdir / "checkpoints" / str(step)
     meta = checkpoint.read_meta(workdir, step)
     cfg = config_lib.from_dict(meta["config"], source=f"{step_dir}/meta")
+    if cfg.model.fusion != "early":
+        raise ExportError(f"{step_dir} is a model.fusion='{cfg.model.fusion}' run; omni export writes early-fusion "
+                          "models only (late and cross are ablation variants: score them with `omni eval`)")
     tokenizer = _tokenizer_of(cfg, meta)
     codec = _codec_of(meta)
     vocab = _vocab_of(meta, tokenizer, codec)

@@ -231,35 +231,31 @@ def _make_fns(graphdef, model_cfg, spec: _Spec, total_len: int, patch_dim: int):
         allowed_PxV = jnp.asarray(allowed)
         return _sample(logits_BxV, allowed_PxV[step % phases], key, spec, *sampling)
 
+    if model_cfg.fusion == "early":
+        first_logits, next_logits = _cached_steps(model_cfg, spec, total_len, patch_dim)
+    else:
+        first_logits, next_logits = _recompute_steps(spec, total_len)
+
     def prefill(params, batch, lengths_B, key, sampling):
         n = lengths_B.shape[0]
-        model = nnx.merge(graphdef, params)
-        logits_Bx1xV, cache = model(batch, cache=init_cache(model_cfg, n, total_len), logits_at=lengths_B - 1)
+        logits_BxV, cache = first_logits(nnx.merge(graphdef, params), batch, lengths_B)
         key, sub = jax.random.split(key)
-        token_B = pick(logits_Bx1xV[:, 0], 0, sub, sampling)
+        token_B = pick(logits_BxV, 0, sub, sampling)
         out_BxN = jnp.full((n, spec.max_new_tokens), PAD_ID, jnp.int32).at[:, 0].set(token_B)
         return {"step": jnp.ones((), jnp.int32), "token": token_B, "cache": cache, "lengths": lengths_B,
                 "finished": jnp.isin(token_B, stops), "key": key, "out": out_BxN, "sampling": sampling}
 
     def decode(params, state):
-        n = state["token"].shape[0]
-
         def cond(carry):
             s = carry[1]
             return (s["step"] < spec.max_new_tokens) & ~jnp.all(s["finished"])
 
         def body(carry):  # params ride in the carry: nnx modules must be built from this trace's values
             params, s = carry
-            model = nnx.merge(graphdef, params)
-            token_B = s["token"]
-            step_batch = {"tokens": token_B[:, None],
-                          "patches": jnp.zeros((n, 1, patch_dim), jnp.float32),
-                          "modality": _modality_of(token_B, spec.vocab)[:, None],
-                          "segment_ids": jnp.ones((n, 1), jnp.int32),
-                          "positions": (s["lengths"] + s["step"] - 1)[:, None]}  # the fed token's slot
-            logits_Bx1xV, cache = model(step_batch, cache=s["cache"], decode=True)
+            slot_B = s["lengths"] + s["step"] - 1  # where the fed token sits
+            logits_BxV, cache = next_logits(nnx.merge(graphdef, params), s["token"], slot_B, s["cache"])
             key, sub = jax.random.split(s["key"])
-            new_B = jnp.where(s["finished"], PAD_ID, pick(logits_Bx1xV[:, 0], s["step"], sub, s["sampling"]))
+            new_B = jnp.where(s["finished"], PAD_ID, pick(logits_BxV, s["step"], sub, s["sampling"]))
             return params, dict(s, step=s["step"] + 1, token=new_B, cache=cache, key=key,
                                 finished=s["finished"] | jnp.isin(new_B, stops),
                                 out=s["out"].at[:, s["step"]].set(new_B))
@@ -267,6 +263,51 @@ def _make_fns(graphdef, model_cfg, spec: _Spec, total_len: int, patch_dim: int):
         return jax.lax.while_loop(cond, body, (params, state))[1]
 
     return prefill, decode
+
+
+def _cached_steps(model_cfg, spec: _Spec, total_len: int, patch_dim: int):
+    """Early fusion: the prompt fills a KV cache, then each step runs one token per row against it."""
+
+    def first_logits(model, batch, lengths_B):
+        cache = init_cache(model_cfg, lengths_B.shape[0], total_len)
+        logits_Bx1xV, cache = model(batch, cache=cache, logits_at=lengths_B - 1)
+        return logits_Bx1xV[:, 0], cache
+
+    def next_logits(model, token_B, slot_B, cache):
+        n = token_B.shape[0]
+        step_batch = {"tokens": token_B[:, None], "patches": jnp.zeros((n, 1, patch_dim), jnp.float32),
+                      "modality": _modality_of(token_B, spec.vocab)[:, None],
+                      "segment_ids": jnp.ones((n, 1), jnp.int32), "positions": slot_B[:, None]}
+        logits_Bx1xV, cache = model(step_batch, cache=cache, decode=True)
+        return logits_Bx1xV[:, 0], cache
+
+    return first_logits, next_logits
+
+
+def _recompute_steps(spec: _Spec, total_len: int):
+    """Late and cross fusion (no KV cache): the "cache" is the whole sequence so far, [B, total_len], run again
+    through the model at every step (O(total_len^2) per token; these variants are for ablations)."""
+
+    def full_batch(seq):
+        n = seq["tokens"].shape[0]
+        return dict(seq, segment_ids=jnp.ones((n, total_len), jnp.int32),  # causal: later slots never matter
+                    positions=jnp.tile(jnp.arange(total_len, dtype=jnp.int32), (n, 1)))
+
+    def first_logits(model, batch, lengths_B):
+        pad = total_len - batch["tokens"].shape[1]
+        seq = {name: jnp.pad(batch[name], [(0, 0), (0, pad)] + [(0, 0)] * (batch[name].ndim - 2))
+               for name in ("tokens", "patches", "modality")}
+        logits_BxLxV = model(full_batch(seq))
+        return jnp.take_along_axis(logits_BxLxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0], seq
+
+    def next_logits(model, token_B, slot_B, seq):
+        rows_B = jnp.arange(token_B.shape[0])
+        seq = dict(seq, tokens=seq["tokens"].at[rows_B, slot_B].set(token_B),
+                   modality=seq["modality"].at[rows_B, slot_B].set(_modality_of(token_B, spec.vocab)))
+        logits_BxLxV = model(full_batch(seq))
+        return jnp.take_along_axis(logits_BxLxV, slot_B[:, None, None], axis=1)[:, 0], seq
+
+    return first_logits, next_logits
 
 
 _COMPILED: collections.OrderedDict = collections.OrderedDict()

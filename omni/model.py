@@ -8,6 +8,23 @@ of their P*P*3 pixels (Fuyu-style). Attention is causal and stays inside each pa
 stored in `param_dtype` (fp32) and cast to `dtype` (bf16) for compute. Every parameter carries logical axis
 names (see omni.sharding) so the same code shards on any mesh.
 
+Fusion variants (model.fusion; the same embedding, final norm and unembedding, one code path):
+
+    early   the stack above: every token goes through every shared layer.
+    late    the first k = model.late_layers layers are modality-specific: each weight has a leading [modality]
+            axis (text, image, audio; padding takes text's), every token is multiplied by its own modality's
+            slice, and attention stays inside the token's span (a run of one modality inside one segment).
+            The remaining layers - k are shared over the fused sequence. k = 0 is exactly early.
+            (On XLA each token's product with the other modalities' weights is computed and masked away:
+            those k layers cost 3x their FLOPs in time; flops_per_token counts the model's FLOPs, one slice.)
+    cross   Flamingo-style: an image encoder (model.encoder_layers blocks, bidirectional inside each image)
+            reads the image spans; the decoder blocks never attend to image positions, but before every
+            model.cross_every-th decoder layer a gated cross-attention block lets every position attend to the
+            encoded image positions earlier in its segment:
+                x += tanh(attn_gate) * CrossAttn(norm(x), encoded);  x += tanh(mlp_gate) * MLP(norm(x))
+            with both gates initialised to 0, so at init the model is its decoder alone. The encoder runs over
+            every position and the decoder too (image positions see only themselves), to keep one layout.
+
 Inference with a KV cache (omni.generate) calls the same model with `cache=init_cache(...)`, one example per
 row starting at slot 0, so a token's cache slot is also its RoPE position:
 
@@ -52,14 +69,18 @@ def _ones(shape, names, dtype) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, d: int, eps: float, param_dtype):
-        self.scale = _ones((d,), ("embed",), param_dtype)
+    def __init__(self, d: int, eps: float, param_dtype, modalities: int = 0):
+        self.scale = (_ones((modalities, d), ("modality", "embed"), param_dtype) if modalities
+                      else _ones((d,), ("embed",), param_dtype))
         self.eps = eps
 
-    def __call__(self, x_BxLxD):
+    def __call__(self, x_BxLxD, route_BxLxM=None):
         x = x_BxLxD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (x * self.scale[...].astype(jnp.float32)).astype(x_BxLxD.dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        if route_BxLxM is not None:  # each token's own modality's scale
+            scale = jnp.einsum("blm,md->bld", route_BxLxM.astype(jnp.float32), scale)
+        return (x * scale).astype(x_BxLxD.dtype)
 
 
 def rope(x_BxLxNxH, positions_BxL, theta: float):
@@ -72,36 +93,63 @@ def rope(x_BxLxNxH, positions_BxL, theta: float):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxLxNxH.dtype)
 
 
+def _modality_param(rngs, shape, names, std, dtype, modalities: int) -> nnx.Param:
+    """A parameter, or with modalities > 0 one per modality stacked on a leading [modality] axis."""
+    if modalities:
+        return _param(rngs, (modalities,) + shape, ("modality",) + names, std, dtype)
+    return _param(rngs, shape, names, std, dtype)
+
+
+def dense(spec: str, x, w, dtype, route_BxLxM=None):
+    """einsum(spec, x, w) in `dtype`; with route_BxLxM (one-hot [B, L, M]) w has a leading [modality] axis
+    and each token is multiplied by its own modality's slice. Specs have the form 'bl..,...->bl..'."""
+    w = w.astype(dtype)
+    if route_BxLxM is None:
+        return jnp.einsum(spec, x, w)
+    inputs, out = spec.split("->")
+    x_axes, w_axes = inputs.split(",")
+    per_modality = jnp.einsum(f"{x_axes},m{w_axes}->blm{out[2:]}", x, w)
+    return jnp.einsum(f"blm{out[2:]},blm->{out}", per_modality, route_BxLxM.astype(dtype))
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, modalities: int = 0, causal: bool = True,
+                 rotary: bool = True):
         d, n, k, h = cfg.d, cfg.heads, cfg.kv_heads, derived_head_dim(cfg)
         out_std = cfg.init_std / (2 * cfg.layers) ** 0.5
-        self.wq = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std, cfg.param_dtype)
-        self.wk = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, cfg.param_dtype)
-        self.wv = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, cfg.param_dtype)
-        self.wo = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype)
-        self.cfg = cfg
+        m, pd = modalities, cfg.param_dtype
+        self.wq = _modality_param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std, pd, m)
+        self.wk = _modality_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, pd, m)
+        self.wv = _modality_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, pd, m)
+        self.wo = _modality_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, pd, m)
+        self.cfg, self.causal, self.rotary = cfg, causal, rotary
 
-    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, cache=None, layer=None, decode=False):
-        """Attention output [B, L, D]; with a cache (module docstring) returns (output, updated cache)."""
+    def __call__(self, x_BxLxD, mask_Bx1xLxL, positions_BxL, cache=None, layer=None, decode=False,
+                 route_BxLxM=None, context_BxSxD=None):
+        """Attention output [B, L, D]; with a cache (module docstring) returns (output, updated cache).
+
+        mask_Bx1xLxL (bool, key s visible to query t; causal attention also requires s <= t) is ignored when
+        decoding. With context_BxSxD keys and values come from it (cross-attention, mask [B, 1, L, S]).
+        """
         dt = jnp.dtype(self.cfg.dtype)
-        q_BxLxNxH = jnp.einsum("bld,dnh->blnh", x_BxLxD, self.wq[...].astype(dt))
-        k_BxLxKxH = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wk[...].astype(dt))
-        v_BxLxKxH = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wv[...].astype(dt))
-        q_BxLxNxH = sharding.constrain(rope(q_BxLxNxH, positions_BxL, self.cfg.rope_theta),
-                                       "batch", "length", "heads", "head_dim")
-        k_BxLxKxH = rope(k_BxLxKxH, positions_BxL, self.cfg.rope_theta)
+        context = x_BxLxD if context_BxSxD is None else context_BxSxD
+        q_BxLxNxH = dense("bld,dnh->blnh", x_BxLxD, self.wq[...], dt, route_BxLxM)
+        k_BxLxKxH = dense("bld,dkh->blkh", context, self.wk[...], dt, route_BxLxM)
+        v_BxLxKxH = dense("bld,dkh->blkh", context, self.wv[...], dt, route_BxLxM)
+        if self.rotary:
+            q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, self.cfg.rope_theta)
+            k_BxLxKxH = rope(k_BxLxKxH, positions_BxL, self.cfg.rope_theta)
+        q_BxLxNxH = sharding.constrain(q_BxLxNxH, "batch", "length", "heads", "head_dim")
         if decode:
             return self._decode(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, positions_BxL[:, 0], cache, layer)
         if cache is not None:  # prefill: the block attends as in training; its keys/values fill slots 0..L-1
             cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype),
                                                         (layer, 0, 0, 0, 0))
                      for name, new in (("k", k_BxLxKxH), ("v", v_BxLxKxH))}
-        same_segment_Bx1xLxL = (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
         implementation = None if self.cfg.attention == "auto" else self.cfg.attention
-        out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=same_segment_Bx1xLxL,
-                                                   is_causal=True, implementation=implementation)
-        out_BxLxD = jnp.einsum("blnh,nhd->bld", out_BxLxNxH, self.wo[...].astype(dt))
+        out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xLxL,
+                                                   is_causal=self.causal, implementation=implementation)
+        out_BxLxD = dense("blnh,nhd->bld", out_BxLxNxH, self.wo[...], dt, route_BxLxM)
         return out_BxLxD if cache is None else (out_BxLxD, cache)
 
     def _decode(self, q_Bx1xNxH, k_Bx1xKxH, v_Bx1xKxH, slot_B, cache, layer):
@@ -118,35 +166,105 @@ class Attention(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        d, f = cfg.d, derived_mlp(cfg)
-        self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, cfg.param_dtype)
-        self.w_up = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, cfg.param_dtype)
-        self.w_down = _param(rngs, (f, d), ("mlp", "embed"), cfg.init_std / (2 * cfg.layers) ** 0.5, cfg.param_dtype)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, modalities: int = 0):
+        d, f, m, pd = cfg.d, derived_mlp(cfg), modalities, cfg.param_dtype
+        self.w_gate = _modality_param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, pd, m)
+        self.w_up = _modality_param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, pd, m)
+        self.w_down = _modality_param(rngs, (f, d), ("mlp", "embed"), cfg.init_std / (2 * cfg.layers) ** 0.5, pd, m)
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(self, x_BxLxD):
-        gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_gate[...].astype(self.dtype))
-        up_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_up[...].astype(self.dtype))
+    def __call__(self, x_BxLxD, route_BxLxM=None):
+        gate_BxLxF = dense("bld,df->blf", x_BxLxD, self.w_gate[...], self.dtype, route_BxLxM)
+        up_BxLxF = dense("bld,df->blf", x_BxLxD, self.w_up[...], self.dtype, route_BxLxM)
         hidden_BxLxF = sharding.constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, "batch", "length", "mlp")
-        return jnp.einsum("blf,fd->bld", hidden_BxLxF, self.w_down[...].astype(self.dtype))
+        return dense("blf,fd->bld", hidden_BxLxF, self.w_down[...], self.dtype, route_BxLxM)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype)
-        self.attn = Attention(cfg, rngs)
-        self.mlp_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype)
-        self.mlp = SwiGLU(cfg, rngs)
+    """Pre-norm transformer block; with modalities > 0 every weight is per modality (late fusion's first layers)."""
 
-    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, cache=None, layer=None, decode=False):
-        attended = self.attn(self.attn_norm(x_BxLxD), segment_ids_BxL, positions_BxL, cache, layer, decode)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, modalities: int = 0, causal: bool = True):
+        self.attn_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype, modalities)
+        self.attn = Attention(cfg, rngs, modalities=modalities, causal=causal)
+        self.mlp_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype, modalities)
+        self.mlp = SwiGLU(cfg, rngs, modalities)
+
+    def __call__(self, x_BxLxD, mask_Bx1xLxL, positions_BxL, cache=None, layer=None, decode=False,
+                 route_BxLxM=None):
+        attended = self.attn(self.attn_norm(x_BxLxD, route_BxLxM), mask_Bx1xLxL, positions_BxL, cache, layer,
+                             decode, route_BxLxM)
         if cache is not None:
             attended, cache = attended
         x_BxLxD = x_BxLxD + attended
-        x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+        x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD, route_BxLxM), route_BxLxM)
         x_BxLxD = sharding.constrain(x_BxLxD, "batch", "length", "act_embed")
         return x_BxLxD if cache is None else (x_BxLxD, cache)
+
+
+class GatedCrossBlock(nnx.Module):
+    """Flamingo's GATED XATTN-DENSE: x += tanh(attn_gate) * CrossAttn(norm(x), context);
+    x += tanh(mlp_gate) * MLP(norm(x)). Both gates start at 0: the block is the identity at init."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype)
+        self.attn = Attention(cfg, rngs, causal=False, rotary=False)
+        self.mlp_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype)
+        self.mlp = SwiGLU(cfg, rngs)
+        zeros = nnx.with_partitioning(nnx.initializers.zeros, ())
+        self.attn_gate = nnx.Param(zeros(rngs.params(), (), jnp.dtype(cfg.param_dtype)))
+        self.mlp_gate = nnx.Param(zeros(rngs.params(), (), jnp.dtype(cfg.param_dtype)))
+
+    def __call__(self, x_BxLxD, context_BxSxD, cross_mask_Bx1xLxS, positions_BxL):
+        has_key_Bx1xLx1 = jnp.any(cross_mask_Bx1xLxS, axis=-1)[..., None]  # [B, 1, L, 1]
+        attended = self.attn(self.attn_norm(x_BxLxD), cross_mask_Bx1xLxS, positions_BxL, context_BxSxD=context_BxSxD)
+        attended = jnp.where(has_key_Bx1xLx1[:, 0], attended, 0)  # a position with no image before it gets nothing
+        dt = x_BxLxD.dtype
+        x_BxLxD = x_BxLxD + jnp.tanh(self.attn_gate[...]).astype(dt) * attended
+        x_BxLxD = x_BxLxD + jnp.tanh(self.mlp_gate[...]).astype(dt) * self.mlp(self.mlp_norm(x_BxLxD))
+        return sharding.constrain(x_BxLxD, "batch", "length", "act_embed")
+
+
+MODALITIES = 3  # late fusion's weight slices: text (and padding), image, audio
+
+
+def route_index(modality_BxL):
+    """Which modality slice a position uses: TEXT and PAD -> 0, IMAGE -> 1, AUDIO -> 2."""
+    return jnp.clip(modality_BxL - 1, 0, MODALITIES - 1)
+
+
+def span_ids(segment_ids_BxL, modality_BxL):
+    """1, 2, ... for each run of one modality inside one segment (a new span wherever either changes)."""
+    change_BxL = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BxL[:, :1], dtype=bool),
+         (segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]) | (modality_BxL[:, 1:] != modality_BxL[:, :-1])], axis=1)
+    return jnp.cumsum(change_BxL, axis=1, dtype=jnp.int32)
+
+
+def same_ids_mask(ids_BxL):
+    """bool [B, 1, L, L]: query t may see key s when both carry the same id."""
+    return ids_BxL[:, None, :, None] == ids_BxL[:, None, None, :]
+
+
+def _stack(cfg: ModelConfig, n: int, rngs: nnx.Rngs, make):
+    """n blocks made by make(rngs): stacked on a leading [layers] axis for nnx.scan, or an nnx.List."""
+    if not n:
+        return None
+    if cfg.scan_layers:
+        @nnx.split_rngs(splits=n)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_all(rngs):
+            return make(rngs)
+
+        return make_all(rngs)
+    return nnx.List([make(rngs) for _ in range(n)])
+
+
+def _stack_slice(stack, start: int, stop: int):
+    """Blocks start..stop-1 of a stack, as a stack of the same kind (values sliced, gradients flow back)."""
+    if isinstance(stack, nnx.List):
+        return nnx.List(list(stack)[start:stop])
+    graphdef, state = nnx.split(stack)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], state))
 
 
 class OmniTransformer(nnx.Module):
@@ -156,17 +274,16 @@ class OmniTransformer(nnx.Module):
         self.patch_proj = _param(rngs, (patch_dim, cfg.d), ("patch", "embed"), patch_dim**-0.5, cfg.param_dtype)
         self.patch_bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("embed",))(
             rngs.params(), (cfg.d,), jnp.dtype(cfg.param_dtype)))
-        if cfg.scan_layers:
-            @nnx.split_rngs(splits=cfg.layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def make_blocks(rngs):
-                return Block(cfg, rngs)
-
-            self.blocks = make_blocks(rngs)
-        else:
-            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.layers)])
+        late = cfg.late_layers if cfg.fusion == "late" else 0
+        self.blocks = _stack(cfg, cfg.layers - late, rngs, lambda r: Block(cfg, r))  # shared (the decoder for cross)
         self.final_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype)
         self.unembed = _param(rngs, (cfg.d, vocab_size), ("embed", "vocab"), cfg.d**-0.5, cfg.param_dtype)
+        if late:
+            self.modality_blocks = _stack(cfg, late, rngs, lambda r: Block(cfg, r, modalities=MODALITIES))
+        if cfg.fusion == "cross":
+            self.encoder = _stack(cfg, cfg.encoder_layers, rngs, lambda r: Block(cfg, r, causal=False))
+            self.encoder_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype)
+            self.cross_blocks = _stack(cfg, cfg.layers // cfg.cross_every, rngs, lambda r: GatedCrossBlock(cfg, r))
 
     def embed_inputs(self, batch) -> jax.Array:
         """x_BxLxD: token embeddings, with image patch positions replaced by their pixel projection."""
@@ -192,24 +309,60 @@ class OmniTransformer(nnx.Module):
             raise ValueError("decode and logits_at need a cache (omni.model.init_cache)")
         segment_ids_BxL, positions_BxL = batch["segment_ids"], batch["positions"]
         x_BxLxD = self.embed_inputs(batch)
+        if self.cfg.fusion == "cross":
+            return self.logits(self._cross_decoder(x_BxLxD, batch))
+        if self.cfg.fusion == "late" and self.cfg.late_layers:
+            spans_BxL = span_ids(segment_ids_BxL, batch["modality"])
+            route_BxLxM = jax.nn.one_hot(route_index(batch["modality"]), MODALITIES, dtype=x_BxLxD.dtype)
+            x_BxLxD = self._run_stack(self.modality_blocks, x_BxLxD, same_ids_mask(spans_BxL), positions_BxL,
+                                      route_BxLxM)
+        x_BxLxD = self._run_stack(self.blocks, x_BxLxD, same_ids_mask(segment_ids_BxL), positions_BxL)
+        return self.logits(x_BxLxD)
+
+    def _run_stack(self, stack, x_BxLxD, mask_Bx1xLxL, positions_BxL, route_BxLxM=None):
+        """x through every block of a stack (scanned or a list), each under the configured remat policy."""
+        if stack is None:
+            return x_BxLxD
 
         def run_block(block, x):
-            return block(x, segment_ids_BxL, positions_BxL)
+            return block(x, mask_Bx1xLxL, positions_BxL, route_BxLxM=route_BxLxM)
 
         if self.cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.cfg.remat])
-
-        if self.cfg.scan_layers:
-            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def scan_blocks(x, block):
-                return run_block(block, x)
-
-            x_BxLxD = scan_blocks(x_BxLxD, self.blocks)
-        else:
-            for block in self.blocks:
+        if isinstance(stack, nnx.List):
+            for block in stack:
                 x_BxLxD = run_block(block, x_BxLxD)
+            return x_BxLxD
 
-        return self.logits(x_BxLxD)
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def scan_blocks(x, block):
+            return run_block(block, x)
+
+        return scan_blocks(x_BxLxD, stack)
+
+    def _cross_decoder(self, x_BxLxD, batch):
+        """Cross fusion (module docstring): encode the image spans, then decoder groups of model.cross_every
+        layers, each after a gated cross-attention block into the encoded images earlier in the segment."""
+        segment_ids_BxL, positions_BxL = batch["segment_ids"], batch["positions"]
+        length = segment_ids_BxL.shape[1]
+        is_image_BxL = batch["modality"] == IMAGE
+        # Encoder: bidirectional inside each image span; any other position sees only itself (output unused).
+        encoder_ids_BxL = jnp.where(is_image_BxL, span_ids(segment_ids_BxL, batch["modality"]),
+                                    -1 - jnp.arange(length, dtype=jnp.int32)[None])
+        encoded_BxLxD = self.encoder_norm(self._run_stack(self.encoder, x_BxLxD, same_ids_mask(encoder_ids_BxL),
+                                                          positions_BxL))
+        same_segment_Bx1xLxL = same_ids_mask(segment_ids_BxL)
+        image_key_Bx1x1xL = is_image_BxL[:, None, None, :]
+        itself_1x1xLxL = jnp.eye(length, dtype=bool)[None, None]
+        decoder_mask = same_segment_Bx1xLxL & (~image_key_Bx1x1xL | itself_1x1xLxL)  # text/audio never see images
+        earlier_1x1xLxL = jnp.tril(jnp.ones((length, length), bool))[None, None]
+        cross_mask = same_segment_Bx1xLxL & image_key_Bx1x1xL & earlier_1x1xLxL
+        groups, per_group = self.cfg.layers // self.cfg.cross_every, self.cfg.cross_every
+        for g in range(groups):
+            x_BxLxD = _stack_item(self.cross_blocks, g)(x_BxLxD, encoded_BxLxD, cross_mask, positions_BxL)
+            x_BxLxD = self._run_stack(_stack_slice(self.blocks, g * per_group, (g + 1) * per_group), x_BxLxD,
+                                      decoder_mask, positions_BxL)
+        return x_BxLxD
 
     def logits(self, x_BxLxD) -> jax.Array:
         x_BxLxD = self.final_norm(x_BxLxD)
@@ -219,22 +372,34 @@ class OmniTransformer(nnx.Module):
 
     def _cached_call(self, batch, cache, decode: bool, logits_at=None):
         """The KV-cache path: the stacked cache rides in the layer carry; layer i reads/writes cache[:, i]."""
+        if self.cfg.fusion != "early":
+            raise ValueError(f"the KV cache serves model.fusion='early', not '{self.cfg.fusion}' "
+                             "(omni.generate recomputes the prefix for the other variants)")
         segment_ids_BxL, positions_BxL = batch["segment_ids"], batch["positions"]
+        mask_Bx1xLxL = None if decode else same_ids_mask(segment_ids_BxL)
         x_BxLxD = self.embed_inputs(batch)
         if self.cfg.scan_layers:
             @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def scan_blocks(carry, block):
                 x, cache, layer = carry
-                x, cache = block(x, segment_ids_BxL, positions_BxL, cache, layer, decode)
+                x, cache = block(x, mask_Bx1xLxL, positions_BxL, cache, layer, decode)
                 return x, cache, layer + 1
 
             x_BxLxD, cache, _ = scan_blocks((x_BxLxD, cache, jnp.zeros((), jnp.int32)), self.blocks)
         else:
             for layer, block in enumerate(self.blocks):
-                x_BxLxD, cache = block(x_BxLxD, segment_ids_BxL, positions_BxL, cache, layer, decode)
+                x_BxLxD, cache = block(x_BxLxD, mask_Bx1xLxL, positions_BxL, cache, layer, decode)
         if logits_at is not None:
             x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at[:, None, None], axis=1)
         return self.logits(x_BxLxD), cache
+
+
+def _stack_item(stack, i: int):
+    """Block i of a stack (scanned: its values without the leading [layers] axis)."""
+    if isinstance(stack, nnx.List):
+        return stack[i]
+    graphdef, state = nnx.split(stack)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
@@ -248,21 +413,52 @@ def param_count(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
 
 
+def _layer_matmul_params(cfg: ModelConfig) -> int:
+    """Attention (q, k, v, o) and SwiGLU weights of one block; a gated cross block has the same."""
+    d, n, k, h, f = cfg.d, cfg.heads, cfg.kv_heads, derived_head_dim(cfg), derived_mlp(cfg)
+    return d * n * h * 2 + d * k * h * 2 + 3 * d * f
+
+
+def _layer_counts(cfg: ModelConfig) -> dict:
+    """Blocks of each kind: shared/decoder, late fusion's modality-specific, encoder, gated cross."""
+    late = cfg.late_layers if cfg.fusion == "late" else 0
+    cross = cfg.fusion == "cross"
+    return {"shared": cfg.layers - late, "modality": late, "encoder": cfg.encoder_layers if cross else 0,
+            "cross": cfg.layers // cfg.cross_every if cross else 0}
+
+
 def matmul_params(cfg: ModelConfig, vocab_size: int) -> int:
-    """Parameters used in matmuls per token: attention and MLP weights of every layer plus the unembedding.
+    """Parameters in the matmuls one token position goes through: attention and MLP weights of every block on
+    its way plus the unembedding.
 
     The input embedding (a lookup) and the patch projection (an input embedding for image positions) are left
-    out, as MaxText and the shared plain-JAX benchmark count.
+    out, as MaxText and the shared plain-JAX benchmark count. early and late: model.layers blocks (late's
+    first k use one modality's slice each). cross: the decoder, the gated cross blocks and the image encoder,
+    which this implementation runs over every position of the sequence.
     """
-    d, n, k, h, f = cfg.d, cfg.heads, cfg.kv_heads, derived_head_dim(cfg), derived_mlp(cfg)
-    per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f
-    return cfg.layers * per_layer + d * vocab_size
+    n = _layer_counts(cfg)
+    return (n["shared"] + n["modality"] + n["encoder"] + n["cross"]) * _layer_matmul_params(cfg) + cfg.d * vocab_size
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul params + causal attention 6 x layers x seq x (heads x head_dim).
+    """Training FLOPs per token: 6 x matmul params + attention, 6 x seq x (heads x head_dim) per causal layer.
 
-    The attention term is 6 x layers x seq^2 x d per sequence (forward + backward of QK^T and AV with the causal
-    half skipped), divided by seq for a per-token figure.
+    A causal layer's attention is 6 x seq^2 x heads x head_dim per sequence (forward + backward of QK^T and
+    AV with the causal half skipped), divided by seq for a per-token figure; the decoder's and late fusion's
+    layers are causal (late's are masked to spans, but the kernel runs the whole causal square), so are the
+    gated cross blocks (keys up to the query), and the cross variant's bidirectional encoder counts twice.
     """
-    return 6.0 * matmul_params(cfg, vocab_size) + 6.0 * cfg.layers * seq_len * cfg.heads * derived_head_dim(cfg)
+    n = _layer_counts(cfg)
+    causal_layers = n["shared"] + n["modality"] + n["cross"] + 2 * n["encoder"]
+    return (6.0 * matmul_params(cfg, vocab_size)
+            + 6.0 * causal_layers * seq_len * cfg.heads * derived_head_dim(cfg))
+
+
+def param_total(cfg: ModelConfig, vocab_size: int, patch_dim: int) -> int:
+    """Every parameter of the model, counted from the config (equals param_count of the built model)."""
+    d, n = cfg.d, _layer_counts(cfg)
+    block = _layer_matmul_params(cfg) + 2 * d  # + the two RMSNorm scales
+    total = vocab_size * d + patch_dim * d + d + d + d * vocab_size  # embed, patch proj + bias, final norm, unembed
+    total += (n["shared"] + n["encoder"]) * block + n["modality"] * MODALITIES * block
+    total += n["cross"] * (block + 2) + (d if n["encoder"] else 0)  # cross gates; encoder_norm
+    return total

@@ -365,14 +365,9 @@ def _save_resolved_config(cfg: Config, workdir: Path, log) -> None:
     if path.exists():
         previous = json.loads(path.read_text())
         now = config_lib.to_dict(cfg)
-        changed = [k for k in config_lib.all_keys() if _get(previous, k) != _get(now, k)]
+        changed = config_lib.changed_keys(previous, now)
         if changed:
             log(f"omni: config differs from the saved {path} in {', '.join(changed)}; saving the new one")
     if jax.process_index() == 0:
         config_lib.save_config(cfg, path)
 
-
-def _get(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree

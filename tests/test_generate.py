@@ -154,6 +154,22 @@ def test_cached_greedy_equals_recomputing_the_prefix(setup, target):
     assert again.tokens == result.tokens and again.compile_s == 0.0  # compiled once per shapes
 
 
+@pytest.mark.parametrize("fusion", [{"fusion": "late", "late_layers": 1}, {"fusion": "cross", "encoder_layers": 1}])
+def test_late_and_cross_fusion_generate_by_recomputing_the_prefix(setup, fusion):
+    """No KV cache for these variants: each step reruns the sequence so far, and must equal the reference."""
+    cfg, vocab, tokenizer, *_, examples = setup
+    model_cfg = dataclasses.replace(cfg.model, **fusion)
+    model = OmniTransformer(model_cfg, vocab.size, data.patch_dim(cfg.data), rngs=nnx.Rngs(1))
+    if model_cfg.fusion == "cross":  # open the gates so the images matter
+        for gate in (model.cross_blocks.attn_gate, model.cross_blocks.mlp_gate):
+            gate[...] = jnp.full_like(gate[...], 0.7)
+    graphdef, params = nnx.split(model, nnx.Param)
+    variant = (cfg, vocab, tokenizer, graphdef, params, examples)
+    prompts = _prompts(variant, "text")
+    result = generate(graphdef, params, model_cfg, vocab, prompts, target="text", max_new_tokens=8)
+    assert result.tokens == _naive_greedy(variant, prompts, "text", 8)
+
+
 def test_text_generation_yields_only_text_ids(setup):
     cfg, vocab, _, graphdef, params, _ = setup
     prompts = _prompts(setup, "text")

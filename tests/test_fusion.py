@@ -1,0 +1,148 @@
+"""Fusion variants (model.fusion): late k=0 is early, late's first layers are per modality and per span, cross with
+closed gates is its decoder alone, and the parameter / FLOP counts match a hand count."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from omni.config import ConfigError, ModelConfig, apply_overrides, Config
+from omni.model import (OmniTransformer, flops_per_token, matmul_params, param_count, param_total, same_ids_mask,
+                        span_ids)
+from omni.tokens import AUDIO, IMAGE, IMAGE_PATCH, TEXT
+
+V, PD, L = 128, 12, 12
+
+
+def _cfg(**kw):
+    return ModelConfig(**dict(dict(d=32, layers=2, heads=4, kv_heads=2, dtype="float32"), **kw))
+
+
+def _batch(seed=0):
+    """Two rows: [text x2, image x4, text x3, audio x3]; row 1 holds two segments (split after position 5)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(16, 100, (2, L))
+    modality = np.array([[TEXT] * 2 + [IMAGE] * 4 + [TEXT] * 3 + [AUDIO] * 3] * 2)
+    tokens[modality == IMAGE] = IMAGE_PATCH
+    segments = np.ones((2, L), np.int32)
+    segments[1, 6:] = 2
+    positions = np.stack([np.arange(L), np.r_[np.arange(6), np.arange(6)]])
+    return {"tokens": jnp.array(tokens, jnp.int32), "patches": jnp.array(rng.normal(size=(2, L, PD)), jnp.float32),
+            "modality": jnp.array(modality, jnp.int32), "segment_ids": jnp.array(segments),
+            "positions": jnp.array(positions, jnp.int32)}
+
+
+def _params(model):
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_span_ids_change_with_modality_and_segment():
+    batch = _batch()
+    np.testing.assert_array_equal(span_ids(batch["segment_ids"], batch["modality"]),
+                                  [[1, 1, 2, 2, 2, 2, 3, 3, 3, 4, 4, 4], [1, 1, 2, 2, 2, 2, 3, 3, 3, 4, 4, 4]])
+    mod = batch["modality"].at[1, 6].set(IMAGE)  # same modality across a segment boundary is still a new span
+    assert span_ids(batch["segment_ids"], mod)[1].tolist() == [1, 1, 2, 2, 2, 2, 3, 4, 4, 5, 5, 5]
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_late_with_zero_layers_is_early(scan):
+    early = OmniTransformer(_cfg(scan_layers=scan), V, PD, rngs=nnx.Rngs(0))
+    late = OmniTransformer(_cfg(scan_layers=scan, fusion="late", late_layers=0), V, PD, rngs=nnx.Rngs(0))
+    jax.tree.map(np.testing.assert_array_equal, _params(early), _params(late))
+    np.testing.assert_array_equal(early(_batch()), late(_batch()))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_late_layers_are_per_modality_and_per_span(scan):
+    """With every layer modality-specific, a text position's logits depend on nothing outside its own span,
+    and changing the audio weights changes only audio positions."""
+    model = OmniTransformer(_cfg(scan_layers=scan, fusion="late", late_layers=2), V, PD, rngs=nnx.Rngs(0))
+    batch = _batch()
+    logits = model(batch)
+    other_spans = dict(batch, patches=batch["patches"] + 1.0, tokens=batch["tokens"].at[:, 0].set(7))
+    changed = model(other_spans)
+    np.testing.assert_allclose(changed[:, 6:9], logits[:, 6:9], atol=1e-6)  # the caption span: untouched
+    assert not np.allclose(changed[:, 2:6], logits[:, 2:6])  # the image span read its new pixels
+
+    wq = model.modality_blocks.attn.wq if scan else model.modality_blocks[0].attn.wq
+    wq[...] = wq[...].at[..., 2, :, :, :].add(0.3) if scan else wq[...].at[2].add(0.3)  # the audio slice
+    moved = model(batch)
+    audio = np.asarray(batch["modality"]) == AUDIO
+    assert not np.allclose(np.asarray(moved)[audio], np.asarray(logits)[audio])
+    np.testing.assert_allclose(np.asarray(moved)[~audio], np.asarray(logits)[~audio], atol=1e-6)
+
+
+def test_late_with_shared_layers_fuses_modalities():
+    model = OmniTransformer(_cfg(layers=3, fusion="late", late_layers=1), V, PD, rngs=nnx.Rngs(0))
+    batch = _batch()
+    moved = dict(batch, patches=batch["patches"] + 1.0)
+    assert not np.allclose(model(moved)[0, 6:9], model(batch)[0, 6:9])  # the shared layers see the image
+    assert model.blocks.attn.wq.shape[0] == 2 and model.modality_blocks.attn.wq.shape[:2] == (1, 3)
+
+
+def _decoder_alone(model, batch):
+    """The cross model without its encoder and gated blocks: embedding, decoder blocks, unembedding."""
+    seg, mod = batch["segment_ids"], batch["modality"]
+    is_image = mod == IMAGE
+    mask = same_ids_mask(seg) & (~is_image[:, None, None, :] | jnp.eye(L, dtype=bool)[None, None])
+    x = model._run_stack(model.blocks, model.embed_inputs(batch), mask, batch["positions"])
+    return model.logits(x)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_cross_with_closed_gates_is_its_decoder_alone(scan):
+    model = OmniTransformer(_cfg(layers=4, fusion="cross", encoder_layers=2, cross_every=2, scan_layers=scan), V, PD,
+                            rngs=nnx.Rngs(0))
+    batch = _batch()
+    logits = model(batch)
+    np.testing.assert_allclose(logits, _decoder_alone(model, batch), atol=1e-6)
+    moved = dict(batch, patches=batch["patches"] + 1.0)
+    np.testing.assert_allclose(model(moved)[:, 6:], logits[:, 6:], atol=1e-6)  # images do not reach the text yet
+
+    cross = model.cross_blocks
+    for gate in ((cross.attn_gate,) if scan else (cross[0].attn_gate, cross[1].attn_gate)):
+        gate[...] = jnp.full_like(gate[...], 0.5)
+    opened = model(batch)
+    assert not np.allclose(model(moved)[0, 6:9], opened[0, 6:9])  # now the caption reads the image before it
+    # row 1's second segment (positions 6..) holds no image: nothing reaches it through the cross blocks
+    np.testing.assert_allclose(model(moved)[1, 6:], opened[1, 6:], atol=1e-6)
+    np.testing.assert_allclose(opened[:, :2], logits[:, :2], atol=1e-6)  # text before the image sees no image
+
+
+def test_cross_gates_get_gradients_at_init():
+    model = OmniTransformer(_cfg(layers=2, fusion="cross", encoder_layers=1), V, PD, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    grads = jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p)(_batch()) ** 2))(params)
+    assert np.all(np.abs(np.asarray(grads["cross_blocks"]["attn_gate"][...])) > 0)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(fusion="late", late_layers=1), dict(fusion="late", late_layers=2),
+                                dict(fusion="cross", encoder_layers=1, cross_every=1),
+                                dict(fusion="cross", encoder_layers=3, cross_every=2, layers=4)])
+def test_parameter_and_flop_counts_match_a_hand_count(kw):
+    cfg = _cfg(**kw)  # d 32, 4 heads of 8, 2 KV heads, SwiGLU 64 (the multiple of 64 nearest 8/3 * 32)
+    block_mm = 32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64  # q, o; k, v; gate, up, down = 9216
+    block = block_mm + 2 * 32  # + two norm scales
+    layers, k = cfg.layers, cfg.late_layers
+    enc = cfg.encoder_layers if cfg.fusion == "cross" else 0
+    cross = layers // cfg.cross_every if cfg.fusion == "cross" else 0
+    outer = V * 32 + PD * 32 + 32 + 32 + 32 * V  # embed, patch proj, bias, final norm, unembed
+    hand_params = outer + (layers - k + enc) * block + 3 * k * block + cross * (block + 2) + (32 if enc else 0)
+    model = OmniTransformer(cfg, V, PD, rngs=nnx.Rngs(0))
+    assert param_count(nnx.state(model, nnx.Param)) == hand_params == param_total(cfg, V, PD)
+    hand_mm = (layers + enc + cross) * block_mm + 32 * V  # late: each token through `layers` blocks of one slice
+    assert matmul_params(cfg, V) == hand_mm
+    causal = layers + cross + 2 * enc
+    assert flops_per_token(cfg, V, seq_len=16) == 6 * hand_mm + 6 * causal * 16 * 32
+
+
+def test_fusion_fields_are_checked():
+    with pytest.raises(ConfigError, match="late_layers"):
+        apply_overrides(Config(), ["model.late_layers=2"])  # fusion still early
+    with pytest.raises(ConfigError, match="between 0 and"):
+        apply_overrides(Config(), ["model.fusion=late", "model.late_layers=9"])
+    with pytest.raises(ConfigError, match="cross_every"):
+        apply_overrides(Config(), ["model.fusion=cross", "model.cross_every=3"])
+    with pytest.raises(ConfigError, match="'late:K'"):
+        apply_overrides(Config(), ["ablate.variants=['early', 'late']"])
