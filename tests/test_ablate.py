@@ -1,0 +1,157 @@
+"""`omni ablate`: the plan is fair (same data, tokens, eval; only fusion, width and seed differ), widths are
+matched as asked, the runner resumes after a kill without redoing finished runs, and the reports hold every
+variant with the right aggregates."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from omni import ablate, config as config_lib, data
+from omni.config import ConfigError
+from omni.model import flops_per_token, param_total
+from tests.conftest import tiny_config
+
+VARIANTS = ["early", "late:1", "cross"]
+
+
+def _base(match="none"):
+    cfg = tiny_config()
+    cfg.model.encoder_layers = 1
+    cfg.ablate.variants = list(VARIANTS)
+    cfg.ablate.match = match
+    return cfg
+
+
+def _sizes(cfg):
+    return data.vocab_for(cfg.data).size, data.patch_dim(cfg.data)
+
+
+def test_plan_changes_only_fusion_width_and_seed():
+    base = _base("flops")
+    runs = ablate.make_plan(base, *_sizes(base), seeds=2)
+    assert [r.name for r in runs] == ["early-s0", "early-s1", "late1-s0", "late1-s1", "cross-s0", "cross-s1"]
+    for run in runs:
+        changed = config_lib.changed_keys(config_lib.to_dict(base), config_lib.to_dict(run.config))
+        allowed = {"name", "model.fusion", "model.late_layers", "model.d", "model.mlp", "train.seed"}
+        assert set(changed) <= allowed, changed  # same data, order, steps, batch, eval, optimizer
+        assert run.config.train.seed == base.train.seed + run.seed
+    assert {(r.config.model.fusion, r.config.model.late_layers) for r in runs} == {("early", 0), ("late", 1),
+                                                                                   ("cross", 0)}
+
+
+@pytest.mark.parametrize("match", ["flops", "params"])
+def test_matched_width_is_the_closest_candidate(match):
+    base = _base(match)
+    vocab_size, patch_dim = _sizes(base)
+    runs = {r.variant: r.config for r in ablate.make_plan(base, vocab_size, patch_dim, seeds=1)}
+    assert runs["early"].model.d == base.model.d  # the reference keeps its width
+
+    def measure(cfg):
+        m = cfg.model
+        return param_total(m, vocab_size, patch_dim) if match == "params" else flops_per_token(
+            m, vocab_size, cfg.data.seq_len)
+
+    target = measure(runs["early"])
+    for variant in ("late:1", "cross"):
+        chosen = runs[variant]
+        error = abs(measure(chosen) - target)
+        for d in range(8, 4 * base.model.d + 1, 8):  # every other width (MLP in proportion) is no closer
+            trial = ablate.variant_config(base, variant)
+            trial.model.d, trial.model.mlp = d, max(8, round(64 * d / 32 / 8) * 8)
+            assert abs(measure(trial) - target) >= error
+    if match == "params":  # late:1 has 3 copies of its first layer: it must get narrower to match params
+        assert runs["late:1"].model.d < base.model.d
+    else:  # same FLOPs per token at the same width
+        assert runs["late:1"].model.d == base.model.d
+
+
+def test_plan_from_another_config_is_refused(tmp_path):
+    base = _base()
+    runs = ablate.make_plan(base, *_sizes(base), seeds=1)
+    ablate._check_and_save_plan(tmp_path, runs, base)
+    ablate._check_and_save_plan(tmp_path, runs, base)  # the same plan again: fine
+    more = ablate.make_plan(base, *_sizes(base), seeds=2)
+    ablate._check_and_save_plan(tmp_path, more, base)  # more seeds extend it
+    base.train.lr = 1e-2
+    with pytest.raises(ConfigError, match=r"early-s0 differs in train\.lr"):
+        ablate._check_and_save_plan(tmp_path, ablate.make_plan(base, *_sizes(base), seeds=1), base)
+    with pytest.raises(ConfigError, match="twice"):
+        ablate.make_plan(config_lib.apply_overrides(_base(), ["ablate.variants=['late:1', 'late:1']"]), *_sizes(base))
+
+
+def _row(variant, seed, text, audio, speed, caption):
+    fusion, k = config_lib.parse_variant(variant)
+    return {"variant": variant, "fusion": fusion, "k": k, "seed": seed, "d": 32, "params": 1000 + k,
+            "flops_per_token": 2e6, "tokens_per_s": speed, "eval_loss_text": text, "eval_loss_audio": audio,
+            "demo_caption_exact": caption,
+            "curve": [(0, {"text": 6.0, "audio": 6.0}), (1024, {"text": text, "audio": audio})]}
+
+
+def test_report_aggregates_over_seeds(tmp_path):
+    base = _base()
+    runs = ablate.make_plan(base, *_sizes(base), seeds=2)
+    rows = [_row("early", 0, 1.0, 2.0, 100.0, 0.5), _row("early", 1, 3.0, 2.0, 300.0, 0.7),
+            _row("late:1", 0, 0.5, 0.25, 90.0, 0.9), _row("late:1", 1, 0.5, 0.75, 110.0, 0.9),
+            _row("cross", 0, 4.0, 4.0, 50.0, 0.0)]  # cross-s1 unfinished
+    ablate.write_report(tmp_path, runs, rows, base)
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ")
+             for line in (tmp_path / "ablation.md").read_text().splitlines() if line.startswith("| ")}
+    assert table["early"][5:8] == ["200 ± 141", "2 ± 1.41", "2 ± 0"]  # tokens/s, text, audio: mean ± stdev
+    assert table["late:1"][6:9] == ["0.5 ± 0", "0.5 ± 0.354", "0.9 ± 0 |"]
+    assert table["cross (1 seeds)"][6] == "4"  # a single finished seed: its value, flagged
+    with open(tmp_path / "ablation.csv") as f:
+        assert [(r["variant"], r["seed"]) for r in csv.DictReader(f)] == [(r["variant"], str(r["seed"])) for r in rows]
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _omni_ablate(config: Path, workdir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "omni.cli", "ablate", "--config", str(config), "--workdir",
+                             str(workdir), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+@pytest.mark.slow
+def test_runner_resumes_after_a_kill_without_redoing_finished_runs(tmp_path):
+    cfg = _base("flops")
+    cfg.train.steps, cfg.train.eval_every, cfg.train.checkpoint_every, cfg.train.demo_eval_examples = 16, 8, 4, 4
+    config_path = tmp_path / "ablate.json"
+    config_lib.save_config(cfg, config_path)
+    workdir = tmp_path / "ablate"
+
+    proc = _omni_ablate(config_path, workdir)
+    second = workdir / "runs" / "late1-s0" / "checkpoints"
+    deadline = time.time() + 240
+    while not (second.exists() and any(p.name.isdigit() for p in second.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # mid-way through the second variant
+    proc.wait()
+    first_eval = workdir / "runs" / "early-s0" / "eval.json"
+    finished_at = first_eval.stat().st_mtime_ns
+    assert not (workdir / "runs" / "late1-s0" / "eval.json").exists()
+    with open(workdir / "ablation.csv") as f:  # the report after the first run was already written
+        assert [r["variant"] for r in csv.DictReader(f)] == ["early"]
+
+    out, _ = _omni_ablate(config_path, workdir).communicate(timeout=400)
+    assert "early-s0: finished earlier, skipped" in out, out[-3000:]
+    assert "resumed from" in out and "late1-s0/checkpoints" in out, out[-3000:]
+    assert first_eval.stat().st_mtime_ns == finished_at  # not trained again
+    with open(workdir / "ablation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == VARIANTS
+    for row in rows:
+        assert int(row["tokens"]) == 16 * 8 * 128 and float(row["tokens_per_s"]) > 0
+        assert 0 < float(row["eval_loss_text"]) < 6 and 0 < float(row["eval_loss_audio"]) < 6  # they learned
+        assert "demo_caption_exact" in row
+    markdown = (workdir / "ablation.md").read_text()
+    for variant in VARIANTS:
+        assert f"| {variant} |" in markdown
+    plan = json.loads((workdir / "plan.json").read_text())
+    assert sorted(plan["runs"]) == ["cross-s0", "early-s0", "late1-s0"]
+    assert (workdir / "ablation.png").stat().st_size > 10_000
