@@ -219,10 +219,11 @@ def collect(workdir: Path, runs: list[Run], vocab_size: int, patch_dim: int) -> 
     return rows
 
 
-def _mean_std(values) -> str:
+def _mean_std(values, percent: bool = False) -> str:
+    fmt = (lambda x: f"{100 * x:.1f}%") if percent else _fmt
     if len(values) == 1:
-        return _fmt(values[0])
-    return f"{_fmt(statistics.mean(values))} ± {_fmt(statistics.stdev(values))}"
+        return fmt(values[0])
+    return f"{fmt(statistics.mean(values))} ± {fmt(statistics.stdev(values))}"
 
 
 def _fmt(x: float) -> str:
@@ -271,8 +272,10 @@ def _markdown(runs: list[Run], rows: list[dict], columns: list[str], base: Confi
         cells = [variant, str(first["k"]), str(first["d"]), f"{first['params'] / 1e6:.3f}M",
                  f"{first['flops_per_token'] / 1e6:.2f}M", _mean_std([r["tokens_per_s"] for r in group])]
         cells += [_mean_std([r[f"eval_loss_{m}"] for r in group]) for m in TARGET_MODALITIES]
-        cells += [_mean_std([r[c] for r in group if c in r]) if any(c in r for r in group) else "" for c in demo_columns]
-        seeds_done = f" ({len(group)} seeds)" if len(group) != len({r.seed for r in runs}) else ""
+        cells += [_mean_std([r[c] for r in group if c in r], percent=True) if any(c in r for r in group) else ""
+                  for c in demo_columns]
+        planned = len({r.seed for r in runs})
+        seeds_done = f" ({len(group)} of {planned} seeds)" if len(group) != planned else ""
         lines.append("| " + " | ".join([cells[0] + seeds_done] + cells[1:]) + " |")
     lines += ["", "Per-run figures: ablation.csv. Curves: ablation.png.", ""]
     return "\n".join(lines)

@@ -103,8 +103,8 @@ def test_report_aggregates_over_seeds(tmp_path):
     table = {line.split(" | ")[0].strip("| "): line.split(" | ")
              for line in (tmp_path / "ablation.md").read_text().splitlines() if line.startswith("| ")}
     assert table["early"][5:8] == ["200 ± 141", "2 ± 1.41", "2 ± 0"]  # tokens/s, text, audio: mean ± stdev
-    assert table["late:1"][6:9] == ["0.5 ± 0", "0.5 ± 0.354", "0.9 ± 0 |"]
-    assert table["cross (1 seeds)"][6] == "4"  # a single finished seed: its value, flagged
+    assert table["late:1"][6:9] == ["0.5 ± 0", "0.5 ± 0.354", "90.0% ± 0.0% |"]
+    assert table["cross (1 of 2 seeds)"][6] == "4"  # a single finished seed: its value, flagged
     with open(tmp_path / "ablation.csv") as f:
         assert [(r["variant"], r["seed"]) for r in csv.DictReader(f)] == [(r["variant"], str(r["seed"])) for r in rows]
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -74,5 +74,6 @@ def test_config_files_and_json_round_trip(tmp_path):
 def test_config_files_open_with_their_command():
     from pathlib import Path
 
-    for path in Path("configs").glob("*.py"):
-        assert "omni train --config" in path.read_text().split('"""')[1], path
+    for path in Path("configs").rglob("*.py"):
+        opening = path.read_text().split('"""')[1]
+        assert f"--config {path}" in opening and opening.lstrip().splitlines()[2].strip().startswith("omni "), path

@@ -71,3 +71,23 @@ def test_batch_that_does_not_split_over_the_mesh_is_refused():
     cfg.train.batch_size = 4
     with pytest.raises(ConfigError, match="batch_size"):
         train._check_batch_fits_mesh(cfg, sharding.make_mesh(cfg.mesh))
+
+
+@pytest.mark.parametrize("fusion", [["model.fusion=late", "model.late_layers=1"],
+                                    ["model.fusion=cross", "model.encoder_layers=1"]])
+def test_late_and_cross_fusion_shard_like_early(fusion):
+    """The per-modality weights ([modality] axis unsharded) and the cross blocks split over fsdp and tensor, and
+    one step on 8 devices equals one step on 1."""
+    from omni.config import apply_overrides
+
+    one = apply_overrides(tiny_config(data=1, fsdp=1, tensor=1), fusion)
+    ref_metrics, _, ref_update, _ = _loss_and_grads(one, jax.devices()[:1])
+    metrics, _, update, state = _loss_and_grads(apply_overrides(tiny_config(data=2, fsdp=2, tensor=2), fusion),
+                                                jax.devices())
+    for key in ("loss", "grad_norm"):
+        assert metrics[key] == pytest.approx(ref_metrics[key], rel=2e-5), key
+    for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref_update)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+    stack = state["params"]["modality_blocks" if "late" in fusion[0] else "cross_blocks"]
+    wq = stack["attn"]["wq"]  # [layers, (modality,) d, heads, head_dim]: d over fsdp, heads over tensor
+    assert wq.sharding.shard_shape(wq.shape)[-3:] == (wq.shape[-3] // 2, wq.shape[-2] // 2, wq.shape[-1])
