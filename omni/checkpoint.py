@@ -1,7 +1,8 @@
-"""One Orbax CheckpointManager per run: train state, grain iterator state and run metadata, saved together.
+"""One Orbax CheckpointManager per run: train state, data position and run metadata, saved together.
 
-Layout: `<workdir>/checkpoints/<step>/{state,data,meta}`; `meta` holds the resolved config, the step, the
-dataset and the tokenizer and codec identities.
+Layout: `<workdir>/checkpoints/<step>/{state,data,meta}`; `data` holds one grain iterator state per reading
+shard (`shard-<s>-of-<S>.json`, omni.data), `meta` the resolved config, the step, the dataset and the
+tokenizer and codec identities.
 
 What protects a run:
 - Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a save killed
@@ -16,6 +17,9 @@ What protects a run:
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +43,48 @@ class NoUsableCheckpointError(RuntimeError):
     """Checkpoints exist but none of them can be read."""
 
 
+class DataStateHandler(grain.checkpoint.CheckpointHandler):
+    """The train iterator's position (omni.data.ShardedBatches): one `shard-<s>-of-<S>.json` per reading shard,
+    written by the process that reads it, so any process count that splits the S shards can restore them."""
+
+    def save(self, directory, item=None, args=None):
+        state = (item or args.item).get_state()
+        for shard, shard_state in state["shards"].items():
+            (Path(directory) / f"shard-{shard}-of-{state['num_shards']}.json").write_text(json.dumps(shard_state))
+
+    def restore(self, directory, item=None, args=None):
+        item = item or args.item
+        shards = {}
+        for s in item.shard_ids:
+            path = Path(directory) / f"shard-{s}-of-{item.num_shards}.json"
+            if not path.exists():  # written before reading shards: grain's file of process s (one shard each)
+                path = Path(directory) / f"process_{s}-of-{item.num_shards}.json"
+            if not path.exists():
+                raise FileNotFoundError(f"{path.parent}/shard-{s}-of-{item.num_shards}.json is missing")
+            shards[str(s)] = json.loads(path.read_text())
+        item.set_state({"num_shards": item.num_shards, "shards": shards})
+        return item
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: object
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    item: object
+
+
+def saved_shard_count(step_dir: Path) -> int | None:
+    """S of the `shard-<s>-of-<S>.json` files in a checkpoint's data item (None when there are none)."""
+    counts = {int(m.group(1)) for f in (Path(step_dir) / "data").glob("*-of-*.json")
+              if (m := re.fullmatch(r"(?:shard-|process_)\d+-of-(\d+)\.json", f.name))}
+    return counts.pop() if len(counts) == 1 else None
+
+
 def make_manager(workdir: str | Path, tc: TrainConfig) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=tc.keep_checkpoints, save_interval_steps=1, enable_async_checkpointing=tc.async_checkpoint,
@@ -47,8 +93,8 @@ def make_manager(workdir: str | Path, tc: TrainConfig) -> ocp.CheckpointManager:
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add("state", ocp.args.StandardSave, ocp.StandardCheckpointHandler)
     registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
-    registry.add("data", grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointHandler)
-    registry.add("data", grain.checkpoint.CheckpointRestore, grain.checkpoint.CheckpointHandler)
+    registry.add("data", DataSave, DataStateHandler)
+    registry.add("data", DataRestore, DataStateHandler)
     registry.add("meta", ocp.args.JsonSave, ocp.JsonCheckpointHandler)
     registry.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
     return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options,
@@ -58,7 +104,7 @@ def make_manager(workdir: str | Path, tc: TrainConfig) -> ocp.CheckpointManager:
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, meta: dict) -> None:
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
+        data=DataSave(data_iterator),
         meta=ocp.args.JsonSave(meta)), force=True)
 
 
@@ -71,7 +117,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
     """Restores state (onto the shardings in `abstract_state`) and the iterator position; returns (state, meta)."""
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator),
+        data=DataRestore(data_iterator),
         meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
@@ -95,6 +141,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
             _reject(manager, step, f"its metadata cannot be read ({_short(e)})", log)
             continue
         check_shapes(_metadata_tree(saved), abstract_state, path, config, _saved_config(manager, step))
+        saved_shards, reading = saved_shard_count(path), getattr(data_iterator, "num_shards", None)
+        if saved_shards and reading and saved_shards != reading:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} holds the data position of {saved_shards} reading shards, but this run reads "
+                f"{reading} (data.shards, or one per process when it is 0). Resume with --set "
+                f"data.shards={saved_shards} (it must be a multiple of the process count) to keep the data order")
         try:
             state, meta = restore(manager, step, abstract_state, data_iterator)
         except Exception as e:  # noqa: BLE001

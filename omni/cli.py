@@ -6,6 +6,8 @@
     omni generate --model exported/demo --prompt "<image:cat.png>" --target text|audio [--audio a.wav]
     omni ablate --config configs/ablate_fusion.py --workdir runs/ablate [--seeds 3]   # early vs late vs cross
     omni bench --config configs/bench/omni_1b.py [--text-only]   # step time, tokens/s, TFLOP/s, MFU: one JSON line
+    omni launch local --processes 2 --devices-per-process 4 -- train --config configs/demo.py --workdir runs/mp
+    omni launch slurm|gke|tpu ... --dry-run -- train --config configs/X.py --workdir W   # cluster launch files
     omni config [--config configs/demo.py] [--set ...]     # print the resolved config (or the schema with --schema)
     omni data build --manifest my_data.jsonl --out data/my_data [--codec ...] [--tokenizer ...] [--skip-bad]
     omni data build --tfds coco_captions --out data/coco       # a TFDS catalog dataset through its adapter
@@ -85,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
                                                         "accelerators, 1024 on CPU)")
     bench.add_argument("--out", default="bench.jsonl", help="append the JSON line here")
 
+    _launch_parser(verbs)
+
     show = verbs.add_parser("config", help="print the resolved config, or the whole schema")
     show.add_argument("--config", help="a configs/*.py file or a saved config.json (default: the schema defaults)")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -160,6 +164,102 @@ def _resolve(args):
 
     cfg = config_lib.load_config(args.config) if args.config else config_lib.Config()
     return config_lib.apply_overrides(cfg, args.set)
+
+
+def _launch_parser(verbs) -> None:
+    launch = verbs.add_parser("launch", help="run an omni command as a multi-process JAX job (local, slurm, gke, "
+                                             "tpu)").add_subparsers(dest="target", required=True)
+    targets = {
+        "local": "N processes on this machine, D simulated CPU devices each (gloo collectives)",
+        "slurm": "an sbatch script (srun, one process per node); submits it unless --dry-run",
+        "gke": "a JobSet manifest for TPU slices (+ the XPK command); applies it unless --dry-run",
+        "tpu": "gcloud commands: create TPU VM(s), install, run on all workers, delete; runs them unless --dry-run",
+    }
+    for name, text in targets.items():
+        sub = launch.add_parser(name, help=text, description=text + ". The omni command to run follows --; "
+                                "or give --config and --workdir for `train`.")
+        sub.add_argument("--config", help="shorthand: run `train --config CONFIG --workdir WORKDIR`")
+        sub.add_argument("--workdir", help="with --config: the run's workdir (shared storage on clusters)")
+        if name == "local":
+            sub.add_argument("--processes", type=int, required=True)
+            sub.add_argument("--devices-per-process", type=int, default=1)
+            sub.add_argument("--port", type=int, help="coordinator port on 127.0.0.1 (default: a free one)")
+        else:
+            sub.add_argument("--dry-run", action="store_true", help="print what would be run or applied, do nothing")
+            sub.add_argument("--out", help="where the rendered file is written")
+        if name == "slurm":
+            sub.add_argument("--nodes", type=int, required=True)
+            sub.add_argument("--gpus-per-node", type=int, required=True)
+            sub.add_argument("--partition", default="")
+            sub.add_argument("--time", default="24:00:00", help="SLURM time limit")
+            sub.add_argument("--job-name", default="omni")
+            sub.add_argument("--setup", default="", help="a shell line run before srun (e.g. activating a venv)")
+        if name in ("gke", "tpu"):
+            sub.add_argument("--slices", type=int, default=1, help="TPU slices (multislice over DCN)")
+        if name == "gke":
+            sub.add_argument("--image", required=True, help="container image with omni installed")
+            sub.add_argument("--tpu-type", required=True, help="e.g. v5p-128")
+            sub.add_argument("--topology", required=True, help="the slice's chip topology, e.g. 4x4x4 for v5p-128")
+            sub.add_argument("--name", default="omni", help="JobSet / workload name")
+            sub.add_argument("--cluster", default="CLUSTER", help="GKE cluster name for the XPK command line")
+        if name == "tpu":
+            sub.add_argument("--tpu-name", required=True)
+            sub.add_argument("--zone", required=True)
+            sub.add_argument("--accelerator", required=True, help="e.g. v5p-128, v5litepod-16, v6e-16")
+            sub.add_argument("--project", default="")
+            sub.add_argument("--runtime-version", default="v2-alpha-tpuv5")
+            sub.add_argument("--install", default="", help="install command run in ~/omni on every worker")
+            sub.add_argument("--keep", action="store_true", help="do not delete the TPU at the end")
+        sub.add_argument("command", nargs=argparse.REMAINDER, help="-- then the omni command, e.g. -- train ...")
+
+
+def _launch(args) -> int:
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from omni import launch
+
+    command = [a for a in args.command]
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if args.config:
+        if command or not args.workdir:
+            raise ConfigError("give either --config with --workdir (runs train) or a command after --, not both")
+        command = ["train", "--config", args.config, "--workdir", args.workdir]
+    if not command:
+        raise ConfigError("nothing to run: add -- train --config ... --workdir ... (or --config and --workdir)")
+    if args.target == "local":
+        return launch.local(args.processes, args.devices_per_process, command, port=args.port)
+    if args.target == "slurm":
+        text, default_out, runner = launch.slurm_script(
+            command, args.nodes, args.gpus_per_node, job_name=args.job_name, partition=args.partition,
+            time_limit=args.time, setup=args.setup), "omni.sbatch", ["sbatch"]
+    elif args.target == "gke":
+        import yaml
+
+        manifest = launch.gke_jobset(command, args.image, args.tpu_type, args.topology, slices=args.slices,
+                                     name=args.name)
+        text = yaml.safe_dump(manifest, sort_keys=False)
+        text += "# or with XPK: " + launch.xpk_command(command, args.image, args.tpu_type, slices=args.slices,
+                                                          cluster=args.cluster, name=args.name) + "\n"
+        default_out, runner = "jobset.yaml", ["kubectl", "apply", "-f"]
+    else:
+        text = launch.tpu_script(command, args.tpu_name, args.zone, args.accelerator, slices=args.slices,
+                                 project=args.project, runtime_version=args.runtime_version, install=args.install,
+                                 keep=args.keep)
+        default_out, runner = "omni-tpu.sh", ["bash"]
+    out = Path(args.out or default_out)
+    if args.dry_run:
+        print(text, end="")
+        print(f"# dry run: would write {out} and run: {' '.join(runner)} {out}", file=sys.stderr)
+        return 0
+    if shutil.which(runner[0]) is None:
+        raise ConfigError(f"{runner[0]} is not installed here; use --dry-run to print the file and run it where "
+                          f"{runner[0]} is")
+    out.write_text(text)
+    print(f"omni launch: wrote {out}; running {' '.join(runner)} {out}", file=sys.stderr)
+    return subprocess.call([*runner, str(out)])
 
 
 def _options(pairs: list[str]) -> dict:
@@ -265,6 +365,7 @@ def _user_errors() -> tuple:
     """Exceptions that mean bad input (a file, a line, a key): printed as one line, exit code 2."""
     from omni.audio import AudioError
     from omni.dataset import DatasetError
+    from omni.distributed import DistributedError
     from omni.checkpoint import CheckpointMismatchError, NoUsableCheckpointError
     from omni.export import ExportError
     from omni.generate import GenerateError
@@ -273,7 +374,7 @@ def _user_errors() -> tuple:
     from omni.text_tokenizer import TokenizerError
 
     errors = [ConfigError, MeshError, AudioError, DatasetError, ManifestError, TokenizerError,
-              CheckpointMismatchError, NoUsableCheckpointError, ExportError, GenerateError]
+              CheckpointMismatchError, NoUsableCheckpointError, ExportError, GenerateError, DistributedError]
     try:
         from omni.codec import CodecError
 
@@ -293,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    if args.verb == "launch":
+        return _launch(args)
+    if args.verb != "config":
+        from omni import distributed
+
+        distributed.initialize()  # joins a multi-process job when the environment describes one
     if args.verb == "data":
         {"build": _data_build, "show": _data_show, "bench": _data_bench}[args.action](args)
     elif args.verb == "tokenizer":

@@ -1,16 +1,20 @@
 """The input pipeline: a built dataset -> seeded shuffle per epoch -> decode + tokenise -> pack -> batches (grain).
 
     dataset (omni.dataset, TFDS array_record, random access)
-      -> this process's shard: examples [process_index::process_count]
+      -> reading shard s of S: examples [s::S]; process p of P reads shards p*S/P .. (p+1)*S/P - 1
       -> seeded shuffle, new order every epoch, endless repeat           (train only)
       -> Tokenize (worker_threads threads): decode images and resize them to the patch budget, text through
          the tokenizer, audio codes to tokens; an over-long example is split or truncated (data.overlong)
       -> first-fit packing into seq_len rows (segment ids, positions restart per example, target masks kept)
-      -> batches of [local_batch, seq_len, ...] in the layout of omni.batch
-      -> num_workers > 0: the whole chain runs in grain worker processes, prefetching ahead of the trainer
+      -> batches of [batch_size / S, seq_len, ...] per shard in the layout of omni.batch; a process's batch is
+         its shards' batches in shard order, i.e. rows of the global batch that its devices hold
+      -> num_workers > 0: each shard's chain runs in grain worker processes, prefetching ahead of the trainer
 
-The train iterator is a grain `DatasetIterator` whose state is saved in every checkpoint, so a resumed run
-continues with exactly the next batch. Nothing is dropped silently: splits are counted in the dataset build
+S is data.shards, or the process count when that is 0. A global batch is the concatenation of all S shard
+batches, so with data.shards fixed (say 8) the batches and their order are the same whether 1, 2, 4 or 8
+processes read them, and a run saved by N processes resumes on M with the same data order. The train
+iterator (ShardedBatches) saves every shard's grain iterator state in each checkpoint (one file per shard,
+omni.checkpoint), so a resumed run continues with exactly the next batch. Nothing is dropped silently: splits are counted in the dataset build
 report, over-long examples are split by default and truncation is logged.
 """
 
@@ -29,7 +33,7 @@ from grain import experimental as grain_experimental
 
 from omni import dataset as dataset_lib
 from omni.batch import FIELDS
-from omni.config import Config, DataConfig
+from omni.config import Config, ConfigError, DataConfig
 from omni.tokens import Vocab, encode_example
 
 PACKED_FIELDS = ("tokens", "patches", "modality", "is_target")
@@ -222,19 +226,28 @@ def local_batch_size(cfg: Config, process_count: int) -> int:
     return cfg.train.batch_size // process_count
 
 
+def num_shards(cfg: Config, process_count: int) -> int:
+    """S: data.shards, or one per process; checked to split over the processes and the batch."""
+    shards = cfg.data.shards or process_count
+    if shards % process_count or cfg.train.batch_size % shards:
+        raise ConfigError(f"data.shards={shards} must be a multiple of the {process_count} processes and divide "
+                         f"train.batch_size={cfg.train.batch_size}; set --set data.shards=N accordingly")
+    return shards
+
+
 def split_source(cfg: DataConfig, split: str, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """This process's shard of a split's stored examples."""
+    """Shard `process_index` of `process_count` of a split's stored examples."""
     return grain.MapDataset.source(dataset_for(cfg).source(split))[process_index::process_count]
 
 
-def train_dataset(cfg: Config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """Endless packed train batches of this process: dict of [local_batch, seq_len, ...] numpy arrays."""
-    batch = local_batch_size(cfg, process_count)
-    examples = split_source(cfg.data, "train", process_index, process_count)
+def shard_dataset(cfg: Config, shard: int, shards: int) -> grain.IterDataset:
+    """Endless packed batches of one reading shard: dict of [batch_size / shards, seq_len, ...] numpy arrays."""
+    rows = cfg.train.batch_size // shards
+    examples = split_source(cfg.data, "train", shard, shards)
     ds = examples.seed(cfg.data.shuffle_seed).shuffle().repeat().map(Tokenize(cfg.data))
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.data.worker_threads, prefetch_buffer_size=4 * batch))
-    ds = _pack(ds, cfg.data, cfg.data.packing_bins or batch, shuffle_bins=True)
-    ds = ds.batch(batch, drop_remainder=True).map(_unpack_names)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.data.worker_threads, prefetch_buffer_size=4 * rows))
+    ds = _pack(ds, cfg.data, cfg.data.packing_bins or rows, shuffle_bins=True)
+    ds = ds.batch(rows, drop_remainder=True).map(_unpack_names)
     if cfg.data.num_workers:
         from absl import flags
 
@@ -242,6 +255,48 @@ def train_dataset(cfg: Config, process_index: int = 0, process_count: int = 1) -
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.num_workers))
     return ds
+
+
+class ShardedBatches:
+    """This process's endless train batches, [batch_size / process_count, seq_len, ...]: the batches of its
+    reading shards, concatenated in shard order. State: every shard's grain iterator state."""
+
+    def __init__(self, cfg: Config, process_index: int = 0, process_count: int = 1):
+        self.num_shards = num_shards(cfg, process_count)
+        per_process = self.num_shards // process_count
+        self.shard_ids = list(range(process_index * per_process, (process_index + 1) * per_process))
+        self._iterators = [iter(shard_dataset(cfg, s, self.num_shards)) for s in self.shard_ids]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        parts = [next(it) for it in self._iterators]
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def close(self) -> None:
+        """Stops the shards' worker processes (data.num_workers > 0)."""
+        for it in self._iterators:
+            if hasattr(it, "close"):
+                it.close()
+
+    def get_state(self) -> dict:
+        return {"num_shards": self.num_shards,
+                "shards": {str(s): it.get_state() for s, it in zip(self.shard_ids, self._iterators)}}
+
+    def set_state(self, state: dict) -> None:
+        if state["num_shards"] != self.num_shards:
+            raise ValueError(f"iterator state of {state['num_shards']} reading shards cannot restore a pipeline of "
+                             f"{self.num_shards}; set data.shards={state['num_shards']}")
+        for s, it in zip(self.shard_ids, self._iterators):
+            it.set_state(state["shards"][str(s)])
+
+
+def train_dataset(cfg: Config, process_index: int = 0, process_count: int = 1) -> ShardedBatches:
+    """Endless packed train batches of this process (ShardedBatches; module docstring)."""
+    return ShardedBatches(cfg, process_index, process_count)
 
 
 def eval_batches(cfg: Config, process_index: int = 0, process_count: int = 1) -> list[dict]:

@@ -377,7 +377,7 @@ def generate(graphdef, params, model_cfg, vocab: Vocab, prompts: list[dict], *, 
     state = jax.block_until_ready(decode(params, state))
     decode_s = time.perf_counter() - start
 
-    out = np.asarray(state["out"])
+    out = _to_host(state["out"])
     tokens, stopped = [], []
     for row in out:
         hits = np.flatnonzero(np.isin(row, stop_ids))
@@ -387,7 +387,16 @@ def generate(graphdef, params, model_cfg, vocab: Vocab, prompts: list[dict], *, 
     produced = sum(len(t) + (s is not None) for t, s in zip(tokens, stopped))
     return GenerationResult(tokens=tokens, stopped=stopped, prefill_s=prefill_s, decode_s=decode_s,
                             compile_s=compile_prefill + compile_decode, decode_tokens=produced - n,
-                            decode_steps=int(state["step"]) - 1)
+                            decode_steps=int(_to_host(state["step"])) - 1)
+
+
+def _to_host(x) -> np.ndarray:
+    """A result as numpy on this process, gathered from the others when its shards live on several hosts."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 # ----------------------------------------------------------------------------------------------- outputs

@@ -3,8 +3,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from omni import data
+from omni import config as config_lib, data
 from omni.batch import check_batch
+from omni.config import ConfigError
 from omni.tokens import ByteTokenizer, encode_example
 from tests.conftest import tiny_config
 
@@ -137,3 +138,34 @@ def test_worker_processes_deliver_and_resume_exactly():
         got = next(fresh)
         assert all(np.array_equal(got[k], want[k]) for k in want)
     fresh.close()
+
+
+def test_fixed_reading_shards_give_the_same_global_batches_for_any_process_count():
+    cfg = tiny_config()
+    cfg.data.shards = 4
+    per_count = {}
+    for processes in (1, 2, 4):
+        iterators = [data.train_dataset(cfg, p, processes) for p in range(processes)]
+        per_count[processes] = [{k: np.concatenate([next_batch[k] for next_batch in rows]) for k in rows[0]}
+                                for rows in ([next(it) for it in iterators] for _ in range(3))]
+    for processes in (2, 4):
+        for got, want in zip(per_count[processes], per_count[1]):
+            assert all(np.array_equal(got[k], want[k]) for k in want), processes
+    one = data.train_dataset(cfg)  # the state of 4 shards restores across process counts
+    next(one)
+    state = one.get_state()
+    halves = [data.train_dataset(cfg, p, 2) for p in range(2)]
+    for half in halves:
+        half.set_state(state)
+    want = next(one)
+    got = [next(h) for h in halves]
+    assert all(np.array_equal(np.concatenate([got[0][k], got[1][k]]), want[k]) for k in want)
+
+
+def test_shards_that_do_not_split_are_refused():
+    cfg = tiny_config()
+    cfg.data.shards = 4
+    with pytest.raises(ConfigError, match="multiple of the 3 processes"):
+        data.train_dataset(cfg, 0, 3)
+    with pytest.raises(ConfigError, match="must be 0 or divide"):
+        config_lib.apply_overrides(tiny_config(), ["data.shards=3"])

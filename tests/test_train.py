@@ -76,7 +76,6 @@ def test_running_again_resumes_from_the_last_checkpoint(trained, capsys):
 
 def test_checkpoint_holds_the_worker_pipeline_position(tmp_path):
     """With grain worker processes, a checkpoint at step 3 restores the iterator to the 4th batch."""
-    import grain
     import orbax.checkpoint as ocp
 
     from omni import checkpoint
@@ -90,7 +89,7 @@ def test_checkpoint_holds_the_worker_pipeline_position(tmp_path):
     reference.close()
     resumed = iter(data.train_dataset(cfg))
     manager = checkpoint.make_manager(tmp_path, cfg.train)
-    manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+    manager.restore(3, args=ocp.args.Composite(data=checkpoint.DataRestore(resumed)))
     got = next(resumed)
     resumed.close()
     assert all(np.array_equal(got[k], want[k]) for k in want)
