@@ -121,6 +121,10 @@ class MeshConfig:
     data: int = doc(-1, "data-parallel axis size; -1 means the devices left over")
     fsdp: int = doc(1, "fully-sharded data-parallel axis size (params sharded, batch split); -1 as above")
     tensor: int = doc(1, "tensor-parallel axis size (heads, MLP, vocab split); -1 as above")
+    dcn_data: int = doc(1, "multislice: how many slices (or hosts, on devices without slices) the data axis spans "
+                           "over the data-centre network; mesh.data is the total, mesh.data / dcn_data lies in one slice")
+    dcn_fsdp: int = doc(1, "multislice: as dcn_data, for the fsdp axis")
+    dcn_tensor: int = doc(1, "multislice: as dcn_data, for the tensor axis (rarely worth it: tensor traffic is heavy)")
     rules: list = doc(
         [
             ["batch", ["data", "fsdp"]],
@@ -377,6 +381,9 @@ def validate(config: Config) -> None:
         size = getattr(config.mesh, key)
         if size == 0 or size < -1:
             raise ConfigError(f"'mesh.{key}' must be a positive size or -1 (the devices left over), got {size}")
+    for key in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
+        if getattr(config.mesh, key) < 1:
+            raise ConfigError(f"'mesh.{key}' must be >= 1, got {getattr(config.mesh, key)}")
     if sum(getattr(config.mesh, k) == -1 for k in ("data", "fsdp", "tensor")) > 1:
         raise ConfigError("at most one of 'mesh.data', 'mesh.fsdp', 'mesh.tensor' may be -1")
     for rule in config.mesh.rules:

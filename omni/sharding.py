@@ -13,6 +13,7 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from omni.config import MeshConfig
@@ -50,9 +51,26 @@ def _mismatch(cfg: MeshConfig, num_devices: int, why: str) -> str:
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    """The (data, fsdp, tensor) mesh; with mesh.dcn_* > 1 a hybrid mesh whose dcn part spans slices (TPU
+    multislice) or, where all devices are in one slice (GPU and CPU hosts), processes."""
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    dcn = tuple(getattr(cfg, f"dcn_{a}") for a in AXES)
+    if dcn == (1, 1, 1):
+        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    for axis, total, across in zip(AXES, shape, dcn):
+        if total % across:
+            raise MeshError(f"mesh.{axis} = {total} does not divide into mesh.dcn_{axis} = {across} slices")
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    has_slices = len(slices) > 1  # several TPU slices; otherwise each process counts as one (GPU/CPU hosts)
+    granules = len(slices) if has_slices else len({d.process_index for d in devices})
+    if math.prod(dcn) != granules:
+        kind = "slices" if has_slices else "processes"
+        raise MeshError(f"mesh.dcn_data x dcn_fsdp x dcn_tensor = {math.prod(dcn)} but the job has {granules} "
+                        f"{kind}; make their product {granules}")
+    ici = tuple(total // across for total, across in zip(shape, dcn))
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not has_slices)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def rules_tuple(rules) -> tuple:

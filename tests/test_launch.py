@@ -183,8 +183,9 @@ def _train_one_process(config: Path, workdir: Path) -> str:
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_on_one(tmp_path):
-    """data.shards=2: a 2-process x 4-device run has the loss curve of a 1 x 8 run; stopped by SIGTERM and
-    resumed by one process, it still follows that curve (data order included)."""
+    """data.shards=2: a 2-process x 4-device run (hybrid mesh, the data axis across the 2 processes as DCN
+    granules) has the loss curve of a 1 x 8 run; stopped by SIGTERM and resumed by one process, it still
+    follows that curve (data order included)."""
     cfg = tiny_config()
     cfg.data.shards = 2
     cfg.train.steps, cfg.train.log_every, cfg.train.checkpoint_every = 12, 1, 0
@@ -194,7 +195,8 @@ def test_two_processes_match_one_and_resume_on_one(tmp_path):
     reference = _losses(tmp_path / "one")
 
     out, _ = _launch("--processes", "2", "--devices-per-process", "4", "--", "train", "--config", str(config),
-                     "--workdir", str(tmp_path / "two"), "--no-progress").communicate(timeout=300)
+                     "--workdir", str(tmp_path / "two"), "--no-progress", "--set", "mesh.dcn_data=2",
+                     "--set", "mesh.dcn_fsdp=1").communicate(timeout=300)  # a hybrid mesh: data over 2 "slices"
     two = _losses(tmp_path / "two")
     assert sorted(two) == sorted(reference) == list(range(1, 13)), out[-2000:]
     for step in reference:

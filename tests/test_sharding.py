@@ -91,3 +91,13 @@ def test_late_and_cross_fusion_shard_like_early(fusion):
     stack = state["params"]["modality_blocks" if "late" in fusion[0] else "cross_blocks"]
     wq = stack["attn"]["wq"]  # [layers, (modality,) d, heads, head_dim]: d over fsdp, heads over tensor
     assert wq.sharding.shard_shape(wq.shape)[-3:] == (wq.shape[-3] // 2, wq.shape[-2] // 2, wq.shape[-1])
+
+
+def test_dcn_sizes_must_match_the_slices_or_processes():
+    cfg = MeshConfig(data=8, dcn_data=2)  # one process here: one granule
+    with pytest.raises(sharding.MeshError, match="= 2 but the job has 1 processes"):
+        sharding.make_mesh(cfg)
+    with pytest.raises(sharding.MeshError, match="mesh.fsdp = 2 does not divide into mesh.dcn_fsdp = 4"):
+        sharding.make_mesh(MeshConfig(data=4, fsdp=2, dcn_fsdp=4))
+    mesh = sharding.make_mesh(MeshConfig(data=4, fsdp=2, dcn_data=1))
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
