@@ -220,7 +220,7 @@ def _launch(args) -> int:
 
     from omni import launch
 
-    command = [a for a in args.command]
+    command = list(args.command)
     if command[:1] == ["--"]:
         command = command[1:]
     if args.config:
