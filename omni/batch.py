@@ -32,6 +32,11 @@ FIELDS = {
 }
 
 
+def patch_dim(cfg) -> int:
+    """Size of one patch vector, the last axis of `patches`: P*P*3 for cfg (a DataConfig) with patch_size P."""
+    return cfg.patch_size * cfg.patch_size * 3
+
+
 def check_batch(batch: dict, seq_len: int, patch_dim: int) -> None:
     """Raises ValueError naming the field whose dtype or shape breaks the contract above."""
     missing = set(FIELDS) - set(batch)

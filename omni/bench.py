@@ -30,10 +30,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from omni import data, sharding, train
+from omni import sharding, train
+from omni.batch import patch_dim
 from omni.config import Config, ConfigError
 from omni.model import flops_per_token, matmul_params, param_count
-from omni.tokens import AUDIO, IMAGE, PAD, TEXT, ByteTokenizer, Vocab, encode_example
+from omni.tokens import AUDIO, IMAGE, PAD, TEXT, ByteTokenizer, Vocab, encode_example, fit_to_length
 
 MIX = {"image": 0.35, "speech": 0.35, "text": 0.30}  # shares of the packed positions each kind of example fills
 
@@ -73,7 +74,7 @@ def synthetic_batch(cfg: Config, vocab: Vocab, rng: np.random.Generator, text_on
     filled = dict.fromkeys(MIX, 0)
     tokenizer = ByteTokenizer()
     batch = {"tokens": np.zeros((rows, seq_len), np.int32),
-             "patches": np.zeros((rows, seq_len, data.patch_dim(cfg.data)), np.float32),
+             "patches": np.zeros((rows, seq_len, patch_dim(cfg.data)), np.float32),
              "modality": np.zeros((rows, seq_len), np.int32), "segment_ids": np.zeros((rows, seq_len), np.int32),
              "positions": np.zeros((rows, seq_len), np.int32), "is_target": np.zeros((rows, seq_len), bool)}
     fill = np.zeros(rows, int)
@@ -84,7 +85,7 @@ def synthetic_batch(cfg: Config, vocab: Vocab, rng: np.random.Generator, text_on
         kind = "text" if text_only else max(MIX, key=lambda k: MIX[k] * total - filled[k])
         encoded = encode_example(synthetic_example(rng, kind, cfg, vocab, frame_rate), vocab, tokenizer,
                                  cfg.data.patch_size, cfg.data.audio_layout)
-        for piece in data.fit_to_length(encoded, seq_len, "split", "synthetic"):
+        for piece in fit_to_length(encoded, seq_len, "split", "synthetic"):
             n = len(piece["tokens"])
             row = next((r for r in range(rows) if fill[r] + n <= seq_len), None)
             if row is None:

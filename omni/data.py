@@ -32,13 +32,12 @@ import numpy as np
 from grain import experimental as grain_experimental
 
 from omni import dataset as dataset_lib
-from omni.batch import FIELDS
+from omni.batch import FIELDS, patch_dim  # noqa: F401  (data.patch_dim: the name callers know)
 from omni.config import Config, ConfigError, DataConfig
-from omni.tokens import Vocab, encode_example
+from omni.tokens import MAX_CHUNKS, Vocab, encode_example, fit_to_length  # noqa: F401
 
 PACKED_FIELDS = ("tokens", "patches", "modality", "is_target")
 DEMO_VERSION = 1
-MAX_CHUNKS = 64  # the most pieces data.overlong="split" cuts one example into
 log = logging.getLogger("omni.data")
 
 
@@ -118,10 +117,6 @@ def vocab_for(cfg: DataConfig) -> Vocab:
     return Vocab(text_size=tokenizer_for(cfg).vocab_size, codebook_sizes=dataset_for(cfg).codebook_sizes)
 
 
-def patch_dim(cfg: DataConfig) -> int:
-    return cfg.patch_size * cfg.patch_size * 3
-
-
 # ----------------------------------------------------------------------------------------------- examples
 
 def fit_image(image_HxWx3: np.ndarray, patch_size: int, max_patches: int) -> np.ndarray:
@@ -161,23 +156,6 @@ def prepare(record: dict, cfg: DataConfig, codebook_count: int) -> dict:
             segment["image"] = fit_image(decode_image(segment.pop("image_bytes")), cfg.patch_size,
                                          cfg.max_image_patches)
     return example
-
-
-def fit_to_length(encoded: dict, seq_len: int, overlong: str, example_id: str) -> list[dict]:
-    """The example as pieces of at most seq_len positions, by the data.overlong rule."""
-    n = len(encoded["tokens"])
-    if n <= seq_len:
-        return [encoded]
-    if overlong == "error":
-        raise ValueError(f"example {example_id} has {n} tokens, more than data.seq_len={seq_len}; raise "
-                         "data.seq_len or set data.overlong=split|truncate")
-    if overlong == "truncate":
-        log.warning("example %s: %d tokens truncated to data.seq_len=%d", example_id, n, seq_len)
-        return [{k: v[:seq_len] for k, v in encoded.items()}]
-    if n > MAX_CHUNKS * seq_len:
-        raise ValueError(f"example {example_id} has {n} tokens, more than {MAX_CHUNKS} x data.seq_len; "
-                         "raise data.seq_len or shorten the example")
-    return [{k: v[start:start + seq_len] for k, v in encoded.items()} for start in range(0, n, seq_len)]
 
 
 class Tokenize(grain.transforms.Map):

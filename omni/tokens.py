@@ -23,6 +23,7 @@ Opening and closing markers of a target audio span are targets (the model must l
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import einops
@@ -218,3 +219,24 @@ def describe_tokens(token_ids, vocab: Vocab, tokenizer) -> str:
     if text:
         out.append(tokenizer.decode(text))
     return "".join(out)
+
+
+MAX_CHUNKS = 64  # the most pieces data.overlong="split" cuts one example into
+_pipeline_log = logging.getLogger("omni.data")  # the input pipeline applies this rule and owns its warnings
+
+
+def fit_to_length(encoded: dict, seq_len: int, overlong: str, example_id: str) -> list[dict]:
+    """The example as pieces of at most seq_len positions, by the data.overlong rule."""
+    n = len(encoded["tokens"])
+    if n <= seq_len:
+        return [encoded]
+    if overlong == "error":
+        raise ValueError(f"example {example_id} has {n} tokens, more than data.seq_len={seq_len}; raise "
+                         "data.seq_len or set data.overlong=split|truncate")
+    if overlong == "truncate":
+        _pipeline_log.warning("example %s: %d tokens truncated to data.seq_len=%d", example_id, n, seq_len)
+        return [{k: v[:seq_len] for k, v in encoded.items()}]
+    if n > MAX_CHUNKS * seq_len:
+        raise ValueError(f"example {example_id} has {n} tokens, more than {MAX_CHUNKS} x data.seq_len; "
+                         "raise data.seq_len or shorten the example")
+    return [{k: v[start:start + seq_len] for k, v in encoded.items()} for start in range(0, n, seq_len)]

@@ -21,10 +21,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from omni import checkpoint, config as config_lib, data, preemption, sharding
+from omni import config as config_lib, sharding
+from omni.batch import FIELDS, patch_dim
 from omni.config import Config
 from omni.loss import loss_sums, metrics_from_sums
-from omni.metrics import MetricWriter
 from omni.model import OmniTransformer, flops_per_token, param_count
 
 # Datasheet dense bf16 peaks per chip, FLOP/s, for the 'mfu_datasheet' figure.
@@ -38,8 +38,11 @@ DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e
 
 def build_model(cfg: Config, seed: int | None = None, vocab=None) -> OmniTransformer:
     """The model for `cfg`; the vocabulary is the dataset's unless given (benchmarks have no dataset)."""
-    vocab = vocab or data.vocab_for(cfg.data)
-    return OmniTransformer(cfg.model, vocab.size, data.patch_dim(cfg.data),
+    if vocab is None:
+        from omni import data
+
+        vocab = data.vocab_for(cfg.data)
+    return OmniTransformer(cfg.model, vocab.size, patch_dim(cfg.data),
                            rngs=nnx.Rngs(cfg.train.seed if seed is None else seed))
 
 
@@ -145,7 +148,7 @@ def make_train_step(cfg: Config, graphdef, tx, schedule, mesh, shardings):
         metrics["lr"] = schedule(state["step"])
         return new_state, metrics
 
-    batch_sh = {k: sharding.batch_sharding(mesh, rules, 3 if k == "patches" else 2) for k in data.FIELDS}
+    batch_sh = {k: sharding.batch_sharding(mesh, rules, 3 if k == "patches" else 2) for k in FIELDS}
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated),
                      donate_argnums=0)
@@ -208,7 +211,10 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
     """Trains (or resumes) in `workdir`; returns the final eval metrics."""
     from tqdm.auto import tqdm
 
-    from omni import demo_eval
+    # The input pipeline (grain), checkpoints and event files are imported here, not at the top: `omni bench`
+    # uses this module's step functions on accelerator hosts that have none of grain or tensorboardX.
+    from omni import checkpoint, data, demo_eval, preemption
+    from omni.metrics import MetricWriter
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -340,6 +346,8 @@ def _checkpoint_due(cfg: Config, done: int, log_step: bool, last_save_time: floa
     if done == tc.steps or (tc.checkpoint_every and done % tc.checkpoint_every == 0):
         return True
     if tc.checkpoint_minutes > 0 and log_step:
+        from omni import checkpoint
+
         return checkpoint.agree(time.monotonic() - last_save_time >= 60 * tc.checkpoint_minutes)
     return False
 
