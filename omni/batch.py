@@ -37,6 +37,11 @@ def patch_dim(cfg) -> int:
     return cfg.patch_size * cfg.patch_size * 3
 
 
+def runs_per_row(ids_BxL: np.ndarray) -> np.ndarray:
+    """int [B]: how many runs of equal consecutive ids each row holds (segment_ids: examples + trailing padding)."""
+    return 1 + np.sum(ids_BxL[:, 1:] != ids_BxL[:, :-1], axis=1)
+
+
 def check_batch(batch: dict, seq_len: int, patch_dim: int) -> None:
     """Raises ValueError naming the field whose dtype or shape breaks the contract above."""
     missing = set(FIELDS) - set(batch)

@@ -11,7 +11,13 @@ memory, compile time, and the share of positions per modality.
 FLOPs (the same formula the training logs use, omni.model.flops_per_token): 6 x matmul params x tokens +
 causal attention 6 x layers x seq x heads x head_dim per token. Matmul params are the attention and MLP
 weights of every layer plus the unembedding; the input embedding lookup and the patch projection are not
-counted, as MaxText and ../shared/bench/plain_jax_step.py count.
+counted, as MaxText and ../shared/bench/plain_jax_step.py count. The attention term counts every row as one
+causal sequence of seq_len; `attention_in_segments` is the share of it inside packed segments, the part the
+packed (cuDNN) kernel computes, so a reader can discount the rest.
+
+Attention: `attention` is the kernel used (omni.model.attend: cudnn = packed-sequence flash attention, rows
+described by segment offsets; xla = dense segment mask), `segments_per_row` the most runs a row held against
+model.max_segments.
 
 The synthetic batch (no dataset needed, so it runs on a bare accelerator host): image + caption examples
 (max_image_patches patches, 10-60 byte caption, text target), speech (2-10 s of codes at 12.5 frames/s with a
@@ -31,9 +37,9 @@ import jax
 import numpy as np
 
 from omni import sharding, train
-from omni.batch import patch_dim
+from omni.batch import patch_dim, runs_per_row
 from omni.config import Config, ConfigError
-from omni.model import flops_per_token, matmul_params, param_count
+from omni.model import attention_implementation, flops_per_token, matmul_params, param_count
 from omni.tokens import AUDIO, IMAGE, PAD, TEXT, ByteTokenizer, Vocab, encode_example, fit_to_length
 
 MIX = {"image": 0.35, "speech": 0.35, "text": 0.30}  # shares of the packed positions each kind of example fills
@@ -102,6 +108,15 @@ def synthetic_batch(cfg: Config, vocab: Vocab, rng: np.random.Generator, text_on
     return batch
 
 
+def attention_in_segments(batch: dict) -> float:
+    """The share of the counted causal attention (every row attending over all seq_len positions) that lies
+    inside packed segments: sum of segment length^2 over rows x seq_len^2. Packed-sequence attention (cuDNN)
+    computes only this part, so the FLOP formula credits the rest without it being done."""
+    ids = batch["segment_ids"]
+    inside = sum(int(np.sum(row == s)) ** 2 for row in ids for s in np.unique(row[row > 0]))
+    return round(inside / (ids.shape[0] * ids.shape[1] ** 2), 4)
+
+
 def modality_shares(batch: dict) -> dict:
     total = batch["modality"].size
     names = {"text": TEXT, "image": IMAGE, "audio": AUDIO, "pad": PAD}
@@ -125,6 +140,8 @@ def run(cfg: Config, *, text_only: bool = False, warmup: int = 2, steps: int = 5
     step_fn = train.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
     rng = np.random.default_rng(seed)
     host_batches = [synthetic_batch(cfg, vocab, rng, text_only, frame_rate) for _ in range(2)]
+    for batch in host_batches:
+        train.check_packed_rows(cfg, batch)
     batches = [sharding.global_batch(b, mesh, cfg.mesh.rules) for b in host_batches]
 
     start = time.perf_counter()
@@ -147,6 +164,8 @@ def run(cfg: Config, *, text_only: bool = False, warmup: int = 2, steps: int = 5
         "what": "bench", "config": cfg.name, "text_only": text_only, "platform": platform,
         "device": mesh.devices.flat[0].device_kind, "devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
         "batch": [cfg.train.batch_size, cfg.data.seq_len], "dtype": cfg.model.dtype, "remat": cfg.model.remat,
+        "attention": attention_implementation(cfg.model), "max_segments": cfg.model.max_segments,
+        "segments_per_row": int(max(runs_per_row(b["segment_ids"]).max() for b in host_batches)),
         "params": int(param_count(state["params"])), "matmul_params": int(matmul_params(cfg.model, vocab.size)),
         "vocab": vocab.size, "flops_per_token": flops_tok, "step_time_s": step_time, "tokens_per_s": tokens / step_time,
         "tflops_per_s": achieved / 1e12, "tflops_per_s_per_device": achieved / 1e12 / mesh.devices.size,
@@ -155,6 +174,7 @@ def run(cfg: Config, *, text_only: bool = False, warmup: int = 2, steps: int = 5
         "peak_memory_gib": _peak_memory_gib(mesh), "compile_s": compile_s, "warmup_steps": warmup,
         "timed_steps": steps, "loss": float(metrics["loss"]), "positions": modality_shares(host_batches[0]),
         "target_fraction": round(float(host_batches[0]["is_target"].mean()), 4),
+        "attention_in_segments": attention_in_segments(host_batches[0]),
     }
     line = json.dumps(result)
     print(line)

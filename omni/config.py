@@ -43,12 +43,17 @@ class ModelConfig:
     norm_eps: float = doc(1e-6, "RMSNorm epsilon")
     dtype: Literal["bfloat16", "float32"] = doc("bfloat16", "compute dtype of activations and matmuls")
     param_dtype: Literal["float32", "bfloat16"] = doc("float32", "dtype parameters are stored and updated in")
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = doc(
+    remat: Literal["none", "full", "dots", "dots_no_batch", "dots_attn"] = doc(
         "none", "what each block keeps for the backward pass: none = keep all, full = recompute all, "
-        "dots = save matmul outputs, dots_no_batch = save matmuls without batch dims")
+        "dots = save matmul outputs, dots_no_batch = save matmuls without batch dims, dots_attn = dots_no_batch "
+        "and the fused (cuDNN) attention kernel's outputs, so its forward is not re-run in the backward pass")
     scan_layers: bool = doc(True, "stack blocks with nnx.scan so compile time does not grow with depth")
     attention: Literal["auto", "xla", "cudnn"] = doc(
-        "auto", "jax.nn.dot_product_attention implementation (auto picks cuDNN on GPU when it can)")
+        "auto", "attention kernel: cudnn = cuDNN flash attention, packed segments given as offsets (no [L, L] "
+                "mask); xla = XLA's with a dense segment mask; auto = cudnn on GPU for bf16 compute, else xla")
+    max_segments: int = doc(
+        64, "cuDNN attention: the most runs one row of a batch may hold (packed examples, trailing padding counting "
+            "as one; with late fusion every modality span counts). A batch with a longer row is refused, naming it")
     init_std: float = doc(0.02, "std of the normal init of embeddings and projections")
     fusion: Literal["early", "late", "cross"] = doc(
         "early", "early: every token shares every layer; late: the first model.late_layers layers are "
@@ -347,7 +352,7 @@ def validate(config: Config) -> None:
     positive = {"model.d": m.d, "model.layers": m.layers, "model.heads": m.heads, "model.kv_heads": m.kv_heads,
                 "data.seq_len": d.seq_len, "data.patch_size": d.patch_size, "train.steps": t.steps,
                 "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
-                "data.max_image_patches": d.max_image_patches}
+                "data.max_image_patches": d.max_image_patches, "model.max_segments": m.max_segments}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"'{key}' must be positive, got {value}")

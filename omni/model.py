@@ -52,10 +52,21 @@ from omni.tokens import IMAGE, IMAGE_PATCH
 # Logical names are resolved against the mesh rules by the trainer, not when a variable is created.
 nnx.use_eager_sharding(False)
 
+FUSED_ATTENTION_PRIMITIVES = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")  # cuDNN's kernel
+
+
+def _dots_and_fused_attention_saveable(prim, *args, **params) -> bool:
+    """Save the weight matmuls' outputs and the fused attention kernel's (output and softmax statistics): the
+    backward pass then re-runs only elementwise work, never the attention forward kernel."""
+    return (prim.name in FUSED_ATTENTION_PRIMITIVES
+            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
+
+
 REMAT_POLICIES = {
     "full": None,  # jax.checkpoint's default: save nothing, recompute everything
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_attn": _dots_and_fused_attention_saveable,
 }
 
 
@@ -124,12 +135,14 @@ class Attention(nnx.Module):
         self.wo = _modality_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, pd, m)
         self.cfg, self.causal, self.rotary = cfg, causal, rotary
 
-    def __call__(self, x_BxLxD, mask_Bx1xLxL, positions_BxL, cache=None, layer=None, decode=False,
+    def __call__(self, x_BxLxD, visible, positions_BxL, cache=None, layer=None, decode=False,
                  route_BxLxM=None, context_BxSxD=None):
         """Attention output [B, L, D]; with a cache (module docstring) returns (output, updated cache).
 
-        mask_Bx1xLxL (bool, key s visible to query t; causal attention also requires s <= t) is ignored when
-        decoding. With context_BxSxD keys and values come from it (cross-attention, mask [B, 1, L, S]).
+        visible says which keys each query sees (causal attention also requires s <= t): run ids int [B, L]
+        (a query sees the keys of its own run of equal ids, see attend), or a bool mask [B, 1, L, S] (key s
+        visible to query t). Ignored when decoding. With context_BxSxD keys and values come from it
+        (cross-attention, a mask [B, 1, L, S]).
         """
         dt = jnp.dtype(self.cfg.dtype)
         context = x_BxLxD if context_BxSxD is None else context_BxSxD
@@ -146,9 +159,7 @@ class Attention(nnx.Module):
             cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype),
                                                         (layer, 0, 0, 0, 0))
                      for name, new in (("k", k_BxLxKxH), ("v", v_BxLxKxH))}
-        implementation = None if self.cfg.attention == "auto" else self.cfg.attention
-        out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xLxL,
-                                                   is_causal=self.causal, implementation=implementation)
+        out_BxLxNxH = attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, visible, self.causal, self.cfg)
         out_BxLxD = dense("blnh,nhd->bld", out_BxLxNxH, self.wo[...], dt, route_BxLxM)
         return out_BxLxD if cache is None else (out_BxLxD, cache)
 
@@ -163,6 +174,66 @@ class Attention(nnx.Module):
                                                    key_value_seq_lengths=(slot_B + 1).astype(jnp.int32))
         out_Bx1xD = jnp.einsum("blnh,nhd->bld", out_Bx1xNxH, self.wo[...].astype(jnp.dtype(self.cfg.dtype)))
         return out_Bx1xD, cache
+
+
+def attention_implementation(cfg: ModelConfig) -> str:
+    """'cudnn' or 'xla': model.attention, where 'auto' means cuDNN's fused flash attention on GPUs for bf16/fp16
+    compute (it has no float32 kernels) and XLA's everywhere else."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    return "cudnn" if jax.default_backend() == "gpu" and cfg.dtype != "float32" else "xla"
+
+
+def attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible, causal: bool, cfg: ModelConfig):
+    """Softmax attention [B, L, N, H] under `visible`: run ids int [B, L] or a bool mask [B, 1, L, S].
+
+    Run ids: a query sees the keys of its own run of equal consecutive ids (a packed segment, padding counting as
+    one, or a modality span), causally. With cuDNN that is its packed-sequence flash attention: no [L, L] mask
+    exists and the blocks outside every run are skipped. With XLA (and for explicit masks) the mask is built
+    here, inside the layer, so it is neither held across the layer scan nor saved for the backward pass.
+    """
+    implementation = attention_implementation(cfg)
+    if visible.ndim == 2:
+        if implementation == "cudnn" and causal and q_BxLxNxH.shape[1] == k_BxSxKxH.shape[1]:
+            return _cudnn_packed_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible, cfg.max_segments)
+        visible = same_ids_mask(visible)
+    return jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=visible, is_causal=causal,
+                                        implementation=implementation)
+
+
+def packed_runs(ids_BxL, max_runs: int):
+    """The runs of equal consecutive ids in each row, as cuDNN's packed-sequence attention describes them:
+
+        lengths_BxM   int32 [B, M]     length of run m of the row, -1 past the row's last run
+        starts_BxM1   int32 [B, M+1]   offset of run m inside the row, -1 past the row's last run
+
+    M = max_runs. Runs past the M-th are dropped (their positions would attend to nothing): the trainer checks
+    every batch on the host first (omni.batch.runs_per_row) and refuses one with a longer row.
+    """
+    batch, length = ids_BxL.shape
+    new_run_BxL = jnp.concatenate([jnp.ones((batch, 1), bool), ids_BxL[:, 1:] != ids_BxL[:, :-1]], axis=1)
+    run_BxL = jnp.cumsum(new_run_BxL, axis=1, dtype=jnp.int32) - 1
+    rows_Bx1 = jnp.arange(batch)[:, None]
+    lengths_BxM = jnp.zeros((batch, max_runs), jnp.int32).at[rows_Bx1, run_BxL].add(1, mode="drop")
+    runs_Bx1 = run_BxL[:, -1:] + 1
+    lengths_BxM = jnp.where(jnp.arange(max_runs)[None] < runs_Bx1, lengths_BxM, -1)
+    slot_BxL = jnp.where(new_run_BxL, run_BxL, max_runs + 1)  # only a run's first position writes its start
+    starts_BxM1 = jnp.full((batch, max_runs + 1), -1, jnp.int32).at[rows_Bx1, slot_BxL].set(
+        jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)), mode="drop")
+    return lengths_BxM, starts_BxM1
+
+
+def _cudnn_packed_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, ids_BxL, max_runs: int):
+    """cuDNN flash attention over packed rows: causal inside each run of equal ids (packed_runs)."""
+    # JAX's public jax.nn.dot_product_attention has no packed-sequence arguments; this is the function it calls
+    # for cuDNN (MaxText calls it the same way).
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+
+    lengths_BxM, starts_BxM1 = packed_runs(ids_BxL, max_runs)
+    return dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, q_seqlen=lengths_BxM, kv_seqlen=lengths_BxM,
+                                 q_offsets=starts_BxM1, kv_offsets=starts_BxM1,
+                                 scale=1.0 / q_BxLxNxH.shape[-1] ** 0.5, mask_type=MaskType.PADDING_CAUSAL,
+                                 qkv_layout="BTNH")
 
 
 class SwiGLU(nnx.Module):
@@ -189,9 +260,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype, modalities)
         self.mlp = SwiGLU(cfg, rngs, modalities)
 
-    def __call__(self, x_BxLxD, mask_Bx1xLxL, positions_BxL, cache=None, layer=None, decode=False,
+    def __call__(self, x_BxLxD, visible, positions_BxL, cache=None, layer=None, decode=False,
                  route_BxLxM=None):
-        attended = self.attn(self.attn_norm(x_BxLxD, route_BxLxM), mask_Bx1xLxL, positions_BxL, cache, layer,
+        attended = self.attn(self.attn_norm(x_BxLxD, route_BxLxM), visible, positions_BxL, cache, layer,
                              decode, route_BxLxM)
         if cache is not None:
             attended, cache = attended
@@ -314,23 +385,23 @@ class OmniTransformer(nnx.Module):
         if self.cfg.fusion == "late" and self.cfg.late_layers:
             spans_BxL = span_ids(segment_ids_BxL, batch["modality"])
             route_BxLxM = jax.nn.one_hot(route_index(batch["modality"]), MODALITIES, dtype=x_BxLxD.dtype)
-            x_BxLxD = self._run_stack(self.modality_blocks, x_BxLxD, lambda: same_ids_mask(spans_BxL), positions_BxL,
-                                      route_BxLxM)
-        x_BxLxD = self._run_stack(self.blocks, x_BxLxD, lambda: same_ids_mask(segment_ids_BxL), positions_BxL)
+            x_BxLxD = self._run_stack(self.modality_blocks, x_BxLxD, lambda: spans_BxL, positions_BxL, route_BxLxM)
+        x_BxLxD = self._run_stack(self.blocks, x_BxLxD, lambda: segment_ids_BxL, positions_BxL)
         return self.logits(x_BxLxD)
 
-    def _run_stack(self, stack, x_BxLxD, mask_fn, positions_BxL, route_BxLxM=None):
+    def _run_stack(self, stack, x_BxLxD, visible_fn, positions_BxL, route_BxLxM=None):
         """x through every block of a stack (scanned or a list), each under the configured remat policy.
 
-        mask_fn() builds the bool [B, 1, L, L] attention mask inside each block: built once outside and closed
-        over, the mask is held across the scan (and kept for the backward pass), measured ~20% slower on the
-        CPU bench (configs/bench/omni_cpu.py: 2.1-2.5 s per step against 1.8-1.9 s).
+        visible_fn() gives each block what its attention sees (run ids [B, L] or a mask, see attend), inside
+        the block: a [B, 1, L, L] mask built once outside and closed over is held across the scan (and kept
+        for the backward pass), measured ~20% slower on the CPU bench (configs/bench/omni_cpu.py: 2.1-2.5 s
+        per step against 1.8-1.9 s).
         """
         if stack is None:
             return x_BxLxD
 
         def run_block(block, x):
-            return block(x, mask_fn(), positions_BxL, route_BxLxM=route_BxLxM)
+            return block(x, visible_fn(), positions_BxL, route_BxLxM=route_BxLxM)
 
         if self.cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.cfg.remat])
@@ -383,19 +454,19 @@ class OmniTransformer(nnx.Module):
             raise ValueError(f"the KV cache serves model.fusion='early', not '{self.cfg.fusion}' "
                              "(omni.generate recomputes the prefix for the other variants)")
         segment_ids_BxL, positions_BxL = batch["segment_ids"], batch["positions"]
-        mask_Bx1xLxL = None if decode else same_ids_mask(segment_ids_BxL)
+        visible = None if decode else segment_ids_BxL
         x_BxLxD = self.embed_inputs(batch)
         if self.cfg.scan_layers:
             @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def scan_blocks(carry, block):
                 x, cache, layer = carry
-                x, cache = block(x, mask_Bx1xLxL, positions_BxL, cache, layer, decode)
+                x, cache = block(x, visible, positions_BxL, cache, layer, decode)
                 return x, cache, layer + 1
 
             x_BxLxD, cache, _ = scan_blocks((x_BxLxD, cache, jnp.zeros((), jnp.int32)), self.blocks)
         else:
             for layer, block in enumerate(self.blocks):
-                x_BxLxD, cache = block(x_BxLxD, mask_Bx1xLxL, positions_BxL, cache, layer, decode)
+                x_BxLxD, cache = block(x_BxLxD, visible, positions_BxL, cache, layer, decode)
         if logits_at is not None:
             x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at[:, None, None], axis=1)
         return self.logits(x_BxLxD), cache

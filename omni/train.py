@@ -22,10 +22,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from omni import config as config_lib, sharding
-from omni.batch import FIELDS, patch_dim
+from omni.batch import FIELDS, patch_dim, runs_per_row
 from omni.config import Config
 from omni.loss import loss_sums, metrics_from_sums
-from omni.model import OmniTransformer, flops_per_token, param_count
+from omni.model import OmniTransformer, attention_implementation, flops_per_token, param_count
 
 # Datasheet dense bf16 peaks per chip, FLOP/s, for the 'mfu_datasheet' figure.
 DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
@@ -234,6 +234,8 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
 
     train_iter = iter(data.train_dataset(cfg, jax.process_index(), jax.process_count()))
     eval_data = data.eval_batches(cfg, jax.process_index(), jax.process_count())
+    for batch in eval_data:
+        check_packed_rows(cfg, batch)
     manager = checkpoint.make_manager(workdir, cfg.train)
     start_step = 0
     try:
@@ -273,7 +275,9 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
     try:
         for step in range(start_step, cfg.train.steps):
             t0 = time.perf_counter()
-            batch = sharding.global_batch(next(train_iter), mesh, rules)
+            host_batch = next(train_iter)
+            check_packed_rows(cfg, host_batch)
+            batch = sharding.global_batch(host_batch, mesh, rules)
             wait_s += time.perf_counter() - t0
             state, metrics = train_step(state, batch)
             interval_steps += 1
@@ -338,6 +342,25 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
     writer.close()
     manager.close()
     return result
+
+
+def check_packed_rows(cfg: Config, batch: dict) -> None:
+    """cuDNN's packed attention is set up for at most model.max_segments runs per row (omni.model.packed_runs);
+    a host batch with a longer row is refused here rather than attended wrongly."""
+    m = cfg.model
+    if attention_implementation(m) != "cudnn" or m.fusion == "cross":
+        return
+    runs = runs_per_row(batch["segment_ids"])
+    what = "packed segments (trailing padding counting as one)"
+    if m.fusion == "late" and m.late_layers:  # late layers attend within modality spans: more, shorter runs
+        segment_ids, modality = batch["segment_ids"], batch["modality"]
+        runs = 1 + np.sum((segment_ids[:, 1:] != segment_ids[:, :-1]) | (modality[:, 1:] != modality[:, :-1]), axis=1)
+        what = "modality spans (late fusion; trailing padding counting as one)"
+    row = int(np.argmax(runs))
+    if runs[row] > m.max_segments:
+        raise config_lib.ConfigError(
+            f"batch row {row} holds {runs[row]} {what}, more than 'model.max_segments' ({m.max_segments}) that cuDNN "
+            f"attention is set up for; rerun with --set model.max_segments={2 ** int(np.ceil(np.log2(runs[row])))}")
 
 
 def _checkpoint_due(cfg: Config, done: int, log_step: bool, last_save_time: float) -> bool:

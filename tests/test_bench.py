@@ -32,6 +32,7 @@ def test_synthetic_batch_packs_all_three_modalities_in_their_shares():
         used = row[row > 0]
         assert used[0] == 1 and np.all(np.diff(used) >= 0) and np.all(np.diff(used) <= 1)
         assert np.all(row[len(used):] == 0)
+    assert bench.attention_in_segments({"segment_ids": np.array([[1, 1, 2, 0], [1, 1, 1, 1]])}) == pytest.approx((4 + 1 + 16) / 32, abs=1e-4)
     text_only = bench.modality_shares(bench.synthetic_batch(cfg, vocab, np.random.default_rng(0), text_only=True))
     assert text_only["image"] == 0 and text_only["audio"] == 0
 
@@ -51,6 +52,8 @@ def test_bench_figures_agree_with_each_other_and_the_flop_formula(tmp_path, text
     assert result["mfu"] == pytest.approx(result["tflops_per_s"] / result["matmul_peak_tflops"])
     assert 0 < result["mfu"] < 1.5 and result["compile_s"] > 0 and np.isfinite(result["loss"])
     assert (result["positions"]["image"] == 0) == text_only
+    assert result["attention"] == "xla" and 1 <= result["segments_per_row"] <= result["max_segments"]
+    assert 0 < result["attention_in_segments"] <= 1
     saved = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
     assert saved == [json.loads(json.dumps(result))]
 

@@ -45,7 +45,7 @@ def test_image_positions_read_pixels_not_the_embedding_table():
     np.testing.assert_allclose(model(text_pixels), logits, atol=1e-6)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "dots_attn"])
 def test_remat_changes_memory_not_results(remat):
     base = OmniTransformer(_cfg(), V, PD, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(OmniTransformer(_cfg(remat=remat), V, PD, rngs=nnx.Rngs(0)), nnx.Param)
@@ -91,3 +91,116 @@ def test_bf16_compute_keeps_fp32_params_and_tracks_fp32_logits():
     low, high = bf16(_batch()), fp32(_batch())
     assert low.dtype == jnp.float32  # the unembedding accumulates in fp32 for the loss
     np.testing.assert_allclose(low, high, atol=0.05)
+
+
+# ------------------------------------------------------------------------------------------- attention kernels
+
+PACKED_ROWS = np.array([[1, 1, 2, 2, 2, 3, 0, 0],    # three examples, then padding
+                        [1, 1, 1, 1, 1, 1, 1, 1],    # one example fills the row
+                        [1, 2, 3, 4, 5, 6, 7, 8],    # one token per example
+                        [0, 0, 0, 0, 0, 0, 0, 0]])   # all padding
+
+
+def _mask_from_runs(lengths_BxM, starts_BxM1, length):
+    """The causal-free visibility cuDNN's packed attention reads off (lengths, offsets): same run, both in it."""
+    t = np.arange(length)
+    valid_BxM = lengths_BxM >= 0
+    start, end = starts_BxM1[:, :-1, None], starts_BxM1[:, :-1, None] + lengths_BxM[..., None]
+    in_run_BxMxL = valid_BxM[..., None] & (t >= start) & (t < end)
+    return np.any(in_run_BxMxL[:, :, :, None] & in_run_BxMxL[:, :, None, :], axis=1)[:, None]
+
+
+def test_packed_runs_describe_exactly_the_segment_mask():
+    from omni.model import packed_runs, same_ids_mask
+
+    lengths, starts = map(np.asarray, packed_runs(jnp.asarray(PACKED_ROWS), 8))
+    np.testing.assert_array_equal(lengths[0], [2, 3, 1, 2, -1, -1, -1, -1])
+    np.testing.assert_array_equal(starts[0], [0, 2, 5, 6, -1, -1, -1, -1, -1])
+    np.testing.assert_array_equal(lengths[1], [8] + [-1] * 7)
+    np.testing.assert_array_equal(starts[2], list(range(8)) + [-1])
+    np.testing.assert_array_equal(lengths[3], [8] + [-1] * 7)
+    # Every position lies in exactly one run, so no position is left out of attention (no garbage rows).
+    assert np.all(np.where(lengths >= 0, lengths, 0).sum(axis=1) == PACKED_ROWS.shape[1])
+    np.testing.assert_array_equal(_mask_from_runs(lengths, starts, 8), np.asarray(same_ids_mask(jnp.asarray(PACKED_ROWS))))
+    tight_lengths, tight_starts = map(np.asarray, packed_runs(jnp.asarray(PACKED_ROWS[:1]), 4))  # exactly 4 runs
+    np.testing.assert_array_equal(tight_lengths[0], [2, 3, 1, 2])
+    np.testing.assert_array_equal(tight_starts[0], [0, 2, 5, 6, -1])
+
+
+def test_late_fusion_spans_as_runs_match_the_span_mask():
+    from omni.model import packed_runs, same_ids_mask, span_ids
+
+    modality = np.array([[1, 2, 2, 1, 3, 3, 1, 0]] * 4)
+    spans = span_ids(jnp.asarray(PACKED_ROWS), jnp.asarray(modality))
+    lengths, starts = map(np.asarray, packed_runs(spans, 8))
+    np.testing.assert_array_equal(_mask_from_runs(lengths, starts, 8), np.asarray(same_ids_mask(spans)))
+
+
+def test_attention_kernel_choice():
+    from omni.model import attention_implementation
+
+    assert attention_implementation(_cfg(attention="auto")) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    assert attention_implementation(_cfg(attention="auto", dtype="float32")) == "xla"  # cuDNN has no fp32 kernels
+    assert attention_implementation(_cfg(attention="xla")) == "xla"
+    assert attention_implementation(_cfg(attention="cudnn")) == "cudnn"
+
+
+def test_rows_with_more_runs_than_cudnn_is_set_up_for_are_refused():
+    from omni import config as config_lib
+    from omni.config import Config, ConfigError
+    from omni.train import check_packed_rows
+
+    batch = {"segment_ids": PACKED_ROWS, "modality": np.array([[1, 2, 2, 1, 3, 3, 1, 0]] * 4)}
+    cfg = Config()
+    config_lib.apply_overrides(cfg, ["model.attention=cudnn", "model.max_segments=8"])
+    check_packed_rows(cfg, batch)  # row 2 holds 8 runs: fits
+    cfg.model.max_segments = 7
+    with pytest.raises(ConfigError, match=r"batch row 2 holds 8 packed segments.*'model.max_segments' \(7\).*"
+                                          r"--set model.max_segments=8"):
+        check_packed_rows(cfg, batch)
+    cfg.model.fusion, cfg.model.late_layers = "late", 1
+    with pytest.raises(ConfigError, match=r"batch row 0 holds 8 modality spans"):
+        check_packed_rows(cfg, batch)  # row 0: a span starts wherever the segment or the modality changes
+    cfg.model.attention = "xla"  # XLA builds the dense mask: no limit
+    check_packed_rows(cfg, batch)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cudnn_packed_attention_equals_xla_with_the_segment_mask(kv_heads):
+    from omni.model import attend
+
+    rng = np.random.default_rng(0)
+    b, l, n, h = 4, 256, 4, 64
+    ids = np.repeat(PACKED_ROWS, l // 8, axis=1)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, l, heads, h)), jnp.bfloat16) for heads in (n, kv_heads, kv_heads))
+    cotangent = jnp.asarray(rng.normal(size=(b, l, n, h)), jnp.float32)
+    valid = jnp.asarray(ids > 0)[..., None, None]  # padding rows' outputs are never used; compare real tokens
+
+    def loss(q, k, v, attention):
+        out = attend(q, k, v, jnp.asarray(ids), True, ModelConfig(attention=attention, max_segments=8))
+        return jnp.sum(jnp.where(valid, out.astype(jnp.float32) * cotangent, 0.0)), out
+
+    (_, out_cudnn), grads_cudnn = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, "cudnn")
+    (_, out_xla), grads_xla = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, "xla")
+    np.testing.assert_allclose(np.where(valid, out_cudnn, 0).astype(np.float32),
+                               np.where(valid, out_xla, 0).astype(np.float32), atol=2e-2)
+    for g_cudnn, g_xla in zip(grads_cudnn, grads_xla):
+        np.testing.assert_allclose(np.asarray(g_cudnn, np.float32), np.asarray(g_xla, np.float32), atol=5e-2)
+    assert "cudnn" in jax.jit(loss, static_argnums=3).lower(q, k, v, "cudnn").as_text().lower()
+
+
+def test_dots_attn_remat_saves_the_fused_attention_kernel_and_weight_matmuls_only():
+    from jax.extend.core import Primitive
+
+    from omni.model import REMAT_POLICIES
+
+    policy = REMAT_POLICIES["dots_attn"]
+    assert policy(Primitive("dot_product_attention_fwd_wrapper"))
+    assert not policy(Primitive("exp"))
+    x = jnp.ones((2, 8, 4))
+    jaxpr = jax.make_jaxpr(lambda a, b: (jnp.einsum("bld,de->ble", a, b), jnp.einsum("bld,bmd->blm", a, a)))(
+        x, jnp.ones((4, 3))).jaxpr
+    weight_matmul, batched_scores = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert policy(weight_matmul.primitive, *[v.aval for v in weight_matmul.invars], **weight_matmul.params)
+    assert not policy(batched_scores.primitive, *[v.aval for v in batched_scores.invars], **batched_scores.params)
