@@ -90,6 +90,8 @@ class DataConfig:
     worker_threads: int = doc(2, "threads decoding and tokenising examples in each reading process")
     num_workers: int = doc(0, "grain worker processes per host (0: read in the training process); the data "
                               "order depends on it, so resume with the same value")
+    prefetch: int = doc(2, "batches read, checked and put on the devices ahead of the step, on a background thread, "
+                           "so the devices do not wait for the host; 0 = in the training loop")
     shards: int = doc(0, "reading shards (examples [s::shards], each packed on its own); 0 means one per process. "
                          "A multiple of every process count you use (e.g. 8) makes the batches and their order "
                          "the same for any number of processes, so a run resumes on another process count")
@@ -378,8 +380,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"'data.image_size' ({d.image_size}) must be a multiple of 'data.patch_size' ({d.patch_size})")
     if d.shards < 0 or (d.shards and t.batch_size % d.shards):
         raise ConfigError(f"'data.shards' ({d.shards}) must be 0 or divide 'train.batch_size' ({t.batch_size})")
-    if d.num_workers < 0 or d.worker_threads < 0:
-        raise ConfigError("'data.num_workers' and 'data.worker_threads' must be >= 0")
+    if d.num_workers < 0 or d.worker_threads < 0 or d.prefetch < 0:
+        raise ConfigError("'data.num_workers', 'data.worker_threads' and 'data.prefetch' must be >= 0")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"'train.batch_size' ({t.batch_size}) must divide by 'train.grad_accum' ({t.grad_accum})")
     for key in ("data", "fsdp", "tensor"):

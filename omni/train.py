@@ -232,7 +232,13 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
     log(f"omni: {cfg.name}: {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOP/token, mesh "
         f"{dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} devices")
 
-    train_iter = iter(data.train_dataset(cfg, jax.process_index(), jax.process_count()))
+    def put(host_batch):  # checked on the host, then placed on the devices
+        check_packed_rows(cfg, host_batch)
+        return sharding.global_batch(host_batch, mesh, rules)
+
+    train_iter = data.train_dataset(cfg, jax.process_index(), jax.process_count())
+    if cfg.data.prefetch:
+        train_iter = data.Prefetched(train_iter, put, cfg.data.prefetch)
     eval_data = data.eval_batches(cfg, jax.process_index(), jax.process_count())
     for batch in eval_data:
         check_packed_rows(cfg, batch)
@@ -243,6 +249,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
                                              config=config_lib.to_dict(cfg), log=log)
     except Exception:
         manager.close()  # let Orbax's background threads end before the error reaches the user
+        train_iter.close()
         raise
     _save_resolved_config(cfg, workdir, log)  # after the restore: a config that does not fit never replaces it
     if restored is not None:
@@ -275,9 +282,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
     try:
         for step in range(start_step, cfg.train.steps):
             t0 = time.perf_counter()
-            host_batch = next(train_iter)
-            check_packed_rows(cfg, host_batch)
-            batch = sharding.global_batch(host_batch, mesh, rules)
+            batch = next(train_iter) if cfg.data.prefetch else put(next(train_iter))
             wait_s += time.perf_counter() - t0
             state, metrics = train_step(state, batch)
             interval_steps += 1
@@ -317,10 +322,14 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True) -> dict:
             if preempted:
                 preempted_at = done
                 break
+    except BaseException:
+        train_iter.close()
+        raise
     finally:
         watch.close()
         bar.close()
     manager.wait_until_finished()
+    train_iter.close()  # after the saves have read its state
 
     if preempted_at is not None:
         where = checkpoint.step_path(manager, preempted_at)

@@ -1,3 +1,4 @@
+import time
 from collections import Counter
 
 import numpy as np
@@ -169,3 +170,38 @@ def test_shards_that_do_not_split_are_refused():
         data.train_dataset(cfg, 0, 3)
     with pytest.raises(ConfigError, match="must be 0 or divide"):
         config_lib.apply_overrides(tiny_config(), ["data.shards=3"])
+
+
+def test_prefetched_batches_keep_order_and_checkpoint_the_batches_taken_not_those_made_ahead():
+    cfg = tiny_config()
+    plain = data.train_dataset(cfg)
+    expected = [next(plain) for _ in range(6)]
+    made = []
+    prefetched = data.Prefetched(data.train_dataset(cfg), lambda b: made.append(1) or b, size=3)
+    taken = [next(prefetched) for _ in range(2)]
+    deadline = time.monotonic() + 60
+    while len(made) < 5 and time.monotonic() < deadline:  # the thread runs ahead: 2 taken + 3 in the queue
+        time.sleep(0.01)
+    assert len(made) == 5
+    state = prefetched.get_state()
+    prefetched.close()
+    for got, want in zip(taken, expected):
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+    resumed = data.Prefetched(data.train_dataset(cfg), lambda b: b, size=2)
+    resumed.set_state(state)
+    for want in expected[2:5]:  # resumes at batch 3, the first one not taken, though 5 had been made
+        got = next(resumed)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+    with pytest.raises(RuntimeError, match="restore before the first next"):
+        resumed.set_state(state)
+    resumed.close()
+
+
+def test_prefetched_pipeline_errors_surface_in_the_training_loop():
+    def put(batch):
+        raise ValueError("example 7: corrupt image")
+
+    prefetched = data.Prefetched(data.train_dataset(tiny_config()), put, size=2)
+    with pytest.raises(ValueError, match="example 7: corrupt image"):
+        next(prefetched)
+    prefetched.close()
