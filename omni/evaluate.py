@@ -31,6 +31,8 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides:
 
     eval_step = train.make_eval_step(cfg, graphdef, mesh)
     batches = data.eval_batches(cfg, jax.process_index(), jax.process_count())
+    for batch in batches:
+        train.check_packed_rows(cfg, batch)
     metrics = train.evaluate(eval_step, params, batches, mesh, cfg.mesh.rules)
     log(f"omni: {workdir / 'checkpoints' / str(step)}: held-out loss {train.modality_summary(metrics)} "
         f"over {metrics['tokens/target']:.0f} target tokens")
