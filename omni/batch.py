@@ -37,9 +37,11 @@ def patch_dim(cfg) -> int:
     return cfg.patch_size * cfg.patch_size * 3
 
 
-def runs_per_row(ids_BxL: np.ndarray) -> np.ndarray:
-    """int [B]: how many runs of equal consecutive ids each row holds (segment_ids: examples + trailing padding)."""
-    return 1 + np.sum(ids_BxL[:, 1:] != ids_BxL[:, :-1], axis=1)
+def runs_per_row(*ids_BxL: np.ndarray) -> np.ndarray:
+    """int [B]: how many runs each row holds, a new run wherever any of the id arrays changes (segment_ids alone:
+    examples + trailing padding; with modality too: late fusion's modality spans)."""
+    changes_BxL1 = np.any([ids[:, 1:] != ids[:, :-1] for ids in ids_BxL], axis=0)
+    return 1 + np.sum(changes_BxL1, axis=1)
 
 
 def check_batch(batch: dict, seq_len: int, patch_dim: int) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from omni.config import TrainConfig
+from omni.config import TrainConfig, changed_keys, get_key
 
 REJECTED_DIR = "checkpoints.rejected"
 
@@ -208,17 +208,12 @@ def _saved_config(manager, step) -> dict | None:
         return None
 
 
-def _changed_keys(saved: dict | None, now: dict | None, prefix: str = "") -> list[str]:
+def _changed_keys(saved: dict | None, now: dict | None) -> list[str]:
+    """'key (saved -> now)' for every config key both configs hold with different values."""
     if not isinstance(saved, dict) or not isinstance(now, dict):
         return []
-    out = []
-    for key in now:
-        a, b = saved.get(key), now[key]
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b and key in saved:
-            out.append(f"{prefix}{key} ({a!r} -> {b!r})")
-    return out
+    return [f"{k} ({get_key(saved, k)!r} -> {get_key(now, k)!r})" for k in changed_keys(saved, now)
+            if get_key(saved, k) is not None]  # a key added to the schema since the checkpoint: nothing to compare
 
 
 def _short(e: Exception) -> str:

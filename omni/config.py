@@ -236,14 +236,16 @@ def all_keys(config: Config | None = None) -> list[str]:
     return keys
 
 
+def get_key(tree: dict, dotted: str):
+    """The value at a dotted key of a config dict (to_dict form); None where the dict lacks it."""
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
 def changed_keys(before: dict, after: dict) -> list[str]:
     """Dotted keys whose values differ between two config dicts (to_dict form)."""
-    def get(tree, dotted):
-        for part in dotted.split("."):
-            tree = tree.get(part) if isinstance(tree, dict) else None
-        return tree
-
-    return [k for k in all_keys() if get(before, k) != get(after, k)]
+    return [k for k in all_keys() if get_key(before, k) != get_key(after, k)]
 
 
 def describe() -> str:

@@ -14,8 +14,8 @@ S is data.shards, or the process count when that is 0. A global batch is the con
 batches, so with data.shards fixed (say 8) the batches and their order are the same whether 1, 2, 4 or 8
 processes read them, and a run saved by N processes resumes on M with the same data order. The train
 iterator (ShardedBatches) saves every shard's grain iterator state in each checkpoint (one file per shard,
-omni.checkpoint), so a resumed run continues with exactly the next batch. Nothing is dropped silently: splits are counted in the dataset build
-report, over-long examples are split by default and truncation is logged.
+omni.checkpoint), so a resumed run continues with exactly the next batch. Nothing is dropped silently: splits
+are counted in the dataset build report, over-long examples are split by default and truncation is logged.
 """
 
 from __future__ import annotations

@@ -362,8 +362,7 @@ def check_packed_rows(cfg: Config, batch: dict) -> None:
     runs = runs_per_row(batch["segment_ids"])
     what = "packed segments (trailing padding counting as one)"
     if m.fusion == "late" and m.late_layers:  # late layers attend within modality spans: more, shorter runs
-        segment_ids, modality = batch["segment_ids"], batch["modality"]
-        runs = 1 + np.sum((segment_ids[:, 1:] != segment_ids[:, :-1]) | (modality[:, 1:] != modality[:, :-1]), axis=1)
+        runs = runs_per_row(batch["segment_ids"], batch["modality"])
         what = "modality spans (late fusion; trailing padding counting as one)"
     row = int(np.argmax(runs))
     if runs[row] > m.max_segments:
