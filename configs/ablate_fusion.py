@@ -33,7 +33,7 @@ def get_config() -> Config:
     cfg.train.warmup_steps = 50
     cfg.train.eval_every = 25
     cfg.train.checkpoint_every = 100
-    cfg.train.demo_eval_examples = 64
+    cfg.demo.scored_examples = 64
     cfg.ablate.variants = ["early", "late:1", "late:2", "cross"]
     cfg.ablate.seeds = 3
     cfg.ablate.match = "flops"

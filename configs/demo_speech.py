@@ -24,8 +24,8 @@ def get_config() -> Config:
     cfg.train.eval_every = 200
     cfg.train.checkpoint_every = 200
     cfg.data.dataset = "demo-speech"
-    cfg.data.train_examples = 2000
-    cfg.data.eval_examples = 100
+    cfg.demo.train_examples = 2000
+    cfg.demo.eval_examples = 100
     cfg.data.seq_len = 1024
     cfg.train.batch_size = 8
     return cfg

@@ -6,7 +6,7 @@ A batch is a dict of arrays, B packed sequences of L positions each (B = global 
                                           image positions hold IMAGE_PATCH, padding holds PAD (0)
     patches      float32 [B, L, P*P*3]    the pixels of the image patch at that position, scaled to [-1, 1];
                                           zeros everywhere that is not an image patch
-    modality     int32   [B, L]           PAD=0, TEXT=1, IMAGE=2, AUDIO=3 (markers take their span's modality:
+    modality     int32   [B, L]           PAD=0, TEXT=1, IMAGE=2, AUDIO=3, below (markers take their span's modality:
                                           <boi>/<row>/<eoi> are IMAGE, <boa>/<eoa> AUDIO, <bos>/<eos> TEXT)
     segment_ids  int32   [B, L]           1, 2, ... for the examples packed in the row; 0 on padding
     positions    int32   [B, L]           position inside its own example (RoPE), restarting at 0 per segment
@@ -21,6 +21,11 @@ packed examples, at padding, or for image patches (which are inputs, never targe
 from __future__ import annotations
 
 import numpy as np
+
+# Modality ids (field `modality`), and the modalities an example may learn (images are inputs, never targets).
+PAD, TEXT, IMAGE, AUDIO = 0, 1, 2, 3
+MODALITY_NAMES = {TEXT: "text", IMAGE: "image", AUDIO: "audio"}
+TARGET_MODALITIES = ("text", "audio")
 
 FIELDS = {
     "tokens": np.int32,

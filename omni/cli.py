@@ -25,7 +25,7 @@ import argparse
 import json
 import sys
 
-from omni.config import ConfigError
+from omni.errors import ConfigError, OmniError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -160,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args):
+    """The config of --config with the --set overrides applied, checked."""
     from omni import config as config_lib
 
     cfg = config_lib.load_config(args.config) if args.config else config_lib.Config()
@@ -214,11 +215,7 @@ def _launch_parser(verbs) -> None:
 
 
 def _launch(args) -> int:
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    from omni import launch
+    from omni.launch import runners
 
     command = list(args.command)
     if command[:1] == ["--"]:
@@ -230,36 +227,11 @@ def _launch(args) -> int:
     if not command:
         raise ConfigError("nothing to run: add -- train --config ... --workdir ... (or --config and --workdir)")
     if args.target == "local":
-        return launch.local(args.processes, args.devices_per_process, command, port=args.port)
-    if args.target == "slurm":
-        text, default_out, runner = launch.slurm_script(
-            command, args.nodes, args.gpus_per_node, job_name=args.job_name, partition=args.partition,
-            time_limit=args.time, setup=args.setup), "omni.sbatch", ["sbatch"]
-    elif args.target == "gke":
-        import yaml
-
-        manifest = launch.gke_jobset(command, args.image, args.tpu_type, args.topology, slices=args.slices,
-                                     name=args.name)
-        text = yaml.safe_dump(manifest, sort_keys=False)
-        text += "# or with XPK: " + launch.xpk_command(command, args.image, args.tpu_type, slices=args.slices,
-                                                          cluster=args.cluster, name=args.name) + "\n"
-        default_out, runner = "jobset.yaml", ["kubectl", "apply", "-f"]
-    else:
-        text = launch.tpu_script(command, args.tpu_name, args.zone, args.accelerator, slices=args.slices,
-                                 project=args.project, runtime_version=args.runtime_version, install=args.install,
-                                 keep=args.keep)
-        default_out, runner = "omni-tpu.sh", ["bash"]
-    out = Path(args.out or default_out)
-    if args.dry_run:
-        print(text, end="")
-        print(f"# dry run: would write {out} and run: {' '.join(runner)} {out}", file=sys.stderr)
-        return 0
-    if shutil.which(runner[0]) is None:
-        raise ConfigError(f"{runner[0]} is not installed here; use --dry-run to print the file and run it where "
-                          f"{runner[0]} is")
-    out.write_text(text)
-    print(f"omni launch: wrote {out}; running {' '.join(runner)} {out}", file=sys.stderr)
-    return subprocess.call([*runner, str(out)])
+        return runners.local(args.processes, args.devices_per_process, command, port=args.port)
+    options = {k: v for k, v in vars(args).items() if k not in ("verb", "target", "command", "config", "workdir",
+                                                                 "out", "dry_run")}
+    text, default_out, runner = runners.render(args.target, command, **options)
+    return runners.submit(text, args.out or default_out, runner, dry_run=args.dry_run)
 
 
 def _options(pairs: list[str]) -> dict:
@@ -273,9 +245,9 @@ def _options(pairs: list[str]) -> dict:
 
 
 def _data_build(args) -> None:
-    from omni import dataset
-    from omni.codec import load_codec
-    from omni.text_tokenizer import load_tokenizer
+    from omni.data import dataset
+    from omni.data.codec import load_codec
+    from omni.data.text_tokenizer import load_tokenizer
 
     codec = load_codec(args.codec) if args.codec else None
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
@@ -284,7 +256,7 @@ def _data_build(args) -> None:
         examples, codec = dataset.manifest_examples(args.manifest, codec, args.eval_fraction, report, args.skip_bad)
         source = args.manifest
     else:
-        from omni import adapters
+        from omni.data import adapters
 
         examples = adapters.catalog_examples(args.tfds, args.tfds_train_split, args.tfds_eval_split,
                                              args.tfds_data_dir, args.limit, **_options(args.option))
@@ -295,20 +267,21 @@ def _data_build(args) -> None:
 
 
 def _data_show(args) -> None:
-    from omni import data, data_show
+    from omni.data import pipeline
+    from omni.tools import data_show
 
     cfg = _resolve(args)
     if args.split == "train":
-        batch = next(iter(data.train_dataset(cfg)))
+        batch = next(iter(pipeline.train_dataset(cfg)))
     else:
-        batch = data.eval_batches(cfg)[0]
-    print(data_show.summarize(batch, data.vocab_for(cfg.data), data.tokenizer_for(cfg.data)))
+        batch = pipeline.eval_batches(cfg)[0]
+    print(data_show.summarize(batch, pipeline.vocab_for(cfg), pipeline.tokenizer_for(cfg)))
     path = data_show.draw(batch, args.out, title=f"{cfg.name}: one {args.split} batch, data.dataset={cfg.data.dataset}")
     print(f"omni: wrote {path}")
 
 
 def _manifest_lines(path):
-    from omni import manifest
+    from omni.data import manifest
 
     for number, line in manifest.read_lines(path):
         if isinstance(line, manifest.ManifestError):
@@ -318,7 +291,7 @@ def _manifest_lines(path):
 
 
 def _tokenizer_train(args) -> None:
-    from omni.text_tokenizer import train_bpe
+    from omni.data.text_tokenizer import train_bpe
 
     texts = [s["text"] for _, line in _manifest_lines(args.manifest) for s in line["segments"] if "text" in s]
     tok = train_bpe(texts, args.vocab_size, args.out)
@@ -330,7 +303,8 @@ def _codec(args) -> None:
 
     import numpy as np
 
-    from omni import audio, codec as codec_lib
+    from omni.data import audio
+    from omni.data import codec as codec_lib
 
     if args.action == "fit":
         base = Path(args.manifest).parent
@@ -350,7 +324,7 @@ def _codec(args) -> None:
         np.save(args.out, codes)
         print(f"omni: {args.wav} -> {args.out}: codes {list(codes.shape)} at {codec.frame_rate:g} frames/s")
     else:
-        from omni.manifest import load_codes
+        from omni.data.manifest import load_codes
 
         try:
             codes = load_codes(Path(args.codes))
@@ -361,41 +335,11 @@ def _codec(args) -> None:
         print(f"omni: {args.codes} -> {args.out}: {len(wave) / codec.sample_rate:.2f} s at {codec.sample_rate} Hz")
 
 
-def _user_errors() -> tuple:
-    """Exceptions that mean bad input (a file, a line, a key): printed as one line, exit code 2."""
-    from omni.audio import AudioError
-    from omni.dataset import DatasetError
-    from omni.distributed import DistributedError
-    from omni.generate import GenerateError
-    from omni.manifest import ManifestError
-    from omni.sharding import MeshError
-    from omni.text_tokenizer import TokenizerError
-
-    errors = [ConfigError, MeshError, AudioError, DatasetError, ManifestError, TokenizerError, GenerateError,
-              DistributedError]
-    # Modules whose imports an accelerator host may lack (grain for checkpoints, torch for the codec): their errors
-    # cannot be raised without them, and `omni bench` must still run there.
-    try:
-        from omni.checkpoint import CheckpointMismatchError, NoUsableCheckpointError
-        from omni.export import ExportError
-
-        errors += [CheckpointMismatchError, NoUsableCheckpointError, ExportError]
-    except ImportError:
-        pass
-    try:
-        from omni.codec import CodecError
-
-        errors.append(CodecError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except _user_errors() as e:
+    except OmniError as e:  # bad input: one line naming the file, line or key, and exit code 2 (omni.errors)
         print(f"omni: error: {e}", file=sys.stderr)
         return 2
 
@@ -404,9 +348,11 @@ def _run(args) -> int:
     if args.verb == "launch":
         return _launch(args)
     if args.verb != "config":
-        from omni import distributed
+        from omni.train import distributed
 
         distributed.initialize()  # joins a multi-process job when the environment describes one
+    if args.verb in ("train", "eval", "ablate", "data"):
+        import omni.demo  # noqa: F401  (registers data.dataset=demo / demo-speech: built on first use)
     if args.verb == "data":
         {"build": _data_build, "show": _data_show, "bench": _data_bench}[args.action](args)
     elif args.verb == "tokenizer":
@@ -414,11 +360,11 @@ def _run(args) -> int:
     elif args.verb == "codec":
         _codec(args)
     elif args.verb == "eval":
-        from omni import evaluate
+        from omni.tools import evaluate
 
         evaluate.evaluate_checkpoint(args.workdir, args.step, args.set, args.demo_examples)
     elif args.verb == "export":
-        from omni import export
+        from omni.tools import export
 
         out = export.export(args.workdir, args.out, args.step, args.dtype)
         info = json.loads((out / export.CONFIG_FILE).read_text())["export"]
@@ -427,13 +373,13 @@ def _run(args) -> int:
     elif args.verb == "generate":
         _generate(args)
     elif args.verb == "ablate":
-        from omni import ablate
+        from omni.tools import ablate
 
         ablate.run_ablation(_resolve(args), args.workdir, seeds=args.seeds, progress=not args.no_progress)
     elif args.verb == "bench":
-        from omni import bench as bench_lib
+        from omni.tools import bench
 
-        bench_lib.run(_resolve(args), text_only=args.text_only, warmup=args.warmup, steps=args.steps,
+        bench.run(_resolve(args), text_only=args.text_only, warmup=args.warmup, steps=args.steps,
                       vocab_size=args.vocab, codebooks=args.codebooks, codebook_size=args.codebook_size,
                       matmul_size=args.matmul_size, out=args.out)
     elif args.verb == "config":
@@ -441,9 +387,11 @@ def _run(args) -> int:
 
         print(config_lib.describe() if args.schema else json.dumps(config_lib.to_dict(_resolve(args)), indent=2))
     else:
-        from omni import train
+        from omni.demo import scorer
+        from omni.train import loop
 
-        train.train(_resolve(args), args.workdir, progress=not args.no_progress)
+        cfg = _resolve(args)
+        loop.train(cfg, args.workdir, progress=not args.no_progress, end_of_run=scorer.end_of_run_for(cfg))
     return 0
 
 
@@ -452,7 +400,8 @@ def _generate(args) -> None:
 
     import numpy as np
 
-    from omni import audio, export, generate
+    from omni.data import audio
+    from omni.tools import export, generate
 
     model = export.load_export(args.model)
     cfg = model.config
@@ -483,7 +432,7 @@ def _generate(args) -> None:
 
 
 def _data_bench(args) -> None:
-    from omni import data_bench
+    from omni.tools import data_bench
 
     data_bench.run(_resolve(args), args.workers, args.batches, args.steps, out=args.out)
 

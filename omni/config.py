@@ -12,16 +12,14 @@ import ast
 import copy
 import dataclasses
 import difflib
-import importlib.util
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-
-class ConfigError(ValueError):
-    """A config key that does not exist, a value of the wrong type, or fields that do not fit together."""
+from omni.errors import ConfigError  # noqa: F401  (raised below; callers import it from here too)
 
 
 def doc(default: Any, text: str, **kwargs):
@@ -81,10 +79,6 @@ class DataConfig:
                                       "aspect ratio, every side is rounded to a multiple of patch_size")
     audio_layout: Literal["flat", "delay"] = doc("flat", "audio codes [T, K] as tokens: 'flat' frame-major, or "
                                                          "'delay' (MusicGen delay pattern, omni.tokens)")
-    image_size: int = doc(32, "side of the demo corpus images, pixels (multiple of patch_size)")
-    train_examples: int = doc(6000, "examples in the generated demo train split")
-    eval_examples: int = doc(300, "examples in the generated demo eval split (disjoint draws)")
-    corpus_seed: int = doc(0, "seed of the demo corpus generator")
     shuffle_seed: int = doc(0, "seed of the per-epoch shuffle and of bin shuffling in the packer")
     packing_bins: int = doc(0, "first-fit packing bins; 0 means the per-process batch size")
     worker_threads: int = doc(2, "threads decoding and tokenising examples in each reading process")
@@ -120,7 +114,18 @@ class TrainConfig:
                                          "at logging steps, decided by process 0); 0 disables")
     keep_checkpoints: int = doc(3, "checkpoints kept; older ones are deleted after a newer one is complete")
     async_checkpoint: bool = doc(True, "write checkpoints in the background while training goes on")
-    demo_eval_examples: int = doc(64, "held-out examples greedily decoded for the demo task metrics at the end")
+
+
+@dataclass
+class DemoConfig:
+    """The generated demo corpora (data.dataset = 'demo' or 'demo-speech'); ignored for any other dataset."""
+
+    image_size: int = doc(32, "side of the demo corpus images, pixels (multiple of data.patch_size)")
+    train_examples: int = doc(6000, "examples in the generated demo train split")
+    eval_examples: int = doc(300, "examples in the generated demo eval split (disjoint draws)")
+    seed: int = doc(0, "seed of the demo corpus generator")
+    scored_examples: int = doc(64, "held-out examples greedily decoded and scored on the demo tasks at the end of "
+                                   "`omni train` and by `omni eval`; 0 skips the scoring")
 
 
 @dataclass
@@ -169,6 +174,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "the corpus and pipeline"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "optimisation and loop"})
     mesh: MeshConfig = field(default_factory=MeshConfig, metadata={"doc": "device mesh and sharding rules"})
+    demo: DemoConfig = field(default_factory=DemoConfig, metadata={"doc": "the generated demo corpus"})
     ablate: AblateConfig = field(default_factory=AblateConfig, metadata={"doc": "the plan of `omni ablate`"})
 
 
@@ -176,26 +182,101 @@ class Config:
 # Loading, overriding, validating, saving.
 
 
+# Keys a saved config.json may still hold from before they moved: read into their new place.
+MOVED_KEYS = {"data.image_size": "demo.image_size", "data.train_examples": "demo.train_examples",
+              "data.eval_examples": "demo.eval_examples", "data.corpus_seed": "demo.seed",
+              "train.demo_eval_examples": "demo.scored_examples"}
+
+
 def load_config(path: str | Path) -> Config:
-    """Reads a `configs/*.py` file (calls its `get_config()`) or a saved `config.json`."""
+    """Reads a `configs/*.py` file (calls its `get_config()`) or a saved `config.json`, checked as `--set` is:
+    every mistake is a ConfigError naming the file (and line, where there is one) and the key."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config {path} is a directory; give a configs/*.py file or a saved config.json")
+    if path.suffix not in (".py", ".json"):
+        raise ConfigError(f"config {path} is neither a .py config file nor a saved config.json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     if path.suffix == ".json":
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config.json holds one object of sections, not a {type(raw).__name__}")
         return from_dict(raw, source=str(path))
-    spec = importlib.util.spec_from_file_location(f"omni_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path} defines no get_config(); a config file returns its Config from get_config()")
-    config = module.get_config()
+    try:
+        code = compile(text, str(path), "exec")
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    module = {"__name__": f"omni_config_{path.stem}", "__file__": str(path)}
+    try:
+        exec(code, module)  # noqa: S102 - a config file is the user's own Python, as in big_vision
+        if "get_config" not in module:
+            raise ConfigError(f"{path} defines no get_config(); a config file returns its Config from get_config()")
+        config = module["get_config"]()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any error of the user's file becomes one line naming it
+        raise ConfigError(f"{_where_in(path, e)}: {type(e).__name__}: {e}") from None
     if not isinstance(config, Config):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected omni.config.Config")
+    check_tree(config, path, text)
     return config
+
+
+def _where_in(path: Path, error: BaseException) -> str:
+    """path:line of the innermost frame of `error` inside the config file."""
+    line = None
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == str(path):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f"{path}:{line}" if line else str(path)
+
+
+def check_tree(config: Config, path: Path | str = "config", text: str = "") -> None:
+    """Checks a Config built in Python as overrides are checked: an attribute the schema lacks, a section replaced by
+    a value, a wrong type or a value outside its Literal is a ConfigError naming the key, the file and, when the
+    file assigns it on one line, that line."""
+    def where(key: str) -> str:
+        attr = key.rsplit(".", 1)[-1]
+        for number, line in enumerate(text.splitlines(), 1):
+            if re.search(rf"\.{re.escape(attr)}\s*=[^=]", line):
+                return f"{path}:{number}"
+        return str(path)
+
+    def walk(node, prefix: str) -> None:
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        for attr in vars(node):
+            key = prefix + attr
+            if attr not in fields:
+                raise ConfigError(f"{where(key)}: unknown config key '{key}'.{_suggestion(key, prefix, fields)}")
+        for name, f in fields.items():
+            key, value = prefix + name, getattr(node, name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                if type(value) is not type(default):
+                    raise ConfigError(f"{where(key)}: config key '{key}' is a section ({type(default).__name__}), "
+                                      f"got {value!r}")
+                walk(value, key + ".")
+                continue
+            try:
+                setattr(node, name, _coerce(key, value, _hints(type(node))[name], ""))
+            except ConfigError as e:
+                raise ConfigError(f"{where(key)}: {e}") from None
+
+    walk(config, "")
+    try:
+        validate(config)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def to_dict(config: Config) -> dict:
@@ -205,7 +286,7 @@ def to_dict(config: Config) -> dict:
 def from_dict(raw: dict, source: str = "dict") -> Config:
     config = Config()
     for key, value in _flatten(raw):
-        set_value(config, key, value, source=source)
+        set_value(config, MOVED_KEYS.get(key, key), value, source=source)
     validate(config)
     return config
 
@@ -290,8 +371,7 @@ def _resolve(config: Config, key: str):
         here = ".".join(parts[:depth])
         if part not in fields:
             valid = [f"{here}.{n}" if here else n for n in fields]
-            close = difflib.get_close_matches(key, all_keys(), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = _suggestion(key, f"{here}." if here else "", fields)
             raise ConfigError(f"unknown config key '{key}'.{hint} Keys {'under ' + here if here else 'at the top'}: "
                               f"{', '.join(valid)}")
         value = getattr(node, part)
@@ -304,6 +384,15 @@ def _resolve(config: Config, key: str):
             raise ConfigError(f"unknown config key '{key}': '{'.'.join(parts[:depth + 1])}' is a value, not a section")
         node = value
     raise AssertionError("unreachable")
+
+
+def _suggestion(key: str, prefix: str, siblings) -> str:
+    """" Did you mean 'x'?" for the closest key: among the misspelt part's siblings first, then anywhere."""
+    if key in MOVED_KEYS:
+        return f" It moved to '{MOVED_KEYS[key]}'."
+    close = (difflib.get_close_matches(key, [prefix + name for name in siblings], n=1)
+             or difflib.get_close_matches(key, all_keys(), n=1))
+    return f" Did you mean '{close[0]}'?" if close else ""
 
 
 def set_value(config: Config, key: str, value: Any, source: str = "") -> None:
@@ -378,8 +467,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"'model.d' ({m.d}) must divide by 'model.heads' ({m.heads}), or set 'model.head_dim'")
     if m.head_dim % 2 or (m.head_dim == 0 and (m.d // m.heads) % 2):
         raise ConfigError("the head dimension must be even for RoPE; change 'model.d', 'model.heads' or 'model.head_dim'")
-    if d.image_size % d.patch_size:
-        raise ConfigError(f"'data.image_size' ({d.image_size}) must be a multiple of 'data.patch_size' ({d.patch_size})")
+    if config.demo.image_size % d.patch_size:
+        raise ConfigError(f"'demo.image_size' ({config.demo.image_size}) must be a multiple of 'data.patch_size' "
+                          f"({d.patch_size})")
     if d.shards < 0 or (d.shards and t.batch_size % d.shards):
         raise ConfigError(f"'data.shards' ({d.shards}) must be 0 or divide 'train.batch_size' ({t.batch_size})")
     if d.num_workers < 0 or d.worker_threads < 0 or d.prefetch < 0:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from omni.tokens import AUDIO, MODALITY_NAMES, TEXT
+from omni.batch import AUDIO, MODALITY_NAMES, TEXT
 
 LOSS_MODALITIES = {MODALITY_NAMES[TEXT]: TEXT, MODALITY_NAMES[AUDIO]: AUDIO}
 

@@ -1,7 +1,9 @@
-"""The device mesh and logical-axis sharding: everything about where arrays live, in one small file.
+"""The device mesh and logical-axis sharding: everything about where arrays live, in one file.
 
 Parameters and the main activations are named with logical axes ('batch', 'embed', 'heads', ...); the
-config's `mesh.rules` table maps each to mesh axes ('data', 'fsdp', 'tensor'), as in MaxText.
+config's `mesh.rules` table maps each to mesh axes ('data', 'fsdp', 'tensor'), as in MaxText. Here: the mesh
+(and the error that lists the shapes that fit), the rules -> PartitionSpec mapping, the constraint model code
+calls, the train state's and the batch's shardings, and the check that a batch splits over the mesh.
 """
 
 from __future__ import annotations
@@ -9,22 +11,27 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
+import json
+import logging
 import math
 
 import jax
 import numpy as np
+import optax
+from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from omni.config import MeshConfig
+from omni.config import Config, MeshConfig
+from omni.errors import ConfigError, MeshError
 
 AXES = ("data", "fsdp", "tensor")
+
+log = logging.getLogger("omni.sharding")
 
 _active: contextvars.ContextVar = contextvars.ContextVar("omni_sharding", default=None)
 
 
-class MeshError(ValueError):
-    """The configured mesh does not fit the devices."""
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -97,6 +104,13 @@ def activate(mesh: Mesh, rules):
         _active.reset(token)
 
 
+def active_mesh_key():
+    """A hashable description of the mesh and rules `activate` set (None outside it): part of a cache key for
+    functions compiled while tracing under it."""
+    active = _active.get()
+    return None if active is None else (active[0], json.dumps(active[1]))
+
+
 def constrain(x, *names):
     """with_sharding_constraint by logical axis names; a no-op outside `activate` (plain single-device use)."""
     active = _active.get()
@@ -114,3 +128,57 @@ def global_batch(local_batch: dict, mesh: Mesh, rules) -> dict:
     """Process-local numpy batch -> global jax arrays sharded on the batch axis (works for one or many hosts)."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, np.ndim(v)), v)
             for k, v in local_batch.items()}
+
+
+def state_shardings(cfg: Config, mesh: Mesh, abstract_params, tx) -> dict:
+    """NamedShardings of the train state {step, params, opt_state}: params from their logical names and the mesh
+    rules, optimizer moments like their params, scalars replicated."""
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    shapes = nnx.to_pure_dict(abstract_params)
+
+    def param_sharding(path, spec, shape):
+        wanted = _logical_spec(spec, cfg.mesh.rules)
+        fitted = _divisible(wanted, shape.shape, mesh)
+        if fitted != wanted:
+            log.info("omni: %s %s: replicated where the mesh does not divide it (wanted %s, using %s)",
+                     jax.tree_util.keystr(path, simple=True, separator="."), list(shape.shape), wanted, fitted)
+        return NamedSharding(mesh, fitted)
+
+    param_sh = jax.tree_util.tree_map_with_path(param_sharding, specs, shapes,
+                                                is_leaf=lambda x: isinstance(x, PartitionSpec))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                   transform_non_params=lambda _: replicated)
+    return {"step": replicated, "params": param_sh, "opt_state": opt_sh}
+
+
+def _logical_spec(spec: PartitionSpec, rules) -> PartitionSpec:
+    known = {name for name, _ in rules}
+    for name in spec:
+        if name is not None and name not in known:
+            raise ConfigError(f"parameter axis '{name}' has no entry in 'mesh.rules'; add "
+                              f"['{name}', <mesh axis or None>]")
+    return logical_to_spec(spec, rules)
+
+
+def _divisible(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
+    """Replicates a dimension its mesh axes do not divide (2 KV heads on tensor=4, say), instead of failing:
+    the usual GQA practice of repeating KV heads across tensor shards (logged by state_shardings)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+        out.append(axes if dim % int(np.prod([mesh.shape[a] for a in names] or [1])) == 0 else None)
+    return PartitionSpec(*out)
+
+
+def check_batch_fits_mesh(cfg: Config, mesh: Mesh) -> None:
+    """ConfigError unless each micro-batch splits evenly over the mesh axes the 'batch' rule maps to."""
+    spec = logical_to_spec(("batch",), cfg.mesh.rules)[0]
+    axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
+    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % shards:
+        raise ConfigError(
+            f"'train.batch_size' / 'train.grad_accum' = {micro} sequences per micro-batch cannot be split over "
+            f"{shards} batch shards (mesh axes {axes}); use a multiple of {shards}")

@@ -29,10 +29,7 @@ from dataclasses import dataclass
 import einops
 import numpy as np
 
-# Modality ids (batch field `modality`).
-PAD, TEXT, IMAGE, AUDIO = 0, 1, 2, 3
-MODALITY_NAMES = {TEXT: "text", IMAGE: "image", AUDIO: "audio"}
-TARGET_MODALITIES = ("text", "audio")
+from omni.batch import AUDIO, IMAGE, TARGET_MODALITIES, TEXT
 
 # Special token ids; ids below NUM_SPECIAL are reserved for markers.
 PAD_ID, BOS, EOS, BOI, EOI, ROW, BOA, EOA, IMAGE_PATCH, AUDIO_DELAY = range(10)
@@ -72,19 +69,6 @@ class Vocab:
         return None
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: no training, no unknown words, 256 ids."""
-
-    name = "bytes"
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
-
-
 def patchify(image_HxWx3: np.ndarray, patch_size: int) -> np.ndarray:
     """uint8 [H, W, 3] -> float32 [H/P, W/P, P*P*3] in [-1, 1]."""
     h, w, c = image_HxWx3.shape
@@ -101,18 +85,30 @@ def unpatchify(patches_RxCxD: np.ndarray, patch_size: int) -> np.ndarray:
     return np.clip(np.round((pixels + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def check_codes(codes: np.ndarray, codebook_sizes, allow_empty: bool = False) -> None:
+    """ValueError unless codes are int [frames >= 1 (>= 0 with allow_empty), K] with code k in
+    [0, codebook_sizes[k]): the one check of audio codes, wherever they come from (a build, a prompt, a model)."""
+    codes = np.asarray(codes)
+    k = len(codebook_sizes)
+    if codes.ndim != 2 or codes.shape[1] != k:
+        raise ValueError(f"codes of shape {list(codes.shape)} do not match the codec's {k} codebooks "
+                         f"(expected [frames, {k}])")
+    if len(codes) == 0 and not allow_empty:
+        raise ValueError("codes have no frames")
+    sizes = np.asarray(codebook_sizes)
+    bad = (codes < 0) | (codes >= sizes[None, :])
+    if bad.any():
+        t, j = np.argwhere(bad)[0]
+        raise ValueError(f"code {codes[t, j]} at frame {t}, codebook {j} is outside [0, {sizes[j]}) "
+                         f"(codebook sizes {list(codebook_sizes)})")
+
+
 def flatten_codes(codes_TxK: np.ndarray, vocab: Vocab, layout: str = "flat") -> np.ndarray:
     """Codec codes [T, K] -> token ids, codebook k shifted into its own id range; [T*K] frame-major for the
     "flat" layout, [(T+K-1)*K] for the "delay" layout (module docstring)."""
     codes = np.asarray(codes_TxK)
-    if codes.ndim != 2 or codes.shape[1] != len(vocab.codebook_sizes):
-        raise ValueError(f"audio codes of shape {codes.shape} do not match the codec's "
-                         f"{len(vocab.codebook_sizes)} codebooks; expected [frames, {len(vocab.codebook_sizes)}]")
+    check_codes(codes, vocab.codebook_sizes, allow_empty=True)
     sizes = np.asarray(vocab.codebook_sizes)
-    bad = (codes < 0) | (codes >= sizes[None, :])
-    if bad.any():
-        t, k = np.argwhere(bad)[0]
-        raise ValueError(f"audio code {codes[t, k]} at frame {t}, codebook {k} is outside [0, {sizes[k]})")
     offsets = np.asarray([vocab.audio_offset(k) for k in range(len(sizes))])
     ids = (codes + offsets[None, :]).astype(np.int32)
     if layout == "flat":

@@ -10,6 +10,7 @@ os.environ.setdefault("OMNI_CACHE", tempfile.mkdtemp(prefix="omni-test-cache-"))
 
 import pytest  # noqa: E402
 
+import omni.demo  # noqa: E402,F401  (registers data.dataset=demo, as the omni command does)
 from omni.config import Config  # noqa: E402
 
 
@@ -22,15 +23,15 @@ def tiny_config(**mesh) -> Config:
     cfg.model.kv_heads = 2
     cfg.model.dtype = "float32"
     cfg.data.seq_len = 128
-    cfg.data.train_examples = 300
-    cfg.data.eval_examples = 48
+    cfg.demo.train_examples = 300
+    cfg.demo.eval_examples = 48
     cfg.train.batch_size = 8
     cfg.train.steps = 20
     cfg.train.warmup_steps = 5
     cfg.train.log_every = 5
     cfg.train.eval_every = 0
     cfg.train.checkpoint_every = 10
-    cfg.train.demo_eval_examples = 0
+    cfg.demo.scored_examples = 0
     for axis, size in mesh.items():
         setattr(cfg.mesh, axis, size)
     return cfg

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from omni import ablate, config as config_lib, data
+from omni import config as config_lib
+from omni.batch import patch_dim
 from omni.config import ConfigError
-from omni.model import flops_per_token, param_total
+from omni.data import pipeline as data
+from omni.model.counting import flops_per_token, param_total
+from omni.tools import ablate
 from tests.conftest import tiny_config
 
 VARIANTS = ["early", "late:1", "cross"]
@@ -29,7 +32,7 @@ def _base(match="none"):
 
 
 def _sizes(cfg):
-    return data.vocab_for(cfg.data).size, data.patch_dim(cfg.data)
+    return data.vocab_for(cfg).size, patch_dim(cfg.data)
 
 
 def test_plan_changes_only_fusion_width_and_seed():
@@ -119,7 +122,7 @@ def _omni_ablate(config: Path, workdir: Path) -> subprocess.Popen:
 @pytest.mark.slow
 def test_runner_resumes_after_a_kill_without_redoing_finished_runs(tmp_path):
     cfg = _base("flops")
-    cfg.train.steps, cfg.train.eval_every, cfg.train.checkpoint_every, cfg.train.demo_eval_examples = 16, 8, 4, 4
+    cfg.train.steps, cfg.train.eval_every, cfg.train.checkpoint_every, cfg.demo.scored_examples = 16, 8, 4, 4
     config_path = tmp_path / "ablate.json"
     config_lib.save_config(cfg, config_path)
     workdir = tmp_path / "ablate"

@@ -1,4 +1,4 @@
-"""omni.adapters: the pure record -> raw example mappings (always run) and reading TFDS catalog datasets.
+"""omni.data.adapters: the pure record -> raw example mappings (always run) and reading TFDS catalog datasets.
 
 The reading tests that go through the real catalog builders need TensorFlow, because TFDS imports it to construct
 the coco_captions and librispeech builders (even under tfds.testing.mock_data); they skip where it is missing.
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from omni import adapters
-from omni.adapters import CatalogError
+from omni.data import adapters
+from omni.errors import CatalogError
 
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 NEEDS_TF = ("TFDS imports TensorFlow to construct the coco_captions/librispeech catalog builders "

@@ -1,4 +1,4 @@
-"""omni.audio (WAV in/out, resampling) and the codecs beyond ToneCodec: MelRVQCodec, PrecomputedCodec, load_codec."""
+"""omni.data.audio (WAV in/out, resampling) and the codecs beyond ToneCodec: MelRVQCodec, PrecomputedCodec, load_codec."""
 
 import json
 
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import scipy.io.wavfile
 
-from omni.audio import AudioError, load_audio, read_wav, resample, write_wav
-from omni.codec import (CodecError, MelRVQCodec, PrecomputedCodec, ToneCodec, codec_identity, fit_codec_on_files,
-                        load_codec, log_mel)
+from omni.data.audio import load_audio, read_wav, resample, write_wav
+from omni.data.codec import (MelRVQCodec, PrecomputedCodec, ToneCodec, codec_identity, fit_codec_on_files, load_codec,
+                             log_mel)
+from omni.errors import AudioError, CodecError
 
 SR = 16_000
 

@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from omni import bench, config as config_lib
-from omni.batch import check_batch
+from omni import config as config_lib
+from omni.batch import AUDIO, IMAGE, TEXT, check_batch
 from omni.config import derived_head_dim, derived_mlp
-from omni.tokens import AUDIO, IMAGE, TEXT
+from omni.tools import bench
 
 
 def _small():

@@ -47,10 +47,55 @@ def test_demo_command_trains_and_resumes(tmp_path):
     """The README's first command, shortened: trains, shows progress and demo metrics, then resumes."""
     workdir = tmp_path / "demo"
     args = ("train", "--config", "configs/demo.py", "--workdir", str(workdir), "--set", "train.steps=30",
-            "--set", "train.eval_every=0", "--set", "train.checkpoint_every=15", "--set", "train.demo_eval_examples=4")
+            "--set", "train.eval_every=0", "--set", "train.checkpoint_every=15", "--set", "demo.scored_examples=4")
     run = omni(*args)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "held-out loss" in run.stdout and "demo caption" in run.stdout
-    again = omni(*args[:-4], "--set", "train.steps=40", "--set", "train.demo_eval_examples=4")
+    again = omni(*args[:-4], "--set", "train.steps=40", "--set", "demo.scored_examples=4")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from" in again.stdout and "(step 30)" in again.stdout
+
+
+CONFIG_FILE_MISTAKES = [  # line 6 of a config file (inside get_config()), what the message must name
+    ("    c.model.dd = 5", ["bad.py:6", "unknown config key 'model.dd'", "Did you mean 'model.d'"]),
+    ("    c.trian = 3", ["bad.py:6", "unknown config key 'trian'", "Did you mean 'train"]),
+    ("    c.model.dtype = 'float8'", ["bad.py:6", "bad value 'float8' for 'model.dtype'", "'bfloat16', 'float32'"]),
+    ("    c.train.steps = 'many'", ["bad.py:6", "bad value 'many' for 'train.steps'", "integer"]),
+    ("    c.model = 5", ["bad.py:6", "'model' is a section"]),
+    ("    c.model.heads = 3", ["bad.py", "'model.heads' (3) must be a multiple of 'model.kv_heads' (2)"]),
+    ("    c.train.steps = (", ["bad.py:6", "syntax error"]),
+    ("    import not_a_module_anywhere", ["bad.py:6", "ModuleNotFoundError", "not_a_module_anywhere"]),
+]
+
+
+@pytest.mark.parametrize("line,expected", CONFIG_FILE_MISTAKES, ids=[m[0].strip() for m in CONFIG_FILE_MISTAKES])
+def test_config_file_mistakes_are_one_line_errors(tmp_path, line, expected):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from omni.config import Config\n\n\ndef get_config():\n    c = Config()\n" + line + "\n    return c\n")
+    run = omni("config", "--config", str(bad))
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    for text in expected:
+        assert text in run.stderr, (text, run.stderr)
+
+
+def test_config_paths_that_are_not_config_files(tmp_path):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "latin1.json").write_bytes(b'{"name": "caf\xe9"}')
+    (tmp_path / "README.md").write_text("# not a config\n")
+    cases = {str(tmp_path): "is a directory", str(tmp_path / "list.json"): "not a list",
+             str(tmp_path / "latin1.json"): "not UTF-8 (byte 0xe9", str(tmp_path / "README.md"): "neither a .py"}
+    for path, expected in cases.items():
+        run = omni("config", "--config", path)
+        assert run.returncode == 2 and expected in run.stderr and path in run.stderr, (path, run.stderr)
+        assert "Traceback" not in run.stderr
+
+
+def test_config_schema_lists_every_key_with_its_doc():
+    from omni import config as config_lib
+
+    run = omni("config", "--schema")
+    assert run.returncode == 0
+    for key in config_lib.all_keys():
+        assert key in run.stdout, key
+    assert "demo.scored_examples" in run.stdout and "data.image_size" not in run.stdout

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from omni import demo_data
-from omni.codec import ToneCodec
+from omni.data.codec import ToneCodec
+from omni.demo import corpus as demo_data
 
 
 def test_tone_codec_keeps_every_note_pitch_through_a_round_trip():

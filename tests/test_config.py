@@ -77,3 +77,16 @@ def test_config_files_open_with_their_command():
     for path in Path("configs").rglob("*.py"):
         opening = path.read_text().split('"""')[1]
         assert f"--config {path}" in opening and opening.lstrip().splitlines()[2].strip().startswith("omni "), path
+
+
+def test_demo_fields_have_their_own_section_and_old_names_still_read():
+    saved = config_lib.to_dict(Config())
+    saved["data"].update(image_size=64, train_examples=10, eval_examples=5, corpus_seed=3)  # a config.json of before
+    saved["train"]["demo_eval_examples"] = 7
+    for section in ("demo",):
+        del saved[section]
+    cfg = config_lib.from_dict(saved, source="old config.json")
+    assert (cfg.demo.image_size, cfg.demo.train_examples, cfg.demo.eval_examples, cfg.demo.seed,
+            cfg.demo.scored_examples) == (64, 10, 5, 3, 7)
+    with pytest.raises(ConfigError, match="'data.image_size'. It moved to 'demo.image_size'"):
+        config_lib.apply_overrides(Config(), ["data.image_size=64"])

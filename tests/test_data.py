@@ -4,10 +4,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from omni import config as config_lib, data
-from omni.batch import check_batch
+from omni import config as config_lib
+from omni.batch import check_batch, patch_dim
 from omni.config import ConfigError
-from omni.tokens import ByteTokenizer, encode_example
+from omni.data import pipeline as data
+from omni.data.prefetch import Prefetched
+from omni.data.text_tokenizer import ByteTokenizer
+from omni.tokens import encode_example
 from tests.conftest import tiny_config
 
 
@@ -27,12 +30,12 @@ def test_eval_packing_preserves_every_token_and_mask():
     cfg = tiny_config()
     batches = data.eval_batches(cfg)
     for b in batches:
-        check_batch(b, cfg.data.seq_len, data.patch_dim(cfg.data))
+        check_batch(b, cfg.data.seq_len, patch_dim(cfg.data))
         pad = b["segment_ids"] == 0
         assert not b["tokens"][pad].any() and not b["is_target"][pad].any() and not b["patches"][pad].any()
-    vocab = data.vocab_for(cfg.data)
+    vocab = data.vocab_for(cfg)
     expected = Counter()
-    for example in data.examples(cfg.data, "eval"):
+    for example in data.examples(cfg, "eval"):
         enc = encode_example(example, vocab, ByteTokenizer(), cfg.data.patch_size)
         expected[(tuple(enc["tokens"]), tuple(enc["is_target"]))] += 1
     assert Counter(s for b in batches for s in _segments(b)) == expected
@@ -41,7 +44,8 @@ def test_eval_packing_preserves_every_token_and_mask():
 def test_patches_travel_with_their_tokens():
     cfg = tiny_config()
     batch = data.eval_batches(cfg)[0]
-    from omni.tokens import IMAGE, IMAGE_PATCH
+    from omni.batch import IMAGE
+    from omni.tokens import IMAGE_PATCH
 
     is_patch = (batch["tokens"] == IMAGE_PATCH) & (batch["modality"] == IMAGE)
     assert is_patch.any()
@@ -87,8 +91,8 @@ def test_iterator_state_restores_to_exactly_the_next_batch():
 def test_overlong_examples_are_split_truncated_or_refused_never_lost(caplog):
     cfg = tiny_config()
     cfg.data.seq_len = 20
-    lengths = [len(encode_example(e, data.vocab_for(cfg.data), ByteTokenizer(), cfg.data.patch_size)["tokens"])
-               for e in data.examples(cfg.data, "eval")]
+    lengths = [len(encode_example(e, data.vocab_for(cfg), ByteTokenizer(), cfg.data.patch_size)["tokens"])
+               for e in data.examples(cfg, "eval")]
     assert max(lengths) > 20
     batches = data.eval_batches(cfg)  # default data.overlong="split": every token is somewhere
     assert sum(int((b["segment_ids"] > 0).sum()) for b in batches) == sum(lengths)
@@ -129,7 +133,7 @@ def test_worker_processes_deliver_and_resume_exactly():
     cfg.data.num_workers = 2
     it = iter(data.train_dataset(cfg))
     first = next(it)
-    check_batch(first, cfg.data.seq_len, data.patch_dim(cfg.data))
+    check_batch(first, cfg.data.seq_len, patch_dim(cfg.data))
     state = it.get_state()
     expected = [next(it) for _ in range(2)]
     it.close()
@@ -177,7 +181,7 @@ def test_prefetched_batches_keep_order_and_checkpoint_the_batches_taken_not_thos
     plain = data.train_dataset(cfg)
     expected = [next(plain) for _ in range(6)]
     made = []
-    prefetched = data.Prefetched(data.train_dataset(cfg), lambda b: made.append(1) or b, size=3)
+    prefetched = Prefetched(data.train_dataset(cfg), lambda b: made.append(1) or b, size=3)
     taken = [next(prefetched) for _ in range(2)]
     deadline = time.monotonic() + 60
     while len(made) < 5 and time.monotonic() < deadline:  # the thread runs ahead: 2 taken + 3 in the queue
@@ -187,7 +191,7 @@ def test_prefetched_batches_keep_order_and_checkpoint_the_batches_taken_not_thos
     prefetched.close()
     for got, want in zip(taken, expected):
         assert all(np.array_equal(got[k], want[k]) for k in want)
-    resumed = data.Prefetched(data.train_dataset(cfg), lambda b: b, size=2)
+    resumed = Prefetched(data.train_dataset(cfg), lambda b: b, size=2)
     resumed.set_state(state)
     for want in expected[2:5]:  # resumes at batch 3, the first one not taken, though 5 had been made
         got = next(resumed)
@@ -201,7 +205,7 @@ def test_prefetched_pipeline_errors_surface_in_the_training_loop():
     def put(batch):
         raise ValueError("example 7: corrupt image")
 
-    prefetched = data.Prefetched(data.train_dataset(tiny_config()), put, size=2)
+    prefetched = Prefetched(data.train_dataset(tiny_config()), put, size=2)
     with pytest.raises(ValueError, match="example 7: corrupt image"):
         next(prefetched)
     prefetched.close()

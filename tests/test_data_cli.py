@@ -5,7 +5,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from omni.audio import read_wav, write_wav
+from omni.data.audio import read_wav, write_wav
 from tests.conftest import tiny_config
 from tests.test_cli import omni
 
@@ -71,15 +71,16 @@ def test_tokenizer_codec_build_show_and_train_on_user_data(tmp_path):
     assert "<image 3x5>" in run.stdout or "<image 4x4>" in run.stdout  # both sizes fitted to 16 patches
     assert "audio codes" in run.stdout
 
-    from omni import data, train
+    from omni.data import pipeline as data
+    from omni.train import loop
 
     cfg = tiny_config()
     cfg.data.dataset = str(out)
     cfg.data.max_image_patches = 16
     cfg.train.steps = 12
-    vocab = data.vocab_for(cfg.data)
+    vocab = data.vocab_for(cfg)
     assert vocab.text_size == 300 and vocab.codebook_sizes == (16, 16)
-    result = train.train(cfg, tmp_path / "run", progress=False)
+    result = loop.train(cfg, tmp_path / "run", progress=False)
     assert np.isfinite(result["eval"]["loss/text"])
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["data"]["dataset"] == str(out)

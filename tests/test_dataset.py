@@ -1,16 +1,15 @@
 """Manifest -> TFDS array_record dataset -> read back: round trip, precomputed codes, and every bad-input case."""
 
-import io
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from omni import dataset
-from omni.audio import read_wav, write_wav
-from omni.codec import ToneCodec
-from omni.manifest import ManifestError
+from omni.data import dataset
+from omni.data.audio import read_wav, write_wav
+from omni.data.codec import ToneCodec
+from omni.errors import ManifestError
 
 TONE = {"name": ToneCodec.name, "frame_rate": ToneCodec.frame_rate, "codebook_sizes": list(ToneCodec.codebook_sizes)}
 
@@ -153,7 +152,7 @@ def test_existing_dataset_is_not_overwritten_and_unfinished_one_is_named(tmp_pat
 
 
 def test_hash_split_is_stable_and_roughly_the_fraction(tmp_path):
-    from omni.manifest import split_of
+    from omni.data.manifest import split_of
 
     lines = [{"id": f"ex{i}", "segments": [{"text": "x"}]} for i in range(2000)]
     splits = [split_of(line, i, 0.1) for i, line in enumerate(lines)]

@@ -1,10 +1,11 @@
 """The spoken-caption demo corpus (espeak-ng): image + caption + speech triples through a fitted MelRVQCodec."""
 
-import numpy as np
 import pytest
 
-from omni import data, demo_data
-from omni.audio import read_wav
+from omni.data import pipeline as data
+from omni.data.audio import read_wav
+from omni.demo import corpus
+from omni.demo import corpus as demo_data
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(not demo_data.espeak_available(),
@@ -14,12 +15,12 @@ pytestmark = pytest.mark.skipif(not demo_data.espeak_available(),
 def test_speech_demo_builds_triples_with_a_fitted_codec():
     cfg = tiny_config()
     cfg.data.dataset = "demo-speech"
-    cfg.data.train_examples, cfg.data.eval_examples = 24, 4
+    cfg.demo.train_examples, cfg.demo.eval_examples = 24, 4
     cfg.data.seq_len = 1024
-    ds = data.dataset_for(cfg.data)
+    ds = data.dataset_for(cfg)
     assert ds.meta["codec"]["name"] == "mel-rvq-v1" and ds.codebook_sizes == (64,) * 4
-    examples = data.examples(cfg.data, "train")
-    source = data.demo_path(cfg.data).with_name(data.demo_path(cfg.data).name + ".source")
+    examples = data.examples(cfg, "train")
+    source = corpus.built_path(cfg).with_name(corpus.built_path(cfg).name + ".source")
     tasks = {e["meta"]["task"] for e in examples}
     assert tasks == set(demo_data.SPEECH_TASKS)
     for e in examples:

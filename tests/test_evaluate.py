@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from omni import evaluate, train
+from omni.tools import evaluate
+from omni.train import loop
 from tests.conftest import tiny_config
 
 
@@ -15,7 +16,7 @@ def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     cfg = tiny_config()
     cfg.train.steps, cfg.train.checkpoint_every, cfg.train.eval_batches = 4, 2, 2
-    result = train.train(cfg, workdir, progress=False)
+    result = loop.train(cfg, workdir, progress=False)
     return workdir, result
 
 

@@ -1,4 +1,4 @@
-"""omni.export: a checkpoint -> safetensors + config + tokenizer + codec, read back by numpy alone and by omni."""
+"""omni.tools.export: a checkpoint -> safetensors + config + tokenizer + codec, read back by numpy alone and by omni."""
 
 import json
 import re
@@ -15,10 +15,15 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from omni import checkpoint, config as config_lib, data, export, sharding, train
-from omni.codec import MelRVQCodec, PrecomputedCodec, ToneCodec, codec_identity
-from omni.export import ExportError
+from omni import config as config_lib
+from omni import sharding
+from omni.data import pipeline as data
+from omni.data.codec import MelRVQCodec, PrecomputedCodec, ToneCodec, codec_identity
+from omni.errors import ExportError
 from omni.tokens import Vocab
+from omni.tools import export
+from omni.train import checkpoint, loop
+from omni.train.step import build_model, build_optimizer, init_state
 from tests.conftest import tiny_config
 
 STEPS, EVERY = 4, 2
@@ -30,7 +35,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     cfg = tiny_config()
     cfg.train.steps, cfg.train.checkpoint_every, cfg.train.eval_batches = STEPS, EVERY, 1
-    train.train(cfg, root / "run", progress=False)
+    loop.train(cfg, root / "run", progress=False)
     exports = {dtype: export.export(root / "run", root / f"out-{dtype}", dtype=dtype)
                for dtype in ("float32", "bfloat16", "float16")}
     return cfg, root, exports
@@ -41,8 +46,8 @@ def trainer(run):
     """What the trainer builds before it resumes: graphdef, the state's abstract shapes + shardings, the mesh."""
     cfg = run[0]
     mesh = sharding.make_mesh(cfg.mesh)
-    tx, _ = train.build_optimizer(cfg)
-    graphdef, state, _ = train.init_state(cfg, mesh, tx)
+    tx, _ = build_optimizer(cfg)
+    graphdef, state, _ = init_state(cfg, mesh, tx, data.vocab_for(cfg))
     return graphdef, checkpoint.abstract_like(state), mesh
 
 
@@ -144,7 +149,7 @@ def test_config_json_names_the_step_vocab_and_every_tensor(run):
     saved = json.loads((exports["bfloat16"] / "config.json").read_text())
     info = saved.pop("export")
     assert saved["model"] == json.loads(json.dumps(cfg.model.__dict__))  # the config that trained it
-    vocab = data.vocab_for(cfg.data)
+    vocab = data.vocab_for(cfg)
     assert info["step"] == STEPS and info["dtype"] == "bfloat16" and info["format_version"] == export.FORMAT_VERSION
     assert info["vocab"]["size"] == vocab.size and info["vocab"]["text_offset"] == vocab.text_offset
     assert info["vocab"]["audio_offsets"] == [vocab.audio_offset(k) for k in range(2)]
@@ -223,17 +228,17 @@ def test_sharded_unscanned_bf16_checkpoint_exports_under_the_same_names(run, tmp
     cfg = tiny_config(data=2, fsdp=2, tensor=2)
     cfg.model.scan_layers, cfg.model.param_dtype = False, "bfloat16"
     mesh = sharding.make_mesh(cfg.mesh)
-    tx, _ = train.build_optimizer(cfg)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: train.build_model(cfg)), nnx.Param)
-    shardings = train.state_shardings(cfg, mesh, (graphdef, abstract), tx)["params"]
+    tx, _ = build_optimizer(cfg)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, data.vocab_for(cfg))), nnx.Param)
+    shardings = sharding.state_shardings(cfg, mesh, abstract, tx)["params"]
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s, where: jax.device_put(rng.normal(size=s.shape).astype(s.dtype), where),
                           nnx.to_pure_dict(abstract), shardings)
     state = {"step": jnp.int32(7), "params": params, "opt_state": tx.init(params)}
     assert params["blocks"][0]["attn"]["wq"].sharding.spec[:2] == ("fsdp", "tensor")
-    dataset, vocab = data.dataset_for(cfg.data), data.vocab_for(cfg.data)
+    dataset, vocab = data.dataset_for(cfg), data.vocab_for(cfg)
     meta = {"config": config_lib.to_dict(cfg), "dataset": str(dataset.path), "step": 7,
-            "tokenizer": data.tokenizer_for(cfg.data).identity(), "codec": dataset.meta.get("codec"),
+            "tokenizer": data.tokenizer_for(cfg).identity(), "codec": dataset.meta.get("codec"),
             "vocab": {"size": vocab.size, "text_size": vocab.text_size, "codebook_sizes": list(vocab.codebook_sizes)}}
     manager = checkpoint.make_manager(tmp_path / "run", cfg.train)
     checkpoint.save(manager, 7, state, iter(data.train_dataset(cfg)), meta)
@@ -264,9 +269,9 @@ def test_step_picks_that_checkpoint(run, trainer, tmp_path):
 def test_export_loads_back_its_tokenizer_and_codec(run):
     cfg, _, exports = run
     loaded = export.load_export(exports["bfloat16"])
-    assert loaded.tokenizer.identity() == data.tokenizer_for(cfg.data).identity()
+    assert loaded.tokenizer.identity() == data.tokenizer_for(cfg).identity()
     assert loaded.tokenizer.decode(loaded.tokenizer.encode("a red circle")) == "a red circle"
-    assert loaded.vocab == data.vocab_for(cfg.data)
+    assert loaded.vocab == data.vocab_for(cfg)
     assert isinstance(loaded.codec, ToneCodec)
     wave = ToneCodec().decode(np.array([[30, 10]] * 5))
     assert np.array_equal(loaded.codec.encode(wave), ToneCodec().encode(wave))

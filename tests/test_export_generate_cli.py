@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from omni import data, train
+from omni.demo import corpus
+from omni.train import loop
 from tests.conftest import tiny_config
 
 
@@ -20,14 +21,14 @@ def memorised(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     cfg = tiny_config()
     cfg.model.d = 64
-    cfg.data.train_examples, cfg.data.eval_examples = 12, 6
+    cfg.demo.train_examples, cfg.demo.eval_examples = 12, 6
     cfg.train.steps, cfg.train.lr, cfg.train.warmup_steps, cfg.train.weight_decay = 300, 1e-2, 20, 0.0
     cfg.train.log_every, cfg.train.checkpoint_every = 50, 300
-    train.train(cfg, workdir, progress=False)
+    loop.train(cfg, workdir, progress=False)
     out = tmp_path_factory.mktemp("export") / "model"
     result = _omni("export", "--workdir", str(workdir), "--out", str(out), "--dtype", "float32")
     assert result.returncode == 0, result.stderr
-    manifest = data.demo_path(cfg.data).with_name(data.demo_path(cfg.data).name + ".source") / "manifest.jsonl"
+    manifest = corpus.built_path(cfg).with_name(corpus.built_path(cfg).name + ".source") / "manifest.jsonl"
     lines = [json.loads(line) for line in manifest.read_text().splitlines()]
     captions = [(manifest.parent / line["segments"][0]["image"], line["meta"]["answer"]) for line in lines
                 if line["meta"]["task"] == "caption" and line.get("split") == "train"]
@@ -50,7 +51,7 @@ def test_generate_audio_writes_a_wav_through_the_codec(memorised, tmp_path):
     result = _omni("generate", "--model", str(out), "--prompt", "play loud c e g", "--target", "audio",
                    "--max-new-tokens", "12", "--out", str(wav))
     assert result.returncode == 0, result.stderr
-    from omni.audio import read_wav
+    from omni.data.audio import read_wav
 
     wave, rate = read_wav(wav)
     assert rate == 16000 and len(wave) > 0

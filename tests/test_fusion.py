@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from omni.config import ConfigError, ModelConfig, apply_overrides, Config
-from omni.model import (OmniTransformer, flops_per_token, matmul_params, param_count, param_total, same_ids_mask,
-                        span_ids)
-from omni.tokens import AUDIO, IMAGE, IMAGE_PATCH, TEXT
+from omni.batch import AUDIO, IMAGE, TEXT
+from omni.config import Config, ConfigError, ModelConfig, apply_overrides
+from omni.model.attention import same_ids_mask
+from omni.model.counting import flops_per_token, matmul_params, param_count, param_total
+from omni.model.transformer import OmniTransformer, span_ids
+from omni.tokens import IMAGE_PATCH
 
 V, PD, L = 128, 12, 12
 

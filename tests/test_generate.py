@@ -7,13 +7,16 @@ import optax
 import pytest
 from flax import nnx
 
-from omni import data, demo_data
-from omni.audio import write_wav
-from omni.codec import PrecomputedCodec, ToneCodec
-from omni.generate import GenerateError, decode_output, generate, parse_prompt, prompt_arrays
+from omni.batch import AUDIO, IMAGE, TEXT, patch_dim
+from omni.data import pipeline as data
+from omni.data.audio import write_wav
+from omni.data.codec import PrecomputedCodec, ToneCodec
+from omni.demo import corpus as demo_data
+from omni.errors import GenerateError
 from omni.loss import masked_next_token_loss
-from omni.model import OmniTransformer, init_cache
-from omni.tokens import AUDIO, AUDIO_DELAY, BOA, EOA, EOS, IMAGE, IMAGE_PATCH, TEXT, encode_example
+from omni.model.transformer import OmniTransformer, init_cache
+from omni.tokens import AUDIO_DELAY, BOA, EOA, EOS, IMAGE_PATCH, encode_example
+from omni.tools.generate import decode_output, generate, parse_prompt, prompt_arrays
 from tests.conftest import tiny_config
 
 
@@ -21,10 +24,10 @@ from tests.conftest import tiny_config
 def setup():
     """The tiny test config, its demo vocabulary, a randomly initialised model, held-out examples."""
     cfg = tiny_config()
-    vocab, tokenizer = data.vocab_for(cfg.data), data.tokenizer_for(cfg.data)
-    model = OmniTransformer(cfg.model, vocab.size, data.patch_dim(cfg.data), rngs=nnx.Rngs(0))
+    vocab, tokenizer = data.vocab_for(cfg), data.tokenizer_for(cfg)
+    model = OmniTransformer(cfg.model, vocab.size, patch_dim(cfg.data), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
-    examples = data.examples(cfg.data, "eval", limit=12)
+    examples = data.examples(cfg, "eval", limit=12)
     return cfg, vocab, tokenizer, graphdef, params, examples
 
 
@@ -32,7 +35,7 @@ def _variant(setup, **changes):
     """The setup model with other layer settings, same weights (unstacked for scan_layers=False)."""
     cfg, vocab, *_ = setup
     model_cfg = dataclasses.replace(cfg.model, **changes)
-    abstract = nnx.eval_shape(lambda: OmniTransformer(model_cfg, vocab.size, data.patch_dim(cfg.data),
+    abstract = nnx.eval_shape(lambda: OmniTransformer(model_cfg, vocab.size, patch_dim(cfg.data),
                                                       rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(abstract, nnx.Param)
     weights = nnx.to_pure_dict(setup[4])
@@ -47,7 +50,7 @@ def _variant(setup, **changes):
 @pytest.mark.parametrize("changes", [{}, {"scan_layers": False}, {"remat": "full"}])
 def test_prefill_then_decode_gives_the_full_forward_logits(setup, changes):
     model_cfg, graphdef, params = _variant(setup, **changes)
-    pdim, length = data.patch_dim(setup[0].data), 12
+    pdim, length = patch_dim(setup[0].data), 12
     forward = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b))
     cached = jax.jit(lambda p, b, c, decode: nnx.merge(graphdef, p)(b, cache=c, decode=decode), static_argnums=3)
     rng = np.random.default_rng(0)
@@ -159,7 +162,7 @@ def test_late_and_cross_fusion_generate_by_recomputing_the_prefix(setup, fusion)
     """No KV cache for these variants: each step reruns the sequence so far, and must equal the reference."""
     cfg, vocab, tokenizer, *_, examples = setup
     model_cfg = dataclasses.replace(cfg.model, **fusion)
-    model = OmniTransformer(model_cfg, vocab.size, data.patch_dim(cfg.data), rngs=nnx.Rngs(1))
+    model = OmniTransformer(model_cfg, vocab.size, patch_dim(cfg.data), rngs=nnx.Rngs(1))
     if model_cfg.fusion == "cross":  # open the gates so the images matter
         for gate in (model.cross_blocks.attn_gate, model.cross_blocks.mlp_gate):
             gate[...] = jnp.full_like(gate[...], 0.7)
@@ -281,7 +284,7 @@ def test_prompt_arrays_are_the_training_prefix(setup):
 
 def test_a_model_that_memorised_captions_generates_them_from_their_images(setup):
     cfg, vocab, tokenizer, graphdef, params, _ = setup  # trains the randomly initialised tiny model
-    examples = demo_data.make_split("train", 24, cfg.data.image_size, seed=5)
+    examples = demo_data.make_split("train", 24, cfg.demo.image_size, seed=5)
     captions = [e for e in examples if e["meta"]["task"] == "caption"][:6]
     encoded = [encode_example(e, vocab, tokenizer, cfg.data.patch_size) for e in captions]
     width = max(len(e["tokens"]) for e in encoded)

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from omni import config as config_lib, distributed, launch
+from omni import config as config_lib
 from omni.config import ConfigError
+from omni.launch import runners as launch
+from omni.train import distributed
 from tests.conftest import tiny_config
 
 TRAIN = ["train", "--config", "configs/demo.py", "--workdir", "/shared/runs/x"]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from omni.batch import AUDIO, PAD, TEXT
 from omni.loss import masked_next_token_loss, target_mask
-from omni.tokens import AUDIO, PAD, TEXT
 
 
 def _batch(tokens, segment_ids, is_target, modality):
@@ -59,7 +59,7 @@ def test_is_target_false_removes_a_position():
 def test_no_leak_across_packed_segments_through_the_model():
     """Logits of one packed example do not depend on the other example's tokens, in either direction."""
     from omni.config import ModelConfig
-    from omni.model import OmniTransformer
+    from omni.model.transformer import OmniTransformer
 
     cfg = ModelConfig(d=32, layers=2, heads=4, kv_heads=2, dtype="float32")
     model = OmniTransformer(cfg, 128, 12, rngs=nnx.Rngs(0))

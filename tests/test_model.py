@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from omni.batch import IMAGE, TEXT
 from omni.config import ModelConfig
-from omni.model import OmniTransformer, flops_per_token, matmul_params, param_count
-from omni.tokens import IMAGE, IMAGE_PATCH, TEXT
+from omni.model.counting import flops_per_token, matmul_params, param_count
+from omni.model.transformer import OmniTransformer
+from omni.tokens import IMAGE_PATCH
 
 V, PD, L = 128, 12, 10
 
@@ -111,7 +113,7 @@ def _mask_from_runs(lengths_BxM, starts_BxM1, length):
 
 
 def test_packed_runs_describe_exactly_the_segment_mask():
-    from omni.model import packed_runs, same_ids_mask
+    from omni.model.attention import packed_runs, same_ids_mask
 
     lengths, starts = map(np.asarray, packed_runs(jnp.asarray(PACKED_ROWS), 8))
     np.testing.assert_array_equal(lengths[0], [2, 3, 1, 2, -1, -1, -1, -1])
@@ -128,7 +130,8 @@ def test_packed_runs_describe_exactly_the_segment_mask():
 
 
 def test_late_fusion_spans_as_runs_match_the_span_mask():
-    from omni.model import packed_runs, same_ids_mask, span_ids
+    from omni.model.attention import packed_runs, same_ids_mask
+    from omni.model.transformer import span_ids
 
     modality = np.array([[1, 2, 2, 1, 3, 3, 1, 0]] * 4)
     spans = span_ids(jnp.asarray(PACKED_ROWS), jnp.asarray(modality))
@@ -137,7 +140,7 @@ def test_late_fusion_spans_as_runs_match_the_span_mask():
 
 
 def test_attention_kernel_choice():
-    from omni.model import attention_implementation
+    from omni.model.attention import attention_implementation
 
     assert attention_implementation(_cfg(attention="auto")) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
     assert attention_implementation(_cfg(attention="auto", dtype="float32")) == "xla"  # cuDNN has no fp32 kernels
@@ -147,28 +150,33 @@ def test_attention_kernel_choice():
 
 def test_rows_with_more_runs_than_cudnn_is_set_up_for_are_refused():
     from omni import config as config_lib
+    from omni.batch import FIELDS
     from omni.config import Config, ConfigError
-    from omni.train import check_packed_rows
+    from omni.train.step import check_host_batch
 
-    batch = {"segment_ids": PACKED_ROWS, "modality": np.array([[1, 2, 2, 1, 3, 3, 1, 0]] * 4)}
     cfg = Config()
-    config_lib.apply_overrides(cfg, ["model.attention=cudnn", "model.max_segments=8"])
-    check_packed_rows(cfg, batch)  # row 2 holds 8 runs: fits
+    config_lib.apply_overrides(cfg, ["model.attention=cudnn", "model.max_segments=8", "data.seq_len=8"])
+    batch = {name: np.zeros((4, 8, 8 * 8 * 3) if name == "patches" else (4, 8), dtype) for name, dtype in FIELDS.items()}
+    batch.update(segment_ids=PACKED_ROWS.astype(np.int32),
+                 modality=np.array([[1, 2, 2, 1, 3, 3, 1, 0]] * 4, np.int32))
+    with pytest.raises(ValueError, match=r"batch field positions: expected int32\[4, 8\], got int64\[4, 8\]"):
+        check_host_batch(cfg, dict(batch, positions=np.zeros((4, 8), np.int64)))  # the layout is checked first
+    check_host_batch(cfg, batch)  # row 2 holds 8 runs: fits
     cfg.model.max_segments = 7
     with pytest.raises(ConfigError, match=r"batch row 2 holds 8 packed segments.*'model.max_segments' \(7\).*"
                                           r"--set model.max_segments=8"):
-        check_packed_rows(cfg, batch)
+        check_host_batch(cfg, batch)
     cfg.model.fusion, cfg.model.late_layers = "late", 1
     with pytest.raises(ConfigError, match=r"batch row 0 holds 8 modality spans"):
-        check_packed_rows(cfg, batch)  # row 0: a span starts wherever the segment or the modality changes
+        check_host_batch(cfg, batch)  # row 0: a span starts wherever the segment or the modality changes
     cfg.model.attention = "xla"  # XLA builds the dense mask: no limit
-    check_packed_rows(cfg, batch)
+    check_host_batch(cfg, batch)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_cudnn_packed_attention_equals_xla_with_the_segment_mask(kv_heads):
-    from omni.model import attend
+    from omni.model.attention import attend
 
     rng = np.random.default_rng(0)
     b, l, n, h = 4, 256, 4, 64
@@ -193,7 +201,7 @@ def test_cudnn_packed_attention_equals_xla_with_the_segment_mask(kv_heads):
 def test_dots_attn_remat_saves_the_fused_attention_kernel_and_weight_matmuls_only():
     from jax.extend.core import Primitive
 
-    from omni.model import REMAT_POLICIES
+    from omni.model.transformer import REMAT_POLICIES
 
     policy = REMAT_POLICIES["dots_attn"]
     assert policy(Primitive("dot_product_attention_fwd_wrapper"))

@@ -12,8 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from omni import checkpoint, config as config_lib, data, sharding, train
-from omni.metrics import read_metrics
+from omni import config as config_lib
+from omni import sharding
+from omni.data import pipeline as data
+from omni.train import checkpoint, loop
+from omni.train.metrics import read_metrics
+from omni.train.step import build_optimizer, init_state
 from tests.conftest import tiny_config
 
 LOSS_KEYS = ("loss", "loss/text", "loss/audio", "acc", "grad_norm", "lr")
@@ -101,7 +105,7 @@ def trained_once(tmp_path_factory):
     cfg = tiny_config()
     cfg.train.steps, cfg.train.checkpoint_every, cfg.train.eval_batches = 6, 2, 1
     workdir = tmp_path_factory.mktemp("trained")
-    train.train(cfg, workdir, progress=False)
+    loop.train(cfg, workdir, progress=False)
     return cfg, workdir
 
 
@@ -132,7 +136,7 @@ def test_an_unreadable_checkpoint_is_reported_and_the_previous_one_restored(thre
             path.write_bytes(bytes(255 - b for b in path.read_bytes()))
     capsys.readouterr()
     cfg.train.steps = 8
-    train.train(cfg, workdir, progress=False)
+    loop.train(cfg, workdir, progress=False)
     out = capsys.readouterr().out
     assert f"checkpoint {workdir / 'checkpoints' / '6'} is unreadable and is skipped" in out
     assert f"resumed from {workdir / 'checkpoints' / '4'} (step 4)" in out
@@ -147,7 +151,7 @@ def test_a_half_written_save_is_ignored_and_cleaned(three_checkpoints, capsys):
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "manifest.ocdbt").write_bytes(b"\x00" * 10)
     cfg.train.steps = 8
-    train.train(cfg, workdir, progress=False)
+    loop.train(cfg, workdir, progress=False)
     assert f"resumed from {workdir / 'checkpoints' / '6'} (step 6)" in capsys.readouterr().out
     assert not partial.exists()
 
@@ -158,14 +162,14 @@ def test_every_checkpoint_unreadable_is_an_error_not_a_silent_restart(three_chec
         for path in _state_files(workdir, step):
             path.unlink()
     with pytest.raises(checkpoint.NoUsableCheckpointError, match="none of the checkpoints"):
-        train.train(cfg, workdir, progress=False)
+        loop.train(cfg, workdir, progress=False)
 
 
 def test_a_checkpoint_of_another_config_names_the_first_mismatching_parameter(three_checkpoints):
     cfg, workdir = three_checkpoints
     cfg.model.d = 64
     with pytest.raises(checkpoint.CheckpointMismatchError) as err:
-        train.train(cfg, workdir, progress=False)
+        loop.train(cfg, workdir, progress=False)
     message = str(err.value)
     assert "parameter 'params." in message and "in the checkpoint but" in message
     assert "model.d (32 -> 64)" in message
@@ -189,7 +193,7 @@ def saved_on_8_devices(tmp_path_factory):
     cfg = tiny_config(data=1, fsdp=8)
     cfg.train.steps, cfg.train.checkpoint_every, cfg.train.eval_batches = 2, 2, 1
     workdir = tmp_path_factory.mktemp("fsdp8")
-    train.train(cfg, workdir, progress=False)
+    loop.train(cfg, workdir, progress=False)
     return cfg, workdir
 
 
@@ -198,15 +202,15 @@ def test_a_checkpoint_saved_on_8_devices_restores_on_another_mesh(saved_on_8_dev
     cfg, tmp_path = saved_on_8_devices
     saved_manager = checkpoint.make_manager(tmp_path, cfg.train)
     saved_mesh = sharding.make_mesh(cfg.mesh)
-    tx, _ = train.build_optimizer(cfg)
-    _, saved_like, _ = train.init_state(cfg, saved_mesh, tx)
+    tx, _ = build_optimizer(cfg)
+    _, saved_like, _ = init_state(cfg, saved_mesh, tx, data.vocab_for(cfg))
     want = checkpoint.restore_latest(saved_manager, checkpoint.abstract_like(saved_like),
                                      iter(data.train_dataset(cfg)))[1]
 
     other = tiny_config(**{"data": 1, "fsdp": 1, **mesh})
     other.train = cfg.train
     other_mesh = sharding.make_mesh(other.mesh, jax.devices()[:devices])
-    _, like, _ = train.init_state(other, other_mesh, tx)
+    _, like, _ = init_state(other, other_mesh, tx, data.vocab_for(other))
     step, got, meta = checkpoint.restore_latest(checkpoint.make_manager(tmp_path, other.train),
                                                 checkpoint.abstract_like(like), iter(data.train_dataset(other)))
     assert step == 2 and meta["step"] == 2
@@ -222,7 +226,7 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]), local_device_ids=[0])
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
-from omni.preemption import PreemptionWatch
+from omni.train.preemption import PreemptionWatch
 
 watch = PreemptionWatch()
 print("ready", flush=True)
@@ -262,7 +266,7 @@ KILL_DURING_SAVE_SCRIPT = """
 import os, signal, sys
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from omni import checkpoint
+from omni.train import checkpoint
 from omni.config import TrainConfig
 
 manager = checkpoint.make_manager(sys.argv[1], TrainConfig(keep_checkpoints=1))
@@ -296,9 +300,9 @@ def test_time_based_checkpoints_without_a_step_interval(tmp_path):
     cfg = tiny_config()
     cfg.train.steps, cfg.train.log_every, cfg.train.eval_batches = 4, 1, 1
     cfg.train.checkpoint_every, cfg.train.checkpoint_minutes = 0, 1e-6  # due at every logging step
-    train.train(cfg, tmp_path, progress=False)
+    loop.train(cfg, tmp_path, progress=False)
     assert checkpoint.checkpoint_steps(tmp_path) == [2, 3, 4]  # keep 3; step 1 was saved, then rotated out
 
     cfg.train.steps, cfg.train.checkpoint_minutes = 8, 60.0  # not due again within this test: only the last step
-    train.train(cfg, tmp_path, progress=False)
+    loop.train(cfg, tmp_path, progress=False)
     assert checkpoint.checkpoint_steps(tmp_path) == [3, 4, 8]

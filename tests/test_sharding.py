@@ -4,16 +4,18 @@ import jax
 import numpy as np
 import pytest
 
-from omni import data, sharding, train
+from omni import sharding
 from omni.config import ConfigError, MeshConfig
+from omni.data import pipeline as data
+from omni.train.step import build_optimizer, init_state, make_train_step
 from tests.conftest import tiny_config
 
 
 def _loss_and_grads(cfg, devices):
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    tx, schedule = train.build_optimizer(cfg)
-    graphdef, state, shardings = train.init_state(cfg, mesh, tx)
-    step = train.make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+    tx, schedule = build_optimizer(cfg)
+    graphdef, state, shardings = init_state(cfg, mesh, tx, data.vocab_for(cfg))
+    step = make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
     batch = next(iter(data.train_dataset(cfg)))
     params_before = jax.device_get(state["params"])
     new_state, metrics = step(state, sharding.global_batch(batch, mesh, cfg.mesh.rules))
@@ -70,7 +72,7 @@ def test_batch_that_does_not_split_over_the_mesh_is_refused():
     cfg = tiny_config(data=8, fsdp=1, tensor=1)
     cfg.train.batch_size = 4
     with pytest.raises(ConfigError, match="batch_size"):
-        train._check_batch_fits_mesh(cfg, sharding.make_mesh(cfg.mesh))
+        sharding.check_batch_fits_mesh(cfg, sharding.make_mesh(cfg.mesh))
 
 
 @pytest.mark.parametrize("fusion", [["model.fusion=late", "model.late_layers=1"],

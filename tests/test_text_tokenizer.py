@@ -3,8 +3,7 @@ import random
 
 import pytest
 
-from omni import text_tokenizer as TT
-from omni import tokens
+from omni.data import text_tokenizer as TT
 
 # Text the BPE never saw: accents, CJK, emoji (incl. a ZWJ sequence), control characters, whitespace runs.
 UNSEEN = [
@@ -48,7 +47,7 @@ def sp_model(tmp_path_factory):
 
 def test_bytes_round_trip_and_identity():
     tok = TT.load_tokenizer("bytes")
-    assert isinstance(tok, tokens.ByteTokenizer) and TT.load_tokenizer("byte").kind == "bytes"
+    assert isinstance(tok, TT.ByteTokenizer) and TT.load_tokenizer("byte").kind == "bytes"
     for text in UNSEEN:
         ids = tok.encode(text)
         assert ids == list(text.encode("utf-8")) and tok.decode(ids) == text
@@ -120,9 +119,6 @@ def test_save_and_reload_gives_identical_ids(bpe_dir, sp_model, tmp_path):
         assert again.encode(text) == tok.encode(text)
         assert again.identity() == tok.identity() == json.loads((out / TT.IDENTITY_FILE).read_text())
     assert (tmp_path / "export0" / TT.META_FILE).is_file()  # the trained BPE's meta travels with it
-    # The plain ByteTokenizer of omni.tokens (what the data pipeline builds) saves too.
-    TT.save_tokenizer(tokens.ByteTokenizer(), tmp_path / "plain")
-    assert json.loads((tmp_path / "plain" / TT.IDENTITY_FILE).read_text())["kind"] == "bytes"
 
 
 def test_sentencepiece_matches_the_library(sp_model):

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from omni import tokens as T
+from omni.data.text_tokenizer import ByteTokenizer
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def test_encode_example_layout_and_targets(vocab):
     example = {"segments": [{"text": "hi", "target": False}, {"image": image}, {"text": "ok"},
                             {"audio": np.array([[1, 2]])}],
                "targets": ["text"]}
-    enc = T.encode_example(example, vocab, T.ByteTokenizer(), patch_size=8)
+    enc = T.encode_example(example, vocab, ByteTokenizer(), patch_size=8)
     t, off = vocab.text_offset, vocab.audio_offset
     P = T.IMAGE_PATCH
     expected = [T.BOS, t + ord("h"), t + ord("i"),
@@ -70,13 +71,13 @@ def test_encode_example_layout_and_targets(vocab):
 
 def test_audio_target_includes_markers_and_eos(vocab):
     example = {"segments": [{"text": "play"}, {"audio": np.array([[1, 2], [3, 4]])}], "targets": ["audio"]}
-    enc = T.encode_example(example, vocab, T.ByteTokenizer(), patch_size=8)
+    enc = T.encode_example(example, vocab, ByteTokenizer(), patch_size=8)
     assert enc["tokens"][5] == T.BOA and enc["tokens"][-2] == T.EOA
     np.testing.assert_array_equal(np.flatnonzero(enc["is_target"]), range(5, 12))
 
 
 def test_bad_examples_are_refused(vocab):
-    tok = T.ByteTokenizer()
+    tok = ByteTokenizer()
     with pytest.raises(ValueError, match="no segments"):
         T.encode_example({"segments": [], "targets": ["text"]}, vocab, tok, 8)
     with pytest.raises(ValueError, match="segment 0 must have exactly one"):

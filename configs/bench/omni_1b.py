@@ -7,7 +7,7 @@ d 2048, 16 layers, 16 heads (no GQA), SwiGLU hidden 5504 (3 x 2048 x 5504 ~ the 
 MLP MaxText's reference uses), vocab 32768 (--vocab), seq 2048, batch 16, bf16 compute, fp32 weights,
 remat saving the weight matmuls and the cuDNN attention kernel's outputs (dots_attn), cuDNN packed-sequence
 attention on GPU (segments as offsets, at most 16 per row; the synthetic batches hold up to 7). Prints one JSON
-line (omni/bench.py documents every field and the FLOP formula). On a GPU host, launch/bench_gpu.sh runs it
+line (omni/tools/bench.py documents every field and the FLOP formula). On a GPU host, launch/bench_gpu.sh runs it
 with --text-only, the remat and attention variants and ../shared/bench/plain_jax_step.py in one go.
 Nothing has been measured with it on an accelerator yet; on CPU it is far too big, use
 configs/bench/omni_cpu.py there.

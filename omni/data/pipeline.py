@@ -1,0 +1,224 @@
+"""The input pipeline: a built dataset -> seeded shuffle per epoch -> decode + tokenise -> pack -> batches (grain).
+
+    dataset (omni.data.dataset, TFDS array_record, random access)
+      -> reading shard s of S: examples [s::S]; process p of P reads shards p*S/P .. (p+1)*S/P - 1
+      -> seeded shuffle, new order every epoch, endless repeat           (train only)
+      -> Tokenize (worker_threads threads): decode images and resize them to the patch budget, text through
+         the tokenizer, audio codes to tokens; an over-long example is split or truncated (data.overlong)
+      -> first-fit packing into seq_len rows (segment ids, positions restart per example, target masks kept)
+      -> batches of [batch_size / S, seq_len, ...] per shard in the layout of omni.batch; a process's batch is
+         its shards' batches in shard order, i.e. rows of the global batch that its devices hold
+      -> num_workers > 0: each shard's chain runs in grain worker processes, prefetching ahead of the trainer
+
+S is data.shards, or the process count when that is 0. A global batch is the concatenation of all S shard
+batches, so with data.shards fixed (say 8) the batches and their order are the same whether 1, 2, 4 or 8
+processes read them, and a run saved by N processes resumes on M with the same data order. The train
+iterator (ShardedBatches) saves every shard's grain iterator state in each checkpoint (one file per shard,
+omni.train.checkpoint), so a resumed run continues with exactly the next batch. Nothing is dropped silently: splits
+are counted in the dataset build report, over-long examples are split by default and truncation is logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grain
+import numpy as np
+from grain import experimental as grain_experimental
+
+from omni.batch import FIELDS
+from omni.config import Config, DataConfig
+from omni.data import dataset as dataset_lib
+from omni.data.images import decode_image, fit_image
+from omni.data.text_tokenizer import load_tokenizer
+from omni.errors import ConfigError
+from omni.tokens import MAX_CHUNKS, Vocab, encode_example, fit_to_length
+
+PACKED_FIELDS = ("tokens", "patches", "modality", "is_target")
+log = logging.getLogger("omni.data")
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+
+
+@functools.lru_cache(maxsize=8)
+def _open(path: str) -> dataset_lib.Dataset:
+    return dataset_lib.open_dataset(path)
+
+
+def dataset_for(cfg: Config) -> dataset_lib.Dataset:
+    """The dataset data.dataset names (a generated corpus is built on first use, omni.data.dataset.dataset_folder)."""
+    return _open(str(dataset_lib.dataset_folder(cfg)))
+
+
+def tokenizer_spec(cfg: Config) -> str:
+    return cfg.data.tokenizer or dataset_for(cfg).tokenizer_spec()
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(spec: str):
+    return load_tokenizer(spec)
+
+
+def tokenizer_for(cfg: Config):
+    return _tokenizer(tokenizer_spec(cfg))
+
+
+def vocab_for(cfg: Config) -> Vocab:
+    return Vocab(text_size=tokenizer_for(cfg).vocab_size, codebook_sizes=dataset_for(cfg).codebook_sizes)
+
+
+# ----------------------------------------------------------------------------------------------- examples
+
+
+def prepare(record: dict, cfg: DataConfig, codebook_count: int) -> dict:
+    """A stored example -> the example dict encode_example takes (images decoded and fitted to the budget)."""
+    example = dataset_lib.decode_record(record, codebook_count)
+    for segment in example["segments"]:
+        if "image_bytes" in segment:
+            segment["image"] = fit_image(decode_image(segment.pop("image_bytes")), cfg.patch_size,
+                                         cfg.max_image_patches)
+    return example
+
+
+class Tokenize(grain.transforms.Map):
+    """stored example -> list of per-position array dicts (one, or several pieces of an over-long example).
+
+    Holds only names, not the tokenizer, so it pickles cheaply into grain worker processes.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg.data
+        self.tokenizer_spec = tokenizer_spec(cfg)
+        self.codebook_sizes = dataset_for(cfg).codebook_sizes
+
+    def map(self, record: dict) -> list[dict]:
+        tokenizer = _tokenizer(self.tokenizer_spec)
+        vocab = Vocab(text_size=tokenizer.vocab_size, codebook_sizes=self.codebook_sizes)
+        example = prepare(record, self.cfg, len(self.codebook_sizes))
+        encoded = encode_example(example, vocab, tokenizer, self.cfg.patch_size, self.cfg.audio_layout)
+        return fit_to_length(encoded, self.cfg.seq_len, self.cfg.overlong, example["id"])
+
+
+class _Pieces(grain_experimental.FlatMapTransform):
+    max_fan_out = MAX_CHUNKS
+
+    def flat_map(self, pieces: list[dict]) -> list[dict]:
+        return pieces
+
+
+def _unpack_names(packed: dict) -> dict:
+    out = {name: packed[name] for name in PACKED_FIELDS}
+    out["segment_ids"] = packed["tokens_segment_ids"]
+    out["positions"] = packed["tokens_positions"]
+    return {name: out[name].astype(dtype) for name, dtype in FIELDS.items()}
+
+
+def _pack(ds: grain.IterDataset, cfg: DataConfig, bins: int, shuffle_bins: bool) -> grain.IterDataset:
+    ds = grain_experimental.FlatMapIterDataset(ds, _Pieces())
+    return grain_experimental.FirstFitPackIterDataset(
+        ds, length_struct={name: cfg.seq_len for name in PACKED_FIELDS}, num_packing_bins=bins,
+        seed=cfg.shuffle_seed, shuffle_bins=shuffle_bins)
+
+
+def local_batch_size(cfg: Config, process_count: int) -> int:
+    if cfg.train.batch_size % process_count:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} does not divide over {process_count} processes")
+    return cfg.train.batch_size // process_count
+
+
+def num_shards(cfg: Config, process_count: int) -> int:
+    """S: data.shards, or one per process; checked to split over the processes and the batch."""
+    shards = cfg.data.shards or process_count
+    if shards % process_count or cfg.train.batch_size % shards:
+        raise ConfigError(f"data.shards={shards} must be a multiple of the {process_count} processes and divide "
+                         f"train.batch_size={cfg.train.batch_size}; set --set data.shards=N accordingly")
+    return shards
+
+
+def split_source(cfg: Config, split: str, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """Shard `process_index` of `process_count` of a split's stored examples."""
+    return grain.MapDataset.source(dataset_for(cfg).source(split))[process_index::process_count]
+
+
+def shard_dataset(cfg: Config, shard: int, shards: int) -> grain.IterDataset:
+    """Endless packed batches of one reading shard: dict of [batch_size / shards, seq_len, ...] numpy arrays."""
+    rows = cfg.train.batch_size // shards
+    examples = split_source(cfg, "train", shard, shards)
+    ds = examples.seed(cfg.data.shuffle_seed).shuffle().repeat().map(Tokenize(cfg))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.data.worker_threads, prefetch_buffer_size=4 * rows))
+    ds = _pack(ds, cfg.data, cfg.data.packing_bins or rows, shuffle_bins=True)
+    ds = ds.batch(rows, drop_remainder=True).map(_unpack_names)
+    if cfg.data.num_workers:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (known grain 0.2 issue)
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.num_workers))
+    return ds
+
+
+class ShardedBatches:
+    """This process's endless train batches, [batch_size / process_count, seq_len, ...]: the batches of its
+    reading shards, concatenated in shard order. State: every shard's grain iterator state."""
+
+    def __init__(self, cfg: Config, process_index: int = 0, process_count: int = 1):
+        self.num_shards = num_shards(cfg, process_count)
+        per_process = self.num_shards // process_count
+        self.shard_ids = list(range(process_index * per_process, (process_index + 1) * per_process))
+        self._iterators = [iter(shard_dataset(cfg, s, self.num_shards)) for s in self.shard_ids]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        parts = [next(it) for it in self._iterators]
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def close(self) -> None:
+        """Stops the shards' worker processes (data.num_workers > 0)."""
+        for it in self._iterators:
+            if hasattr(it, "close"):
+                it.close()
+
+    def get_state(self) -> dict:
+        return {"num_shards": self.num_shards,
+                "shards": {str(s): it.get_state() for s, it in zip(self.shard_ids, self._iterators)}}
+
+    def set_state(self, state: dict) -> None:
+        if state["num_shards"] != self.num_shards:
+            raise ValueError(f"iterator state of {state['num_shards']} reading shards cannot restore a pipeline of "
+                             f"{self.num_shards}; set data.shards={state['num_shards']}")
+        for s, it in zip(self.shard_ids, self._iterators):
+            it.set_state(state["shards"][str(s)])
+
+
+def train_dataset(cfg: Config, process_index: int = 0, process_count: int = 1) -> ShardedBatches:
+    """Endless packed train batches of this process (ShardedBatches; module docstring)."""
+    return ShardedBatches(cfg, process_index, process_count)
+
+
+def eval_batches(cfg: Config, process_index: int = 0, process_count: int = 1) -> list[dict]:
+    """The whole eval split of this process, packed in order; the last batch is filled with padding rows."""
+    batch = local_batch_size(cfg, process_count)
+    examples = split_source(cfg, "eval", process_index, process_count)
+    ds = _pack(examples.map(Tokenize(cfg)).to_iter_dataset(), cfg.data, batch, shuffle_bins=False)
+    batches = list(ds.batch(batch, drop_remainder=False).map(_unpack_names))
+    if batches and len(batches[-1]["tokens"]) < batch:
+        last = batches[-1]
+        missing = batch - len(last["tokens"])
+        batches[-1] = {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)]) for k, v in last.items()}
+    if cfg.train.eval_batches:
+        batches = batches[: cfg.train.eval_batches]
+    return batches
+
+
+def examples(cfg: Config, split: str, limit: int | None = None) -> list[dict]:
+    """Decoded examples of a split in stored order (for demo metrics and inspection), images fitted."""
+    source = dataset_for(cfg).source(split)
+    count = len(dataset_for(cfg).codebook_sizes)
+    n = len(source) if limit is None else min(limit, len(source))
+    return [prepare(source[i], cfg.data, count) for i in range(n)]

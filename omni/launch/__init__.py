@@ -1,0 +1,1 @@
+"""`omni launch`: the local multi-process runner and the slurm / gke / tpu renderers (runners.py)."""

@@ -1,0 +1,133 @@
+"""Attention: the GQA module with RoPE and a KV cache, and the kernels behind it (XLA's with a dense mask, cuDNN's
+packed-sequence flash attention with segments given as offsets)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from omni import sharding
+from omni.config import ModelConfig, derived_head_dim
+from omni.model.layers import _modality_param, dense, rope
+
+FUSED_ATTENTION_PRIMITIVES = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")  # cuDNN's kernel
+
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, modalities: int = 0, causal: bool = True,
+                 rotary: bool = True):
+        d, n, k, h = cfg.d, cfg.heads, cfg.kv_heads, derived_head_dim(cfg)
+        out_std = cfg.init_std / (2 * cfg.layers) ** 0.5
+        m, pd = modalities, cfg.param_dtype
+        self.wq = _modality_param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std, pd, m)
+        self.wk = _modality_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, pd, m)
+        self.wv = _modality_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, pd, m)
+        self.wo = _modality_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, pd, m)
+        self.cfg, self.causal, self.rotary = cfg, causal, rotary
+
+    def __call__(self, x_BxLxD, visible, positions_BxL, cache=None, layer=None, decode=False,
+                 route_BxLxM=None, context_BxSxD=None):
+        """Attention output [B, L, D]; with a cache (module docstring) returns (output, updated cache).
+
+        visible says which keys each query sees (causal attention also requires s <= t): run ids int [B, L]
+        (a query sees the keys of its own run of equal ids, see attend), or a bool mask [B, 1, L, S] (key s
+        visible to query t). Ignored when decoding. With context_BxSxD keys and values come from it
+        (cross-attention, a mask [B, 1, L, S]).
+        """
+        dt = jnp.dtype(self.cfg.dtype)
+        context = x_BxLxD if context_BxSxD is None else context_BxSxD
+        q_BxLxNxH = dense("bld,dnh->blnh", x_BxLxD, self.wq[...], dt, route_BxLxM)
+        k_BxLxKxH = dense("bld,dkh->blkh", context, self.wk[...], dt, route_BxLxM)
+        v_BxLxKxH = dense("bld,dkh->blkh", context, self.wv[...], dt, route_BxLxM)
+        if self.rotary:
+            q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, self.cfg.rope_theta)
+            k_BxLxKxH = rope(k_BxLxKxH, positions_BxL, self.cfg.rope_theta)
+        q_BxLxNxH = sharding.constrain(q_BxLxNxH, "batch", "length", "heads", "head_dim")
+        if decode:
+            return self._decode(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, positions_BxL[:, 0], cache, layer)
+        if cache is not None:  # prefill: the block attends as in training; its keys/values fill slots 0..L-1
+            cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype),
+                                                        (layer, 0, 0, 0, 0))
+                     for name, new in (("k", k_BxLxKxH), ("v", v_BxLxKxH))}
+        out_BxLxNxH = attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, visible, self.causal, self.cfg)
+        out_BxLxD = dense("blnh,nhd->bld", out_BxLxNxH, self.wo[...], dt, route_BxLxM)
+        return out_BxLxD if cache is None else (out_BxLxD, cache)
+
+    def _decode(self, q_Bx1xNxH, k_Bx1xKxH, v_Bx1xKxH, slot_B, cache, layer):
+        """One new token per row: write its key/value at the row's slot, attend to slots 0..slot."""
+        rows_B = jnp.arange(slot_B.shape[0])
+        cache = {name: cache[name].at[layer, rows_B, slot_B].set(new[:, 0].astype(cache[name].dtype))
+                 for name, new in (("k", k_Bx1xKxH), ("v", v_Bx1xKxH))}
+        keys_BxSxKxH, values_BxSxKxH = cache["k"][layer], cache["v"][layer]
+        out_Bx1xNxH = jax.nn.dot_product_attention(q_Bx1xNxH, keys_BxSxKxH.astype(q_Bx1xNxH.dtype),
+                                                   values_BxSxKxH.astype(q_Bx1xNxH.dtype),
+                                                   key_value_seq_lengths=(slot_B + 1).astype(jnp.int32))
+        out_Bx1xD = jnp.einsum("blnh,nhd->bld", out_Bx1xNxH, self.wo[...].astype(jnp.dtype(self.cfg.dtype)))
+        return out_Bx1xD, cache
+
+
+def attention_implementation(cfg: ModelConfig) -> str:
+    """'cudnn' or 'xla': model.attention, where 'auto' means cuDNN's fused flash attention on GPUs for bf16/fp16
+    compute (it has no float32 kernels) and XLA's everywhere else."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    return "cudnn" if jax.default_backend() == "gpu" and cfg.dtype != "float32" else "xla"
+
+
+def attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible, causal: bool, cfg: ModelConfig):
+    """Softmax attention [B, L, N, H] under `visible`: run ids int [B, L] or a bool mask [B, 1, L, S].
+
+    Run ids: a query sees the keys of its own run of equal consecutive ids (a packed segment, padding counting as
+    one, or a modality span), causally. With cuDNN that is its packed-sequence flash attention: no [L, L] mask
+    exists and the blocks outside every run are skipped. With XLA (and for explicit masks) the mask is built
+    here, inside the layer, so it is neither held across the layer scan nor saved for the backward pass.
+    """
+    implementation = attention_implementation(cfg)
+    if visible.ndim == 2:
+        if implementation == "cudnn" and causal and q_BxLxNxH.shape[1] == k_BxSxKxH.shape[1]:
+            return _cudnn_packed_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible, cfg.max_segments)
+        visible = same_ids_mask(visible)
+    return jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=visible, is_causal=causal,
+                                        implementation=implementation)
+
+
+def packed_runs(ids_BxL, max_runs: int):
+    """The runs of equal consecutive ids in each row, as cuDNN's packed-sequence attention describes them:
+
+        lengths_BxM   int32 [B, M]     length of run m of the row, -1 past the row's last run
+        starts_BxM1   int32 [B, M+1]   offset of run m inside the row, -1 past the row's last run
+
+    M = max_runs. Runs past the M-th are dropped (their positions would attend to nothing): the trainer checks
+    every batch on the host first (omni.batch.runs_per_row) and refuses one with a longer row.
+    """
+    batch, length = ids_BxL.shape
+    new_run_BxL = jnp.concatenate([jnp.ones((batch, 1), bool), ids_BxL[:, 1:] != ids_BxL[:, :-1]], axis=1)
+    run_BxL = jnp.cumsum(new_run_BxL, axis=1, dtype=jnp.int32) - 1
+    rows_Bx1 = jnp.arange(batch)[:, None]
+    lengths_BxM = jnp.zeros((batch, max_runs), jnp.int32).at[rows_Bx1, run_BxL].add(1, mode="drop")
+    runs_Bx1 = run_BxL[:, -1:] + 1
+    lengths_BxM = jnp.where(jnp.arange(max_runs)[None] < runs_Bx1, lengths_BxM, -1)
+    slot_BxL = jnp.where(new_run_BxL, run_BxL, max_runs + 1)  # only a run's first position writes its start
+    starts_BxM1 = jnp.full((batch, max_runs + 1), -1, jnp.int32).at[rows_Bx1, slot_BxL].set(
+        jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)), mode="drop")
+    return lengths_BxM, starts_BxM1
+
+
+def _cudnn_packed_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, ids_BxL, max_runs: int):
+    """cuDNN flash attention over packed rows: causal inside each run of equal ids (packed_runs)."""
+    # JAX's public jax.nn.dot_product_attention has no packed-sequence arguments; this is the function it calls
+    # for cuDNN (MaxText calls it the same way).
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+
+    lengths_BxM, starts_BxM1 = packed_runs(ids_BxL, max_runs)
+    return dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, q_seqlen=lengths_BxM, kv_seqlen=lengths_BxM,
+                                 q_offsets=starts_BxM1, kv_offsets=starts_BxM1,
+                                 scale=1.0 / q_BxLxNxH.shape[-1] ** 0.5, mask_type=MaskType.PADDING_CAUSAL,
+                                 qkv_layout="BTNH")
+
+
+def same_ids_mask(ids_BxL):
+    """bool [B, 1, L, L]: query t may see key s when both carry the same id."""
+    return ids_BxL[:, None, :, None] == ids_BxL[:, None, None, :]

@@ -1,0 +1,297 @@
+"""The omni model: one decoder-only transformer over the interleaved text / image-patch / audio-code sequence.
+
+    tokens, patches --embed--> x_BxLxD --(scan over layers: RMSNorm, GQA attention with RoPE, RMSNorm, SwiGLU)-->
+    RMSNorm --unembed--> logits_BxLxV
+
+Text and audio tokens are looked up in one embedding table; image positions instead take a linear projection
+of their P*P*3 pixels (Fuyu-style). Attention is causal and stays inside each packed segment. Parameters are
+stored in `param_dtype` (fp32) and cast to `dtype` (bf16) for compute. Every parameter carries logical axis
+names (see omni.sharding) so the same code shards on any mesh.
+
+Fusion variants (model.fusion; the same embedding, final norm and unembedding, one code path):
+
+    early   the stack above: every token goes through every shared layer.
+    late    the first k = model.late_layers layers are modality-specific: each weight has a leading [modality]
+            axis (text, image, audio; padding takes text's), every token is multiplied by its own modality's
+            slice, and attention stays inside the token's span (a run of one modality inside one segment).
+            The remaining layers - k are shared over the fused sequence. k = 0 is exactly early.
+            (On XLA each token's product with the other modalities' weights is computed and masked away:
+            those k layers cost 3x their FLOPs in time; flops_per_token counts the model's FLOPs, one slice.)
+    cross   Flamingo-style: an image encoder (model.encoder_layers blocks, bidirectional inside each image)
+            reads the image spans; the decoder blocks never attend to image positions, but before every
+            model.cross_every-th decoder layer a gated cross-attention block lets every position attend to the
+            encoded image positions earlier in its segment:
+                x += tanh(attn_gate) * CrossAttn(norm(x), encoded);  x += tanh(mlp_gate) * MLP(norm(x))
+            with both gates initialised to 0, so at init the model is its decoder alone. The encoder runs over
+            every position and the decoder too (image positions see only themselves), to keep one layout.
+
+Inference with a KV cache (omni.tools.generate) calls the same model with `cache=init_cache(...)`, one example per
+row starting at slot 0, so a token's cache slot is also its RoPE position:
+
+    model(prompt_batch, cache=cache)                -> logits [B, P, V], cache with slots 0..P-1 written
+        prefill: the right-padded prompt block runs as in training (segment_ids 1 on tokens, 0 on padding)
+    model(step_batch, cache=cache, decode=True)     -> logits [B, 1, V], cache with one more slot per row
+        decode: one token per row at slot positions[i, 0] (rows may differ), attending to slots <= that slot
+
+The cache is {"k", "v"}: [layers, B, S, kv_heads, head_dim] in the compute dtype, S the longest total length.
+It travels through the layers as part of the scan carry (or the Python loop), and each layer writes only its
+new slots in place, so a decode step moves O(layers x B x kv_heads x head_dim) cache bytes, not the whole
+cache. Remat is skipped on this path (it only saves memory for a backward pass).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from omni import sharding
+from omni.batch import IMAGE
+from omni.config import ModelConfig, derived_head_dim
+from omni.model.attention import FUSED_ATTENTION_PRIMITIVES, Attention, same_ids_mask
+from omni.model.layers import MODALITIES, RMSNorm, SwiGLU, _param
+from omni.tokens import IMAGE_PATCH
+
+
+def _dots_and_fused_attention_saveable(prim, *args, **params) -> bool:
+    """Save the weight matmuls' outputs and the fused attention kernel's (output and softmax statistics): the
+    backward pass then re-runs only elementwise work, never the attention forward kernel."""
+    return (prim.name in FUSED_ATTENTION_PRIMITIVES
+            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
+
+
+REMAT_POLICIES = {
+    "full": None,  # jax.checkpoint's default: save nothing, recompute everything
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_attn": _dots_and_fused_attention_saveable,
+}
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block; with modalities > 0 every weight is per modality (late fusion's first layers)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, modalities: int = 0, causal: bool = True):
+        self.attn_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype, modalities)
+        self.attn = Attention(cfg, rngs, modalities=modalities, causal=causal)
+        self.mlp_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype, modalities)
+        self.mlp = SwiGLU(cfg, rngs, modalities)
+
+    def __call__(self, x_BxLxD, visible, positions_BxL, cache=None, layer=None, decode=False,
+                 route_BxLxM=None):
+        attended = self.attn(self.attn_norm(x_BxLxD, route_BxLxM), visible, positions_BxL, cache, layer,
+                             decode, route_BxLxM)
+        if cache is not None:
+            attended, cache = attended
+        x_BxLxD = x_BxLxD + attended
+        x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD, route_BxLxM), route_BxLxM)
+        x_BxLxD = sharding.constrain(x_BxLxD, "batch", "length", "act_embed")
+        return x_BxLxD if cache is None else (x_BxLxD, cache)
+
+
+class GatedCrossBlock(nnx.Module):
+    """Flamingo's GATED XATTN-DENSE: x += tanh(attn_gate) * CrossAttn(norm(x), context);
+    x += tanh(mlp_gate) * MLP(norm(x)). Both gates start at 0: the block is the identity at init."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype)
+        self.attn = Attention(cfg, rngs, causal=False, rotary=False)
+        self.mlp_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype)
+        self.mlp = SwiGLU(cfg, rngs)
+        zeros = nnx.with_partitioning(nnx.initializers.zeros, ())
+        self.attn_gate = nnx.Param(zeros(rngs.params(), (), jnp.dtype(cfg.param_dtype)))
+        self.mlp_gate = nnx.Param(zeros(rngs.params(), (), jnp.dtype(cfg.param_dtype)))
+
+    def __call__(self, x_BxLxD, context_BxSxD, cross_mask_Bx1xLxS, positions_BxL):
+        has_key_Bx1xLx1 = jnp.any(cross_mask_Bx1xLxS, axis=-1)[..., None]  # [B, 1, L, 1]
+        attended = self.attn(self.attn_norm(x_BxLxD), cross_mask_Bx1xLxS, positions_BxL, context_BxSxD=context_BxSxD)
+        attended = jnp.where(has_key_Bx1xLx1[:, 0], attended, 0)  # a position with no image before it gets nothing
+        dt = x_BxLxD.dtype
+        x_BxLxD = x_BxLxD + jnp.tanh(self.attn_gate[...]).astype(dt) * attended
+        x_BxLxD = x_BxLxD + jnp.tanh(self.mlp_gate[...]).astype(dt) * self.mlp(self.mlp_norm(x_BxLxD))
+        return sharding.constrain(x_BxLxD, "batch", "length", "act_embed")
+
+def route_index(modality_BxL):
+    """Which modality slice a position uses: TEXT and PAD -> 0, IMAGE -> 1, AUDIO -> 2."""
+    return jnp.clip(modality_BxL - 1, 0, MODALITIES - 1)
+
+
+def span_ids(segment_ids_BxL, modality_BxL):
+    """1, 2, ... for each run of one modality inside one segment (a new span wherever either changes)."""
+    change_BxL = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BxL[:, :1], dtype=bool),
+         (segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]) | (modality_BxL[:, 1:] != modality_BxL[:, :-1])], axis=1)
+    return jnp.cumsum(change_BxL, axis=1, dtype=jnp.int32)
+
+
+def _stack(cfg: ModelConfig, n: int, rngs: nnx.Rngs, make):
+    """n blocks made by make(rngs): stacked on a leading [layers] axis for nnx.scan, or an nnx.List."""
+    if not n:
+        return None
+    if cfg.scan_layers:
+        @nnx.split_rngs(splits=n)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_all(rngs):
+            return make(rngs)
+
+        return make_all(rngs)
+    return nnx.List([make(rngs) for _ in range(n)])
+
+
+def _stack_slice(stack, start: int, stop: int):
+    """Blocks start..stop-1 of a stack, as a stack of the same kind (values sliced, gradients flow back)."""
+    if isinstance(stack, nnx.List):
+        return nnx.List(list(stack)[start:stop])
+    graphdef, state = nnx.split(stack)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], state))
+
+
+class OmniTransformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, patch_dim: int, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (vocab_size, cfg.d), ("vocab", "embed"), cfg.init_std, cfg.param_dtype)
+        self.patch_proj = _param(rngs, (patch_dim, cfg.d), ("patch", "embed"), patch_dim**-0.5, cfg.param_dtype)
+        self.patch_bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("embed",))(
+            rngs.params(), (cfg.d,), jnp.dtype(cfg.param_dtype)))
+        late = cfg.late_layers if cfg.fusion == "late" else 0
+        self.blocks = _stack(cfg, cfg.layers - late, rngs, lambda r: Block(cfg, r))  # shared (the decoder for cross)
+        self.final_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype)
+        self.unembed = _param(rngs, (cfg.d, vocab_size), ("embed", "vocab"), cfg.d**-0.5, cfg.param_dtype)
+        if late:
+            self.modality_blocks = _stack(cfg, late, rngs, lambda r: Block(cfg, r, modalities=MODALITIES))
+        if cfg.fusion == "cross":
+            self.encoder = _stack(cfg, cfg.encoder_layers, rngs, lambda r: Block(cfg, r, causal=False))
+            self.encoder_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype)
+            self.cross_blocks = _stack(cfg, cfg.layers // cfg.cross_every, rngs, lambda r: GatedCrossBlock(cfg, r))
+
+    def embed_inputs(self, batch) -> jax.Array:
+        """x_BxLxD: token embeddings, with image patch positions replaced by their pixel projection."""
+        dt = jnp.dtype(self.cfg.dtype)
+        tokens_BxL = batch["tokens"]
+        x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dt)
+        patches_BxLxD = (jnp.einsum("blp,pd->bld", batch["patches"].astype(dt), self.patch_proj[...].astype(dt))
+                         + self.patch_bias[...].astype(dt))
+        is_patch_BxL = (batch["modality"] == IMAGE) & (tokens_BxL == IMAGE_PATCH)
+        x_BxLxD = jnp.where(is_patch_BxL[..., None], patches_BxLxD, x_BxLxD)
+        return sharding.constrain(x_BxLxD, "batch", "length", "act_embed")
+
+    def __call__(self, batch, cache=None, decode=False, logits_at=None):
+        """The batch of omni.batch -> logits float32 [B, L, V] (position t predicts token t+1).
+
+        With `cache` (init_cache) returns (logits, updated cache): a prefill of the prompt block, or with
+        `decode=True` one token per row at slot positions[:, 0] (module docstring). `logits_at` (int [B], cache
+        path only) unembeds just that position of each row: logits [B, 1, V], e.g. a prompt's last token.
+        """
+        if cache is not None:
+            return self._cached_call(batch, cache, decode, logits_at)
+        if decode or logits_at is not None:
+            raise ValueError("decode and logits_at need a cache (omni.model.transformer.init_cache)")
+        segment_ids_BxL, positions_BxL = batch["segment_ids"], batch["positions"]
+        x_BxLxD = self.embed_inputs(batch)
+        if self.cfg.fusion == "cross":
+            return self.logits(self._cross_decoder(x_BxLxD, batch))
+        if self.cfg.fusion == "late" and self.cfg.late_layers:
+            spans_BxL = span_ids(segment_ids_BxL, batch["modality"])
+            route_BxLxM = jax.nn.one_hot(route_index(batch["modality"]), MODALITIES, dtype=x_BxLxD.dtype)
+            x_BxLxD = self._run_stack(self.modality_blocks, x_BxLxD, lambda: spans_BxL, positions_BxL, route_BxLxM)
+        x_BxLxD = self._run_stack(self.blocks, x_BxLxD, lambda: segment_ids_BxL, positions_BxL)
+        return self.logits(x_BxLxD)
+
+    def _run_stack(self, stack, x_BxLxD, visible_fn, positions_BxL, route_BxLxM=None):
+        """x through every block of a stack (scanned or a list), each under the configured remat policy.
+
+        visible_fn() gives each block what its attention sees (run ids [B, L] or a mask, see attend), inside
+        the block: a [B, 1, L, L] mask built once outside and closed over is held across the scan (and kept
+        for the backward pass), measured ~20% slower on the CPU bench (configs/bench/omni_cpu.py: 2.1-2.5 s
+        per step against 1.8-1.9 s).
+        """
+        if stack is None:
+            return x_BxLxD
+
+        def run_block(block, x):
+            return block(x, visible_fn(), positions_BxL, route_BxLxM=route_BxLxM)
+
+        if self.cfg.remat != "none":
+            run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.cfg.remat])
+        return _over_blocks(stack, lambda x, block: run_block(block, x), x_BxLxD)
+
+    def _cross_decoder(self, x_BxLxD, batch):
+        """Cross fusion (module docstring): encode the image spans, then decoder groups of model.cross_every
+        layers, each after a gated cross-attention block into the encoded images earlier in the segment."""
+        segment_ids_BxL, positions_BxL = batch["segment_ids"], batch["positions"]
+        length = segment_ids_BxL.shape[1]
+        is_image_BxL = batch["modality"] == IMAGE
+        # Encoder: bidirectional inside each image span; any other position sees only itself (output unused).
+        encoder_ids_BxL = jnp.where(is_image_BxL, span_ids(segment_ids_BxL, batch["modality"]),
+                                    -1 - jnp.arange(length, dtype=jnp.int32)[None])
+        encoded_BxLxD = self.encoder_norm(self._run_stack(
+            self.encoder, x_BxLxD, lambda: same_ids_mask(encoder_ids_BxL), positions_BxL))
+        image_key_Bx1x1xL = is_image_BxL[:, None, None, :]
+
+        def decoder_mask():  # text and audio never see image positions (which see only themselves)
+            itself_1x1xLxL = jnp.eye(length, dtype=bool)[None, None]
+            return same_ids_mask(segment_ids_BxL) & (~image_key_Bx1x1xL | itself_1x1xLxL)
+
+        earlier_1x1xLxL = jnp.tril(jnp.ones((length, length), bool))[None, None]
+        cross_mask = same_ids_mask(segment_ids_BxL) & image_key_Bx1x1xL & earlier_1x1xLxL
+        groups, per_group = self.cfg.layers // self.cfg.cross_every, self.cfg.cross_every
+        for g in range(groups):
+            x_BxLxD = _stack_item(self.cross_blocks, g)(x_BxLxD, encoded_BxLxD, cross_mask, positions_BxL)
+            x_BxLxD = self._run_stack(_stack_slice(self.blocks, g * per_group, (g + 1) * per_group), x_BxLxD,
+                                      decoder_mask, positions_BxL)
+        return x_BxLxD
+
+    def logits(self, x_BxLxD) -> jax.Array:
+        x_BxLxD = self.final_norm(x_BxLxD)
+        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, self.unembed[...].astype(x_BxLxD.dtype),
+                                  preferred_element_type=jnp.float32)
+        return sharding.constrain(logits_BxLxV, "batch", "length", "vocab")
+
+    def _cached_call(self, batch, cache, decode: bool, logits_at=None):
+        """The KV-cache path: the stacked cache rides in the layer carry; layer i reads/writes cache[:, i]."""
+        if self.cfg.fusion != "early":
+            raise ValueError(f"the KV cache serves model.fusion='early', not '{self.cfg.fusion}' "
+                             "(omni.tools.generate recomputes the prefix for the other variants)")
+        segment_ids_BxL, positions_BxL = batch["segment_ids"], batch["positions"]
+        visible = None if decode else segment_ids_BxL
+        x_BxLxD = self.embed_inputs(batch)
+
+        def run_block(carry, block):
+            x, cache, layer = carry
+            x, cache = block(x, visible, positions_BxL, cache, layer, decode)
+            return x, cache, layer + 1
+
+        x_BxLxD, cache, _ = _over_blocks(self.blocks, run_block, (x_BxLxD, cache, jnp.zeros((), jnp.int32)))
+        if logits_at is not None:
+            x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at[:, None, None], axis=1)
+        return self.logits(x_BxLxD), cache
+
+
+def _over_blocks(stack, body, carry):
+    """carry = body(carry, block) for every block of a stack, in order: nnx.scan over a stacked one, a Python loop
+    over an nnx.List (model.scan_layers=false)."""
+    if isinstance(stack, nnx.List):
+        for block in stack:
+            carry = body(carry, block)
+        return carry
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def scan_blocks(carry, block):
+        return body(carry, block)
+
+    return scan_blocks(carry, stack)
+
+
+def _stack_item(stack, i: int):
+    """Block i of a stack (scanned: its values without the leading [layers] axis)."""
+    if isinstance(stack, nnx.List):
+        return stack[i]
+    graphdef, state = nnx.split(stack)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
+    """An empty KV cache {"k", "v"}: zeros [layers, batch_size, max_len, kv_heads, head_dim] in cfg.dtype."""
+    shape = (cfg.layers, batch_size, max_len, cfg.kv_heads, derived_head_dim(cfg))
+    return {name: sharding.constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)),
+                                     "layers", "batch", "length", "kv_heads", "head_dim") for name in ("k", "v")}

@@ -1,0 +1,1 @@
+"""What users run around training: evaluate, export, generate, ablate, bench, data bench and data show."""

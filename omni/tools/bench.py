@@ -1,0 +1,182 @@
+"""`omni bench`: the real train step's speed on this machine, beside a matmul measured in the same run.
+
+    omni bench --config configs/bench/omni_1b.py [--set ...] [--text-only] [--out bench.jsonl]
+
+One run: (1) a matmul in the model's compute dtype on every device, the measured peak; (2) the real train
+step (the model, masked loss, optimizer, sharded on the configured mesh) on packed batches of synthetic
+examples in realistic proportions, timed after compile and warm-up. It prints one JSON line and appends it to
+--out: step time, tokens/s, TFLOP/s, MFU against the measured peak and against the datasheet, peak device
+memory, compile time, and the share of positions per modality.
+
+FLOPs (the same formula the training logs use, omni.model.counting.flops_per_token): 6 x matmul params x tokens +
+causal attention 6 x layers x seq x heads x head_dim per token. Matmul params are the attention and MLP
+weights of every layer plus the unembedding; the input embedding lookup and the patch projection are not
+counted, as MaxText and ../shared/bench/plain_jax_step.py count. The attention term counts every row as one
+causal sequence of seq_len; `attention_in_segments` is the share of it inside packed segments, the part the
+packed (cuDNN) kernel computes, so a reader can discount the rest.
+
+Attention: `attention` is the kernel used (omni.model.attention.attend: cudnn = packed-sequence flash attention, rows
+described by segment offsets; xla = dense segment mask), `segments_per_row` the most runs a row held against
+model.max_segments.
+
+The synthetic batch (no dataset needed, so it runs on a bare accelerator host): image + caption examples
+(max_image_patches patches, 10-60 byte caption, text target), speech (2-10 s of codes at 12.5 frames/s with a
+transcript; ASR or TTS target) and text documents (0.1 to 1.5 x seq_len bytes), tokenized with the real encode_example
+and first-fit packed into rows of seq_len, the next example always of the kind furthest below its share of
+positions (MIX: 35% image examples, 35% speech, 30% text); --text-only packs text documents only. Token
+ids only use the first 256 text ids (bytes); the vocabulary size, which sets the unembedding cost, is --vocab.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from omni import sharding
+from omni.batch import AUDIO, IMAGE, PAD, TEXT, patch_dim, runs_per_row
+from omni.config import Config, ConfigError
+from omni.data.text_tokenizer import ByteTokenizer
+from omni.model.attention import attention_implementation
+from omni.model.counting import flops_per_token, matmul_params, param_count
+from omni.tokens import Vocab, encode_example, fit_to_length
+from omni.train.perf import datasheet_peak, measure_matmul_peak, time_steps, utilisation
+from omni.train.step import build_optimizer, check_host_batch, init_state, make_train_step
+
+MIX = {"image": 0.35, "speech": 0.35, "text": 0.30}  # shares of the packed positions each kind of example fills
+
+
+def bench_vocab(vocab_size: int, codebooks: int, codebook_size: int) -> Vocab:
+    """A vocabulary of `vocab_size` ids: specials, `codebooks` x `codebook_size` audio codes, text the rest."""
+    text_size = vocab_size - 16 - codebooks * codebook_size
+    if text_size < 256:
+        raise ConfigError(f"--vocab {vocab_size} leaves {text_size} text ids after {codebooks} x {codebook_size} "
+                         "audio codes; at least 256 are needed")
+    return Vocab(text_size=text_size, codebook_sizes=(codebook_size,) * codebooks)
+
+
+def synthetic_example(rng: np.random.Generator, kind: str, cfg: Config, vocab: Vocab, frame_rate: float) -> dict:
+    """One raw example (omni.tokens) of the given kind, random content of realistic length."""
+    def text(lo, hi):
+        return "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz     "), size=int(rng.integers(lo, hi))))
+
+    if kind == "image":
+        side = int(np.sqrt(cfg.data.max_image_patches)) * cfg.data.patch_size
+        image = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        return {"segments": [{"image": image}, {"text": text(10, 60)}], "targets": ["text"]}
+    if kind == "speech":
+        frames = int(rng.uniform(2, 10) * frame_rate)
+        codes = rng.integers(0, min(vocab.codebook_sizes), (frames, len(vocab.codebook_sizes)))
+        if rng.random() < 0.5:
+            return {"segments": [{"audio": codes}, {"text": text(30, 150)}], "targets": ["text"]}
+        return {"segments": [{"text": text(30, 150), "target": False}, {"audio": codes}], "targets": ["audio"]}
+    seq_len = cfg.data.seq_len
+    return {"segments": [{"text": text(seq_len // 10, seq_len * 3 // 2)}], "targets": ["text"]}
+
+
+def synthetic_batch(cfg: Config, vocab: Vocab, rng: np.random.Generator, text_only: bool = False,
+                    frame_rate: float = 12.5) -> dict:
+    """A packed batch (omni.batch fields) of cfg.train.batch_size rows, filled first-fit to seq_len."""
+    rows, seq_len = cfg.train.batch_size, cfg.data.seq_len
+    filled = dict.fromkeys(MIX, 0)
+    tokenizer = ByteTokenizer()
+    batch = {"tokens": np.zeros((rows, seq_len), np.int32),
+             "patches": np.zeros((rows, seq_len, patch_dim(cfg.data)), np.float32),
+             "modality": np.zeros((rows, seq_len), np.int32), "segment_ids": np.zeros((rows, seq_len), np.int32),
+             "positions": np.zeros((rows, seq_len), np.int32), "is_target": np.zeros((rows, seq_len), bool)}
+    fill = np.zeros(rows, int)
+    segments = np.zeros(rows, int)
+    misses = 0
+    while misses < 8:  # stop once pieces keep failing to fit: the rows are (nearly) full
+        total = sum(filled.values())
+        kind = "text" if text_only else max(MIX, key=lambda k: MIX[k] * total - filled[k])
+        encoded = encode_example(synthetic_example(rng, kind, cfg, vocab, frame_rate), vocab, tokenizer,
+                                 cfg.data.patch_size, cfg.data.audio_layout)
+        for piece in fit_to_length(encoded, seq_len, "split", "synthetic"):
+            n = len(piece["tokens"])
+            row = next((r for r in range(rows) if fill[r] + n <= seq_len), None)
+            if row is None:
+                misses += 1
+                continue
+            span = slice(fill[row], fill[row] + n)
+            segments[row] += 1
+            for name in ("tokens", "patches", "modality", "is_target"):
+                batch[name][row, span] = piece[name]
+            batch["segment_ids"][row, span] = segments[row]
+            batch["positions"][row, span] = np.arange(n)
+            fill[row] += n
+            filled[kind] += n
+    return batch
+
+
+def attention_in_segments(batch: dict) -> float:
+    """The share of the counted causal attention (every row attending over all seq_len positions) that lies
+    inside packed segments: sum of segment length^2 over rows x seq_len^2. Packed-sequence attention (cuDNN)
+    computes only this part, so the FLOP formula credits the rest without it being done."""
+    ids = batch["segment_ids"]
+    inside = sum(int(np.sum(row == s)) ** 2 for row in ids for s in np.unique(row[row > 0]))
+    return round(inside / (ids.shape[0] * ids.shape[1] ** 2), 4)
+
+
+def modality_shares(batch: dict) -> dict:
+    total = batch["modality"].size
+    names = {"text": TEXT, "image": IMAGE, "audio": AUDIO, "pad": PAD}
+    return {name: round(float(np.sum(batch["modality"] == m)) / total, 4) for name, m in names.items()}
+
+
+def run(cfg: Config, *, text_only: bool = False, warmup: int = 2, steps: int = 5, vocab_size: int = 32768,
+        codebooks: int = 8, codebook_size: int = 1024, frame_rate: float = 12.5, matmul_size: int | None = None,
+        out: str | Path | None = None, seed: int = 0) -> dict:
+    """Times cfg's train step; returns (and prints, and appends to `out`) the result dict."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch_fits_mesh(cfg, mesh)
+    platform = mesh.devices.flat[0].platform
+    vocab = bench_vocab(vocab_size, codebooks, codebook_size)
+    n = matmul_size or (8192 if platform in ("gpu", "tpu") else 1024)
+    peak = measure_matmul_peak(mesh, cfg.model.dtype, n=n, reps=10)
+    sheet = datasheet_peak(mesh)
+
+    tx, schedule = build_optimizer(cfg)
+    graphdef, state, shardings = init_state(cfg, mesh, tx, vocab)
+    step_fn = make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+    rng = np.random.default_rng(seed)
+    host_batches = [synthetic_batch(cfg, vocab, rng, text_only, frame_rate) for _ in range(2)]
+    for batch in host_batches:
+        check_host_batch(cfg, batch)
+    batches = [sharding.global_batch(b, mesh, cfg.mesh.rules) for b in host_batches]
+
+    state, metrics, compile_s, step_time = time_steps(step_fn, state, batches, warmup, steps)
+
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    flops_tok = flops_per_token(cfg.model, vocab.size, cfg.data.seq_len)
+    achieved = flops_tok * tokens / step_time
+    result = {
+        "what": "bench", "config": cfg.name, "text_only": text_only, "platform": platform,
+        "device": mesh.devices.flat[0].device_kind, "devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
+        "batch": [cfg.train.batch_size, cfg.data.seq_len], "dtype": cfg.model.dtype, "remat": cfg.model.remat,
+        "attention": attention_implementation(cfg.model), "max_segments": cfg.model.max_segments,
+        "segments_per_row": int(max(runs_per_row(b["segment_ids"]).max() for b in host_batches)),
+        "params": int(param_count(state["params"])), "matmul_params": int(matmul_params(cfg.model, vocab.size)),
+        "vocab": vocab.size, "flops_per_token": flops_tok, "step_time_s": step_time, "tokens_per_s": tokens / step_time,
+        "tflops_per_s": achieved / 1e12, "tflops_per_s_per_device": achieved / 1e12 / mesh.devices.size,
+        "matmul_size": n, "matmul_peak_tflops": peak / 1e12, "mfu": utilisation(flops_tok * tokens, step_time, peak),
+        "datasheet_peak_tflops": sheet / 1e12 if sheet else None, "mfu_datasheet": utilisation(flops_tok * tokens, step_time, sheet) if sheet else None,
+        "peak_memory_gib": _peak_memory_gib(mesh), "compile_s": compile_s, "warmup_steps": warmup,
+        "timed_steps": steps, "loss": float(metrics["loss"]), "positions": modality_shares(host_batches[0]),
+        "target_fraction": round(float(host_batches[0]["is_target"].mean()), 4),
+        "attention_in_segments": attention_in_segments(host_batches[0]),
+    }
+    line = json.dumps(result)
+    print(line)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as f:
+            f.write(line + "\n")
+    return result
+
+
+def _peak_memory_gib(mesh) -> float | None:
+    stats = [d.memory_stats() for d in mesh.devices.flat]
+    peaks = [s.get("peak_bytes_in_use") for s in stats if s]
+    return max(peaks) / 2**30 if peaks and None not in peaks else None

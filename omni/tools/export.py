@@ -1,0 +1,519 @@
+"""A trained checkpoint as plain files any framework reads: safetensors weights, config, tokenizer, codec.
+
+    omni export --workdir runs/demo [--step N] --out exported/demo [--dtype bfloat16]
+
+writes
+
+    OUT/model.safetensors   the parameters only (no optimizer state), cast to --dtype, one tensor per name below
+    OUT/config.json         the omni config that trained the checkpoint, plus an "export" block: format version,
+                            step, dtype, the vocabulary layout (id ranges, special token ids), tokenizer and
+                            codec identities, and every tensor name -> shape
+    OUT/tokenizer/          the text tokenizer (omni.data.text_tokenizer.save_tokenizer; load_tokenizer reads it)
+    OUT/codec/              the audio codec: a fitted MelRVQCodec's codec.json + codec.npz, or for the tone
+                            codec and precomputed (external) codecs a codec.json holding just the identity;
+                            absent when the dataset had no audio
+    OUT/README.md           what the folder holds, where it came from, the tensor table, how to read it with numpy
+
+Tensor names are the dotted paths of the model's nnx parameter tree (omni/model/transformer.py) with the layer stack
+unstacked, so they are the same whether the run used model.scan_layers or not (a scanned run stores every
+block parameter with a leading [layers] axis; a list of blocks stores them under 0, 1, ...):
+
+    embed                        [V, d]      token embedding table (special, text and audio-code ids; omni.tokens)
+    patch_proj                   [P, d]      image patch projection: P = patch_size * patch_size * 3 pixels in
+                                             [-1, 1] (omni.tokens.patchify order) -> width d
+    patch_bias                   [d]         bias of the patch projection
+    blocks.{i}.attn_norm.scale   [d]         RMSNorm scale before attention, layer i = 0 .. layers-1
+    blocks.{i}.attn.wq           [d, N, H]   query projection: N heads of size H
+    blocks.{i}.attn.wk           [d, K, H]   key projection: K key/value heads (grouped-query attention)
+    blocks.{i}.attn.wv           [d, K, H]   value projection
+    blocks.{i}.attn.wo           [N, H, d]   attention output projection
+    blocks.{i}.mlp_norm.scale    [d]         RMSNorm scale before the MLP
+    blocks.{i}.mlp.w_gate        [d, F]      SwiGLU: (silu(x @ w_gate) * (x @ w_up)) @ w_down
+    blocks.{i}.mlp.w_up          [d, F]
+    blocks.{i}.mlp.w_down        [F, d]
+    final_norm.scale             [d]         RMSNorm scale after the last block
+    unembed                      [d, V]      logits = final_norm(x) @ unembed
+
+d = model.d, V = the vocabulary size (padded to a multiple of 128), N = model.heads, K = model.kv_heads,
+H = the head size, F = the SwiGLU hidden size. `load_export` turns the folder back into a runnable model, a
+Vocab, the tokenizer and the codec without the training dataset. Export runs in one process: it reads every
+parameter in full onto the host, whatever mesh the checkpoint was saved on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from omni import config as config_lib
+from omni import tokens
+from omni.config import Config, derived_head_dim, derived_mlp
+from omni.data import pipeline
+from omni.data.codec import ToneCodec, codec_from_identity, codec_identity, load_codec
+from omni.data.text_tokenizer import ByteTokenizer, load_tokenizer, save_tokenizer
+from omni.errors import CodecError, DatasetError, ExportError, TokenizerError
+from omni.tokens import Vocab
+from omni.train import checkpoint
+from omni.train.step import build_model
+
+FORMAT = "omni-export"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
+CODEC_DIR = "codec"
+CODEC_FILE = "codec.json"
+DTYPES = {"bfloat16": np.dtype(jnp.bfloat16), "float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+
+# Generic tensor name -> (shape in the symbols of the module docstring, what it is). Order = file order.
+TENSOR_DOCS = {
+    "embed": ("[V, d]", "token embedding table: special, text and audio-code ids (vocab block of config.json)"),
+    "patch_proj": ("[P, d]", "image patch projection: a patch's P = patch_size² × 3 pixels in [-1, 1] -> width d"),
+    "patch_bias": ("[d]", "bias of the patch projection"),
+    "blocks.{i}.attn_norm.scale": ("[d]", "RMSNorm scale before attention"),
+    "blocks.{i}.attn.wq": ("[d, N, H]", "query projection, N heads of size H"),
+    "blocks.{i}.attn.wk": ("[d, K, H]", "key projection, K key/value heads (grouped-query attention)"),
+    "blocks.{i}.attn.wv": ("[d, K, H]", "value projection"),
+    "blocks.{i}.attn.wo": ("[N, H, d]", "attention output projection"),
+    "blocks.{i}.mlp_norm.scale": ("[d]", "RMSNorm scale before the MLP"),
+    "blocks.{i}.mlp.w_gate": ("[d, F]", "SwiGLU gate: (silu(x @ w_gate) * (x @ w_up)) @ w_down"),
+    "blocks.{i}.mlp.w_up": ("[d, F]", "SwiGLU up projection"),
+    "blocks.{i}.mlp.w_down": ("[F, d]", "SwiGLU down projection"),
+    "final_norm.scale": ("[d]", "RMSNorm scale after the last block"),
+    "unembed": ("[d, V]", "output projection: logits = final_norm(x) @ unembed"),
+}
+LAYER_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tensor names <-> the nnx parameter tree.
+
+
+def _leaves(tree: dict, prefix: tuple = ()):
+    """(path of str keys, leaf) of a nested dict; nnx.List keys are ints, Orbax gives them back as strs."""
+    for key, value in tree.items():
+        path = prefix + (str(key),)
+        if isinstance(value, dict):
+            yield from _leaves(value, path)
+        else:
+            yield path, value
+
+
+def _entries(params: dict, scan_layers: bool):
+    """(export name, leaf path, layer index or None) for every tensor; a scanned block leaf gives one per layer."""
+    for path, leaf in _leaves(params):
+        if scan_layers and path[0] == "blocks":
+            for i in range(leaf.shape[0]):  # the leading [layers] axis of nnx.vmap'd blocks
+                yield ".".join(("blocks", str(i)) + path[1:]), path, i
+        else:
+            yield ".".join(path), path, None
+
+
+def _name_order(name: str):
+    """Model order: embeddings, then layer by layer, then the head; names TENSOR_DOCS lacks go last."""
+    docs = list(TENSOR_DOCS)
+    layer = LAYER_NAME.match(name)
+    if layer:
+        generic = f"blocks.{{i}}.{layer.group(2)}"
+        first_block = docs.index("blocks.{i}.attn_norm.scale")
+        return (first_block, int(layer.group(1)), docs.index(generic) if generic in docs else len(docs), name)
+    return (docs.index(name) if name in docs else len(docs) + 1, 0, 0, name)
+
+
+def tensors_from_params(params: dict, scan_layers: bool) -> dict[str, np.ndarray]:
+    """The nested param tree (nnx.to_pure_dict layout, numpy leaves) -> {export name: array}, in model order."""
+    out = {}
+    for name, path, layer in _entries(params, scan_layers):
+        leaf = np.asarray(_get(params, path))
+        out[name] = leaf if layer is None else leaf[layer]
+    return {name: out[name] for name in sorted(out, key=_name_order)}
+
+
+def tensor_shapes(abstract_params: dict, scan_layers: bool) -> dict[str, tuple[int, ...]]:
+    """{export name: shape} of a param tree of ShapeDtypeStructs (or arrays), in model order."""
+    shapes = {name: tuple(_get(abstract_params, path).shape[1 if i is not None else 0:])
+              for name, path, i in _entries(abstract_params, scan_layers)}
+    return {name: shapes[name] for name in sorted(shapes, key=_name_order)}
+
+
+def params_from_tensors(tensors: dict, abstract_params: dict, scan_layers: bool, dtype) -> dict:
+    """{export name: array} -> the model's param tree (abstract_params' layout, jax arrays of `dtype`).
+
+    Raises ExportError naming a tensor that is missing, has the wrong shape, or that the model does not have.
+    """
+    wanted = tensor_shapes(abstract_params, scan_layers)
+    for name, shape in wanted.items():
+        if name not in tensors:
+            raise ExportError(f"tensor '{name}' (shape {list(shape)}) is missing from {WEIGHTS_FILE}")
+        if tuple(tensors[name].shape) != shape:
+            raise ExportError(f"tensor '{name}' has shape {list(tensors[name].shape)} in {WEIGHTS_FILE} but the "
+                              f"model of config.json needs {list(shape)}")
+    extra = sorted(set(tensors) - set(wanted), key=_name_order)
+    if extra:
+        raise ExportError(f"{WEIGHTS_FILE} has tensor '{extra[0]}' that the model of config.json does not have")
+
+    def build(path, leaf):
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        keys = name.split(".")
+        if scan_layers and keys[0] == "blocks":
+            rest = ".".join(keys[1:])
+            stacked = np.stack([np.asarray(tensors[f"blocks.{i}.{rest}"]) for i in range(leaf.shape[0])])
+            return jnp.asarray(stacked, dtype)
+        return jnp.asarray(np.asarray(tensors[name]), dtype)
+
+    return jax.tree_util.tree_map_with_path(build, abstract_params)
+
+
+def _get(tree: dict, path: tuple):
+    for key in path:
+        tree = tree[key] if key in tree else tree[int(key)]
+    return tree
+
+
+def abstract_model(cfg: Config, vocab: Vocab):
+    """(graphdef, pure param dict of ShapeDtypeStructs) of the model `cfg` builds, without allocating it."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, vocab)), nnx.Param)
+    return graphdef, nnx.to_pure_dict(abstract)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The vocabulary block of config.json.
+
+
+def vocab_block(vocab: Vocab, audio_layout: str) -> dict:
+    """Everything a reader needs to map ids without omni: sizes, offsets, special token ids."""
+    return {
+        "size": vocab.size,
+        "used_size": vocab.used_size,
+        "pad_to": vocab.pad_to,
+        "text_size": vocab.text_size,
+        "text_offset": vocab.text_offset,
+        "codebook_sizes": list(vocab.codebook_sizes),
+        "audio_offsets": [vocab.audio_offset(k) for k in range(len(vocab.codebook_sizes))],
+        "audio_layout": audio_layout,
+        "num_special": tokens.NUM_SPECIAL,
+        "special_tokens": {name: token_id for token_id, name in sorted(tokens.SPECIAL_NAMES.items())},
+    }
+
+
+def vocab_from_block(block: dict) -> Vocab:
+    vocab = Vocab(text_size=int(block["text_size"]), codebook_sizes=tuple(int(s) for s in block["codebook_sizes"]),
+                  pad_to=int(block.get("pad_to", 128)))
+    if vocab.size != block["size"]:
+        raise ExportError(f"vocab block says size {block['size']} but text_size {vocab.text_size} and codebook "
+                          f"sizes {list(vocab.codebook_sizes)} give {vocab.size}; the export is inconsistent")
+    return vocab
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading the checkpoint.
+
+
+def pick_step(workdir: Path, step: int | None) -> int:
+    try:
+        return checkpoint.pick_step(workdir, step)
+    except checkpoint.NoUsableCheckpointError as e:
+        raise ExportError(str(e)) from None
+
+
+def _tokenizer_of(cfg: Config, meta: dict):
+    """The tokenizer the checkpoint was trained with, checked against the identity the checkpoint recorded."""
+    recorded = meta.get("tokenizer") or {}
+    if recorded.get("kind") == ByteTokenizer.kind or cfg.data.tokenizer.strip().lower() in ("bytes", "byte"):
+        return ByteTokenizer()  # needs no file, so no dataset either
+    # The dataset path the run recorded, so a demo corpus resolves the same whatever $OMNI_CACHE is now.
+    run_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=meta.get("dataset") or cfg.data.dataset))
+    try:
+        tokenizer = pipeline.tokenizer_for(run_cfg)
+    except (DatasetError, TokenizerError, OSError) as e:
+        raise ExportError(f"cannot load the tokenizer the checkpoint was trained with (data.tokenizer="
+                          f"{cfg.data.tokenizer!r}, dataset {run_cfg.data.dataset}): {e}. The dataset folder (or the "
+                          f"tokenizer file) must still exist to export; restore it there") from e
+    if recorded.get("sha256") and tokenizer.identity().get("sha256") != recorded["sha256"]:
+        raise ExportError(f"the tokenizer found now ({tokenizer.identity()}) is not the one the checkpoint was "
+                          f"trained with ({recorded}); put the original tokenizer files back")
+    return tokenizer
+
+
+def _codec_of(meta: dict):
+    """The codec the dataset was built with, from the identity in the checkpoint meta; None without audio."""
+    identity = meta.get("codec")
+    if not identity:
+        return None
+    if identity.get("path"):  # a fitted codec saved inside the dataset folder
+        where = Path(meta.get("dataset") or ".") / identity["path"]
+        try:
+            return load_codec(str(where))
+        except CodecError as e:
+            raise ExportError(f"cannot load codec {identity['name']} from the dataset folder {where}: {e}. The "
+                              f"dataset folder must still exist to export; restore it there") from e
+    return codec_from_identity(identity)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing.
+
+
+def export(workdir, out, step: int | None = None, dtype: str = "bfloat16") -> Path:
+    """Exports a checkpoint of `workdir` (the latest complete one, or `step`) to the folder `out`; returns it.
+
+    The folder appears whole or not at all: everything is written into `<out>.tmp-*` and renamed at the end.
+    """
+
+
+    workdir, out = Path(workdir), Path(out)
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown --dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} already exists and is not empty; pass a new --out or delete it")
+    step = pick_step(workdir, step)
+    step_dir = workdir / "checkpoints" / str(step)
+    meta = checkpoint.read_meta(workdir, step)
+    cfg = config_lib.from_dict(meta["config"], source=f"{step_dir}/meta")
+    if cfg.model.fusion != "early":
+        raise ExportError(f"{step_dir} is a model.fusion='{cfg.model.fusion}' run; omni export writes early-fusion "
+                          "models only (late and cross are ablation variants: score them with `omni eval`)")
+    tokenizer = _tokenizer_of(cfg, meta)
+    codec = _codec_of(meta)
+    vocab = _vocab_of(meta, tokenizer, codec)
+    tensors = cast_tensors(_checked_tensors(workdir, step, cfg, vocab), dtype)
+
+    info = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "dtype": dtype,
+        "checkpoint": str(step_dir.absolute()),
+        "vocab": vocab_block(vocab, cfg.data.audio_layout),
+        "tokenizer": tokenizer.identity(),
+        "codec": None if codec is None else codec_identity(codec),
+        "tensors": {name: list(t.shape) for name, t in tensors.items()},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                                                         "step": str(step), "dtype": dtype})
+        save_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
+        if codec is not None:
+            _save_codec(codec, tmp / CODEC_DIR)
+        (tmp / "README.md").write_text(readme(cfg, info))
+        (tmp / CONFIG_FILE).write_text(json.dumps(dict(config_lib.to_dict(cfg), export=info), indent=2) + "\n")
+        tmp.rename(out)  # rename(2) also replaces an empty folder the user made, in one step
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _vocab_of(meta: dict, tokenizer, codec) -> Vocab:
+    """The vocabulary the checkpoint recorded (rebuilt from its tokenizer and codec for a meta without one)."""
+    codebook_sizes = tuple(codec.codebook_sizes) if codec is not None else ()
+    if "vocab" not in meta:
+        return Vocab(text_size=tokenizer.vocab_size, codebook_sizes=codebook_sizes)
+    vocab = vocab_from_block(meta["vocab"])
+    if (vocab.text_size, vocab.codebook_sizes) != (tokenizer.vocab_size, codebook_sizes):
+        raise ExportError(f"the checkpoint's vocabulary (text {vocab.text_size}, codebooks "
+                          f"{list(vocab.codebook_sizes)}) does not fit its tokenizer ({tokenizer.vocab_size} ids) "
+                          f"and codec (codebooks {list(codebook_sizes)}); the dataset changed after training")
+    return vocab
+
+
+def _checked_tensors(workdir: Path, step: int, cfg: Config, vocab: Vocab) -> dict[str, np.ndarray]:
+    """The checkpoint's tensors by export name, checked against the model its own config builds."""
+    step_dir = workdir / "checkpoints" / str(step)
+    tensors = tensors_from_params(checkpoint.restore_params(workdir, step), cfg.model.scan_layers)
+    _, abstract = abstract_model(cfg, vocab)
+    wanted = tensor_shapes(abstract, cfg.model.scan_layers)
+    got = {name: tuple(t.shape) for name, t in tensors.items()}
+    if got != wanted:
+        first = sorted(set(got.items()) ^ set(wanted.items()), key=lambda item: _name_order(item[0]))[0]
+        raise ExportError(f"checkpoint {step_dir} does not match the model its own config builds (tensor "
+                          f"'{first[0]}': checkpoint {got.get(first[0])}, model {wanted.get(first[0])}); it "
+                          f"cannot be exported")
+    return tensors
+
+
+def cast_tensors(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """Rounded to `dtype` (nearest even); a value float16 cannot hold is an error, not a silent inf."""
+    limit = float(jnp.finfo(DTYPES[dtype]).max)
+    out = {}
+    for name, tensor in tensors.items():
+        peak = float(np.abs(tensor.astype(np.float32)).max(initial=0.0))
+        if peak > limit:
+            raise ExportError(f"tensor '{name}' holds {peak:g}, beyond the {dtype} range (±{limit:g}); export "
+                              f"with --dtype bfloat16 or float32")
+        out[name] = np.ascontiguousarray(tensor.astype(DTYPES[dtype]))
+    return out
+
+
+def _save_codec(codec, folder: Path) -> None:
+    """A fitted codec saves its files; the tone codec and external codecs are their identity alone."""
+    if hasattr(codec, "save"):
+        codec.save(folder)
+        return
+    folder.mkdir(parents=True)
+    kind = "builtin" if isinstance(codec, ToneCodec) else "precomputed"
+    (folder / CODEC_FILE).write_text(json.dumps(dict(codec_identity(codec), kind=kind), indent=2) + "\n")
+
+
+def load_codec_folder(folder: Path):
+    """The codec an export's codec/ folder holds (None when there is none)."""
+    if not (folder / CODEC_FILE).is_file():
+        return None
+    if (folder / "codec.npz").is_file():
+        return load_codec(str(folder))
+    return codec_from_identity(json.loads((folder / CODEC_FILE).read_text()))
+
+
+READ_SNIPPET = '''\
+import json
+import numpy as np
+
+def read_safetensors(path):
+    """{name: numpy array}; BF16 tensors come back as float32 (numpy has no bfloat16)."""
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")                # 8-byte little-endian header length
+    header = json.loads(raw[8:8 + n])                    # name -> {dtype, shape, data_offsets}
+    header.pop("__metadata__", None)
+    kinds = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+    out = {}
+    for name, t in header.items():
+        start, end = t["data_offsets"]
+        x = np.frombuffer(raw[8 + n + start:8 + n + end], kinds[t["dtype"]])
+        if t["dtype"] == "BF16":                         # bfloat16 = the top 16 bits of a float32
+            x = (x.astype(np.uint32) << 16).view(np.float32)
+        out[name] = x.reshape(t["shape"])
+    return out
+
+weights = read_safetensors("model.safetensors")
+config = json.load(open("config.json"))
+'''
+
+
+def readme(cfg: Config, info: dict) -> str:
+
+    m = cfg.model
+    symbols = {"V": info["vocab"]["size"], "d": m.d, "P": cfg.data.patch_size ** 2 * 3, "N": m.heads,
+               "K": m.kv_heads, "H": derived_head_dim(m), "F": derived_mlp(m)}
+    rows = []
+    for generic, (shape, what) in TENSOR_DOCS.items():
+        concrete = re.sub(r"[A-Za-z]", lambda s: str(symbols[s.group()]), shape)
+        rows.append(f"| `{generic}` | {shape} = {concrete} | {what} |")
+    vocab = info["vocab"]
+    codec = info["codec"]
+    codec_line = (f"the audio codec {codec['name']} ({codec['frame_rate']:g} frames/s, codebook sizes "
+                  f"{codec['codebook_sizes']}); omni.tools.export.load_codec_folder reads it" if codec else
+                  "no codec folder: the model was trained without audio")
+    specials = ", ".join(f"`{name}` {token_id}" for name, token_id in vocab["special_tokens"].items())
+    return f"""# {cfg.name}: omni export, step {info['step']}
+
+Exported by `omni export` from `{info['checkpoint']}` (format {FORMAT} v{FORMAT_VERSION}).
+
+| file | what |
+| --- | --- |
+| `model.safetensors` | the parameters, {info['dtype']}, {len(info['tensors'])} tensors (no optimizer state) |
+| `config.json` | the run's omni config + `"export"`: step, dtype, vocabulary layout, tokenizer, codec, tensor shapes |
+| `tokenizer/` | the text tokenizer ({info['tokenizer']['kind']}, {info['tokenizer']['vocab_size']} ids) |
+| {'`codec/`' if codec else '-'} | {codec_line} |
+
+`config.json` without its `"export"` key is the config that trained this checkpoint, as `omni train --config` reads it.
+
+Model: {m.layers} layers, width d={m.d}, {m.heads} query heads and {m.kv_heads} key/value heads of size
+{derived_head_dim(m)}, SwiGLU hidden size {derived_mlp(m)}, RMSNorm eps {m.norm_eps:g}, RoPE (rotate-half, theta
+{m.rope_theta:g}) at each token's position inside its packed segment, causal attention, compute dtype {m.dtype}.
+
+Vocabulary ({vocab['size']} ids, the first {vocab['used_size']} used; omni/tokens.py): special ids below
+{vocab['num_special']} ({specials}); text id = {vocab['text_offset']} + tokenizer id; audio code c of codebook k
+= audio_offsets[k] + c with audio_offsets = {vocab['audio_offsets']}, laid out `{vocab['audio_layout']}`.
+
+## Tensors
+
+Layer i runs 0..{m.layers - 1}. Layouts are those of omni/model/transformer.py (`x @ w` with x on the left).
+
+| name | shape | what |
+| --- | --- | --- |
+{chr(10).join(rows)}
+
+## Reading it with numpy alone
+
+```python
+{READ_SNIPPET}```
+
+`safetensors.numpy.load_file("model.safetensors")` reads float32 and float16 exports directly; it reads a
+bfloat16 export only when `ml_dtypes` is installed (it comes with jax) and then returns `ml_dtypes.bfloat16`
+arrays. In omni, `omni.tools.export.load_export(this_folder)` gives back the config, the vocabulary, the tokenizer,
+the codec and a runnable model (`.model()`: batch -> logits), without the checkpoint or the training data.
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading an export back into omni.
+
+
+@dataclass
+class Exported:
+    folder: Path
+    config: Config
+    vocab: Vocab
+    graphdef: Any
+    params: dict        # nnx.to_pure_dict layout of the model, jax arrays in config.model.param_dtype
+    tokenizer: Any
+    codec: Any | None   # None when the model was trained without audio
+    info: dict          # the "export" block of config.json
+
+    def model(self):
+        return model_from_export(self)
+
+
+def model_from_export(exported: Exported):
+    """A ready nnx OmniTransformer: model(batch) -> logits [B, L, V] (omni.batch for the batch)."""
+    return nnx.merge(exported.graphdef, exported.params)
+
+
+def load_export(folder, scan_layers: bool | None = None) -> Exported:
+    """Reads an `omni export` folder; needs neither the checkpoint nor the training dataset.
+
+    scan_layers (default: as trained) builds the model with or without the scanned layer stack; the tensor
+    names are the same either way.
+    """
+
+
+    folder = Path(folder)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise ExportError(f"{folder} is not an omni export: {name} is missing (make one with omni export "
+                              f"--workdir RUN --out {folder})")
+    raw = json.loads((folder / CONFIG_FILE).read_text())
+    info = raw.pop("export", None)
+    if not info or info.get("format") != FORMAT:
+        raise ExportError(f"{folder / CONFIG_FILE} has no \"export\" block of format {FORMAT}; it is not an "
+                          f"omni export")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{folder} is export format version {info.get('format_version')}; this omni reads "
+                          f"version {FORMAT_VERSION}")
+    cfg = config_lib.from_dict(raw, source=str(folder / CONFIG_FILE))
+    if scan_layers is not None:
+        cfg.model.scan_layers = scan_layers
+    vocab = vocab_from_block(info["vocab"])
+    graphdef, abstract = abstract_model(cfg, vocab)
+    params = params_from_tensors(load_file(folder / WEIGHTS_FILE), abstract, cfg.model.scan_layers,
+                                 jnp.dtype(cfg.model.param_dtype))
+    try:  # a bytes tokenizer has no file: its folder holds only tokenizer_identity.json
+        tokenizer = load_tokenizer("bytes" if info["tokenizer"]["kind"] == "bytes" else str(folder / TOKENIZER_DIR))
+    except TokenizerError as e:
+        raise ExportError(f"the tokenizer of export {folder} cannot be loaded: {e}") from e
+    return Exported(folder=folder, config=cfg, vocab=vocab, graphdef=graphdef, params=params, tokenizer=tokenizer,
+                    codec=load_codec_folder(folder / CODEC_DIR), info=info)

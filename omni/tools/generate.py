@@ -1,0 +1,412 @@
+"""Generation with a KV cache: prompts with inline images and audio -> text, or audio codes (and a waveform).
+
+Prompt syntax (parse_prompt): plain text with inline tags, each becoming one segment in order:
+
+    "<image:photos/cat.png> what is this"      image file (anything Pillow reads), fitted to the patch budget
+    "describe <audio:clip.wav>"                WAV file, resampled to the codec's rate and encoded by the codec
+    "say <codes:clip.npy>"                     precomputed codes int [frames, codebooks] (for external codecs)
+
+Whitespace next to a tag is dropped and so is text left empty; files given with `audio=[...]` (`--audio`)
+follow the text as audio segments. prompt_arrays turns the segments into exactly the token prefix the model
+saw in training (`<bos>` spans ..., no `<eos>`), plus `<boa>` when the answer is audio.
+
+Decoding (generate): one jitted prefill of the right-padded prompt batch fills the cache (omni.model), then a
+`lax.while_loop` feeds one token per row per step until every row has produced a stop id or
+max_new_tokens. Each step's logits are restricted to the target modality:
+
+    text    text ids, and the stop ids (default <eos>)
+    audio   flat layout: position n of the span must be codebook n % K; delay layout: codebook n % K or
+            <delay>; the stop ids (default <eoa>) only at a frame boundary (n % K == 0)
+
+Sampling: temperature 0 is greedy (argmax); temperature T > 0 samples softmax(logits / T), restricted to the
+top_k most likely ids when top_k > 0 (top_k=1 is greedy). The PRNG is seeded by `seed`: same seed, same
+output. Timings are measured after compiling (compile time reported apart); compiled executables are kept per
+model, settings and shapes, so a second call with the same shapes compiles nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from omni import sharding
+from omni.batch import AUDIO, TARGET_MODALITIES, TEXT
+from omni.data import manifest
+from omni.data.audio import load_audio
+from omni.data.images import decode_image, fit_image
+from omni.errors import AudioError, GenerateError
+from omni.model.transformer import init_cache
+from omni.tokens import AUDIO_DELAY, BOA, EOA, EOS, PAD_ID, Vocab, check_codes, encode_example, unflatten_codes
+
+TAG = re.compile(r"<(image|audio|codes):([^<>]+)>")
+DEFAULT_STOP = {"text": (EOS,), "audio": (EOA,)}
+
+
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+
+def parse_prompt(text: str, audio=(), *, patch_size: int = 8, max_image_patches: int = 256,
+                 codec=None) -> list[dict]:
+    """A prompt string (module docstring) + audio files -> segments for encode_example.
+
+    Segments are {"text": str}, {"image": uint8 [H, W, 3]} (fitted to the patch budget) or {"audio": int
+    codes [T, K]} (encoded by `codec`, or loaded from a .npy given as <codes:PATH>).
+    """
+    segments, start, parts = [], 0, []
+    for match in TAG.finditer(text):
+        parts.append(("text", text[start:match.start()]))
+        parts.append((match.group(1), match.group(2).strip()))
+        start = match.end()
+    parts.append(("text", text[start:]))
+    parts += [("audio", str(path)) for path in audio]
+    for i, (kind, value) in enumerate(parts):
+        if kind == "text":
+            if i > 0:
+                value = value.lstrip()
+            if i + 1 < len(parts):
+                value = value.rstrip()
+            if value:
+                segments.append({"text": value})
+        elif kind == "image":
+            segments.append({"image": load_image(value, patch_size, max_image_patches)})
+        elif kind == "audio":
+            segments.append({"audio": encode_audio(value, codec)})
+        else:
+            segments.append({"audio": load_codes(value, codec)})
+    return segments
+
+
+def load_image(path: str, patch_size: int, max_image_patches: int) -> np.ndarray:
+    """An image file -> uint8 [H, W, 3] RGB fitted to the patch budget, read as the dataset build reads images."""
+    if not Path(path).is_file():
+        raise GenerateError(f"image file {path} does not exist; check the path in <image:{path}>")
+    try:
+        data = manifest.load_image_bytes(Path(path))
+    except ValueError as e:
+        raise GenerateError(f"{e}; is it a PNG/JPEG file?") from e
+    return fit_image(decode_image(data), patch_size, max_image_patches)
+
+
+def encode_audio(path: str, codec) -> np.ndarray:
+    """A WAV file -> codes [T, K] from the model's codec."""
+    if codec is None:
+        raise GenerateError(f"cannot use audio {path}: this model has no audio codec (its dataset had no audio)")
+    if getattr(codec, "sample_rate", None) is None or type(codec).__name__ == "PrecomputedCodec":
+        raise GenerateError(f"cannot encode audio {path}: the model's codec {codec.name!r} is external; encode the "
+                            f"file with that codec and pass its codes [frames, codebooks] as <codes:FILE.npy>")
+    try:
+        wave = load_audio(path, codec.sample_rate)
+    except AudioError as e:
+        raise GenerateError(str(e)) from e
+    try:
+        return np.asarray(codec.encode(wave))
+    except ValueError as e:
+        raise GenerateError(f"could not encode audio {path} with codec {codec.name!r}: {e}") from e
+
+
+def load_codes(path: str, codec) -> np.ndarray:
+    """A .npy of int codes [frames, codebooks] of the model's codec, checked as the dataset build checks them."""
+    if codec is None:
+        raise GenerateError(f"cannot use codes {path}: this model has no audio codec (its dataset had no audio)")
+    if not Path(path).is_file():
+        raise GenerateError(f"codes file {path} does not exist; check the path in <codes:{path}>")
+    try:
+        codes = manifest.load_codes(Path(path))
+        check_codes(codes, codec.codebook_sizes)
+    except ValueError as e:
+        raise GenerateError(f"codes {path} do not fit codec {codec.name!r}: {e}") from e
+    return codes
+
+
+def prompt_arrays(segments: list[dict], vocab: Vocab, tokenizer, patch_size: int, audio_layout: str = "flat",
+                  target: str = "text") -> dict:
+    """Segments -> {"tokens", "patches", "modality"} of the training-time prefix: `<bos>` spans (no `<eos>`),
+    then `<boa>` when the target is audio (the model goes on with codes)."""
+    _check_target(target)
+    encoded = encode_example({"segments": segments, "targets": []}, vocab, tokenizer, patch_size, audio_layout)
+    prompt = {k: encoded[k][:-1] for k in ("tokens", "patches", "modality")}  # drop <eos>
+    if target == "audio":
+        prompt = {"tokens": np.append(prompt["tokens"], np.int32(BOA)),
+                  "patches": np.concatenate([prompt["patches"], np.zeros_like(prompt["patches"][:1])]),
+                  "modality": np.append(prompt["modality"], np.int32(AUDIO))}
+    return prompt
+
+
+def _check_target(target: str) -> None:
+    if target not in TARGET_MODALITIES:
+        raise GenerateError(f"target {target!r} is not one of {TARGET_MODALITIES}")
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]      # generated ids per prompt, stop id excluded
+    stopped: list[int | None]    # the stop id that ended each row, None where max_new_tokens ran out
+    prefill_s: float             # prefill of the whole batch (compiled), seconds
+    decode_s: float              # the decode loop (compiled), seconds
+    compile_s: float             # lowering + compiling both, 0 when this call found them compiled
+    decode_tokens: int           # tokens produced by the decode loop, all rows (each row's first comes from prefill)
+    decode_steps: int            # decode loop iterations
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Everything static about one generate call (part of the compile key)."""
+    vocab: Vocab
+    target: str
+    audio_layout: str
+    max_new_tokens: int
+    greedy: bool  # temperature == 0
+    use_top_k: bool  # top_k > 0; temperature and top_k themselves are arguments: changing them compiles nothing
+    stop_ids: tuple[int, ...]
+    model: str  # repr of the ModelConfig
+
+
+def allowed_table(vocab: Vocab, target: str, audio_layout: str, stop_ids) -> np.ndarray:
+    """bool [phases, vocab.size]: the ids allowed at generated position n are row n % phases."""
+    stop_ids = list(stop_ids)
+    if target == "text":
+        table = np.zeros((1, vocab.size), bool)
+        table[0, vocab.text_offset:vocab.text_offset + vocab.text_size] = True
+        table[0, stop_ids] = True
+        return table
+    k = len(vocab.codebook_sizes)
+    if k == 0:
+        raise GenerateError("target 'audio' needs a model with an audio codec; this vocabulary has no codebooks")
+    table = np.zeros((k, vocab.size), bool)
+    for j, size in enumerate(vocab.codebook_sizes):
+        table[j, vocab.audio_offset(j):vocab.audio_offset(j) + size] = True
+        if audio_layout == "delay":
+            table[j, AUDIO_DELAY] = True
+    table[0, stop_ids] = True  # an audio span ends only at a frame (step) boundary
+    return table
+
+
+def _modality_of(tokens_B, vocab: Vocab):
+    is_audio = ((tokens_B >= vocab.audio_offset(0)) & (tokens_B < vocab.used_size)) | jnp.isin(
+        tokens_B, jnp.array([BOA, EOA, AUDIO_DELAY]))
+    return jnp.where(is_audio, AUDIO, TEXT).astype(jnp.int32)
+
+
+def _sample(logits_BxV, allowed_V, key, spec: _Spec, temperature, top_k):
+    logits_BxV = jnp.where(allowed_V[None], logits_BxV, -jnp.inf)
+    if spec.greedy:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = logits_BxV / temperature
+    if spec.use_top_k:  # keep logits >= the k-th largest (ties at the k-th are kept too)
+        descending_BxV = -jnp.sort(-logits_BxV, axis=-1)
+        kth_Bx1 = descending_BxV[:, jnp.clip(top_k - 1, 0, logits_BxV.shape[-1] - 1)][:, None]
+        logits_BxV = jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
+    return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def _make_fns(graphdef, model_cfg, spec: _Spec, total_len: int, patch_dim: int):
+    """The jittable prefill (prompt -> loop state) and decode loop (state -> final state)."""
+    allowed = allowed_table(spec.vocab, spec.target, spec.audio_layout, spec.stop_ids)
+    phases = allowed.shape[0]
+    stops = np.asarray(spec.stop_ids, np.int32)
+
+    def pick(logits_BxV, step, key, sampling):
+        allowed_PxV = jnp.asarray(allowed)
+        return _sample(logits_BxV, allowed_PxV[step % phases], key, spec, *sampling)
+
+    if model_cfg.fusion == "early":
+        first_logits, next_logits = _cached_steps(model_cfg, spec, total_len, patch_dim)
+    else:
+        first_logits, next_logits = _recompute_steps(spec, total_len)
+
+    def prefill(params, batch, lengths_B, key, sampling):
+        n = lengths_B.shape[0]
+        logits_BxV, cache = first_logits(nnx.merge(graphdef, params), batch, lengths_B)
+        key, sub = jax.random.split(key)
+        token_B = pick(logits_BxV, 0, sub, sampling)
+        out_BxN = jnp.full((n, spec.max_new_tokens), PAD_ID, jnp.int32).at[:, 0].set(token_B)
+        return {"step": jnp.ones((), jnp.int32), "token": token_B, "cache": cache, "lengths": lengths_B,
+                "finished": jnp.isin(token_B, stops), "key": key, "out": out_BxN, "sampling": sampling}
+
+    def decode(params, state):
+        def cond(carry):
+            s = carry[1]
+            return (s["step"] < spec.max_new_tokens) & ~jnp.all(s["finished"])
+
+        def body(carry):  # params ride in the carry: nnx modules must be built from this trace's values
+            params, s = carry
+            slot_B = s["lengths"] + s["step"] - 1  # where the fed token sits
+            logits_BxV, cache = next_logits(nnx.merge(graphdef, params), s["token"], slot_B, s["cache"])
+            key, sub = jax.random.split(s["key"])
+            new_B = jnp.where(s["finished"], PAD_ID, pick(logits_BxV, s["step"], sub, s["sampling"]))
+            return params, dict(s, step=s["step"] + 1, token=new_B, cache=cache, key=key,
+                                finished=s["finished"] | jnp.isin(new_B, stops),
+                                out=s["out"].at[:, s["step"]].set(new_B))
+
+        return jax.lax.while_loop(cond, body, (params, state))[1]
+
+    return prefill, decode
+
+
+def _cached_steps(model_cfg, spec: _Spec, total_len: int, patch_dim: int):
+    """Early fusion: the prompt fills a KV cache, then each step runs one token per row against it."""
+    def first_logits(model, batch, lengths_B):
+        cache = init_cache(model_cfg, lengths_B.shape[0], total_len)
+        logits_Bx1xV, cache = model(batch, cache=cache, logits_at=lengths_B - 1)
+        return logits_Bx1xV[:, 0], cache
+
+    def next_logits(model, token_B, slot_B, cache):
+        n = token_B.shape[0]
+        step_batch = {"tokens": token_B[:, None], "patches": jnp.zeros((n, 1, patch_dim), jnp.float32),
+                      "modality": _modality_of(token_B, spec.vocab)[:, None],
+                      "segment_ids": jnp.ones((n, 1), jnp.int32), "positions": slot_B[:, None]}
+        logits_Bx1xV, cache = model(step_batch, cache=cache, decode=True)
+        return logits_Bx1xV[:, 0], cache
+
+    return first_logits, next_logits
+
+
+def _recompute_steps(spec: _Spec, total_len: int):
+    """Late and cross fusion (no KV cache): the "cache" is the whole sequence so far, [B, total_len], run again
+    through the model at every step (O(total_len^2) per token; these variants are for ablations)."""
+
+    def full_batch(seq):
+        n = seq["tokens"].shape[0]
+        return dict(seq, segment_ids=jnp.ones((n, total_len), jnp.int32),  # causal: later slots never matter
+                    positions=jnp.tile(jnp.arange(total_len, dtype=jnp.int32), (n, 1)))
+
+    def first_logits(model, batch, lengths_B):
+        pad = total_len - batch["tokens"].shape[1]
+        seq = {name: jnp.pad(batch[name], [(0, 0), (0, pad)] + [(0, 0)] * (batch[name].ndim - 2))
+               for name in ("tokens", "patches", "modality")}
+        logits_BxLxV = model(full_batch(seq))
+        return jnp.take_along_axis(logits_BxLxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0], seq
+
+    def next_logits(model, token_B, slot_B, seq):
+        rows_B = jnp.arange(token_B.shape[0])
+        seq = dict(seq, tokens=seq["tokens"].at[rows_B, slot_B].set(token_B),
+                   modality=seq["modality"].at[rows_B, slot_B].set(_modality_of(token_B, spec.vocab)))
+        logits_BxLxV = model(full_batch(seq))
+        return jnp.take_along_axis(logits_BxLxV, slot_B[:, None, None], axis=1)[:, 0], seq
+
+    return first_logits, next_logits
+
+
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_MAX_COMPILED = 16
+
+
+def _compiled(name: str, graphdef, spec: _Spec, fn, *args, donate=()):
+    """fn(*args) lowered and compiled once per (model, settings, argument shapes/shardings, active mesh);
+    returns (executable, seconds spent compiling now)."""
+    leaves, tree = jax.tree.flatten(args)
+    key = (name, id(graphdef), spec, tree, sharding.active_mesh_key(),
+           tuple((np.shape(x), str(x.dtype), getattr(x, "sharding", None)) for x in leaves))
+    hit = _COMPILED.get(key)
+    if hit is not None and hit[0] is graphdef:
+        _COMPILED.move_to_end(key)
+        return hit[1], 0.0
+    start = time.perf_counter()
+    executable = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+    seconds = time.perf_counter() - start
+    _COMPILED[key] = (graphdef, executable)
+    while len(_COMPILED) > _MAX_COMPILED:
+        _COMPILED.popitem(last=False)
+    return executable, seconds
+
+
+def generate(graphdef, params, model_cfg, vocab: Vocab, prompts: list[dict], *, target: str, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, seed: int = 0, stop_ids=None,
+             audio_layout: str = "flat") -> GenerationResult:
+    """Continues each prompt ({"tokens", "patches", "modality"} arrays, prompt_arrays) in one batch.
+
+    Rows stop at their first stop id (default <eos> for text, <eoa> for audio) or after max_new_tokens.
+    """
+    _check_target(target)
+    if not prompts:
+        raise GenerateError("no prompts to generate from")
+    if max_new_tokens < 1:
+        raise GenerateError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    if temperature < 0 or top_k < 0:
+        raise GenerateError(f"temperature and top_k must be >= 0; got {temperature}, {top_k}")
+    stop_ids = tuple(int(s) for s in (DEFAULT_STOP[target] if stop_ids is None else stop_ids))
+    spec = _Spec(vocab, target, audio_layout, int(max_new_tokens), temperature == 0, top_k > 0, stop_ids,
+                 repr(model_cfg))
+    lengths = np.array([len(p["tokens"]) for p in prompts], np.int32)
+    if lengths.min() < 1:
+        raise GenerateError("every prompt needs at least one token (<bos>)")
+    n, width = len(prompts), int(lengths.max())
+    pdim = np.shape(prompts[0]["patches"])[-1]
+    batch = {"tokens": np.zeros((n, width), np.int32), "patches": np.zeros((n, width, pdim), np.float32),
+             "modality": np.zeros((n, width), np.int32),
+             "segment_ids": (np.arange(width)[None] < lengths[:, None]).astype(np.int32),
+             "positions": np.tile(np.arange(width, dtype=np.int32), (n, 1))}
+    for i, p in enumerate(prompts):
+        for name in ("tokens", "patches", "modality"):
+            batch[name][i, :lengths[i]] = p[name]
+    prefill_fn, decode_fn = _make_fns(graphdef, model_cfg, spec, width + max_new_tokens, pdim)
+    sampling = (np.float32(temperature or 1.0), np.int32(top_k))
+    args = (params, batch, lengths, jax.random.key(seed), sampling)
+    prefill, compile_prefill = _compiled("prefill", graphdef, spec, prefill_fn, *args)
+    start = time.perf_counter()
+    state = jax.block_until_ready(prefill(*args))
+    prefill_s = time.perf_counter() - start
+    # the loop state (the cache above all) is donated: the loop updates it in place
+    decode, compile_decode = _compiled("decode", graphdef, spec, decode_fn, params, state, donate=(1,))
+    start = time.perf_counter()
+    state = jax.block_until_ready(decode(params, state))
+    decode_s = time.perf_counter() - start
+
+    out = _to_host(state["out"])
+    tokens, stopped = [], []
+    for row in out:
+        hits = np.flatnonzero(np.isin(row, stop_ids))
+        end = int(hits[0]) if hits.size else len(row)
+        tokens.append([int(t) for t in row[:end]])
+        stopped.append(int(row[end]) if hits.size else None)
+    produced = sum(len(t) + (s is not None) for t, s in zip(tokens, stopped))
+    return GenerationResult(tokens=tokens, stopped=stopped, prefill_s=prefill_s, decode_s=decode_s,
+                            compile_s=compile_prefill + compile_decode, decode_tokens=produced - n,
+                            decode_steps=int(_to_host(state["step"])) - 1)
+
+
+def _to_host(x) -> np.ndarray:
+    """A result as numpy on this process, gathered from the others when its shards live on several hosts."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+
+def decode_output(tokens, target: str, vocab: Vocab, tokenizer, codec=None, audio_layout: str = "flat"):
+    """Generated ids -> a string (text), or {"codes": int [T, K], "wave": float32 [samples] or None,
+    "sample_rate": int or None} (audio; the wave when the codec can decode)."""
+    _check_target(target)
+    ids = np.asarray(tokens, np.int64)
+    if target == "text":
+        text_ids = ids[(ids >= vocab.text_offset) & (ids < vocab.text_offset + vocab.text_size)]
+        return tokenizer.decode([int(t) - vocab.text_offset for t in text_ids])
+    k = len(vocab.codebook_sizes)
+    codes = unflatten_codes(ids, vocab, audio_layout) if k else np.zeros((0, 0), np.int64)
+    sizes = np.asarray(vocab.codebook_sizes)
+    codes = np.where((codes >= 0) & (codes < sizes[None]), codes, 0)  # a stray <delay> inside a frame -> code 0
+    wave, rate = None, getattr(codec, "sample_rate", None)
+    if codec is not None and rate is not None and len(codes):
+        try:
+            wave = np.asarray(codec.decode(codes), np.float32)
+        except ValueError:
+            wave = None
+    return {"codes": codes, "wave": wave, "sample_rate": rate}

@@ -1,0 +1,291 @@
+"""One Orbax CheckpointManager per run: train state, data position and run metadata, saved together.
+
+Layout: `<workdir>/checkpoints/<step>/{state,data,meta}`; `data` holds one grain iterator state per reading
+shard (`shard-<s>-of-<S>.json`, omni.data), `meta` the resolved config, the step, the dataset and the
+tokenizer and codec identities.
+
+What protects a run:
+- Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a save killed
+  half-way never looks like a checkpoint; leftovers are cleaned when the next run starts. Old checkpoints are
+  deleted (keep-N) only after a newer one is finalised.
+- `restore_latest` walks back from the newest checkpoint: one that cannot be read (a file truncated, missing
+  or garbled) is reported, moved to `<workdir>/checkpoints.rejected/` and the previous one is tried.
+- A checkpoint whose parameter shapes differ from the current config is not skipped: it fails with
+  `CheckpointMismatchError` naming the first mismatching parameter and the config keys that changed.
+- Restoring onto the shardings of the current state means a run saved on one mesh resumes on another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from omni.config import TrainConfig, changed_keys, get_key
+from omni.errors import CheckpointMismatchError, NoUsableCheckpointError
+
+REJECTED_DIR = "checkpoints.rejected"
+
+
+
+
+
+
+class DataStateHandler(grain.checkpoint.CheckpointHandler):
+    """The train iterator's position (omni.data.pipeline.ShardedBatches): one `shard-<s>-of-<S>.json` per reading shard,
+    written by the process that reads it, so any process count that splits the S shards can restore them."""
+
+    def save(self, directory, item=None, args=None):
+        state = (item or args.item).get_state()
+        for shard, shard_state in state["shards"].items():
+            (Path(directory) / f"shard-{shard}-of-{state['num_shards']}.json").write_text(json.dumps(shard_state))
+
+    def restore(self, directory, item=None, args=None):
+        item = item or args.item
+        shards = {}
+        for s in item.shard_ids:
+            path = Path(directory) / f"shard-{s}-of-{item.num_shards}.json"
+            if not path.exists():  # written before reading shards: grain's file of process s (one shard each)
+                path = Path(directory) / f"process_{s}-of-{item.num_shards}.json"
+            if not path.exists():
+                raise FileNotFoundError(f"{path.parent}/shard-{s}-of-{item.num_shards}.json is missing")
+            shards[str(s)] = json.loads(path.read_text())
+        item.set_state({"num_shards": item.num_shards, "shards": shards})
+        return item
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: object
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    item: object
+
+
+def saved_shard_count(step_dir: Path) -> int | None:
+    """S of the `shard-<s>-of-<S>.json` files in a checkpoint's data item (None when there are none)."""
+    counts = {int(m.group(1)) for f in (Path(step_dir) / "data").glob("*-of-*.json")
+              if (m := re.fullmatch(r"(?:shard-|process_)\d+-of-(\d+)\.json", f.name))}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def make_manager(workdir: str | Path, tc: TrainConfig) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=tc.keep_checkpoints, save_interval_steps=1, enable_async_checkpointing=tc.async_checkpoint,
+        create=True, cleanup_tmp_directories=True)
+    # Handlers registered up front, so a fresh manager can read metadata before its first save or restore.
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("state", ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+    registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+    registry.add("data", DataSave, DataStateHandler)
+    registry.add("data", DataRestore, DataStateHandler)
+    registry.add("meta", ocp.args.JsonSave, ocp.JsonCheckpointHandler)
+    registry.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+    return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options,
+                                 handler_registry=registry)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, meta: dict) -> None:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=DataSave(data_iterator),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def abstract_like(state):
+    """ShapeDtypeStructs with the shardings of `state`: the restore target (restores onto the current mesh)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator):
+    """Restores state (onto the shardings in `abstract_state`) and the iterator position; returns (state, meta)."""
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=DataRestore(data_iterator),
+        meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator, config: dict | None = None,
+                   log=print):
+    """Restores the newest readable checkpoint; returns (step, state, meta), or None when there is none.
+
+    Unreadable checkpoints are reported and moved aside; a shape mismatch raises CheckpointMismatchError.
+    `config` (the current resolved config as a dict) only serves to name what changed in that error.
+    """
+    manager.reload()
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return None
+    for step in steps:
+        path = step_path(manager, step)
+        try:
+            saved = manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
+            _reject(manager, step, f"its metadata cannot be read ({_short(e)})", log)
+            continue
+        check_shapes(_metadata_tree(saved), abstract_state, path, config, _saved_config(manager, step))
+        saved_shards, reading = saved_shard_count(path), getattr(data_iterator, "num_shards", None)
+        if saved_shards and reading and saved_shards != reading:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} holds the data position of {saved_shards} reading shards, but this run reads "
+                f"{reading} (data.shards, or one per process when it is 0). Resume with --set "
+                f"data.shards={saved_shards} (it must be a multiple of the process count) to keep the data order")
+        try:
+            state, meta = restore(manager, step, abstract_state, data_iterator)
+        except Exception as e:  # noqa: BLE001
+            _reject(manager, step, _short(e), log)
+            continue
+        return step, state, meta
+    raise NoUsableCheckpointError(
+        f"none of the checkpoints in {manager.directory} ({', '.join(map(str, steps))}) could be read; they were "
+        f"moved to {Path(manager.directory).parent / REJECTED_DIR}. Start a new run with another --workdir, or "
+        f"move a good checkpoint back")
+
+
+def step_path(manager: ocp.CheckpointManager, step: int) -> Path:
+    return Path(manager.directory) / str(step)
+
+
+def check_shapes(saved_tree, abstract_state, path: Path, config: dict | None, saved_config: dict | None) -> None:
+    """Raises CheckpointMismatchError at the first parameter whose name or shape differs."""
+    saved = {_name(p): tuple(getattr(leaf, "shape", ())) for p, leaf in _leaves(saved_tree)}
+    # Parameters first: their names say more than the optimizer moments that mirror them.
+    wanted = {_name(p): tuple(leaf.shape) for p, leaf in _leaves(abstract_state)}
+    wanted = dict(sorted(wanted.items(), key=lambda item: not item[0].startswith("params.")))
+    problem = None
+    for name, shape in wanted.items():
+        if name not in saved:
+            problem = f"parameter '{name}' (shape {list(shape)}) is not in the checkpoint"
+        elif saved[name] != shape:
+            problem = f"parameter '{name}' has shape {list(saved[name])} in the checkpoint but {list(shape)} in this config"
+        if problem:
+            break
+    if problem is None:
+        extra = sorted(set(saved) - set(wanted))
+        if not extra:
+            return
+        problem = f"the checkpoint has parameter '{extra[0]}' that this config does not"
+    changed = _changed_keys(saved_config, config)
+    hint = f" Config keys that differ from the checkpoint's: {', '.join(changed)}." if changed else ""
+    raise CheckpointMismatchError(
+        f"checkpoint {path} does not fit this model: {problem}.{hint} Resume with the config the run was "
+        f"started with (it is saved in the workdir as config.json), or use a new --workdir")
+
+
+def _leaves(tree):
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+
+
+def _name(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+def _metadata_tree(metadata):
+    return getattr(metadata, "tree", metadata)
+
+
+def _saved_config(manager, step) -> dict | None:
+    try:
+        return read_meta(Path(manager.directory).parent, step).get("config")
+    except Exception:  # noqa: BLE001 - only used to make an error message better
+        return None
+
+
+def _changed_keys(saved: dict | None, now: dict | None) -> list[str]:
+    """'key (saved -> now)' for every config key both configs hold with different values."""
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return []
+    return [f"{k} ({get_key(saved, k)!r} -> {get_key(now, k)!r})" for k in changed_keys(saved, now)
+            if get_key(saved, k) is not None]  # a key added to the schema since the checkpoint: nothing to compare
+
+
+def _short(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+def _reject(manager: ocp.CheckpointManager, step: int, why: str, log) -> None:
+    """Moves an unreadable checkpoint out of the way (so the run can save that step again) and says so."""
+    src = step_path(manager, step)
+    dst = Path(manager.directory).parent / REJECTED_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    log(f"omni: checkpoint {src} is unreadable and is skipped: {why}. Moved to {dst}; trying the previous one")
+    if jax.process_index() == 0:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(src), str(dst))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"omni_reject_checkpoint_{step}")
+    manager.reload()
+
+
+def agree(flag: bool) -> bool:
+    """Process 0's decision, on every process (a save must happen on all hosts or none)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+    """Steps of the complete checkpoints of a workdir, oldest first (never `*.orbax-checkpoint-tmp-*`)."""
+    root = Path(workdir) / "checkpoints"
+    return sorted(ocp.utils.checkpoint_steps(root)) if root.is_dir() else []
+
+
+def pick_step(workdir: str | Path, step: int | None) -> int:
+    """`step`, or the latest one; a clear error when the workdir has none or not that one."""
+    steps = checkpoint_steps(workdir)
+    root = Path(workdir) / "checkpoints"
+    if not steps:
+        raise NoUsableCheckpointError(f"no complete checkpoint in {root}; train first (omni train --workdir "
+                                      f"{workdir} ...)")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise NoUsableCheckpointError(f"there is no checkpoint of step {step} in {root}; the steps that exist "
+                                      f"are {', '.join(map(str, steps))}")
+    return step
+
+
+def read_meta(workdir: str | Path, step: int) -> dict:
+    """The run metadata saved with a checkpoint (resolved config, dataset, tokenizer, codec, vocab, step)."""
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(Path(workdir).absolute() / "checkpoints" / str(step) / "meta",
+                                    args=ocp.args.JsonRestore())
+
+
+def restore_params(workdir: str | Path, step: int, abstract_params=None):
+    """Only the parameters of a checkpoint: the state item also holds the optimizer moments (2x the params),
+    but a partial restore reads just what its target names.
+
+    With `abstract_params` (ShapeDtypeStructs with shardings, shapes checked first) each process reads only its
+    shards; without, every array comes back whole on the host as numpy, whatever mesh wrote it.
+    """
+    step_dir = Path(workdir).absolute() / "checkpoints" / str(step)
+    handler = ocp.PyTreeCheckpointHandler()
+    saved = _metadata_tree(handler.metadata(step_dir / "state"))["params"]
+    if abstract_params is None:
+        target = saved
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+    else:
+        check_shapes({"params": saved}, {"params": abstract_params}, step_dir, None, None)
+        target = abstract_params
+        restore_args = jax.tree.map(
+            lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype),
+            abstract_params)
+    with ocp.Checkpointer(handler) as checkpointer:
+        restored = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+    return restored["params"]

@@ -1,0 +1,211 @@
+"""The trainer, top to bottom: mesh -> data -> sharded init -> (resume) -> jitted steps -> eval -> checkpoints.
+
+    omni train --config configs/demo.py --workdir runs/demo [--set train.steps=200 ...]
+
+The workdir receives `config.json` (the resolved config), `metrics.jsonl`, `tensorboard/`, `checkpoints/`
+and, at the end, `eval.json`. Running the same command on the same workdir resumes from the latest checkpoint.
+
+The host never waits for a step just to log it: the metrics of a logging step N are fetched after step N+1 has
+been dispatched (nanodo's order), so the devices always have the next step queued.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+from tqdm.auto import tqdm
+
+from omni import config as config_lib
+from omni import sharding
+from omni.config import Config
+from omni.data import pipeline
+from omni.data.prefetch import Prefetched
+from omni.model.counting import flops_per_token, param_count
+from omni.train import checkpoint, preemption
+from omni.train.metrics import MetricWriter
+from omni.train.perf import datasheet_peak, measure_matmul_peak, utilisation
+from omni.train.step import (build_optimizer, check_host_batch, evaluate, init_state, make_eval_step, make_train_step,
+                             modality_summary)
+
+# What a caller may run on the trained params at the end (the CLI passes the demo corpus's scorer):
+# end_of_run(cfg, graphdef, params, log) -> dict of scores, written to eval.json under "tasks".
+EndOfRun = Callable[..., dict]
+
+
+def train(cfg: Config, workdir: str | Path, progress: bool = True, end_of_run: EndOfRun | None = None) -> dict:
+    """Trains (or resumes) in `workdir`; returns the final eval metrics (and end_of_run's scores)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    log = print if is_main else (lambda *a, **k: None)
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = cfg.mesh.rules
+    sharding.check_batch_fits_mesh(cfg, mesh)
+    vocab = pipeline.vocab_for(cfg)
+    tx, schedule = build_optimizer(cfg)
+    graphdef, state, shardings = init_state(cfg, mesh, tx, vocab)
+    n_params = param_count(state["params"])
+    flops_tok = flops_per_token(cfg.model, vocab.size, cfg.data.seq_len)
+    log(f"omni: {cfg.name}: {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOP/token, mesh "
+        f"{dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} devices")
+
+    def put(host_batch):  # checked on the host, then placed on the devices
+        check_host_batch(cfg, host_batch)
+        return sharding.global_batch(host_batch, mesh, rules)
+
+    train_iter = pipeline.train_dataset(cfg, jax.process_index(), jax.process_count())
+    if cfg.data.prefetch:
+        train_iter = Prefetched(train_iter, put, cfg.data.prefetch)
+    eval_data = pipeline.eval_batches(cfg, jax.process_index(), jax.process_count())
+    for batch in eval_data:
+        check_host_batch(cfg, batch)
+    manager = checkpoint.make_manager(workdir, cfg.train)
+    start_step = 0
+    try:
+        restored = checkpoint.restore_latest(manager, checkpoint.abstract_like(state), train_iter,
+                                             config=config_lib.to_dict(cfg), log=log)
+    except Exception:
+        manager.close()  # let Orbax's background threads end before the error reaches the user
+        train_iter.close()
+        raise
+    _save_resolved_config(cfg, workdir, log)  # after the restore: a config that does not fit never replaces it
+    if restored is not None:
+        start_step, state, _ = restored
+        log(f"omni: resumed from {checkpoint.step_path(manager, start_step)} (step {start_step})")
+    if start_step >= cfg.train.steps:
+        log(f"omni: the run already reached train.steps={cfg.train.steps}; raise it to train further")
+
+    train_step = make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+    eval_step = make_eval_step(cfg, graphdef, mesh)
+    writer = MetricWriter(workdir, resume_step=start_step)
+    peak = measure_matmul_peak(mesh, cfg.model.dtype)
+    sheet = datasheet_peak(mesh)
+    dataset = pipeline.dataset_for(cfg)
+    meta = {"config": config_lib.to_dict(cfg), "dataset": str(dataset.path),
+            "tokenizer": pipeline.tokenizer_for(cfg).identity(), "codec": dataset.meta.get("codec"),
+            "vocab": {"size": vocab.size, "text_size": vocab.text_size, "codebook_sizes": list(vocab.codebook_sizes)}}
+
+    if start_step == 0:
+        first_eval = evaluate(eval_step, state["params"], eval_data, mesh, rules)
+        writer.write(0, {f"eval/{k}": v for k, v in first_eval.items()})
+        log(f"omni: step 0 held-out loss {modality_summary(first_eval)}")
+
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not (progress and is_main), desc="train",
+               dynamic_ncols=True)
+
+    def write_log_row(pending) -> float:
+        """Fetches a logging step's metrics (the step after it is already dispatched) and writes its row."""
+        done, metrics, interval_start, interval_steps, wait_s = pending
+        row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - interval_start  # up to the end of step `done`: its metrics are here
+        step_time = elapsed / interval_steps
+        row.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
+                   mfu=utilisation(flops_tok * tokens_per_step, step_time, peak),
+                   host_wait_frac=wait_s / elapsed, matmul_peak_tflops=peak / 1e12)
+        if sheet:
+            row["mfu_datasheet"] = utilisation(flops_tok * tokens_per_step, step_time, sheet)
+        writer.write(done, row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", text=f"{row['loss/text']:.3f}",
+                        audio=f"{row['loss/audio']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        return time.perf_counter()  # the next interval starts now: its first step is already running
+
+    watch = preemption.PreemptionWatch()
+    last_save_time, preempted_at = time.monotonic(), None
+    interval_start, interval_steps, wait_s = time.perf_counter(), 0, 0.0
+    pending = None  # a logging step whose metrics are fetched once the next step is dispatched
+    try:
+        for step in range(start_step, cfg.train.steps):
+            t0 = time.perf_counter()
+            batch = next(train_iter) if cfg.data.prefetch else put(next(train_iter))
+            wait_s += time.perf_counter() - t0
+            state, metrics = train_step(state, batch)
+            if pending is not None:
+                interval_start, pending = write_log_row(pending), None
+            interval_steps += 1
+            done = step + 1
+            log_step = done % cfg.train.log_every == 0 or done == cfg.train.steps
+            if step == start_step:  # the first step includes compilation: time it apart, log its losses only
+                jax.block_until_ready(metrics)
+                row = {"compile_time_s": time.perf_counter() - interval_start}
+                if log_step:
+                    row.update({k: float(v) for k, v in jax.device_get(metrics).items()})
+                writer.write(done, row)
+                interval_start, interval_steps, wait_s = time.perf_counter(), 0, 0.0
+            elif log_step:
+                pending = (done, metrics, interval_start, interval_steps, wait_s)
+                interval_steps, wait_s = 0, 0.0  # interval_start: when the row is written
+            evaluating = cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps
+            preempted = watch.reached(done)
+            checkpointing = preempted or _checkpoint_due(cfg, done, log_step, last_save_time)
+            if pending is not None and (evaluating or checkpointing or done == cfg.train.steps):
+                interval_start, pending = write_log_row(pending), None  # the host waits for this step anyway
+            if evaluating:
+                ev = evaluate(eval_step, state["params"], eval_data, mesh, rules)
+                writer.write(done, {f"eval/{k}": v for k, v in ev.items()})
+                if is_main:
+                    bar.write(f"step {done}: held-out loss {modality_summary(ev)}")
+            if checkpointing:
+                checkpoint.save(manager, done, state, train_iter, dict(meta, step=done))
+                last_save_time = time.monotonic()
+            bar.update(1)
+            if preempted:
+                preempted_at = done
+                break
+    except BaseException:
+        train_iter.close()
+        raise
+    finally:
+        watch.close()
+        bar.close()
+    manager.wait_until_finished()
+    train_iter.close()  # after the saves have read its state
+
+    if preempted_at is not None:
+        where = checkpoint.step_path(manager, preempted_at)
+        log(f"omni: SIGTERM received: saved step {preempted_at} to {where}; run the same command to resume")
+        writer.close()
+        manager.close()
+        return {"step": preempted_at, "preempted": True, "checkpoint": str(where)}
+
+    final = evaluate(eval_step, state["params"], eval_data, mesh, rules)
+    writer.write(cfg.train.steps, {f"eval/{k}": v for k, v in final.items()})
+    log(f"omni: step {cfg.train.steps} held-out loss {modality_summary(final)}")
+    tasks = {}
+    if end_of_run is not None:
+        with sharding.activate(mesh, rules):
+            tasks = end_of_run(cfg, graphdef, state["params"], log=log)
+    result = {"step": cfg.train.steps, "eval": final, "demo_tasks": tasks}
+    if is_main:
+        (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    writer.close()
+    manager.close()
+    return result
+
+
+def _checkpoint_due(cfg: Config, done: int, log_step: bool, last_save_time: float) -> bool:
+    """Same answer on every host: the step rules are deterministic, the time rule is process 0's call."""
+    tc = cfg.train
+    if done == tc.steps or (tc.checkpoint_every and done % tc.checkpoint_every == 0):
+        return True
+    if tc.checkpoint_minutes > 0 and log_step:
+        return checkpoint.agree(time.monotonic() - last_save_time >= 60 * tc.checkpoint_minutes)
+    return False
+
+
+def _save_resolved_config(cfg: Config, workdir: Path, log) -> None:
+    path = workdir / "config.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        now = config_lib.to_dict(cfg)
+        changed = config_lib.changed_keys(previous, now)
+        if changed:
+            log(f"omni: config differs from the saved {path} in {', '.join(changed)}; saving the new one")
+    if jax.process_index() == 0:
+        config_lib.save_config(cfg, path)
+

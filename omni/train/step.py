@@ -1,0 +1,156 @@
+"""The model, its optimizer and sharded state, and the jitted train and eval steps.
+
+    state = {"step": int32 [], "params": the model's nnx.Param tree as a pure dict, "opt_state": optax state}
+
+The train step takes a global batch (omni.batch) and returns the new state and the step's metrics (omni.loss:
+loss and accuracy per modality, token counts, grad_norm, lr); gradients are exact means over every target token
+of the global step, also under gradient accumulation (sums of micro-batches, one divide).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from omni import sharding
+from omni.batch import FIELDS, check_batch, patch_dim, runs_per_row
+from omni.config import Config
+from omni.errors import ConfigError
+from omni.loss import loss_sums, metrics_from_sums
+from omni.model.attention import attention_implementation
+from omni.model.transformer import OmniTransformer
+from omni.tokens import Vocab
+
+
+def build_model(cfg: Config, vocab: Vocab, seed: int | None = None) -> OmniTransformer:
+    """The model for `cfg` over `vocab` (the dataset's: omni.data.pipeline.vocab_for), seeded by train.seed."""
+    return OmniTransformer(cfg.model, vocab.size, patch_dim(cfg.data),
+                           rngs=nnx.Rngs(cfg.train.seed if seed is None else seed))
+
+
+def build_optimizer(cfg: Config):
+    tc = cfg.train
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup_steps,
+        decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.lr * tc.min_lr_ratio)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # no decay on norms and biases
+    tx = optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay, mask=decay_mask)
+    if tc.clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(tc.clip_norm), tx)
+    return tx, schedule
+
+
+def init_state(cfg: Config, mesh, tx, vocab: Vocab):
+    """(graphdef, state, shardings): the initial train state, created directly in its shardings (no full copy on
+    one device)."""
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg, vocab))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    shardings = sharding.state_shardings(cfg, mesh, abstract_params, tx)
+
+    @partial(jax.jit, out_shardings=shardings)
+    def create():
+        params = nnx.to_pure_dict(nnx.state(build_model(cfg, vocab), nnx.Param))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    return graphdef, create(), shardings
+
+
+def make_train_step(cfg: Config, graphdef, tx, schedule, mesh, shardings):
+    accum = cfg.train.grad_accum
+    rules = cfg.mesh.rules
+
+    def sums_and_grads(params, batch):
+        def ce_sum(p):
+            sums = loss_sums(nnx.merge(graphdef, p)(batch), batch)
+            return sums["ce"], sums
+
+        grads, sums = jax.grad(ce_sum, has_aux=True)(params)
+        return grads, sums
+
+    def step_fn(state, batch):
+        params = state["params"]
+        if accum == 1:
+            grads, sums = sums_and_grads(params, batch)
+        else:
+            # Row i of micro-batch j is global row i * accum + j: every data shard holds part of every micro-batch.
+            micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((-1, accum) + x.shape[1:]), 0, 1), batch)
+
+            def body(carry, mb):
+                mb = {k: sharding.constrain(v, "batch", "length", *([None] * (v.ndim - 2))) for k, v in mb.items()}
+                return jax.tree.map(jnp.add, carry, sums_and_grads(params, mb)), None
+
+            zeros = jax.eval_shape(sums_and_grads, params, jax.tree.map(lambda x: x[0], micro))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+            (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+        # Mean over every target token of the global step (loss.py documents this normalisation).
+        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["count"], 1.0), grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state}
+        metrics = metrics_from_sums(sums)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["lr"] = schedule(state["step"])
+        return new_state, metrics
+
+    batch_sh = {k: sharding.batch_sharding(mesh, rules, 3 if k == "patches" else 2) for k in FIELDS}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated),
+                     donate_argnums=0)
+
+    def run(state, batch):
+        with sharding.activate(mesh, rules):
+            return jitted(state, batch)
+
+    return run
+
+
+def make_eval_step(cfg: Config, graphdef, mesh):
+    @jax.jit
+    def eval_fn(params, batch):
+        return loss_sums(nnx.merge(graphdef, params)(batch), batch)
+
+    def run(params, batch):
+        with sharding.activate(mesh, cfg.mesh.rules):
+            return eval_fn(params, batch)
+
+    return run
+
+
+def evaluate(eval_step, params, batches, mesh, rules) -> dict:
+    """Per-modality held-out loss / accuracy over the given (process-local) eval batches."""
+    totals = None
+    for batch in batches:
+        sums = eval_step(params, sharding.global_batch(batch, mesh, rules))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    return {k: float(v) for k, v in metrics_from_sums(totals).items()}
+
+
+def check_host_batch(cfg: Config, batch: dict) -> None:
+    """A host batch at the data -> step boundary: the layout of omni.batch (fields, dtypes, shapes), and at most
+    model.max_segments runs per row where cuDNN's packed attention is set up for that many
+    (omni.model.attention.packed_runs): a longer row is refused here rather than attended wrongly."""
+    check_batch(batch, cfg.data.seq_len, patch_dim(cfg.data))
+    m = cfg.model
+    if attention_implementation(m) != "cudnn" or m.fusion == "cross":
+        return
+    runs = runs_per_row(batch["segment_ids"])
+    what = "packed segments (trailing padding counting as one)"
+    if m.fusion == "late" and m.late_layers:  # late layers attend within modality spans: more, shorter runs
+        runs = runs_per_row(batch["segment_ids"], batch["modality"])
+        what = "modality spans (late fusion; trailing padding counting as one)"
+    row = int(np.argmax(runs))
+    if runs[row] > m.max_segments:
+        raise ConfigError(
+            f"batch row {row} holds {runs[row]} {what}, more than 'model.max_segments' ({m.max_segments}) that cuDNN "
+            f"attention is set up for; rerun with --set model.max_segments={2 ** int(np.ceil(np.log2(runs[row])))}")
+
+
+def modality_summary(ev: dict) -> str:
+    return (f"text {ev['loss/text']:.3f} (acc {ev['acc/text']:.1%}), "
+            f"audio {ev['loss/audio']:.3f} (acc {ev['acc/audio']:.1%})")
