@@ -21,6 +21,13 @@ OMNI_DISTRIBUTED=auto and JAX's cluster detection on TPU VMs, GKE and SLURM).
 
 `--dry-run` prints what would be executed or applied and changes nothing; without it slurm writes the script
 and calls sbatch, gke writes the manifest and calls kubectl apply, tpu runs the gcloud commands in order.
+
+Nothing given to a renderer is executed by the file it renders (issue 20): every value is quoted once for each
+layer that reads it (the local bash script, the remote shell that gcloud's --command reaches, sbatch's #SBATCH
+parser, Kubernetes' $(VAR) expansion, the bash -c of XPK's pod), so each arrives byte for byte. Values that are
+written into one line (#SBATCH directives, names, zones, images, --setup, --install) are refused with a
+ConfigError when they hold a control character (a newline would start a new line of the script). --setup and
+--install are shell code by design; they run where the job runs, as that one line.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -36,6 +44,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 from pathlib import Path
 
 import yaml
@@ -48,6 +57,67 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------ quoting, checks
+
+_CHAR_NAMES = {"\n": "a newline", "\r": "a carriage return", "\0": "a NUL byte", "\t": "a tab"}
+
+
+def _is_line_breaking(c: str) -> bool:
+    """C0/C1 control characters and DEL, and U+2028/U+2029 (line and paragraph separators: YAML and some
+    editors break lines there)."""
+    return unicodedata.category(c) in ("Cc", "Zl", "Zp")
+
+
+def _single_line(option: str, value: str) -> str:
+    """`value` unchanged, or a ConfigError naming `option` when it holds a control character: the value is written
+    into one line of the rendered file (a #SBATCH directive, a name, a shell line), and a newline there would
+    start a line of its own."""
+    for i, c in enumerate(value):
+        if _is_line_breaking(c):
+            kind = "control character" if unicodedata.category(c) == "Cc" else "line separator"
+            what = _CHAR_NAMES.get(c, f"the {kind} U+{ord(c):04X}")
+            raise ConfigError(f"{option} {value!r} holds {what} (at position {i}); it is written into a single line "
+                              f"of the rendered file, so it must be one line of printable text")
+    return value
+
+
+def _check_command(omni_args: list[str]) -> None:
+    for i, arg in enumerate(omni_args):
+        if "\0" in arg:
+            raise ConfigError(f"argument {i + 1} of the omni command ({arg!r}) holds a NUL byte, which no command "
+                              f"line can carry")
+
+
+def _sbatch_quote(value: str) -> str:
+    """`value` as one #SBATCH argument. sbatch splits directive lines at whitespace, strips double quotes, takes a
+    backslash as an escape and an unescaped # as the start of a comment (in every version; newer ones also strip
+    single quotes): so a value that is not plain is double-quoted with \\ \" \' # escaped."""
+    if value and re.fullmatch(r"[\w@%+=:,./-]+", value, re.ASCII):
+        return value
+    return '"' + "".join("\\" + c if c in "\\\"'#" else c for c in value) + '"'
+
+
+def _bash_word(arg: str) -> str:
+    """`arg` quoted for bash as one word written on one line: shlex.quote, or, where the value holds a control
+    character (a newline), bash's $'...' with every byte outside printable ASCII as a \\xHH escape."""
+    if not any(_is_line_breaking(c) for c in arg):
+        return shlex.quote(arg)
+    out = []
+    for byte in arg.encode("utf-8", "surrogateescape"):
+        c = chr(byte)
+        out.append("\\" + c if c in "\\'" else c if 0x20 <= byte < 0x7F else f"\\x{byte:02x}")
+    return "$'" + "".join(out) + "'"
+
+
+def _k8s_literal(value: str) -> str:
+    """Kubernetes expands $(VAR) in a container's command, args and env values and turns $$ into $: every $ is
+    doubled so the value reaches the process as written."""
+    return value.replace("$", "$$")
+
+
+_DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", re.ASCII)
 
 
 # ----------------------------------------------------------------------------------------------------- local
@@ -132,16 +202,21 @@ def slurm_script(omni_args: list[str], nodes: int, gpus_per_node: int, *, job_na
     """An sbatch script: one task per node, each process drives its node's GPUs; JAX reads SLURM_* to join."""
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError("--nodes and --gpus-per-node must be positive")
-    directives = [f"--job-name={job_name}", f"--nodes={nodes}", "--ntasks-per-node=1",
-                  f"--gpus-per-node={gpus_per_node}", f"--time={time_limit}", "--output=%x-%j.out"]
+    _check_command(omni_args)
+    for option, value in (("--job-name", job_name), ("--partition", partition), ("--time", time_limit),
+                          ("--setup", setup)):
+        _single_line(option, value)
+    q = _sbatch_quote
+    directives = [f"--job-name={q(job_name)}", f"--nodes={nodes}", "--ntasks-per-node=1",
+                  f"--gpus-per-node={gpus_per_node}", f"--time={q(time_limit)}", "--output=%x-%j.out"]
     if partition:
-        directives.append(f"--partition={partition}")
+        directives.append(f"--partition={q(partition)}")
     if cpus_per_task:
         directives.append(f"--cpus-per-task={cpus_per_task}")
     lines = ["#!/bin/bash"] + [f"#SBATCH {d}" for d in directives] + [
         f"# {nodes} processes x {gpus_per_node} GPUs = {nodes * gpus_per_node} devices; rendered by omni launch slurm",
         "set -euo pipefail"]
-    if setup:
+    if setup:  # shell code by design: one line, run on the first node before srun
         lines.append(setup)
     lines += [f"export {ENV_AUTO}=auto  # omni joins via jax.distributed.initialize() (SLURM detection)",
               "# --kill-on-bad-exit: a process that dies ends the job instead of leaving the others waiting",
@@ -168,7 +243,7 @@ _CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5litepod": 1, "v6e": 1}
 def tpu_slice(accelerator: str) -> TpuSlice:
     """v5p-128 -> 64 chips on 16 hosts of 4; v5litepod-16 / v6e-16 -> 16 chips on 4 hosts of 4."""
     family, _, size = accelerator.rpartition("-")
-    if family not in _CORES_PER_CHIP or not size.isdigit():
+    if family not in _CORES_PER_CHIP or not (size.isascii() and size.isdigit()):
         raise ConfigError(f"unknown TPU accelerator type {accelerator!r}; expected one of "
                           f"{', '.join(f + '-N' for f in _CORES_PER_CHIP)} (e.g. v5p-128)")
     chips = int(size) // _CORES_PER_CHIP[family]
@@ -181,9 +256,18 @@ def tpu_slice(accelerator: str) -> TpuSlice:
 def gke_jobset(omni_args: list[str], image: str, tpu_type: str, topology: str, *, slices: int = 1,
                name: str = "omni", accelerator_label: str = "", max_restarts: int = 0) -> dict:
     """A JobSet (jobset.x-k8s.io/v1alpha2) running one pod per TPU VM host of `slices` slices."""
+    _check_command(omni_args)
+    for option, value in (("--image", image), ("--tpu-type", tpu_type), ("--topology", topology),
+                          ("--name", name), ("accelerator_label", accelerator_label)):
+        _single_line(option, value)
+    if not _DNS_LABEL.fullmatch(name):
+        raise ConfigError(f"--name {name!r} is not a Kubernetes name: lowercase letters, digits and '-', starting "
+                          f"with a letter and ending with a letter or digit, at most 63 characters")
     tpu = tpu_slice(tpu_type)
-    dims = [int(x) for x in topology.lower().split("x") if x.isdigit()]
-    if not dims or math.prod(dims) != tpu.chips:
+    if not re.fullmatch(r"[0-9]+(x[0-9]+)*", topology, re.ASCII | re.IGNORECASE):
+        raise ConfigError(f"--topology {topology!r} is not a chip topology like 4x4x4 or 2x4")
+    dims = [int(x) for x in topology.lower().split("x")]
+    if math.prod(dims) != tpu.chips:
         raise ConfigError(f"--topology {topology!r} does not hold the {tpu.chips} chips of {tpu_type}")
     family = tpu_type.rpartition("-")[0]
     label = accelerator_label or {"v4": "tpu-v4-podslice", "v5p": "tpu-v5p-slice",
@@ -196,7 +280,8 @@ def gke_jobset(omni_args: list[str], image: str, tpu_type: str, topology: str, *
                 {"name": "MEGASCALE_COORDINATOR_ADDRESS", "value": f"{name}-slice-0-0.{name}:{MEGASCALE_PORT}"},
                 {"name": "MEGASCALE_PORT", "value": str(MEGASCALE_PORT)}]
     container = {
-        "name": "omni", "image": image, "command": ["omni", *omni_args], "env": env,
+        # an argv list, no shell; $ doubled because Kubernetes expands $(VAR) in command and args
+        "name": "omni", "image": image, "command": ["omni", *(_k8s_literal(a) for a in omni_args)], "env": env,
         "ports": [{"containerPort": 8471}, {"containerPort": 8080}],  # TPU runtime / JAX coordinator
         "securityContext": {"privileged": True},
         "resources": {"limits": {"google.com/tpu": tpu.chips_per_host}},
@@ -217,9 +302,17 @@ def gke_jobset(omni_args: list[str], image: str, tpu_type: str, topology: str, *
 
 
 def xpk_command(omni_args: list[str], image: str, tpu_type: str, *, slices: int, cluster: str, name: str) -> str:
+    """The `xpk workload create` line (one line, for the shell it is pasted into). XPK writes --command into a
+    YAML block of its pod (`bash -c`), where Kubernetes expands $(VAR): so each omni argument is quoted for that
+    bash on one line ($'...' for a newline) with every $ doubled, and the whole line is quoted again for the
+    local shell."""
+    _check_command(omni_args)
+    for option, value in (("--image", image), ("--tpu-type", tpu_type), ("--cluster", cluster), ("--name", name)):
+        _single_line(option, value)
+    command = f"{ENV_AUTO}=auto omni " + " ".join(_bash_word(a) for a in omni_args)
     return shlex.join(["xpk", "workload", "create", "--cluster", cluster, "--workload", name,
                        "--tpu-type", tpu_type, "--num-slices", str(slices), "--docker-image", image,
-                       "--command", f"{ENV_AUTO}=auto omni " + shlex.join(omni_args)])
+                       "--command", _k8s_literal(command)])
 
 
 def tpu_script(omni_args: list[str], tpu_name: str, zone: str, accelerator: str, *, slices: int = 1,
@@ -227,10 +320,16 @@ def tpu_script(omni_args: list[str], tpu_name: str, zone: str, accelerator: str,
                keep: bool = False) -> str:
     """A bash script of gcloud commands: create, copy this checkout to every worker and install it, run on
     every worker of every slice at once (their output streams back), delete (also after a failure)."""
+    _check_command(omni_args)
+    for option, value in (("--tpu-name", tpu_name), ("--zone", zone), ("--accelerator", accelerator),
+                          ("--project", project), ("--runtime-version", runtime_version), ("--install", install)):
+        _single_line(option, value)
     tpu = tpu_slice(accelerator)
     common = ["--zone", zone] + (["--project", project] if project else [])
     install = install or "cd omni && pip install -q -e ."
-    run = f"cd omni && {ENV_AUTO}=auto omni " + shlex.join(omni_args)
+    # the command the remote shell runs: the omni arguments are quoted for that shell here, and the whole string
+    # is quoted again for this script's shell where it becomes gcloud's --command argument
+    run = f"{ENV_AUTO}=auto omni " + shlex.join(omni_args)
     nodes = [tpu_name] if slices == 1 else [f"{tpu_name}-{i}" for i in range(slices)]
     q = shlex.join
     if slices == 1:
@@ -256,16 +355,19 @@ def tpu_script(omni_args: list[str], tpu_name: str, zone: str, accelerator: str,
     if slices > 1:  # the slices meet over DCN at worker 0 of the first slice
         lines.append("coordinator=$(" + q(["gcloud", "compute", "tpus", "tpu-vm", "describe", nodes[0], *common,
                                            "--format=value(networkEndpoints[0].ipAddress)"]) + ")")
+        # it is spliced into the remote command unquoted: an IP address and nothing else
+        lines.append('[[ $coordinator =~ ^[0-9A-Fa-f.:]+$ ]] || { echo "omni launch: gcloud gave no IP address '
+                     'for the coordinator: $coordinator" >&2; exit 1; }')
     lines.append("pids=()")
     for i, node in enumerate(nodes):
-        command = run
-        if slices > 1:
-            megascale = (f"MEGASCALE_COORDINATOR_ADDRESS=$coordinator:{MEGASCALE_PORT} MEGASCALE_PORT={MEGASCALE_PORT} "
-                         f"MEGASCALE_NUM_SLICES={slices} MEGASCALE_SLICE_ID={i}")
-            command = run.replace(f"{ENV_AUTO}=auto", f"{megascale} {ENV_AUTO}=auto")
         ssh = q(["gcloud", "compute", "tpus", "tpu-vm", "ssh", node, "--worker=all", *common, "--command"])
-        # double quotes: $coordinator is filled in here, on the machine running this script
-        lines.append(f'{ssh} "{command}" &' if slices > 1 else f"{ssh} {shlex.quote(command)} &")
+        if slices > 1:  # "$coordinator" is filled in here, on the machine running this script; the rest is quoted
+            command = (shlex.quote("cd omni && MEGASCALE_COORDINATOR_ADDRESS=") + '"$coordinator"'
+                       + shlex.quote(f":{MEGASCALE_PORT} MEGASCALE_PORT={MEGASCALE_PORT} MEGASCALE_NUM_SLICES={slices} "
+                                     f"MEGASCALE_SLICE_ID={i} {run}"))
+        else:
+            command = shlex.quote(f"cd omni && {run}")
+        lines.append(f"{ssh} {command} &")
         lines.append('pids+=("$!")')
     lines += ["status=0", 'for pid in "${pids[@]}"; do wait "$pid" || status=$?; done', 'exit "$status"', ""]
     return "\n".join(lines)
