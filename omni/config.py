@@ -114,6 +114,9 @@ class TrainConfig:
                                          "at logging steps, decided by process 0); 0 disables")
     keep_checkpoints: int = doc(3, "checkpoints kept; older ones are deleted after a newer one is complete")
     async_checkpoint: bool = doc(True, "write checkpoints in the background while training goes on")
+    phase_timeout_s: float = doc(1800.0, "multi-process jobs: an eval, the demo scoring or the last save that takes "
+                                         "longer ends the job with a message naming it (a collective waiting for a "
+                                         "process that never joins), instead of hanging; 0 disables")
 
 
 @dataclass

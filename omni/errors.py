@@ -68,3 +68,7 @@ class ExportError(OmniError, ValueError):
 
 class GenerateError(OmniError, ValueError):
     """A prompt or setting that cannot be generated from; the message names the file or value at fault."""
+
+
+class WorkdirError(OmniError, RuntimeError):
+    """A workdir that is in use by another run, not writable, or full; the message names it and what to do."""

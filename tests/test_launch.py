@@ -402,9 +402,12 @@ def _launch(*args) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_two_local_processes_train_one_job(tmp_path):
+    """...and get through every end-of-run phase: the last save, the final eval and the demo scoring (each a set of
+    collectives every process must run alike; this once hung at the end of the run)."""
     config = _config(tmp_path, steps=10, checkpoint_every=5)
     out, _ = _launch("--processes", "2", "--devices-per-process", "4", "--", "train", "--config", str(config),
-                     "--workdir", str(tmp_path / "run"), "--no-progress").communicate(timeout=300)
+                     "--workdir", str(tmp_path / "run"), "--no-progress",
+                     "--set", "demo.scored_examples=3").communicate(timeout=300)
     assert "on 8 cpu devices" in out and out.count("omni: step 10 held-out loss") == 1, out[-3000:]  # logs once
     assert all(line.startswith(("[p0]", "[p1]", "omni launch:")) for line in out.splitlines() if line), out[-2000:]
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -412,6 +415,7 @@ def test_two_local_processes_train_one_job(tmp_path):
     assert steps == [2, 4, 6, 8, 10]  # written once, by process 0
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["10", "5"]
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert set(result["demo_tasks"]) == {"caption", "describe", "synth"}, out[-3000:]
     first = next(r for r in rows if r["step"] == 0 and "eval/loss/text" in r)
     assert result["eval"]["loss/text"] < first["eval/loss/text"] - 1.0
 

@@ -124,10 +124,12 @@ def _state_files(workdir: Path, step: int) -> list[Path]:
     return sorted(p for p in (workdir / "checkpoints" / str(step) / "state" / "d").iterdir())
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete", "garble"])
+@pytest.mark.parametrize("damage", ["truncate", "delete", "garble", "no_state_metadata"])
 def test_an_unreadable_checkpoint_is_reported_and_the_previous_one_restored(three_checkpoints, capsys, damage):
     cfg, workdir = three_checkpoints
-    for path in _state_files(workdir, 6):
+    if damage == "no_state_metadata":  # damage, not another config: never "does not fit this model"
+        (workdir / "checkpoints" / "6" / "state" / "_METADATA").unlink()
+    for path in _state_files(workdir, 6) if damage != "no_state_metadata" else ():
         if damage == "truncate":
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
         elif damage == "delete":

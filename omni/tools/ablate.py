@@ -42,6 +42,7 @@ from omni import config as config_lib
 from omni.batch import TARGET_MODALITIES  # images are inputs, never targets: no image loss to report
 from omni.config import Config, ConfigError, derived_mlp, parse_variant
 from omni.model.counting import flops_per_token, matmul_params, param_total
+from omni.train import workdir as workdir_lib
 from omni.train.metrics import read_metrics
 
 
@@ -149,7 +150,8 @@ def run_ablation(base: Config, workdir: str | Path, seeds: int | None = None, pr
     from omni.train import loop
 
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir_lib.check_writable(workdir)
+    workdir_lib.hold(workdir, "omni ablate")  # one ablation per workdir; each run's own workdir is locked by train
     vocab_size, patch_dim = pipeline.vocab_for(base).size, batch.patch_dim(base.data)
     runs = make_plan(base, vocab_size, patch_dim, seeds)
     _check_and_save_plan(workdir, runs, base)

@@ -18,8 +18,9 @@ from omni import config as config_lib
 from omni import sharding
 from omni.data import pipeline
 from omni.demo import corpus, scorer
-from omni.train import checkpoint
-from omni.train.step import build_model, build_optimizer, check_host_batch, evaluate, make_eval_step, modality_summary
+from omni.train import checkpoint, workdir as workdir_lib
+from omni.train.step import (build_model, build_optimizer, check_host_batch, evaluate, make_eval_step,
+                             modality_summary, same_batch_count)
 
 
 def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides: list[str] = (),
@@ -27,13 +28,15 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides:
     """Evaluates a checkpoint of `workdir`; returns and saves {"step", "eval", "demo_tasks"}."""
     workdir = Path(workdir)
     step = checkpoint.pick_step(workdir, step)
+    if jax.process_index() == 0:
+        workdir_lib.check_writable(workdir)  # before any compute: the result must have a place to go
     cfg = config_lib.from_dict(checkpoint.read_meta(workdir, step)["config"], source=f"checkpoint {step}")
     cfg = config_lib.apply_overrides(cfg, list(overrides))
     mesh = sharding.make_mesh(cfg.mesh)
     graphdef, params = restore_params_onto(cfg, mesh, workdir, step)
 
     eval_step = make_eval_step(cfg, graphdef, mesh)
-    batches = pipeline.eval_batches(cfg, jax.process_index(), jax.process_count())
+    batches = same_batch_count(pipeline.eval_batches(cfg, jax.process_index(), jax.process_count()))
     for batch in batches:
         check_host_batch(cfg, batch)
     metrics = evaluate(eval_step, params, batches, mesh, cfg.mesh.rules)
@@ -47,7 +50,7 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides:
     result = {"step": step, "eval": metrics, "demo_tasks": tasks}
     if jax.process_index() == 0:
         out = workdir / f"eval-{step}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        workdir_lib.write_atomic(out, json.dumps(result, indent=2) + "\n")
         log(f"omni: wrote {out}")
     return result
 

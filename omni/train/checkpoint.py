@@ -36,10 +36,6 @@ from omni.errors import CheckpointMismatchError, NoUsableCheckpointError
 REJECTED_DIR = "checkpoints.rejected"
 
 
-
-
-
-
 class DataStateHandler(grain.checkpoint.CheckpointHandler):
     """The train iterator's position (omni.data.pipeline.ShardedBatches): one `shard-<s>-of-<S>.json` per reading shard,
     written by the process that reads it, so any process count that splits the S shards can restore them."""
@@ -136,6 +132,10 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
             saved = manager.item_metadata(step)["state"]
         except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
             _reject(manager, step, f"its metadata cannot be read ({_short(e)})", log)
+            continue
+        if not (path / "state" / "_METADATA").is_file() or not _leaves(_metadata_tree(saved)):
+            # Damage, not another model: only a checkpoint that reads fine can be compared with this config.
+            _reject(manager, step, "its state metadata (state/_METADATA) is missing or empty", log)
             continue
         check_shapes(_metadata_tree(saved), abstract_state, path, config, _saved_config(manager, step))
         saved_shards, reading = saved_shard_count(path), getattr(data_iterator, "num_shards", None)

@@ -12,19 +12,23 @@ Every `omni` verb that computes calls `initialize()` first. What it does depends
         a single process (nothing to do)
 
 OMNI_HEARTBEAT_S (default 100) bounds how long the others wait for a process that died before the job fails
-with JAX's error instead of hanging.
+with JAX's error instead of hanging. A process that is alive but never joins a collective (different amounts of
+work per process, say) is not caught by that: `bounded(phase, seconds)` ends the job with a message naming the
+phase when a phase outside the step loop (the evals, the demo scoring, the last save) takes longer than
+train.phase_timeout_s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import threading
 
 from omni.errors import DistributedError
 
 ENV_COORDINATOR, ENV_NUM, ENV_ID = "OMNI_COORDINATOR", "OMNI_NUM_PROCESSES", "OMNI_PROCESS_ID"
 ENV_AUTO, ENV_HEARTBEAT = "OMNI_DISTRIBUTED", "OMNI_HEARTBEAT_S"
-
-
 
 
 def settings(env=None) -> dict | None:
@@ -71,3 +75,30 @@ def initialize() -> bool:
 
     jax.distributed.initialize(**kwargs)
     return jax.process_count() > 1
+
+
+@contextlib.contextmanager
+def bounded(phase: str, seconds: float, processes: int | None = None):
+    """Runs the block; in a multi-process job, if it has not finished after `seconds`, prints which phase on which
+    process and ends the process with exit code 3, so the launcher (or scheduler) ends the job instead of every
+    process waiting forever in a collective. A no-op in one process or with seconds <= 0."""
+    import jax
+
+    processes = jax.process_count() if processes is None else processes
+    if processes == 1 or seconds <= 0:
+        yield
+        return
+    done = threading.Event()
+
+    def watch():
+        if not done.wait(seconds):
+            print(f"omni: error: {phase} did not finish within {seconds:g} s on process {jax.process_index()} of "
+                  f"{processes}: a collective is waiting for a process that does not join it. Ending the job; raise "
+                  "train.phase_timeout_s if the phase is just slow", file=sys.stderr, flush=True)
+            os._exit(3)
+
+    threading.Thread(target=watch, name=f"omni-bound-{phase}", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()

@@ -25,11 +25,11 @@ from omni.config import Config
 from omni.data import pipeline
 from omni.data.prefetch import Prefetched
 from omni.model.counting import flops_per_token, param_count
-from omni.train import checkpoint, preemption
+from omni.train import checkpoint, distributed, preemption, workdir as workdir_lib
 from omni.train.metrics import MetricWriter
 from omni.train.perf import datasheet_peak, measure_matmul_peak, utilisation
 from omni.train.step import (build_optimizer, check_host_batch, evaluate, init_state, make_eval_step, make_train_step,
-                             modality_summary)
+                             modality_summary, same_batch_count)
 
 # What a caller may run on the trained params at the end (the CLI passes the demo corpus's scorer):
 # end_of_run(cfg, graphdef, params, log) -> dict of scores, written to eval.json under "tasks".
@@ -39,9 +39,19 @@ EndOfRun = Callable[..., dict]
 def train(cfg: Config, workdir: str | Path, progress: bool = True, end_of_run: EndOfRun | None = None) -> dict:
     """Trains (or resumes) in `workdir`; returns the final eval metrics (and end_of_run's scores)."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
+    if is_main:  # before any compute: a workdir that cannot take the results, or another run in it, stops here
+        workdir_lib.check_writable(workdir)
+        workdir_lib.hold(workdir)
+    try:
+        return _train(cfg, workdir, progress, end_of_run, is_main, log)
+    finally:
+        workdir_lib.release(workdir)
+
+
+def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | None, is_main: bool, log) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
 
     mesh = sharding.make_mesh(cfg.mesh)
     rules = cfg.mesh.rules
@@ -61,7 +71,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, end_of_run: E
     train_iter = pipeline.train_dataset(cfg, jax.process_index(), jax.process_count())
     if cfg.data.prefetch:
         train_iter = Prefetched(train_iter, put, cfg.data.prefetch)
-    eval_data = pipeline.eval_batches(cfg, jax.process_index(), jax.process_count())
+    eval_data = same_batch_count(pipeline.eval_batches(cfg, jax.process_index(), jax.process_count()))
     for batch in eval_data:
         check_host_batch(cfg, batch)
     manager = checkpoint.make_manager(workdir, cfg.train)
@@ -90,8 +100,10 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, end_of_run: E
             "tokenizer": pipeline.tokenizer_for(cfg).identity(), "codec": dataset.meta.get("codec"),
             "vocab": {"size": vocab.size, "text_size": vocab.text_size, "codebook_sizes": list(vocab.codebook_sizes)}}
 
+    bound = cfg.train.phase_timeout_s
     if start_step == 0:
-        first_eval = evaluate(eval_step, state["params"], eval_data, mesh, rules)
+        with distributed.bounded("the step-0 eval", bound):
+            first_eval = evaluate(eval_step, state["params"], eval_data, mesh, rules)
         writer.write(0, {f"eval/{k}": v for k, v in first_eval.items()})
         log(f"omni: step 0 held-out loss {modality_summary(first_eval)}")
 
@@ -146,7 +158,8 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, end_of_run: E
             if pending is not None and (evaluating or checkpointing or done == cfg.train.steps):
                 interval_start, pending = write_log_row(pending), None  # the host waits for this step anyway
             if evaluating:
-                ev = evaluate(eval_step, state["params"], eval_data, mesh, rules)
+                with distributed.bounded(f"the step-{done} eval", bound):
+                    ev = evaluate(eval_step, state["params"], eval_data, mesh, rules)
                 writer.write(done, {f"eval/{k}": v for k, v in ev.items()})
                 if is_main:
                     bar.write(f"step {done}: held-out loss {modality_summary(ev)}")
@@ -163,7 +176,8 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, end_of_run: E
     finally:
         watch.close()
         bar.close()
-    manager.wait_until_finished()
+    with distributed.bounded("the last checkpoint save", bound):
+        manager.wait_until_finished()
     train_iter.close()  # after the saves have read its state
 
     if preempted_at is not None:
@@ -173,16 +187,17 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, end_of_run: E
         manager.close()
         return {"step": preempted_at, "preempted": True, "checkpoint": str(where)}
 
-    final = evaluate(eval_step, state["params"], eval_data, mesh, rules)
+    with distributed.bounded("the end-of-run eval", bound):
+        final = evaluate(eval_step, state["params"], eval_data, mesh, rules)
     writer.write(cfg.train.steps, {f"eval/{k}": v for k, v in final.items()})
     log(f"omni: step {cfg.train.steps} held-out loss {modality_summary(final)}")
     tasks = {}
     if end_of_run is not None:
-        with sharding.activate(mesh, rules):
+        with sharding.activate(mesh, rules), distributed.bounded("the end-of-run scoring", bound):
             tasks = end_of_run(cfg, graphdef, state["params"], log=log)
     result = {"step": cfg.train.steps, "eval": final, "demo_tasks": tasks}
     if is_main:
-        (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        workdir_lib.write_atomic(workdir / "eval.json", json.dumps(result, indent=2) + "\n")
     writer.close()
     manager.close()
     return result
@@ -207,5 +222,5 @@ def _save_resolved_config(cfg: Config, workdir: Path, log) -> None:
         if changed:
             log(f"omni: config differs from the saved {path} in {', '.join(changed)}; saving the new one")
     if jax.process_index() == 0:
-        config_lib.save_config(cfg, path)
+        workdir_lib.write_atomic(path, json.dumps(config_lib.to_dict(cfg), indent=2) + "\n")
 

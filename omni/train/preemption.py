@@ -40,6 +40,14 @@ class PreemptionWatch:
             return False
 
     def close(self) -> None:
+        """Stops watching. Past the step loop a SIGTERM ends the process at once: the handler in force before is
+        put back (one process), or, with several, the default action replaces JAX's preemption notifier, which
+        would otherwise swallow the signal while the process waits in an end-of-run collective."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+        elif self.multiprocess:
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            except ValueError:  # not the main thread
+                pass

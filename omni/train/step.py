@@ -122,6 +122,20 @@ def make_eval_step(cfg: Config, graphdef, mesh):
     return run
 
 
+def same_batch_count(batches: list[dict]) -> list[dict]:
+    """This process's eval batches, padded with all-padding batches to the largest count any process holds: each
+    process packs its own share of the eval split, so the counts can differ, and every eval step is a collective
+    that all processes must run the same number of times (or the job hangs). Padding rows add nothing to the
+    sums (segment 0 is never a target)."""
+    if jax.process_count() == 1 or not batches:
+        return batches
+    from jax.experimental import multihost_utils
+
+    most = int(np.max(multihost_utils.process_allgather(np.int32(len(batches)))))
+    empty = {k: np.zeros_like(v) for k, v in batches[0].items()}
+    return batches + [empty] * (most - len(batches))
+
+
 def evaluate(eval_step, params, batches, mesh, rules) -> dict:
     """Per-modality held-out loss / accuracy over the given (process-local) eval batches."""
     totals = None
