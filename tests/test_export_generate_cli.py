@@ -1,10 +1,17 @@
 """The whole road out of omni through the CLI: train -> `omni export` -> `omni generate` from an image file."""
 
 import json
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+from safetensors.numpy import load_file, save_file
+
+from omni.tokens import EOS
 
 from omni.demo import corpus
 from omni.train import loop
@@ -63,3 +70,104 @@ def test_generate_names_a_missing_image_and_a_folder_that_is_not_an_export(memor
     assert missing.returncode == 2 and f"{tmp_path / 'cat.png'}" in missing.stderr
     not_export = _omni("generate", "--model", str(tmp_path), "--prompt", "hi")
     assert not_export.returncode == 2 and "not an omni export" in not_export.stderr
+
+
+def _endless(export, out, seq_len):
+    """A copy of `export` that never ends a text answer (greedy): the <eos> unembedding is the mean of the text
+    ids' ones, so its logit is never the largest; its config claims training on `seq_len`-token sequences (the
+    model has rotary positions, so any length runs)."""
+    shutil.copytree(export, out)
+    raw = json.loads((out / "config.json").read_text())
+    raw["data"]["seq_len"] = seq_len
+    (out / "config.json").write_text(json.dumps(raw))
+    vocab, tensors = raw["export"]["vocab"], load_file(out / "model.safetensors")
+    unembed = tensors["unembed"]
+    unembed[:, EOS] = unembed[:, vocab["text_offset"]:vocab["text_offset"] + vocab["text_size"]].mean(axis=1)
+    save_file(tensors, out / "model.safetensors", metadata={"format": raw["export"]["format"], "dtype": "float32",
+                                                            "format_version": str(raw["export"]["format_version"])})
+    return out
+
+
+def _one_error_line(result) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("omni: error: "), result.stderr
+    return lines[0]
+
+
+def test_generate_caps_max_new_tokens_to_the_trained_context(memorised, tmp_path):
+    """--max-new-tokens 1000000 on a model that never stops ran for over ten minutes: now it stops where the
+    model's 128-token training context ends, and says so."""
+    out, _ = memorised
+    endless = _endless(out, tmp_path / "endless", 128)
+    result = _omni("generate", "--model", str(endless), "--prompt", "play loud c e g", "--max-new-tokens", "1000000")
+    assert result.returncode == 0, result.stderr
+    note = re.fullmatch(r"omni: --max-new-tokens 1000000 capped to (\d+): the model was trained on 128-token "
+                        r"sequences and the prompt has (\d+)", result.stderr.splitlines()[0])
+    assert note, result.stderr
+    capped, prompt = int(note.group(1)), int(note.group(2))
+    assert prompt == len("play loud c e g") + 1 and capped == 128 - prompt  # bytes and <bos>
+    assert f"omni: {capped} tokens until the 128-token context was full; prompt {prompt} tokens" in result.stderr
+    assert len(result.stdout.rstrip("\n")) > 0
+
+
+@pytest.mark.parametrize("prompt,tokens,message", [
+    ("x" * 200, "1", "the prompt has 201 tokens but the model was trained on 128-token sequences"),
+    ("hi", "0", "--max-new-tokens must be at least 1; got 0"),
+    ("hi", "-5", "--max-new-tokens must be at least 1; got -5"),
+])
+def test_generate_rejects_a_prompt_that_fills_the_context_and_a_count_below_one(memorised, prompt, tokens,
+                                                                               message):
+    out, _ = memorised
+    result = _omni("generate", "--model", str(out), "--prompt", prompt, "--max-new-tokens", tokens)
+    assert message in _one_error_line(result)
+
+
+def test_ctrl_c_stops_generation_at_once_with_exit_code_130(memorised, tmp_path):
+    """A decode of ~65,000 steps over a 65,536-slot cache (minutes): SIGINT in the middle ends it in seconds."""
+    out, _ = memorised
+    endless = _endless(out, tmp_path / "endless", 65536)
+    process = subprocess.Popen([sys.executable, "-m", "omni.cli", "generate", "--model", str(endless), "--prompt",
+                                "play c", "--max-new-tokens", "1000000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = process.stderr.readline()  # printed once the prompt is built, just before compiling and decoding
+        assert "capped to 65529" in first, first + process.stderr.read()
+        time.sleep(10)  # compiling takes a few seconds; decoding all the steps would take minutes
+        assert process.poll() is None, "generation ended before it was interrupted"
+        sent = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=20)
+        took = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, (process.returncode, stderr)
+    assert took < 8, took
+    assert stderr.strip().splitlines() == ["omni: interrupted"] and "Traceback" not in stderr
+    assert stdout == ""
+
+
+@pytest.mark.parametrize("prompt,message", [
+    ("", "the prompt is empty"),
+    ("  \n\t ", "the prompt is empty"),
+    ("describe <video:x.mp4>", "unknown tag <video:x.mp4>"),
+    ("<image:>", "tag <image:> in the prompt names no file"),
+    ("play <audio: >", "tag <audio: > in the prompt names no file"),
+    ("<codes:> then", "tag <codes:> in the prompt names no file"),
+])
+def test_generate_rejects_empty_prompts_and_unknown_or_empty_tags(memorised, prompt, message):
+    out, _ = memorised
+    line = _one_error_line(_omni("generate", "--model", str(out), "--prompt", prompt, "--max-new-tokens", "4"))
+    assert message in line
+    if "tag" in message:  # the known tags are listed
+        assert all(f"<{kind}:PATH" in line for kind in ("image", "audio", "codes")), line
+
+
+def test_angle_brackets_outside_the_tag_shape_are_prompt_text(memorised):
+    out, _ = memorised
+    result = _omni("generate", "--model", str(out), "--prompt", "a < b > c <b>x</b>", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert "prompt 19 tokens" in result.stderr  # 18 bytes of text and <bos>

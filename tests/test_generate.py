@@ -16,7 +16,8 @@ from omni.errors import GenerateError
 from omni.loss import masked_next_token_loss
 from omni.model.transformer import OmniTransformer, init_cache
 from omni.tokens import AUDIO_DELAY, BOA, EOA, EOS, IMAGE_PATCH, encode_example
-from omni.tools.generate import decode_output, generate, parse_prompt, prompt_arrays
+from omni.tools import generate as generate_module
+from omni.tools.generate import decode_output, fit_to_context, generate, parse_prompt, prompt_arrays
 from tests.conftest import tiny_config
 
 
@@ -214,6 +215,29 @@ def test_audio_codes_keep_codebook_order_and_end_on_a_frame_boundary(setup, layo
     assert out["codes"].shape[1] == k and out["sample_rate"] == ToneCodec.sample_rate
 
 
+def test_decoding_in_chunks_of_any_size_gives_the_same_tokens(setup, monkeypatch):
+    """The loop returns to the host between chunks (so Ctrl-C lands); chunk boundaries change nothing."""
+    cfg, vocab, _, graphdef, params, _ = setup
+    prompts = _prompts(setup, "text")
+
+    def run(chunk_s):
+        monkeypatch.setattr(generate_module, "DECODE_CHUNK_S", chunk_s)
+        return generate(graphdef, params, cfg.model, vocab, prompts, target="text", max_new_tokens=30,
+                        temperature=1.0, seed=4)
+
+    one_step, calls = run(0.0), []  # chunks shrink to a single step
+    real = generate_module._decode_in_chunks
+
+    def counting(decode, *args):
+        return real(lambda *a: calls.append(1) or decode(*a), *args)
+
+    monkeypatch.setattr(generate_module, "_decode_in_chunks", counting)
+    run(0.0)
+    assert len(calls) >= 20  # 29 steps after prefill, in chunks of 8, 2, then 1
+    whole = run(1e9)  # chunks grow past the end at once
+    assert one_step.tokens == whole.tokens and one_step.decode_steps == whole.decode_steps == 29
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(setup):
     cfg, vocab, _, graphdef, params, _ = setup
     prompts = _prompts(setup, "text")
@@ -266,6 +290,38 @@ def test_parse_prompt_tags_whitespace_and_files(tmp_path):
         parse_prompt(f"<audio:{tmp_path}/a.wav>", codec=PrecomputedCodec("mimi", 12.5, [2048] * 8))
     with pytest.raises(GenerateError, match="c.npy"):
         parse_prompt(f"<codes:{tmp_path}/c.npy>", codec=PrecomputedCodec("mimi", 12.5, [2048] * 8))
+
+
+def test_parse_prompt_rejects_unknown_and_empty_tags_and_empty_prompts(tmp_path):
+    for text in ("<video:x.mp4>", "see <Image:a.png> now", "<x-ray:scan.png>"):
+        with pytest.raises(GenerateError, match="unknown tag <.*; the known tags are <image:PATH>, "
+                                                "<audio:PATH.wav>, <codes:PATH.npy>"):
+            parse_prompt(text)
+    for text in ("<image:>", "x <audio: > y", "<codes:\t>"):
+        with pytest.raises(GenerateError, match="names no file"):
+            parse_prompt(text, codec=ToneCodec())
+    for text in ("", " ", "\n\t  "):
+        with pytest.raises(GenerateError, match="the prompt is empty"):
+            parse_prompt(text)
+    # other uses of < and > stay text; an empty prompt with an --audio file is fine
+    for text in ("a < b > c", "<b>bold</b>", "at <12:30>", "x<>y", "<:x>"):
+        assert parse_prompt(text) == [{"text": text}]
+    write_wav(tmp_path / "a.wav", 0.3 * np.sin(2 * np.pi * 440 * np.arange(4000) / 16000), 16000)
+    assert [next(iter(s)) for s in parse_prompt("", [tmp_path / "a.wav"], codec=ToneCodec())] == ["audio"]
+
+
+def test_fit_to_context_caps_new_tokens_to_the_trained_sequence_length():
+    assert fit_to_context(200, 16, 256) == 200
+    assert fit_to_context(1_000_000, 16, 256) == 240
+    assert fit_to_context(240, 16, 256) == 240
+    assert fit_to_context(5, 255, 256) == 1
+    for prompt_len in (256, 300):
+        with pytest.raises(GenerateError, match=f"the prompt has {prompt_len} tokens but the model was trained on "
+                                                f"256-token sequences"):
+            fit_to_context(10, prompt_len, 256)
+    for count in (0, -3):
+        with pytest.raises(GenerateError, match=f"at least 1; got {count}"):
+            fit_to_context(count, 16, 256)
 
 
 def test_prompt_arrays_are_the_training_prefix(setup):

@@ -7,12 +7,18 @@ Prompt syntax (parse_prompt): plain text with inline tags, each becoming one seg
     "say <codes:clip.npy>"                     precomputed codes int [frames, codebooks] (for external codecs)
 
 Whitespace next to a tag is dropped and so is text left empty; files given with `audio=[...]` (`--audio`)
-follow the text as audio segments. prompt_arrays turns the segments into exactly the token prefix the model
-saw in training (`<bos>` spans ..., no `<eos>`), plus `<boa>` when the answer is audio.
+follow the text as audio segments. Anything of the tag shape `<word:...>` is read as a tag: an unknown word
+(`<video:x.mp4>`) or an empty path (`<image:>`) is an error, never prompt text; `<` and `>` in any other
+shape (`a < b > c`) are text. A prompt with nothing in it (no text, tag or audio file) is an error.
+prompt_arrays turns the segments into exactly the token prefix the model saw in training (`<bos>` spans ...,
+no `<eos>`), plus `<boa>` when the answer is audio. fit_to_context caps the new tokens to what the model's
+training sequence length leaves after the prompt (omni generate does; generate itself takes any count).
 
 Decoding (generate): one jitted prefill of the right-padded prompt batch fills the cache (omni.model), then a
 `lax.while_loop` feeds one token per row per step until every row has produced a stop id or
-max_new_tokens. Each step's logits are restricted to the target modality:
+max_new_tokens. The loop runs in chunks of steps (about DECODE_CHUNK_S seconds each) with a host check in
+between, so Ctrl-C (KeyboardInterrupt) stops it between two chunks. Each step's logits are restricted to the
+target modality:
 
     text    text ids, and the stop ids (default <eos>)
     audio   flat layout: position n of the span must be codebook n % K; delay layout: codebook n % K or
@@ -46,8 +52,11 @@ from omni.errors import AudioError, GenerateError
 from omni.model.transformer import init_cache
 from omni.tokens import AUDIO_DELAY, BOA, EOA, EOS, PAD_ID, Vocab, check_codes, encode_example, unflatten_codes
 
-TAG = re.compile(r"<(image|audio|codes):([^<>]+)>")
+TAGS = {"image": "<image:PATH>", "audio": "<audio:PATH.wav>", "codes": "<codes:PATH.npy>"}
+TAG = re.compile(r"<([A-Za-z][\w-]*):([^<>]*)>")  # the tag shape: any word; unknown words are errors
+TAG_HELP = ", ".join(TAGS.values())
 DEFAULT_STOP = {"text": (EOS,), "audio": (EOA,)}
+DECODE_CHUNK_S = 0.1  # seconds of decoding between two host checks (how soon an interrupt lands)
 
 
 
@@ -63,8 +72,14 @@ def parse_prompt(text: str, audio=(), *, patch_size: int = 8, max_image_patches:
     """
     segments, start, parts = [], 0, []
     for match in TAG.finditer(text):
+        kind, value = match.group(1), match.group(2).strip()
+        if kind not in TAGS:
+            raise GenerateError(f"unknown tag {match.group(0)} in the prompt; the known tags are {TAG_HELP}")
+        if not value:
+            raise GenerateError(f"tag {match.group(0)} in the prompt names no file; write {TAGS[kind]} (the known "
+                                f"tags are {TAG_HELP})")
         parts.append(("text", text[start:match.start()]))
-        parts.append((match.group(1), match.group(2).strip()))
+        parts.append((kind, value))
         start = match.end()
     parts.append(("text", text[start:]))
     parts += [("audio", str(path)) for path in audio]
@@ -82,7 +97,23 @@ def parse_prompt(text: str, audio=(), *, patch_size: int = 8, max_image_patches:
             segments.append({"audio": encode_audio(value, codec)})
         else:
             segments.append({"audio": load_codes(value, codec)})
+    if all(s.get("text", "x").isspace() for s in segments):  # nothing, or only whitespace
+        raise GenerateError(f"the prompt is empty: give it text, a tag ({TAG_HELP}) or an --audio file")
     return segments
+
+
+def fit_to_context(max_new_tokens: int, prompt_len: int, context: int) -> int:
+    """max_new_tokens cut to what the model's trained context leaves after the prompt (context - prompt_len).
+
+    A model never saw positions past its training sequence length (config data.seq_len), so nothing is
+    generated beyond it; a prompt that fills the context on its own, or max_new_tokens < 1, is a GenerateError.
+    """
+    if max_new_tokens < 1:
+        raise GenerateError(f"--max-new-tokens must be at least 1; got {max_new_tokens}")
+    if prompt_len >= context:
+        raise GenerateError(f"the prompt has {prompt_len} tokens but the model was trained on {context}-token "
+                            f"sequences: no room is left to generate; shorten the prompt (or its images and audio)")
+    return min(max_new_tokens, context - prompt_len)
 
 
 def load_image(path: str, patch_size: int, max_image_patches: int) -> np.ndarray:
@@ -238,10 +269,11 @@ def _make_fns(graphdef, model_cfg, spec: _Spec, total_len: int, patch_dim: int):
         return {"step": jnp.ones((), jnp.int32), "token": token_B, "cache": cache, "lengths": lengths_B,
                 "finished": jnp.isin(token_B, stops), "key": key, "out": out_BxN, "sampling": sampling}
 
-    def decode(params, state):
+    def decode(params, state, limit):
+        """Steps until every row stopped, max_new_tokens, or step `limit` (the end of this chunk)."""
         def cond(carry):
             s = carry[1]
-            return (s["step"] < spec.max_new_tokens) & ~jnp.all(s["finished"])
+            return (s["step"] < jnp.minimum(limit, spec.max_new_tokens)) & ~jnp.all(s["finished"])
 
         def body(carry):  # params ride in the carry: nnx modules must be built from this trace's values
             params, s = carry
@@ -362,10 +394,9 @@ def generate(graphdef, params, model_cfg, vocab: Vocab, prompts: list[dict], *, 
     state = jax.block_until_ready(prefill(*args))
     prefill_s = time.perf_counter() - start
     # the loop state (the cache above all) is donated: the loop updates it in place
-    decode, compile_decode = _compiled("decode", graphdef, spec, decode_fn, params, state, donate=(1,))
-    start = time.perf_counter()
-    state = jax.block_until_ready(decode(params, state))
-    decode_s = time.perf_counter() - start
+    decode, compile_decode = _compiled("decode", graphdef, spec, decode_fn, params, state, np.int32(1),
+                                       donate=(1,))
+    state, decode_s = _decode_in_chunks(decode, params, state, spec.max_new_tokens)
 
     out = _to_host(state["out"])
     tokens, stopped = [], []
@@ -378,6 +409,26 @@ def generate(graphdef, params, model_cfg, vocab: Vocab, prompts: list[dict], *, 
     return GenerationResult(tokens=tokens, stopped=stopped, prefill_s=prefill_s, decode_s=decode_s,
                             compile_s=compile_prefill + compile_decode, decode_tokens=produced - n,
                             decode_steps=int(_to_host(state["step"])) - 1)
+
+
+def _decode_in_chunks(decode, params, state, max_new_tokens: int):
+    """Runs the compiled loop a chunk of steps at a time until every row stopped or max_new_tokens; returns
+    (state, seconds). Between chunks control is back in Python, so Ctrl-C (KeyboardInterrupt) stops generation
+    within about DECODE_CHUNK_S. Chunks grow or shrink to take about that long; with several processes they
+    keep a fixed size, so that every process runs the same calls."""
+    adapt = jax.process_count() == 1
+    chunk, step, seconds = (8 if adapt else 64), 1, 0.0
+    while step < max_new_tokens:
+        start = time.perf_counter()
+        state = decode(params, state, np.int32(min(step + chunk, max_new_tokens)))
+        step, finished = int(_to_host(state["step"])), bool(np.all(_to_host(state["finished"])))
+        elapsed = time.perf_counter() - start
+        seconds += elapsed
+        if finished:
+            break
+        if adapt:
+            chunk = int(np.clip(chunk * DECODE_CHUNK_S / max(elapsed, 1e-6), max(1, chunk // 4), chunk * 4))
+    return state, seconds
 
 
 def _to_host(x) -> np.ndarray:
