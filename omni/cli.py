@@ -25,7 +25,7 @@ import argparse
 import json
 import sys
 
-from omni.errors import ConfigError, OmniError
+from omni.errors import ConfigError, GenerateError, OmniError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="text with inline <image:PATH>, <audio:PATH.wav> or <codes:PATH.npy> tags")
     gen.add_argument("--audio", action="append", default=[], help="a WAV file appended to the prompt (repeatable)")
     gen.add_argument("--target", choices=("text", "audio"), default="text", help="what to generate")
-    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--max-new-tokens", type=int, default=200,
+                     help="at most this many tokens (capped to what the model's trained context leaves)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
     gen.add_argument("--seed", type=int, default=0)
@@ -264,6 +265,9 @@ def _data_build(args) -> None:
         source = f"tfds:{args.tfds}"
     dataset.build(examples, args.out, codec, tokenizer, report, overwrite=args.overwrite, source=source)
     print(f"omni: built {args.out}: {report.summary()}")
+    if not report.counts.get("eval"):
+        print(f"omni: warning: {args.out} has no eval examples, so training has no held-out loss to report; "
+              f"{dataset.NO_EVAL_HINT}", file=sys.stderr)
 
 
 def _data_show(args) -> None:
@@ -342,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     except OmniError as e:  # bad input: one line naming the file, line or key, and exit code 2 (omni.errors)
         print(f"omni: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT; checkpoints already saved stay
+        print("omni: interrupted", file=sys.stderr)
+        return 130
 
 
 def _run(args) -> int:
@@ -403,18 +410,26 @@ def _generate(args) -> None:
     from omni.data import audio
     from omni.tools import export, generate
 
+    if args.max_new_tokens < 1:
+        raise GenerateError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}")
     model = export.load_export(args.model)
     cfg = model.config
     segments = generate.parse_prompt(args.prompt, args.audio, patch_size=cfg.data.patch_size,
                                      max_image_patches=cfg.data.max_image_patches, codec=model.codec)
     prompt = generate.prompt_arrays(segments, model.vocab, model.tokenizer, cfg.data.patch_size,
                                     cfg.data.audio_layout, args.target)
-    result = generate.generate(model.graphdef, model.params, cfg.model, model.vocab, [prompt], target=args.target,
-                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                               seed=args.seed, audio_layout=cfg.data.audio_layout)
+    prompt_len, context = len(prompt["tokens"]), cfg.data.seq_len
+    max_new = generate.fit_to_context(args.max_new_tokens, prompt_len, context)
+    if max_new < args.max_new_tokens:
+        print(f"omni: --max-new-tokens {args.max_new_tokens} capped to {max_new}: the model was trained on "
+              f"{context}-token sequences and the prompt has {prompt_len}", file=sys.stderr, flush=True)
+    result = generate.generate(model.graphdef, model.params, cfg.model, model.vocab, [prompt],
+                               target=args.target, max_new_tokens=max_new, temperature=args.temperature,
+                               top_k=args.top_k, seed=args.seed, audio_layout=cfg.data.audio_layout)
     output = generate.decode_output(result.tokens[0], args.target, model.vocab, model.tokenizer, model.codec,
                                     cfg.data.audio_layout)
-    ending = "a stop token" if result.stopped[0] is not None else f"--max-new-tokens={args.max_new_tokens}"
+    ending = ("a stop token" if result.stopped[0] is not None else f"--max-new-tokens={max_new}"
+              if max_new == args.max_new_tokens else f"the {context}-token context was full")
     if args.target == "text":
         print(output)
     elif output["wave"] is not None:
@@ -424,9 +439,9 @@ def _generate(args) -> None:
     else:
         out = Path(args.out).with_suffix(".npy")
         np.save(out, output["codes"])
-        print(f"omni: {len(output['codes'])} frames of {model.codec.name if model.codec else 'audio'} codes -> {out} "
-              f"(this codec cannot decode to a waveform here)")
-    print(f"omni: {result.decode_tokens + 1} tokens until {ending}; prompt {len(prompt['tokens'])} tokens, prefill "
+        print(f"omni: {len(output['codes'])} frames of {model.codec.name if model.codec else 'audio'} codes -> "
+              f"{out} (this codec cannot decode to a waveform here)")
+    print(f"omni: {result.decode_tokens + 1} tokens until {ending}; prompt {prompt_len} tokens, prefill "
           f"{result.prefill_s * 1e3:.1f} ms, decode {result.decode_tokens_per_s:,.0f} tokens/s, compile "
           f"{result.compile_s:.1f} s", file=sys.stderr)
 

@@ -1,8 +1,10 @@
 """The data verbs as a user runs them: build a manifest with a tokenizer and a fitted codec, show, train on it."""
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from omni.data.audio import read_wav, write_wav
@@ -106,3 +108,152 @@ def test_codec_errors_are_one_line(tmp_path):
     run = omni("codec", "encode", "--codec", str(tmp_path / "nowhere"), "--wav", str(tmp_path / "x.wav"),
                "--out", str(tmp_path / "c.npy"))
     assert run.returncode == 2 and "nowhere" in run.stderr and "Traceback" not in run.stderr
+
+
+# ----------------------------------------------------------------------------------------------- issue 20: bad input
+
+def _one_line_error(run):
+    """The run failed as a user error: exit 2, one stderr line `omni: error: ...`, no traceback."""
+    assert run.returncode == 2, (run.returncode, run.stderr[-2000:])
+    assert "Traceback" not in run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("omni: error: "), run.stderr[-2000:]
+    return lines[0]
+
+
+def _text_manifest(folder, lines):
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "manifest.jsonl"
+    with open(manifest, "wb") as f:
+        for line in lines:
+            f.write((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n")
+    return manifest
+
+
+def _text(i, split="train", **fields):
+    return {"segments": [{"text": f"caption {i}"}], "targets": ["text"], "split": split, **fields}
+
+
+def test_overwrite_replaces_only_a_dataset_and_only_after_a_good_build(tmp_path):
+    manifest = _user_corpus(tmp_path / "corpus", n=6)
+    images = sorted(p.name for p in (tmp_path / "corpus" / "img").iterdir())
+    build = ("data", "build", "--manifest", str(manifest), "--codec", "tone")
+    ds = tmp_path / "ds"
+    assert omni(*build, "--out", str(ds)).returncode == 0
+    first = (ds / "omni_dataset.json").read_text()
+
+    # a plain folder of user files: refused with or without --overwrite, its files untouched
+    user = tmp_path / "mine"
+    user.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (user / name).write_text(name)
+    for extra in ((), ("--overwrite",)):
+        error = _one_line_error(omni(*build, "--out", str(user), *extra))
+        assert f"{user} holds 3 file(s) that are not an omni dataset (a.txt, b.txt, c.txt)" in error
+        assert sorted(p.name for p in user.iterdir()) == ["a.txt", "b.txt", "c.txt"]
+
+    # --out is the manifest's folder, or holds it, or holds a file a line names: refused before anything is built
+    error = _one_line_error(omni(*build, "--out", str(tmp_path / "corpus"), "--overwrite"))
+    assert f"--out {tmp_path / 'corpus'} is the folder of the manifest {manifest}" in error
+    error = _one_line_error(omni(*build, "--out", str(tmp_path), "--overwrite"))
+    assert f"--out {tmp_path} holds {manifest}, which is the manifest" in error
+    error = _one_line_error(omni(*build, "--out", str(tmp_path / "corpus" / "img"), "--overwrite"))
+    assert f"holds {tmp_path / 'corpus' / 'img' / '0.png'}, which line 1 of {manifest} names" in error
+    assert sorted(p.name for p in (tmp_path / "corpus" / "img").iterdir()) == images and manifest.exists()
+    cover = _text_manifest(tmp_path / "other", [{"segments": [{"image": "../ds/cover.png"}, {"text": "x"}],
+                                                "targets": ["text"]}])
+    Image.new("RGB", (8, 8)).save(ds / "cover.png")
+    error = _one_line_error(omni("data", "build", "--manifest", str(cover), "--out", str(ds), "--overwrite"))
+    assert f"which line 1 of {cover} names" in error
+    (ds / "cover.png").unlink()
+
+    # a rebuild that fails leaves the previous dataset as it was, and no temporary folder behind
+    (tmp_path / "corpus" / "img" / "2.png").write_bytes(b"not a png")
+    error = _one_line_error(omni(*build, "--out", str(ds), "--overwrite"))
+    assert f"{manifest}:3: segment 0: cannot decode image" in error
+    assert (ds / "omni_dataset.json").read_text() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "ds", "mine", "other"]
+
+    # without --overwrite a dataset is kept; with it, a good build replaces it (and nothing else is left)
+    assert "--overwrite" in _one_line_error(omni(*build, "--out", str(ds), "--skip-bad"))
+    run = omni(*build, "--out", str(ds), "--skip-bad", "--overwrite")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads((ds / "omni_dataset.json").read_text())["skipped"][0]["line"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "ds", "mine", "other"]
+
+
+def test_a_line_that_is_not_utf8_is_named_and_skippable(tmp_path):
+    manifest = _text_manifest(tmp_path, [_text(1, split="eval"), b'{"segments": [{"text": "caf\xe9"}], "targets": '
+                                         b'["text"]}', _text(3)])
+    error = _one_line_error(omni("data", "build", "--manifest", str(manifest), "--out", str(tmp_path / "ds")))
+    assert error == f"omni: error: {manifest}:2: not UTF-8 (byte 0xe9 at column 28); save the manifest as UTF-8"
+    run = omni("data", "build", "--manifest", str(manifest), "--out", str(tmp_path / "ds"), "--skip-bad")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "train: 1 examples, eval: 1 examples; skipped 1 bad line(s)" in run.stdout
+    assert f"{manifest}:2: not UTF-8 (byte 0xe9" in run.stdout
+
+
+def test_text_longer_than_the_limit_is_refused_with_its_length(tmp_path):
+    limit = 1_000_000  # omni.data.dataset.MAX_TEXT_BYTES, documented in docs/data.md
+    long = {"segments": [{"text": "a" * (limit + 1)}], "targets": ["text"], "split": "train"}
+    manifest = _text_manifest(tmp_path, [_text(1, split="eval"), _text(2), long])
+    error = _one_line_error(omni("data", "build", "--manifest", str(manifest), "--out", str(tmp_path / "ds")))
+    assert f"{manifest}:3: segment 0: text of 1,000,001 bytes is longer than the limit of 1,000,000 bytes" in error
+    run = omni("data", "build", "--manifest", str(manifest), "--out", str(tmp_path / "ds"), "--skip-bad")
+    assert run.returncode == 0 and "skipped 1 bad line(s)" in run.stdout and f"{manifest}:3:" in run.stdout
+
+    from omni.data import dataset
+
+    assert dataset.MAX_TEXT_BYTES == limit
+    docs = (Path(__file__).parents[1] / "docs" / "data.md").read_text()
+    assert "`MAX_TEXT_BYTES` = 1,000,000" in docs and "`MAX_EXAMPLE_POSITIONS`" in docs
+
+
+def test_a_file_that_is_not_an_image_is_named(tmp_path):
+    (tmp_path / "notes.png").write_text("shopping list, not a picture")
+    manifest = _text_manifest(tmp_path, [_text(1), {"segments": [{"image": "notes.png"}, {"text": "x"}],
+                                                    "targets": ["text"]}])
+    error = _one_line_error(omni("data", "build", "--manifest", str(manifest), "--out", str(tmp_path / "ds")))
+    assert f"{manifest}:2: segment 0: cannot decode image {tmp_path / 'notes.png'}: not an image" in error
+    assert "BytesIO" not in error and " at 0x" not in error
+
+
+def test_target_must_be_boolean_something_must_be_learned_and_ids_unique(tmp_path):
+    bad = {  # line -> the reason it is refused with
+        "target_no": ({"segments": [{"text": "say no", "target": "no"}], "targets": ["text"]},
+                      "segment 0: \"target\" must be the JSON boolean true or false, got 'no'"),
+        "nothing": ({"segments": [{"text": "prompt", "target": False}, {"text": "answer", "target": False}],
+                     "targets": ["text"]}, "every text segment has \"target\": false; nothing to learn"),
+        "duplicate": (_text(3, id="one"), "id 'one' is already the id of line 2; ids must be unique"),
+    }
+    for name, (line, reason) in bad.items():
+        manifest = _text_manifest(tmp_path / name, [_text(1, split="eval"), _text(2, id="one"), line])
+        error = _one_line_error(omni("data", "build", "--manifest", str(manifest), "--out", str(tmp_path / "x")))
+        assert error.startswith(f"omni: error: {manifest}:3: {reason}"), error
+    lines = [_text(1, split="eval"), _text(2, id="one")] + [line for line, _ in bad.values()]
+    manifest = _text_manifest(tmp_path / "all", lines)
+    run = omni("data", "build", "--manifest", str(manifest), "--out", str(tmp_path / "ds"), "--skip-bad")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "train: 1 examples, eval: 1 examples; skipped 3 bad line(s)" in run.stdout
+    for number, (_, reason) in enumerate(bad.values(), start=3):
+        assert f"{manifest}:{number}: {reason}" in run.stdout
+
+
+def test_no_eval_examples_warns_at_build_and_train_time_says_how_to_get_some(tmp_path):
+    manifest = _text_manifest(tmp_path, [_text(i) for i in range(4)])
+    run = omni("data", "build", "--manifest", str(manifest), "--out", str(tmp_path / "ds"), "--eval-fraction", "0")
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    warning = [line for line in run.stderr.splitlines() if line.startswith("omni: warning:")]
+    assert len(warning) == 1 and "no eval examples" in warning[0]
+    assert "--eval-fraction" in warning[0] and '"split": "eval"' in warning[0]
+    error = _one_line_error(omni("data", "show", "--config", "configs/demo.py", "--set", f"data.dataset={tmp_path}/ds",
+                                 "--split", "eval", "--out", str(tmp_path / "b.png")))
+    assert "no eval examples" in error and "--eval-fraction" in error and '"split": "eval"' in error
+
+    from omni.data import pipeline
+    from omni.errors import DatasetError
+
+    cfg = tiny_config()
+    cfg.data.dataset = str(tmp_path / "ds")
+    with pytest.raises(DatasetError, match="--eval-fraction"):
+        pipeline.eval_batches(cfg)

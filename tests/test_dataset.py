@@ -158,3 +158,50 @@ def test_hash_split_is_stable_and_roughly_the_fraction(tmp_path):
     splits = [split_of(line, i, 0.1) for i, line in enumerate(lines)]
     assert splits == [split_of(line, i + 7, 0.1) for i, line in enumerate(lines)]  # not the line number
     assert 150 < splits.count("eval") < 250
+
+
+def test_an_example_over_the_position_limit_is_refused(tmp_path, monkeypatch):
+    _media(tmp_path)  # codes.npy: 10 frames x 2 codebooks = 20 positions, the text 2 more
+    monkeypatch.setattr(dataset, "MAX_EXAMPLE_POSITIONS", 21)
+    line = {"segments": [{"text": "hi", "target": False}, {"codes": "codes.npy"}], "targets": ["audio"], "codec": TONE}
+    with pytest.raises(ManifestError, match=r"manifest.jsonl:2: example has 22 text bytes and audio codes, more "
+                                            r"than the limit of 21 per example"):
+        _build(_write(tmp_path, GOOD[:1] + [line]), tmp_path / "ds")
+
+
+def test_lines_end_at_cr_too_and_a_byte_order_mark_is_ignored(tmp_path):
+    from omni.data.manifest import read_lines
+
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join([json.dumps(GOOD[0]).encode(), b"", b"[1]\r{\"x\": 1}"]) + b"\n")
+    lines = read_lines(path)
+    assert [n for n, _ in lines] == [1, 3, 4] and lines[0][1] == GOOD[0]
+    assert "must be a JSON object" in str(lines[1][1]) and lines[2][1] == {"x": 1}
+
+
+def test_malformed_codec_and_lone_surrogates_are_line_errors_that_skip_bad_skips(tmp_path):
+    _media(tmp_path)
+    bad = [({"segments": [{"codes": "codes.npy"}], "targets": ["audio"],
+             "codec": {"name": "x", "frame_rate": "fast", "codebook_sizes": [4]}}, "frame_rate is 'fast'"),
+           ({"segments": [{"text": "caf\ud800"}], "targets": ["text"]}, "is not valid Unicode"),
+           ({"id": "\udc80", "segments": [{"text": "x"}], "targets": ["text"]}, "is not valid Unicode")]
+    for line, message in bad:
+        with pytest.raises(ManifestError, match=rf"manifest.jsonl:2: .*{message}"):
+            _build(_write(tmp_path, GOOD[:1] + [line]), tmp_path / "ds")
+    report = _build(_write(tmp_path, GOOD + [line for line, _ in bad]), tmp_path / "ds", skip_bad=True)
+    assert [s["line"] for s in report.skipped] == [5, 6, 7] and report.counts == {"train": 3, "eval": 1}
+
+
+def test_check_out_refuses_what_it_must_not_replace(tmp_path):
+    _media(tmp_path)
+    manifest = _write(tmp_path, GOOD)
+    _build(manifest, tmp_path / "ds")
+    dataset.check_out(tmp_path / "ds", overwrite=True)  # a dataset, --overwrite: fine
+    dataset.check_out(tmp_path / "new", overwrite=False)  # does not exist yet: fine
+    (tmp_path / "ds" / "notes.txt").write_text("mine")
+    with pytest.raises(dataset.DatasetError, match=r"also 1 file\(s\) a build did not write \(notes.txt\)"):
+        dataset.check_out(tmp_path / "ds", overwrite=True)
+    with pytest.raises(dataset.DatasetError, match="is a file, not a folder"):
+        dataset.check_out(manifest, overwrite=True)
+    (tmp_path / "half" / "tfds.incomplete").mkdir(parents=True)  # an unfinished build: building again finishes it
+    dataset.check_out(tmp_path / "half", overwrite=False)

@@ -26,6 +26,7 @@ import contextlib
 import functools
 import io
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +46,13 @@ FORMAT_VERSION = 1
 DATASET_FILE = "omni_dataset.json"
 TFDS_NAME = "omni_dataset"
 TFDS_VERSION = "1.0.0"
-
-
+# Size limits of one example, checked at build time (docs/data.md). A training step allocates per-position arrays
+# (image patches among them) for every position of an example, so one huge line can exhaust memory only later,
+# in the trainer; the build refuses it instead, naming the line.
+MAX_TEXT_BYTES = 1_000_000          # UTF-8 bytes of one text segment
+MAX_EXAMPLE_POSITIONS = 4_000_000   # text bytes plus audio codes (frames x codebooks) of one example
+NO_EVAL_HINT = ("to hold some out, build with --eval-fraction (the share of lines without \"split\" that go to "
+                "eval, e.g. 0.05) or put \"split\": \"eval\" on some manifest lines")
 
 
 def _tfds():
@@ -107,9 +113,19 @@ def _png(image_HxWx3: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _text_bytes(text: str, what: str = "text") -> int:
+    """len(text.encode()) -- ValueError for a string with a lone surrogate (no UTF-8 form, cannot be stored)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: lone surrogate U+{ord(text[e.start]):04X} at character "
+                         f"{e.start + 1}") from None
+
+
 def encode_record(raw: dict, codec) -> dict:
     """A raw example (omni.data.manifest) -> the stored example; audio goes through `codec`. ValueError on bad data."""
     layout, images, codes = [], [], []
+    positions = 0
     if raw.get("codec") is not None and codec is not None and not codec_matches(raw["codec"], codec):
         raise ValueError(f"precomputed codes come from codec {raw['codec']} but this dataset's codec is "
                          f"{codec.name} with codebooks {list(codec.codebook_sizes)}; one dataset holds one codec")
@@ -119,6 +135,11 @@ def encode_record(raw: dict, codec) -> dict:
             if "text" in segment:
                 if not segment["text"]:
                     raise ValueError("empty text")
+                size = _text_bytes(segment["text"])
+                if size > MAX_TEXT_BYTES:
+                    raise ValueError(f"text of {size:,} bytes is longer than the limit of {MAX_TEXT_BYTES:,} bytes per "
+                                     "text segment (omni.data.dataset.MAX_TEXT_BYTES); split it over several lines")
+                positions += size
                 layout.append({"kind": "text", "text": segment["text"], "target": target})
             elif "image_bytes" in segment or "image" in segment:
                 images.append(segment["image_bytes"] if "image_bytes" in segment else _png(segment["image"]))
@@ -134,6 +155,7 @@ def encode_record(raw: dict, codec) -> dict:
                 else:
                     c = np.asarray(segment["codes"])
                 check_codes(c, codec.codebook_sizes)
+                positions += c.size
                 codes.append(c.astype(np.int32).reshape(-1))
                 layout.append({"kind": "audio", "frames": int(len(c)), "target": target})
             else:
@@ -142,7 +164,13 @@ def encode_record(raw: dict, codec) -> dict:
             raise ValueError(f"segment {i}: {e}") from None
     if not layout:
         raise ValueError("empty example: no segments")
-    return {"id": str(raw.get("id", "")),
+    if positions > MAX_EXAMPLE_POSITIONS:
+        raise ValueError(f"example has {positions:,} text bytes and audio codes, more than the limit of "
+                         f"{MAX_EXAMPLE_POSITIONS:,} per example (omni.data.dataset.MAX_EXAMPLE_POSITIONS); "
+                         "split it over several lines")
+    example_id = str(raw.get("id", ""))
+    _text_bytes(example_id, "id")
+    return {"id": example_id,
             "layout": json.dumps({"targets": list(raw["targets"]), "meta": raw.get("meta", {}), "segments": layout}),
             "images": images,
             "audio_codes": np.concatenate(codes) if codes else np.zeros((0,), np.int32)}
@@ -177,6 +205,9 @@ def decode_record(record: dict, codebook_count: int) -> dict:
 class BuildReport:
     counts: dict = field(default_factory=dict)      # split -> examples written
     skipped: list = field(default_factory=list)     # [{"line": n, "reason": str}]
+    # Files the build reads, (path, what it is): `out` may not be or hold any of them, since a dataset folder is
+    # replaced whole (manifest_examples fills it with the manifest and every file its lines name).
+    inputs: list = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"{split}: {n} examples" for split, n in self.counts.items()]
@@ -188,15 +219,17 @@ class BuildReport:
 
 
 def codec_for_manifest(lines, path, codec):
-    """The dataset's codec: the one given, else the precomputed codec the lines name; checked against the lines."""
+    """The dataset's codec: the one given, else the precomputed codec the lines name; checked against the lines.
+
+    A line whose "codec" is malformed is left to its own check (check_line), so --skip-bad can skip it."""
     for number, line in lines:
         if isinstance(line, ManifestError) or not isinstance(line.get("segments"), list):
             continue
         kinds = {k for s in line["segments"] if isinstance(s, dict) for k in s}
         if "codec" in line:
+            if manifest_lib.codec_problem(line["codec"]):
+                continue
             identity = line["codec"]
-            if not isinstance(identity, dict) or not {"name", "frame_rate", "codebook_sizes"} <= set(identity):
-                raise ManifestError(path, number, "\"codec\" must be {\"name\", \"frame_rate\", \"codebook_sizes\"}")
             if codec is None:
                 codec = PrecomputedCodec(identity["name"], float(identity["frame_rate"]),
                                          tuple(int(s) for s in identity["codebook_sizes"]))
@@ -209,10 +242,49 @@ def codec_for_manifest(lines, path, codec):
     return codec
 
 
+def manifest_inputs(lines, path) -> list:
+    """(path, what it is) for the manifest and every file its lines name (BuildReport.inputs)."""
+    path = Path(path)
+    base = path.parent
+    inputs = [(path, "is the manifest")]
+    for number, line in lines:
+        if isinstance(line, ManifestError) or not isinstance(line.get("segments"), list):
+            continue
+        for segment in line["segments"]:
+            if not isinstance(segment, dict):
+                continue
+            for kind in ("image", "audio", "codes"):
+                value = segment.get(kind)
+                if isinstance(value, str) and value:
+                    inputs.append((base / value, f"line {number} of {path} names"))
+    return inputs
+
+
+def _duplicate_ids(lines) -> dict:
+    """{line number: first line number} for every line whose "id" an earlier line already has."""
+    first, duplicates = {}, {}
+    for number, line in lines:
+        if isinstance(line, dict) and "id" in line:
+            key = str(line["id"])
+            if key in first:
+                duplicates[number] = first[key]
+            else:
+                first[key] = number
+    return duplicates
+
+
+def _skip(report: BuildReport, source, line: int, reason: str) -> None:
+    # reasons are printed on stdout: keep characters with no UTF-8 form (lone surrogates) as escapes
+    reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
+    report.skipped.append({"source": str(source), "line": line, "reason": reason})
+
+
 def manifest_examples(path, codec, eval_fraction: float, report: BuildReport, skip_bad: bool):
     """{split: generator factory} over a manifest's lines, for build()."""
     lines = manifest_lib.read_lines(path)
     codec = codec_for_manifest(lines, path, codec)
+    report.inputs.extend(manifest_inputs(lines, path))
+    duplicates = _duplicate_ids(lines)
 
     def line_split(number, line):
         if isinstance(line, dict) and line.get("split", "train") in manifest_lib.SPLITS:
@@ -226,6 +298,9 @@ def manifest_examples(path, codec, eval_fraction: float, report: BuildReport, sk
             try:
                 if isinstance(line, ManifestError):
                     raise line
+                if number in duplicates:
+                    raise ManifestError(path, number, f"id {manifest_lib.short_repr(line['id'])} is already the id of "
+                                                      f"line {duplicates[number]}; ids must be unique")
                 raw = manifest_lib.load_line(line, path, number)
                 try:
                     record = encode_record(raw, codec)
@@ -234,7 +309,7 @@ def manifest_examples(path, codec, eval_fraction: float, report: BuildReport, sk
             except ManifestError as e:
                 if not skip_bad:
                     raise
-                report.skipped.append({"source": str(path), "line": number, "reason": e.reason})
+                _skip(report, path, number, e.reason)
                 continue
             report.counts[split] = report.counts.get(split, 0) + 1
             yield number, record
@@ -253,7 +328,7 @@ def raw_examples(examples_by_split: dict, codec, report: BuildReport, skip_bad: 
             except ValueError as e:
                 if not skip_bad:
                     raise ManifestError(source, number, str(e)) from None
-                report.skipped.append({"source": source, "line": number, "reason": str(e)})
+                _skip(report, source, number, str(e))
                 continue
             report.counts[split] = report.counts.get(split, 0) + 1
             yield number, record
@@ -261,18 +336,111 @@ def raw_examples(examples_by_split: dict, codec, report: BuildReport, skip_bad: 
     return {split: (lambda s=split: generate(s)) for split in examples_by_split}
 
 
+# What a build writes in its folder (module docstring); a folder holding only these is omni's to replace.
+OWN_ENTRIES = {DATASET_FILE, "tfds", "tfds.incomplete", "codec", "tokenizer"}
+
+
+def _real(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, ValueError, RuntimeError):  # a name the OS cannot take, a symlink loop
+        return Path(os.path.abspath(path))
+
+
+def _listing(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def check_out(out, overwrite: bool, inputs=()) -> None:
+    """DatasetError unless `out` may become the dataset folder: it does not exist, is empty, holds an unfinished
+    omni build, or holds a dataset and `overwrite` is set; and it is not and holds none of the build's `inputs`
+    ((path, what) pairs, BuildReport.inputs), since the whole folder is replaced."""
+    out = Path(out)
+    if not out.exists():
+        return  # nothing in it to lose (and no input can be in it)
+    if not out.is_dir():
+        raise DatasetError(f"{out} is a file, not a folder; choose another --out for the dataset")
+    out_real = _real(out)
+    checked: set = set()
+    for path, what in inputs:
+        path = Path(path)
+        folder = path.parent
+        if folder in checked:
+            continue
+        checked.add(folder)
+        folder_real = _real(folder)
+        if folder_real == out_real or out_real in folder_real.parents:
+            if what == "is the manifest" and folder_real == out_real:
+                problem = f"is the folder of the manifest {path}"
+            else:
+                problem = f"holds {manifest_lib.show_path(path)}, which {what}"
+            raise DatasetError(f"--out {out} {problem}; a dataset folder is replaced whole when built, so choose "
+                               "another --out (e.g. a new folder beside it)")
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+    if not names:
+        return
+    foreign = [n for n in names if n.rstrip("/") not in OWN_ENTRIES]
+    if DATASET_FILE in names:
+        if foreign:
+            raise DatasetError(f"{out} holds an omni dataset and also {len(foreign)} file(s) a build did not write "
+                               f"({_listing(foreign)}); move them out, or choose another --out")
+        if not overwrite:
+            raise DatasetError(f"{out} already holds a dataset; pass --overwrite to rebuild it")
+        return
+    if not foreign and {"tfds/", "tfds.incomplete/"} & set(names):
+        return  # an unfinished build (no DATASET_FILE yet): building again is how to finish it
+    raise DatasetError(f"{out} holds {len(names)} file(s) that are not an omni dataset ({_listing(names)}); choose "
+                       "another --out (--overwrite only replaces a folder holding an omni dataset)")
+
+
 def build(examples: dict, out, codec, tokenizer=None, report: BuildReport | None = None,
           overwrite: bool = False, source: str = "") -> BuildReport:
-    """Write the examples ({split: generator factory of (key, stored example)}) as a dataset in `out`."""
-    out = Path(out)
+    """Write the examples ({split: generator factory of (key, stored example)}) as a dataset in `out`.
+
+    The dataset is written into a temporary folder beside `out` (`.OUT.omni-build-PID`) and swapped in only when
+    it is complete, so a failed build leaves `out` as it was; check_out says which folders `out` may replace.
+    """
+    out = Path(os.path.abspath(Path(out).expanduser()))
     report = report or BuildReport()
-    if (out / DATASET_FILE).exists() and not overwrite:
-        raise DatasetError(f"{out} already holds a dataset; pass --overwrite to rebuild it")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out, overwrite, report.inputs)
+    work = out.parent / f".{out.name}.omni-build-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work.mkdir()
+    except OSError as e:
+        raise DatasetError(f"cannot create a folder beside {out} to build in ({e.strerror or e}); choose another "
+                           "--out") from None
+    try:
+        _write(examples, work, codec, tokenizer, report, source, label=source or str(out))
+        _swap(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return report
+
+
+def _swap(new: Path, out: Path) -> None:
+    """Puts the finished folder `new` at `out`: the old one is renamed away first and deleted last."""
+    if not (out.exists() or out.is_symlink()):
+        new.rename(out)
+        return
+    old = out.parent / f".{out.name}.omni-old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    if old.is_symlink():
+        old.unlink()  # --out was a link to a dataset: the link is replaced, the folder it pointed to is kept
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(examples: dict, out: Path, codec, tokenizer, report: BuildReport, source: str, label: str) -> None:
     tmp = out / "tfds.incomplete"
-    shutil.rmtree(tmp, ignore_errors=True)
     first_error: list[Exception] = []
 
     def guarded(factory):
@@ -285,18 +453,20 @@ def build(examples: dict, out, codec, tokenizer=None, report: BuildReport | None
         return run
 
     builder = _builder_class()(examples={s: guarded(f) for s, f in examples.items()},
-                                    data_dir=str(tmp), file_format="array_record")
+                               data_dir=str(tmp), file_format="array_record")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading and preparing..." banners
             builder.download_and_prepare()
     except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         if first_error:
             raise first_error[0] from None
         if "No examples were yielded" in str(e):
-            raise DatasetError(f"a split of {source or out} has no good examples left ({report.summary()})") from None
+            empty = [split for split in examples if not report.counts.get(split)] or ["a"]
+            first = report.skipped[0] if report.skipped else None
+            skipped = (f"; {len(report.skipped)} bad line(s) skipped, the first {first['source']}:{first['line']}: "
+                       f"{first['reason']}" if first else "")
+            raise DatasetError(f"the {empty[0]} split of {label} has no good examples left{skipped}") from None
         raise
-    shutil.rmtree(out / "tfds", ignore_errors=True)
     tmp.rename(out / "tfds")
     meta = {"format_version": FORMAT_VERSION, "source": source, "counts": report.counts,
             "skipped": report.skipped, "codec": codec_identity(codec) if codec is not None else None,
@@ -305,12 +475,10 @@ def build(examples: dict, out, codec, tokenizer=None, report: BuildReport | None
         codec.save(out / "codec")
         meta["codec"]["path"] = "codec"
     if tokenizer is not None:
-
         save_tokenizer(tokenizer, out / "tokenizer")
         meta["tokenizer"] = "tokenizer" if tokenizer.files() else "bytes"
     # Written last: a folder without this file is an unfinished build.
     (out / DATASET_FILE).write_text(json.dumps(meta, indent=2))
-    return report
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -342,7 +510,8 @@ class Dataset:
         """Random-access examples of a split (decoded TFDS features), a grain-compatible data source."""
         tfds = _tfds()
         if split not in self.meta["counts"] or not self.meta["counts"][split]:
-            raise DatasetError(f"dataset {self.path} has no {split!r} examples (splits: {self.meta['counts']})")
+            hint = f"; {NO_EVAL_HINT}" if split == "eval" else ""
+            raise DatasetError(f"dataset {self.path} has no {split!r} examples (splits: {self.meta['counts']}){hint}")
         builder = tfds.builder_from_directory(str(self.path / "tfds" / TFDS_NAME / TFDS_VERSION))
         return builder.as_data_source(split=split)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 
 def fit_image(image_HxWx3: np.ndarray, patch_size: int, max_patches: int) -> np.ndarray:
@@ -29,8 +29,16 @@ def fit_image(image_HxWx3: np.ndarray, patch_size: int, max_patches: int) -> np.
     return np.asarray(resized)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
-
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+    """Encoded image bytes -> uint8 [H, W, 3]; ValueError naming `name` (a file, an example) when Pillow cannot
+    fully decode them."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.width < 1 or image.height < 1:
+                raise ValueError("it has no pixels")
+            return np.asarray(image.convert("RGB"))
+    except UnidentifiedImageError:
+        raise ValueError(f"cannot decode image {name}: not an image format Pillow reads (PNG, JPEG, ...)") from None
+    except Exception as e:  # Pillow raises many types for corrupt or truncated data
+        raise ValueError(f"cannot decode image {name}: {e}") from None

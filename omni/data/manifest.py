@@ -15,13 +15,14 @@ Segments
     codes   a path to a .npy int array [frames, codebooks] of precomputed codes from any codec (EnCodec, Mimi,
             DAC, SNAC...); the line (or an earlier one) names the codec in "codec": {name, frame_rate,
             codebook_sizes}, and every codes segment of a dataset must come from the same codec
-A segment may carry "target": false to keep that span out of the loss (a prompt before an answer).
+A segment may carry "target": false (a JSON boolean) to keep that span out of the loss (a prompt before an
+answer); a line must keep at least one segment of its targets in the loss.
 
 Line fields
     segments  required, non-empty
     targets   modalities learned from this example: a subset of ["text", "audio"] present in its segments
     split     optional "train" or "eval"; otherwise a stable hash of the line's id (or its text) picks one
-    id        optional, kept with the example (defaults to the line number)
+    id        optional, kept with the example (defaults to the line number); no two lines may share one
     meta      optional free JSON kept with the example (the demo corpus stores each task's answer there)
     codec     the identity of the codec that made the line's precomputed codes
 Relative paths are relative to the manifest's folder.
@@ -38,23 +39,23 @@ Every problem is a `ManifestError` naming the file, the line and the reason.
 
 from __future__ import annotations
 
-import io
+import codecs
 import json
 import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from omni.batch import TARGET_MODALITIES
 from omni.data.audio import read_wav
+from omni.data.images import decode_image
 from omni.errors import ManifestError
 
 SEGMENT_KINDS = ("text", "image", "audio", "codes")
 LINE_KEYS = {"segments", "targets", "split", "id", "meta", "codec"}
 SPLITS = ("train", "eval")
-
-
+MAX_CODEBOOK_SIZE = 2**31 - 1  # codes are stored as int32
+MAX_FRAME_RATE = 1e6  # frames per second a "codec" identity may give
 
 
 def split_of(line: dict, line_number: int, eval_fraction: float) -> str:
@@ -62,29 +63,87 @@ def split_of(line: dict, line_number: int, eval_fraction: float) -> str:
     if "split" in line:
         return line["split"]
     key = str(line.get("id", json.dumps(line.get("segments"), sort_keys=True)))
-    return "eval" if zlib.crc32(key.encode()) % 10_000 < eval_fraction * 10_000 else "train"
+    return "eval" if zlib.crc32(key.encode("utf-8", "surrogatepass")) % 10_000 < eval_fraction * 10_000 else "train"
 
 
 def read_lines(path) -> "list[tuple[int, dict | ManifestError]]":
-    """(line number, parsed JSON object or the error) for every non-blank line; nothing is loaded from disk yet."""
+    """(line number, parsed JSON object or the error) for every non-blank line; nothing is loaded from disk yet.
+
+    Lines end at \\n, \\r\\n or \\r (as an editor counts them); a line that is not UTF-8 or not a JSON object is
+    returned as its error, so --skip-bad can skip it like any other bad line.
+    """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(path, 0, "manifest file not found")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                line = json.loads(text)
-            except json.JSONDecodeError as e:
-                out.append((number, ManifestError(path, number, f"not valid JSON ({e.msg} at column {e.colno})")))
-                continue
-            if not isinstance(line, dict):
-                out.append((number, ManifestError(path, number, "a line must be a JSON object with \"segments\"")))
-                continue
-            out.append((number, line))
+    number = 0
+    with open(path, "rb") as f:
+        for chunk in f:  # binary lines end at \n only; splitlines() also ends them at \r, like text mode
+            for data in chunk.splitlines():
+                number += 1
+                if number == 1 and data.startswith(codecs.BOM_UTF8):
+                    data = data[len(codecs.BOM_UTF8):]
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    column = len(data[:e.start].decode("utf-8")) + 1
+                    out.append((number, ManifestError(path, number, f"not UTF-8 (byte 0x{data[e.start]:02x} at "
+                                                                    f"column {column}); save the manifest as UTF-8")))
+                    continue
+                if not text.strip():
+                    continue
+                out.append((number, _parse_line(text, path, number)))
     return out
+
+
+def _parse_line(text: str, path, number: int) -> "dict | ManifestError":
+    try:
+        line = json.loads(text)
+    except json.JSONDecodeError as e:
+        return ManifestError(path, number, f"not valid JSON ({e.msg} at column {e.colno})")
+    except ValueError as e:  # e.g. an integer longer than Python's digit limit
+        return ManifestError(path, number, f"not valid JSON ({e})")
+    except RecursionError:
+        return ManifestError(path, number, "not valid JSON (nested too deeply)")
+    if not isinstance(line, dict):
+        return ManifestError(path, number, "a line must be a JSON object with \"segments\"")
+    return line
+
+
+def codec_problem(identity) -> "str | None":
+    """Why a line's "codec" field is not a codec identity {name, frame_rate, codebook_sizes}, or None."""
+    shape = f"\"codec\" must be {{\"name\": str, \"frame_rate\": number in (0, {MAX_FRAME_RATE:g}], \"codebook_sizes\": [int > 0, ...]}}"
+    if not isinstance(identity, dict) or not {"name", "frame_rate", "codebook_sizes"} <= set(identity):
+        return shape
+    name, rate, sizes = identity["name"], identity["frame_rate"], identity["codebook_sizes"]
+    if not isinstance(name, str) or not name or not _encodable(name):
+        return f"{shape}; name is {short_repr(name)}"
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= MAX_FRAME_RATE:
+        return f"{shape}; frame_rate is {short_repr(rate)}"
+    if (not isinstance(sizes, list) or not sizes
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_CODEBOOK_SIZE for n in sizes)):
+        return f"{shape} with sizes up to {MAX_CODEBOOK_SIZE}; codebook_sizes is {short_repr(sizes)}"
+    return None
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters, for messages that quote what a line holds (one line, any size)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 5]}...{text[-2:]}"
+
+
+def show_path(file) -> str:
+    """A path as a message shows it: as is when printable, else quoted with escapes (keeps the message one line)."""
+    text = str(file)
+    return text if text.isprintable() else repr(text)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_line(line: dict, path, number: int) -> None:
@@ -99,14 +158,19 @@ def check_line(line: dict, path, number: int) -> None:
     if not isinstance(segments, list) or not segments:
         fail("empty example: \"segments\" must be a non-empty list")
     if line.get("split", "train") not in SPLITS:
-        fail(f"split {line['split']!r} is not one of {SPLITS}")
+        fail(f"split {short_repr(line['split'])} is not one of {SPLITS}")
     targets = line.get("targets", [])
-    if not isinstance(targets, list) or not set(targets) <= set(TARGET_MODALITIES) or not targets:
-        fail(f"\"targets\" must be a non-empty subset of [\"text\", \"audio\"], got {targets!r}")
-    present = set()
+    if (not isinstance(targets, list) or not targets
+            or not all(isinstance(t, str) and t in TARGET_MODALITIES for t in targets)):
+        fail(f"\"targets\" must be a non-empty subset of [\"text\", \"audio\"], got {short_repr(targets)}")
+    if "codec" in line and codec_problem(line["codec"]):
+        fail(codec_problem(line["codec"]))
+    if "id" in line and isinstance(line["id"], str) and not _encodable(line["id"]):
+        fail(f"id {short_repr(line['id'])} is not valid Unicode (it holds a lone surrogate escape)")
+    present, learned = set(), set()
     for i, segment in enumerate(segments):
         if not isinstance(segment, dict):
-            fail(f"segment {i} must be an object like {{\"text\": ...}}, got {segment!r}")
+            fail(f"segment {i} must be an object like {{\"text\": ...}}, got {short_repr(segment)}")
         kinds = [k for k in SEGMENT_KINDS if k in segment]
         if len(kinds) != 1:
             fail(f"segment {i} must have exactly one of {list(SEGMENT_KINDS)}, has {kinds or 'none'}")
@@ -115,46 +179,55 @@ def check_line(line: dict, path, number: int) -> None:
             fail(f"segment {i} has unknown field(s) {sorted(extra)}")
         value = segment[kinds[0]]
         if not isinstance(value, str) or (kinds[0] != "text" and not value):
-            fail(f"segment {i}: {kinds[0]} must be a string{' path' if kinds[0] != 'text' else ''}, got {value!r}")
+            what = "string" if kinds[0] == "text" else "string path"
+            fail(f"segment {i}: {kinds[0]} must be a {what}, got {short_repr(value)}")
         if kinds[0] == "text" and not value:
             fail(f"segment {i}: empty text")
-        present.add("audio" if kinds[0] in ("audio", "codes") else kinds[0])
+        if not _encodable(value):
+            fail(f"segment {i}: {kinds[0]} {short_repr(value)} is not valid Unicode (it holds a lone surrogate escape)")
+        target = segment.get("target", True)
+        if not isinstance(target, bool):
+            fail(f"segment {i}: \"target\" must be the JSON boolean true or false, got {short_repr(target)}")
+        modality = "audio" if kinds[0] in ("audio", "codes") else kinds[0]
+        present.add(modality)
+        if target:
+            learned.add(modality)
     missing = set(targets) - present
     if missing:
         fail(f"targets {sorted(missing)} name modalities this example does not contain; nothing to learn")
+    if not learned & set(targets):
+        fail(f"every {' or '.join(sorted(set(targets)))} segment has \"target\": false; nothing to learn (drop "
+             f"\"target\": false from the answer segment)")
 
 
 def _resolve_path(base: Path, value: str, path, number: int, what: str) -> Path:
     file = (base / value) if not Path(value).is_absolute() else Path(value)
     if not file.is_file():
-        raise ManifestError(path, number, f"{what} file not found: {file}")
+        raise ManifestError(path, number, f"{what} file not found: {show_path(file)}")
     return file
 
 
 def load_image_bytes(file: Path) -> bytes:
-    """The file's bytes after checking that Pillow fully decodes them (ValueError otherwise)."""
+    """The file's bytes after checking that Pillow fully decodes them (ValueError naming the file otherwise)."""
     data = file.read_bytes()
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            if image.width < 1 or image.height < 1:
-                raise ValueError("image has no pixels")
-    except Exception as e:  # Pillow raises many types for corrupt data
-        raise ValueError(f"cannot decode image {file}: {e}") from None
+    decode_image(data, name=show_path(file))
     return data
 
 
 def load_codes(file: Path) -> np.ndarray:
+    """A .npy integer array [frames >= 1, codebooks], as stored (the codec's range check comes at encoding)."""
     try:
         codes = np.load(file, allow_pickle=False)
     except Exception as e:
-        raise ValueError(f"cannot read codes {file} as a .npy array: {e}") from None
+        raise ValueError(f"cannot read codes {show_path(file)} as a .npy array: {e}") from None
+    if not isinstance(codes, np.ndarray):  # an .npz archive loads as a mapping of arrays
+        raise ValueError(f"codes {show_path(file)} must be one .npy array, not an .npz archive")
     if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
-        raise ValueError(f"codes {file} must be an integer array [frames, codebooks], got {codes.dtype} "
+        raise ValueError(f"codes {show_path(file)} must be an integer array [frames, codebooks], got {codes.dtype} "
                          f"{list(codes.shape)}")
     if len(codes) == 0:
-        raise ValueError(f"codes {file} have no frames")
-    return codes.astype(np.int32)
+        raise ValueError(f"codes {show_path(file)} have no frames")
+    return codes.astype(np.int64) if codes.dtype != np.uint64 else codes
 
 
 def load_line(line: dict, path, number: int) -> dict:

@@ -32,7 +32,7 @@ from omni.config import Config, DataConfig
 from omni.data import dataset as dataset_lib
 from omni.data.images import decode_image, fit_image
 from omni.data.text_tokenizer import load_tokenizer
-from omni.errors import ConfigError
+from omni.errors import ConfigError, DatasetError
 from omni.tokens import MAX_CHUNKS, Vocab, encode_example, fit_to_length
 
 PACKED_FIELDS = ("tokens", "patches", "modality", "is_target")
@@ -203,6 +203,9 @@ def train_dataset(cfg: Config, process_index: int = 0, process_count: int = 1) -
 
 def eval_batches(cfg: Config, process_index: int = 0, process_count: int = 1) -> list[dict]:
     """The whole eval split of this process, packed in order; the last batch is filled with padding rows."""
+    if not dataset_for(cfg).meta["counts"].get("eval"):
+        raise DatasetError(f"data.dataset={cfg.data.dataset} has no eval examples to measure held-out loss on; "
+                           f"{dataset_lib.NO_EVAL_HINT}")
     batch = local_batch_size(cfg, process_count)
     examples = split_source(cfg, "eval", process_index, process_count)
     ds = _pack(examples.map(Tokenize(cfg)).to_iter_dataset(), cfg.data, batch, shuffle_bins=False)
