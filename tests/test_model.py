@@ -212,3 +212,28 @@ def test_dots_attn_remat_saves_the_fused_attention_kernel_and_weight_matmuls_onl
     weight_matmul, batched_scores = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
     assert policy(weight_matmul.primitive, *[v.aval for v in weight_matmul.invars], **weight_matmul.params)
     assert not policy(batched_scores.primitive, *[v.aval for v in batched_scores.invars], **batched_scores.params)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_packed_attention_hands_the_kernel_whole_heads_and_equals_xla(monkeypatch, kv_heads):
+    """The cuDNN call on CPU, with a stand-in kernel that computes what cuDNN's packed PADDING_CAUSAL attention
+    computes from (lengths, offsets): GQA reaches the kernel as full heads (jax before PR #39521 reads wrong keys
+    for packed GQA) and the result equals XLA's attention under the segment mask."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    from omni.model.attention import _cudnn_packed_attention, same_ids_mask
+
+    def kernel(q, k, v, *, q_seqlen, kv_seqlen, q_offsets, kv_offsets, scale, mask_type, qkv_layout):
+        assert k.shape[2] == v.shape[2] == q.shape[2]  # no grouped heads reach the packed kernel
+        assert mask_type == cudnn.MaskType.PADDING_CAUSAL and qkv_layout == "BTNH"
+        visible = jnp.asarray(_mask_from_runs(np.asarray(q_seqlen), np.asarray(q_offsets), q.shape[1]))
+        return jax.nn.dot_product_attention(q, k, v, mask=visible, is_causal=True, scale=scale)
+
+    monkeypatch.setattr(cudnn, "dot_product_attention", kernel)
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(4, 8, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(4, 8, kv_heads, 8)), jnp.float32) for _ in range(2))
+    ids = jnp.asarray(PACKED_ROWS)
+    got = _cudnn_packed_attention(q, k, v, ids, max_runs=8)
+    want = jax.nn.dot_product_attention(q, k, v, mask=same_ids_mask(ids), is_causal=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)

@@ -122,6 +122,12 @@ def _cudnn_packed_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, ids_BxL, max_runs: 
     from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
 
     lengths_BxM, starts_BxM1 = packed_runs(ids_BxL, max_runs)
+    # Packed GQA/MQA reads the wrong keys in jax releases without PR #39521 (kv offsets taken with the query
+    # stride, silently): give the kernel as many key/value heads as query heads. Query head n uses kv head
+    # n // (N / K), the grouping XLA's attention and the KV cache use.
+    groups = q_BxLxNxH.shape[2] // k_BxLxKxH.shape[2]
+    if groups > 1:
+        k_BxLxKxH, v_BxLxKxH = (jnp.repeat(x, groups, axis=2) for x in (k_BxLxKxH, v_BxLxKxH))
     return dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, q_seqlen=lengths_BxM, kv_seqlen=lengths_BxM,
                                  q_offsets=starts_BxM1, kv_offsets=starts_BxM1,
                                  scale=1.0 / q_BxLxNxH.shape[-1] ** 0.5, mask_type=MaskType.PADDING_CAUSAL,
