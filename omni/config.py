@@ -104,6 +104,9 @@ class TrainConfig:
     b2: float = doc(0.95, "Adam beta2")
     eps: float = doc(1e-8, "Adam epsilon")
     clip_norm: float = doc(1.0, "global gradient norm clip; 0 disables")
+    loss_chunk: int = doc(1024, "positions per chunk of the fused unembedding + cross-entropy (omni.loss."
+                                "fused_loss_sums): no [B, L, V] logits are held and the gradient is made in the "
+                                "same pass; 0 = the plain loss over the full logits")
     seed: int = doc(0, "parameter init seed")
     log_every: int = doc(10, "steps between metric lines (metrics.jsonl, TensorBoard, progress bar)")
     eval_every: int = doc(100, "steps between held-out evals; 0 only evaluates at the end")
@@ -475,6 +478,8 @@ def validate(config: Config) -> None:
                           f"({d.patch_size})")
     if d.shards < 0 or (d.shards and t.batch_size % d.shards):
         raise ConfigError(f"'data.shards' ({d.shards}) must be 0 or divide 'train.batch_size' ({t.batch_size})")
+    if t.loss_chunk < 0:
+        raise ConfigError(f"'train.loss_chunk' must be >= 0 (0: unfused), got {t.loss_chunk}")
     if d.num_workers < 0 or d.worker_threads < 0 or d.prefetch < 0:
         raise ConfigError("'data.num_workers', 'data.worker_threads' and 'data.prefetch' must be >= 0")
     if t.batch_size % t.grad_accum:

@@ -85,3 +85,55 @@ def test_gradient_only_from_targets():
     grads = jax.grad(lambda lg: masked_next_token_loss(lg, _batch(**BASE))[0])(logits)
     nonzero_rows = np.flatnonzero(np.abs(np.asarray(grads[0])).sum(-1) > 0)
     np.testing.assert_array_equal(nonzero_rows, [0, 1, 3])
+
+
+def _random_case(seed=0, b=4, length=12, d=8, v=24, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    segment_ids = np.sort(rng.integers(0, 3, (b, length)), axis=1)[:, ::-1].copy()  # segments then padding
+    batch = {"tokens": jnp.asarray(rng.integers(0, v, (b, length)), jnp.int32),
+             "segment_ids": jnp.asarray(segment_ids, jnp.int32),
+             "is_target": jnp.asarray(rng.random((b, length)) < 0.7),
+             "modality": jnp.asarray(rng.choice([PAD, TEXT, AUDIO, 2], (b, length)), jnp.int32)}
+    hidden = jnp.asarray(rng.normal(size=(b, length, d)), dtype)
+    unembed = jnp.asarray(rng.normal(size=(d, v)) / d**0.5, jnp.float32)
+    return hidden, unembed, batch
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5, 12, 64])
+def test_fused_loss_gives_the_sums_and_gradients_of_the_plain_loss(chunk):
+    """Any chunk size (5 does not divide 12: the largest divisor under it is used) gives what the full logits give."""
+    from omni.loss import fused_loss_sums, loss_sums
+
+    hidden, unembed, batch = _random_case()
+    plain = loss_sums(jnp.einsum("bld,dv->blv", hidden, unembed), batch)
+    fused = fused_loss_sums(hidden, unembed, batch, chunk)
+    assert set(fused) == set(plain)
+    for key in plain:
+        np.testing.assert_allclose(float(fused[key]), float(plain[key]), rtol=1e-5, err_msg=key)
+
+    def plain_ce(h, w):
+        return loss_sums(jnp.einsum("bld,dv->blv", h, w), batch)["ce"]
+
+    want = jax.grad(plain_ce, argnums=(0, 1))(hidden, unembed)
+    got = jax.grad(lambda h, w: fused_loss_sums(h, w, batch, chunk)["ce"], argnums=(0, 1))(hidden, unembed)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+    # A cotangent other than 1 scales both gradients (the backward only scales what the forward made).
+    got3 = jax.grad(lambda h, w: 3.0 * fused_loss_sums(h, w, batch, chunk)["ce"], argnums=(0, 1))(hidden, unembed)
+    np.testing.assert_allclose(np.asarray(got3[1]), 3.0 * np.asarray(want[1]), rtol=1e-4, atol=1e-6)
+
+
+def test_fused_loss_holds_no_full_vocabulary_buffer():
+    """Compiled on CPU, value and gradient: no temporary the size of [B, L, V] float32 beyond one chunk's."""
+    from omni.loss import fused_loss_sums, loss_sums
+
+    hidden, unembed, batch = _random_case(b=2, length=256, d=16, v=4096)
+
+    def temps(fn):
+        compiled = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(hidden, unembed).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    full = 2 * 256 * 4096 * 4  # one [B, L, V] float32
+    plain = temps(lambda h, w: loss_sums(jnp.einsum("bld,dv->blv", h, w), batch)["ce"])
+    fused = temps(lambda h, w: fused_loss_sums(h, w, batch, 32)["ce"])
+    assert plain >= full and fused < full / 2, (plain, fused)

@@ -103,3 +103,17 @@ def test_dcn_sizes_must_match_the_slices_or_processes():
         sharding.make_mesh(MeshConfig(data=4, fsdp=2, dcn_fsdp=4))
     mesh = sharding.make_mesh(MeshConfig(data=4, fsdp=2, dcn_data=1))
     assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+
+
+@pytest.mark.parametrize("loss_chunk", [0, 32])
+def test_the_fused_loss_trains_like_the_full_logits(single_device, loss_chunk):
+    """train.loss_chunk (default: fused, one chunk of 128 here) against 0 (the plain loss over full logits) and
+    a chunk of 32 (4 chunks): the same step."""
+    cfg = tiny_config(data=1, fsdp=1, tensor=1)
+    cfg.train.loss_chunk = loss_chunk
+    metrics, _, update, _ = _loss_and_grads(cfg, jax.devices()[:1])
+    ref_metrics, _, ref_update, _ = single_device
+    for key in ("loss", "loss/text", "loss/audio", "acc", "grad_norm"):
+        assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5), key
+    for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref_update)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)

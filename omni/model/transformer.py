@@ -186,16 +186,21 @@ class OmniTransformer(nnx.Module):
             return self._cached_call(batch, cache, decode, logits_at)
         if decode or logits_at is not None:
             raise ValueError("decode and logits_at need a cache (omni.model.transformer.init_cache)")
+        return self.unembed_hidden(self.hidden(batch))
+
+    def hidden(self, batch) -> jax.Array:
+        """x_BxLxD after the final norm: what the unembedding reads. The trainer's loss takes it with the
+        unembedding weight (omni.loss.fused_loss_sums) so that no [B, L, V] array is ever held whole."""
         segment_ids_BxL, positions_BxL = batch["segment_ids"], batch["positions"]
         x_BxLxD = self.embed_inputs(batch)
         if self.cfg.fusion == "cross":
-            return self.logits(self._cross_decoder(x_BxLxD, batch))
+            return self.final_norm(self._cross_decoder(x_BxLxD, batch))
         if self.cfg.fusion == "late" and self.cfg.late_layers:
             spans_BxL = span_ids(segment_ids_BxL, batch["modality"])
             route_BxLxM = jax.nn.one_hot(route_index(batch["modality"]), MODALITIES, dtype=x_BxLxD.dtype)
             x_BxLxD = self._run_stack(self.modality_blocks, x_BxLxD, lambda: spans_BxL, positions_BxL, route_BxLxM)
         x_BxLxD = self._run_stack(self.blocks, x_BxLxD, lambda: segment_ids_BxL, positions_BxL)
-        return self.logits(x_BxLxD)
+        return self.final_norm(x_BxLxD)
 
     def _run_stack(self, stack, x_BxLxD, visible_fn, positions_BxL, route_BxLxM=None):
         """x through every block of a stack (scanned or a list), each under the configured remat policy.
@@ -242,8 +247,11 @@ class OmniTransformer(nnx.Module):
         return x_BxLxD
 
     def logits(self, x_BxLxD) -> jax.Array:
-        x_BxLxD = self.final_norm(x_BxLxD)
-        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, self.unembed[...].astype(x_BxLxD.dtype),
+        """logits float32 [B, L, V] of the last block's output (before the final norm)."""
+        return self.unembed_hidden(self.final_norm(x_BxLxD))
+
+    def unembed_hidden(self, hidden_BxLxD) -> jax.Array:
+        logits_BxLxV = jnp.einsum("bld,dv->blv", hidden_BxLxD, self.unembed[...].astype(hidden_BxLxD.dtype),
                                   preferred_element_type=jnp.float32)
         return sharding.constrain(logits_BxLxV, "batch", "length", "vocab")
 

@@ -22,7 +22,7 @@ from omni import sharding
 from omni.batch import FIELDS, check_batch, patch_dim, runs_per_row
 from omni.config import Config
 from omni.errors import ConfigError
-from omni.loss import loss_sums, metrics_from_sums
+from omni.loss import fused_loss_sums, loss_sums, metrics_from_sums, target_count
 from omni.model.attention import attention_implementation
 from omni.model.transformer import OmniTransformer
 from omni.tokens import Vocab
@@ -42,8 +42,17 @@ def build_optimizer(cfg: Config):
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # no decay on norms and biases
     tx = optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay, mask=decay_mask)
     if tc.clip_norm > 0:
-        tx = optax.chain(optax.clip_by_global_norm(tc.clip_norm), tx)
+        # The train step clips with the norm it logs (one pass over the gradients, not two). identity() holds the
+        # place (and the empty state) optax.clip_by_global_norm had, so checkpoints keep their optimizer layout.
+        tx = optax.chain(optax.identity(), tx)
     return tx, schedule
+
+
+def clip_by_norm(grads, norm, max_norm: float):
+    """optax.clip_by_global_norm's rule, given the norm already computed: scaled to max_norm when above it."""
+    if max_norm <= 0:
+        return grads
+    return jax.tree.map(lambda g: jnp.where(norm < max_norm, g, (g / norm.astype(g.dtype)) * max_norm), grads)
 
 
 def init_state(cfg: Config, mesh, tx, vocab: Vocab):
@@ -65,36 +74,43 @@ def make_train_step(cfg: Config, graphdef, tx, schedule, mesh, shardings):
     accum = cfg.train.grad_accum
     rules = cfg.mesh.rules
 
-    def sums_and_grads(params, batch):
-        def ce_sum(p):
-            sums = loss_sums(nnx.merge(graphdef, p)(batch), batch)
-            return sums["ce"], sums
+    def sums_and_grads(params, batch, count):
+        """The gradient of the mean loss over the step's `count` target tokens, and this batch's sums."""
+        def mean_ce(p):
+            model = nnx.merge(graphdef, p)
+            if cfg.train.loss_chunk:
+                sums = fused_loss_sums(model.hidden(batch), model.unembed[...], batch, cfg.train.loss_chunk)
+            else:
+                sums = loss_sums(model(batch), batch)
+            return sums["ce"] / count, sums
 
-        grads, sums = jax.grad(ce_sum, has_aux=True)(params)
-        return grads, sums
+        return jax.grad(mean_ce, has_aux=True)(params)
 
     def step_fn(state, batch):
         params = state["params"]
+        # Mean over every target token of the global step (loss.py documents this normalisation), known from the
+        # batch before the model runs: the gradient comes out divided, also summed over micro-batches.
+        count = jnp.maximum(target_count(batch), 1.0)
         if accum == 1:
-            grads, sums = sums_and_grads(params, batch)
+            grads, sums = sums_and_grads(params, batch, count)
         else:
             # Row i of micro-batch j is global row i * accum + j: every data shard holds part of every micro-batch.
             micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((-1, accum) + x.shape[1:]), 0, 1), batch)
 
             def body(carry, mb):
                 mb = {k: sharding.constrain(v, "batch", "length", *([None] * (v.ndim - 2))) for k, v in mb.items()}
-                return jax.tree.map(jnp.add, carry, sums_and_grads(params, mb)), None
+                return jax.tree.map(jnp.add, carry, sums_and_grads(params, mb, count)), None
 
-            zeros = jax.eval_shape(sums_and_grads, params, jax.tree.map(lambda x: x[0], micro))
+            zeros = jax.eval_shape(sums_and_grads, params, jax.tree.map(lambda x: x[0], micro), count)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
             (grads, sums), _ = jax.lax.scan(body, zeros, micro)
-        # Mean over every target token of the global step (loss.py documents this normalisation).
-        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["count"], 1.0), grads)
+        grad_norm = optax.tree.norm(grads)
+        grads = clip_by_norm(grads, grad_norm, cfg.train.clip_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}
         metrics = metrics_from_sums(sums)
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["grad_norm"] = grad_norm  # before clipping
         metrics["lr"] = schedule(state["step"])
         return new_state, metrics
 
@@ -107,6 +123,11 @@ def make_train_step(cfg: Config, graphdef, tx, schedule, mesh, shardings):
         with sharding.activate(mesh, rules):
             return jitted(state, batch)
 
+    def lower(state, batch):  # run.lower(...).compile(): the compiled step's cost and memory, without running it
+        with sharding.activate(mesh, rules):
+            return jitted.lower(state, batch)
+
+    run.lower = lower
     return run
 
 
