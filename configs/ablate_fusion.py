@@ -8,10 +8,9 @@ order, evaluated on the same held-out split every 25 steps. Variants: early; lat
 layer). Widths are matched on training FLOPs per token to early's (the plan is printed first); use
 --set ablate.match=params to match parameter counts instead, or none to keep d 128 everywhere.
 Writes runs/ablate/ablation.md, ablation.csv and ablation.png; re-running resumes and skips finished runs.
-On 2 CPU cores the 12 runs take about 40 minutes (measured 38 min 28 s, demo corpus cached). Expect every
-variant to bring held-out text loss from ~6 to under 0.06 and audio to under 0.003, late:1 and late:2 below
-early on text (measured 0.024 and 0.022 vs 0.037) and cross behind (0.056); table and plot in README
-"Early or late fusion?".
+On 2 CPU cores the 12 runs take about 40 minutes (demo corpus cached). Expect every variant to bring held-out
+text loss from ~6 to under 0.06 and audio to under 0.003, late:1 and late:2 below early on text and cross
+behind; a measured table and plot: docs/ablation.md.
 """
 
 from omni.config import Config

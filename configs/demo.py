@@ -2,11 +2,10 @@
 
     omni train --config configs/demo.py --workdir runs/demo
 
-On 2 CPU cores this takes about 6.5 minutes after a ~1 minute install (measured 6 min 27 s: building the demo
-corpus, compile ~4 s, 600 steps at ~7k tokens/s, evals). Expect the held-out loss to fall from ~6 to under 0.1
-for text and audio, and at the end greedy captions of held-out images with colour and place right ~100% and
-the whole caption ~80-90% (measured 82.8% and 92.2% in two runs; chance 1.1%), melody descriptions and
-synthesized pitches near 100%.
+On 2 CPU cores this takes about 6-7 minutes after a ~1 minute install (building the demo corpus, compile a few
+seconds, 600 steps at ~7-8k tokens/s, evals). Expect the held-out loss to fall from ~6 to under 0.1 for text and
+audio, and at the end greedy captions of held-out images with colour and place right ~100% and the whole caption
+~80-90% (chance 1.1%), melody descriptions and synthesized pitches near 100%. A measured run: docs/demo.md.
 Re-running the same command resumes from the last checkpoint in runs/demo/checkpoints.
 """
 
