@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--matmul-size", type=int, help="side of the peak-measuring matmul (default 8192 on "
                                                         "accelerators, 1024 on CPU)")
     bench.add_argument("--out", default="bench.jsonl", help="append the JSON line here")
+    bench.add_argument("--reference", action="store_true", help="then the plain-JAX step of the same size in the "
+                       "same process: prints omni's line, the reference's and a line of omni / reference ratios")
+    bench.add_argument("--compile-only", action="store_true", help="lower and compile without running: compiled "
+                       "FLOPs, bytes, memory and kernels per step only (checks the 1B size on a CPU host)")
 
     _launch_parser(verbs)
 
@@ -388,7 +392,8 @@ def _run(args) -> int:
 
         bench.run(_resolve(args), text_only=args.text_only, warmup=args.warmup, steps=args.steps,
                       vocab_size=args.vocab, codebooks=args.codebooks, codebook_size=args.codebook_size,
-                      matmul_size=args.matmul_size, out=args.out)
+                      matmul_size=args.matmul_size, out=args.out, reference=args.reference,
+                      compile_only=args.compile_only)
     elif args.verb == "config":
         from omni import config as config_lib
 

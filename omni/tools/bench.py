@@ -1,6 +1,7 @@
 """`omni bench`: the real train step's speed on this machine, beside a matmul measured in the same run.
 
     omni bench --config configs/bench/omni_1b.py [--set ...] [--text-only] [--out bench.jsonl]
+    omni bench --config configs/bench/omni_cpu.py --reference [--compile-only]
 
 One run: (1) a matmul in the model's compute dtype on every device, the measured peak; (2) the real train
 step (the model, masked loss, optimizer, sharded on the configured mesh) on packed batches of synthetic
@@ -25,24 +26,41 @@ transcript; ASR or TTS target) and text documents (0.1 to 1.5 x seq_len bytes), 
 and first-fit packed into rows of seq_len, the next example always of the kind furthest below its share of
 positions (MIX: 35% image examples, 35% speech, 30% text); --text-only packs text documents only. Token
 ids only use the first 256 text ids (bytes); the vocabulary size, which sets the unembedding cost, is --vocab.
+
+Compiled figures (omni.train.perf.compiled_stats, per device, from the lowered and compiled step that is then
+timed): `flops_per_step` (dot FLOPs read from the HLO, loop bodies times their trip count), `bytes_per_step`,
+`kernels_per_step`, `dot_kernels_per_step`, `loop_trip_counts`, XLA's own `xla_cost_flops`/`xla_cost_bytes`
+(a scanned body counted once), `compiled_peak_memory_gib` (temporaries + arguments + outputs - aliased) and
+its parts; `lower_compile_s` is lowering + compiling, `compile_s` that plus the first step. --compile-only
+stops there (the state is shapes only, nothing is allocated or run): the timed fields, `loss`, the matmul peak
+and `peak_memory_gib` are null and `compile_only` is true. --reference then does the same for the plain-JAX
+step of the same size (omni.tools.reference) and prints a third line, "ratios": omni / reference for each
+field in RATIOS (`step_time_ratio`, `peak_memory_ratio` from the compiled peaks, `kernels_ratio`,
+`bytes_ratio`, `flops_ratio`, ...).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from omni import sharding
 from omni.batch import AUDIO, IMAGE, PAD, TEXT, patch_dim, runs_per_row
 from omni.config import Config, ConfigError
 from omni.data.text_tokenizer import ByteTokenizer
 from omni.model.attention import attention_implementation
-from omni.model.counting import flops_per_token, matmul_params, param_count
+from omni.model.counting import flops_per_token, matmul_params
 from omni.tokens import Vocab, encode_example, fit_to_length
-from omni.train.perf import datasheet_peak, measure_matmul_peak, time_steps, utilisation
-from omni.train.step import build_optimizer, check_host_batch, init_state, make_train_step
+from omni.tools import reference
+from omni.train.perf import compiled_stats, datasheet_peak, measure_matmul_peak, time_steps, utilisation
+from omni.train.step import build_model, build_optimizer, check_host_batch, init_state, make_train_step
 
 MIX = {"image": 0.35, "speech": 0.35, "text": 0.30}  # shares of the packed positions each kind of example fills
 
@@ -127,53 +145,170 @@ def modality_shares(batch: dict) -> dict:
 
 def run(cfg: Config, *, text_only: bool = False, warmup: int = 2, steps: int = 5, vocab_size: int = 32768,
         codebooks: int = 8, codebook_size: int = 1024, frame_rate: float = 12.5, matmul_size: int | None = None,
-        out: str | Path | None = None, seed: int = 0) -> dict:
-    """Times cfg's train step; returns (and prints, and appends to `out`) the result dict."""
+        out: str | Path | None = None, seed: int = 0, reference: bool = False, compile_only: bool = False):
+    """Times cfg's train step; returns (and prints, and appends to `out`) the result dict. With `reference`,
+    then times the plain-JAX step of the same size (omni.tools.reference) and returns [omni, reference, ratios]
+    (three lines printed). With `compile_only`, lowers and compiles without running anything: the timed
+    figures are null and the compiled ones (perf.compiled_stats) are there."""
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_fits_mesh(cfg, mesh)
     platform = mesh.devices.flat[0].platform
     vocab = bench_vocab(vocab_size, codebooks, codebook_size)
-    n = matmul_size or (8192 if platform in ("gpu", "tpu") else 1024)
-    peak = measure_matmul_peak(mesh, cfg.model.dtype, n=n, reps=10)
+    n = None if compile_only else matmul_size or (8192 if platform in ("gpu", "tpu") else 1024)
+    peak = None if compile_only else measure_matmul_peak(mesh, cfg.model.dtype, n=n, reps=10)
     sheet = datasheet_peak(mesh)
 
     tx, schedule = build_optimizer(cfg)
-    graphdef, state, shardings = init_state(cfg, mesh, tx, vocab)
-    step_fn = make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
     rng = np.random.default_rng(seed)
     host_batches = [synthetic_batch(cfg, vocab, rng, text_only, frame_rate) for _ in range(2)]
     for batch in host_batches:
         check_host_batch(cfg, batch)
     batches = [sharding.global_batch(b, mesh, cfg.mesh.rules) for b in host_batches]
-
-    state, metrics, compile_s, step_time = time_steps(step_fn, state, batches, warmup, steps)
+    if compile_only:
+        graphdef, state, shardings = abstract_state(cfg, mesh, tx, vocab)
+    else:
+        graphdef, state, shardings = init_state(cfg, mesh, tx, vocab)
+    step_fn = make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # The step's own jit (inside step_fn) nested in one with the same shardings and donation: lowered and
+    # compiled once here, the compiled program is what is timed.
+    outer = jax.jit(step_fn, out_shardings=(shardings, replicated), donate_argnums=0)
+    start = time.perf_counter()
+    compiled = outer.lower(state, batches[0]).compile()
+    lower_compile_s = time.perf_counter() - start
+    stats = compiled_stats(compiled)
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
 
     tokens = cfg.train.batch_size * cfg.data.seq_len
     flops_tok = flops_per_token(cfg.model, vocab.size, cfg.data.seq_len)
-    achieved = flops_tok * tokens / step_time
+    if compile_only:
+        step_time = loss = None
+        compile_s = lower_compile_s
+    else:
+        state, metrics, first_s, step_time = time_steps(compiled, state, batches, warmup, steps)
+        compile_s = lower_compile_s + first_s
+        loss = float(metrics["loss"])
+        del state
     result = {
         "what": "bench", "config": cfg.name, "text_only": text_only, "platform": platform,
         "device": mesh.devices.flat[0].device_kind, "devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
         "batch": [cfg.train.batch_size, cfg.data.seq_len], "dtype": cfg.model.dtype, "remat": cfg.model.remat,
         "attention": attention_implementation(cfg.model), "max_segments": cfg.model.max_segments,
         "segments_per_row": int(max(runs_per_row(b["segment_ids"]).max() for b in host_batches)),
-        "params": int(param_count(state["params"])), "matmul_params": int(matmul_params(cfg.model, vocab.size)),
-        "vocab": vocab.size, "flops_per_token": flops_tok, "step_time_s": step_time, "tokens_per_s": tokens / step_time,
-        "tflops_per_s": achieved / 1e12, "tflops_per_s_per_device": achieved / 1e12 / mesh.devices.size,
-        "matmul_size": n, "matmul_peak_tflops": peak / 1e12, "mfu": utilisation(flops_tok * tokens, step_time, peak),
-        "datasheet_peak_tflops": sheet / 1e12 if sheet else None, "mfu_datasheet": utilisation(flops_tok * tokens, step_time, sheet) if sheet else None,
-        "peak_memory_gib": _peak_memory_gib(mesh), "compile_s": compile_s, "warmup_steps": warmup,
-        "timed_steps": steps, "loss": float(metrics["loss"]), "positions": modality_shares(host_batches[0]),
+        "params": params, "matmul_params": int(matmul_params(cfg.model, vocab.size)),
+        "vocab": vocab.size, "flops_per_token": flops_tok,
+        **_timed(tokens, flops_tok, step_time, peak, sheet, mesh, n),
+        "compile_s": compile_s, "warmup_steps": warmup, "timed_steps": 0 if compile_only else steps, "loss": loss,
+        "positions": modality_shares(host_batches[0]),
         "target_fraction": round(float(host_batches[0]["is_target"].mean()), 4),
         "attention_in_segments": attention_in_segments(host_batches[0]),
+        "compile_only": compile_only, "lower_compile_s": lower_compile_s, **stats,
     }
-    line = json.dumps(result)
-    print(line)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as f:
-            f.write(line + "\n")
-    return result
+    lines = [result]
+    if reference:
+        ref = run_reference(cfg, mesh, vocab.size, warmup=warmup, steps=steps, peak=peak, sheet=sheet,
+                            matmul_size=n, compile_only=compile_only, seed=seed)
+        lines += [ref, ratios(result, ref)]
+    for line in lines:
+        text = json.dumps(line)
+        print(text)
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "a") as f:
+                f.write(text + "\n")
+    return lines if reference else result
+
+
+def abstract_state(cfg: Config, mesh, tx, vocab: Vocab):
+    """(graphdef, state, shardings) like omni.train.step.init_state, the state as shapes with their shardings
+    (jax.ShapeDtypeStruct): nothing is allocated, enough to lower and compile the step."""
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg, vocab))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    shardings = sharding.state_shardings(cfg, mesh, abstract_params, tx)
+
+    def create():
+        params = nnx.to_pure_dict(nnx.state(build_model(cfg, vocab), nnx.Param))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    shapes = jax.eval_shape(create)
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return graphdef, state, shardings
+
+
+def run_reference(cfg: Config, mesh, vocab_size: int, *, warmup: int, steps: int, peak: float | None,
+                  sheet: float | None, matmul_size: int | None, compile_only: bool, seed: int = 0) -> dict:
+    """The plain-JAX step of cfg's size (omni.tools.reference) compiled, and unless compile_only timed, on
+    the same mesh: the same fields as omni's line where they apply ("what": "reference").
+    `peak_memory_gib` is null: the process's peak already holds omni's run; compare
+    `compiled_peak_memory_gib`."""
+    step, create, state_sh, tokens_sh = reference.make_step(cfg, vocab_size, mesh)
+    tokens = jax.device_put(reference.synthetic_tokens(cfg, vocab_size, seed), tokens_sh)
+    if compile_only:
+        shapes = jax.eval_shape(create, jax.random.PRNGKey(seed))
+        state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=state_sh), shapes)
+    else:
+        state = create(jax.random.PRNGKey(seed))
+    start = time.perf_counter()
+    compiled = step.lower(state, tokens).compile()
+    lower_compile_s = time.perf_counter() - start
+    stats = compiled_stats(compiled)
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    n_tokens = cfg.train.batch_size * cfg.data.seq_len
+    flops_tok = flops_per_token(cfg.model, vocab_size, cfg.data.seq_len)
+    matmuls = reference.matmul_params(cfg, vocab_size)
+    if compile_only:
+        step_time = loss = None
+        compile_s = lower_compile_s
+    else:
+        state, loss, first_s, step_time = time_steps(compiled, state, [tokens], warmup, steps)
+        compile_s, loss = lower_compile_s + first_s, float(loss)
+        del state
+    timed = _timed(n_tokens, flops_tok, step_time, peak, sheet, mesh, matmul_size)
+    timed["peak_memory_gib"] = None
+    return {
+        "what": "reference", "config": cfg.name, "platform": mesh.devices.flat[0].platform,
+        "device": mesh.devices.flat[0].device_kind, "devices": int(mesh.devices.size),
+        "batch": [cfg.train.batch_size, cfg.data.seq_len], "dtype": cfg.model.dtype, "remat": cfg.model.remat,
+        "attention": "cudnn" if attention_implementation(cfg.model) == "cudnn" else "xla",
+        "params": params, "matmul_params": matmuls, "vocab": vocab_size, "flops_per_token": flops_tok, **timed,
+        "compile_s": compile_s, "warmup_steps": warmup, "timed_steps": 0 if compile_only else steps, "loss": loss,
+        "compile_only": compile_only, "lower_compile_s": lower_compile_s, **stats,
+    }
+
+
+# omni / reference, each ratio from the two lines' field of the same name (null where either is null or 0).
+RATIOS = {"step_time_ratio": "step_time_s", "tokens_per_s_ratio": "tokens_per_s",
+          "peak_memory_ratio": "compiled_peak_memory_gib", "temp_memory_ratio": "temp_memory_gib",
+          "kernels_ratio": "kernels_per_step", "dot_kernels_ratio": "dot_kernels_per_step",
+          "bytes_ratio": "bytes_per_step", "flops_ratio": "flops_per_step",
+          "xla_cost_flops_ratio": "xla_cost_flops", "xla_cost_bytes_ratio": "xla_cost_bytes",
+          "compile_ratio": "lower_compile_s", "params_ratio": "params"}
+
+
+def ratios(omni: dict, ref: dict) -> dict:
+    """The third line of --reference: omni's figure / the reference's, for every field in RATIOS."""
+    def ratio(field):
+        a, b = omni.get(field), ref.get(field)
+        return a / b if a is not None and b not in (None, 0) else None
+
+    return {"what": "ratios", "config": omni["config"], "compile_only": omni["compile_only"],
+            **{name: ratio(field) for name, field in RATIOS.items()}}
+
+
+def _timed(tokens: int, flops_tok: float, step_time: float | None, peak, sheet, mesh, matmul_size) -> dict:
+    """The figures that need a run (null with --compile-only)."""
+    if step_time is None:
+        return {"step_time_s": None, "tokens_per_s": None, "tflops_per_s": None, "tflops_per_s_per_device": None,
+                "matmul_size": None, "matmul_peak_tflops": None, "mfu": None,
+                "datasheet_peak_tflops": sheet / 1e12 if sheet else None, "mfu_datasheet": None,
+                "peak_memory_gib": None}
+    achieved = flops_tok * tokens / step_time
+    return {"step_time_s": step_time, "tokens_per_s": tokens / step_time, "tflops_per_s": achieved / 1e12,
+            "tflops_per_s_per_device": achieved / 1e12 / mesh.devices.size, "matmul_size": matmul_size,
+            "matmul_peak_tflops": peak / 1e12, "mfu": utilisation(flops_tok * tokens, step_time, peak),
+            "datasheet_peak_tflops": sheet / 1e12 if sheet else None,
+            "mfu_datasheet": utilisation(flops_tok * tokens, step_time, sheet) if sheet else None,
+            "peak_memory_gib": _peak_memory_gib(mesh)}
 
 
 def _peak_memory_gib(mesh) -> float | None:

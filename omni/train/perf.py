@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import jax
@@ -56,3 +57,216 @@ def time_steps(step_fn, state, batches: list, warmup: int, steps: int):
         state, metrics = step_fn(state, batches[i % len(batches)])
     jax.block_until_ready(metrics)
     return state, metrics, compile_s, (time.perf_counter() - start) / steps
+
+
+# --- compiled cost: what XLA says one step costs, read from the compiled program (no step is run) -------------
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5}
+_ARRAY = r"([a-z]+[0-9a-z]*)\[([0-9,]*)\]"
+# Instructions that launch no work: they name, group or alias buffers (a while loop's work is its body's).
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
+         "replica-id", "opt-barrier", "add-dependency", "domain", "while", "call", "conditional"}
+
+
+def _shape_bytes(shape: str) -> float:
+    """Bytes of an HLO shape string (an array or a tuple of arrays); f8 types count 1 byte."""
+    total = 0.0
+    for dtype, dims in re.findall(_ARRAY, shape):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _DTYPE_BYTES.get(dtype, 1 if dtype.startswith("f8") else 4)
+    return total
+
+
+def _dims(shape: str) -> list[int]:
+    m = re.search(_ARRAY, shape)
+    return [int(d) for d in filter(None, m.group(2).split(","))] if m else []
+
+
+def _parse_hlo(text: str) -> tuple[dict, str | None]:
+    """{computation: [instruction dicts]} and the ENTRY computation's name, from HloModule text."""
+    comps, entry, current = {}, None, None
+    for line in text.splitlines():
+        head = re.match(r"^(ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
+        if head and not line.startswith(" "):
+            current = head.group(2)
+            comps[current] = []
+            if head.group(1):
+                entry = current
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        body = re.match(r"^\s+(?:ROOT )?%([\w.\-]+) = (.*)$", line)
+        if current is None or not body:
+            continue
+        name, rest = body.groups()
+        if rest.startswith("("):  # a tuple shape: up to its closing parenthesis
+            depth = 0
+            for i, ch in enumerate(rest):
+                depth += ch == "("
+                depth -= ch == ")"
+                if depth == 0:
+                    break
+            shape, rest = rest[:i + 1], rest[i + 2:]
+        else:
+            shape, _, rest = rest.partition(" ")
+        op = re.match(r"([\w\-]+)\(", rest)
+        if not op:
+            continue
+        depth, start = 0, op.end() - 1
+        for j in range(start, len(rest)):
+            depth += rest[j] == "("
+            depth -= rest[j] == ")"
+            if depth == 0:
+                break
+        attrs = rest[j + 1:]
+        ins = {"name": name, "shape": shape, "op": op.group(1),
+               "operands": re.findall(r"%([\w.\-]+)", rest[start:j + 1]), "attrs": attrs,
+               "args": rest[start + 1:j].strip(),
+               "root": line.lstrip().startswith("ROOT ")}
+        for key in ("calls", "body", "condition", "to_apply"):
+            m = re.search(key + r"=%([\w.\-]+)", attrs)
+            ins[key] = m.group(1) if m else None
+        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
+        ins["trip"] = int(trip.group(1)) if trip else None
+        comps[current].append(ins)
+    return comps, entry
+
+
+def _dot_flops(ins: dict, shapes: dict) -> float:
+    """2 x output elements x contracted size of a dot (or a cuBLAS gemm custom-call), else 0."""
+    if ins["op"] == "dot":
+        m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins["attrs"])
+    elif ins["op"] == "custom-call" and re.search(r'custom_call_target="[^"]*(gemm|matmul)', ins["attrs"]):
+        m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins["attrs"])
+    else:
+        return 0.0
+    lhs = _dims(shapes.get(ins["operands"][0], "")) if ins["operands"] else []
+    contracted = 1
+    for d in (m.group(1).replace('"', "").split(",") if m else []):
+        if d.strip() and int(d) < len(lhs):
+            contracted *= lhs[int(d)]
+    out = 1
+    for d in _dims(ins["shape"]):
+        out *= d
+    return 2.0 * out * contracted
+
+
+def _fusion_flops(comps: dict, name: str) -> float:
+    shapes = {i["name"]: i["shape"] for i in comps.get(name, [])}
+    return sum(_dot_flops(i, shapes) + (_fusion_flops(comps, i["calls"]) if i["calls"] else 0.0)
+               for i in comps.get(name, []))
+
+
+def _kernel_bytes(ins: dict, shapes: dict, comps: dict) -> float:
+    """Bytes one kernel reads and writes: its operands and its output, except that an operand only sliced
+    (dynamic-slice, slice) counts as the slices read and a buffer updated in place (dynamic-update-slice)
+    as the update written, as XLA's cost analysis counts them."""
+    sizes = [_shape_bytes(shapes.get(o, "")) for o in ins["operands"]]
+    out = _shape_bytes(ins["shape"])
+    if ins["op"] in ("dynamic-slice", "slice") and sizes:
+        sizes[0] = out
+    elif ins["op"] == "dynamic-update-slice" and len(sizes) > 1:
+        sizes[0], out = 0.0, sizes[1]
+    elif ins["op"] == "fusion" and ins["calls"] in comps:
+        body = comps[ins["calls"]]
+        numbered = {i["name"]: int(i["args"]) for i in body if i["op"] == "parameter" and i["args"].isdigit()}
+        users = {}
+        for i in body:
+            for o in i["operands"]:
+                users.setdefault(o, []).append(i)
+        body_shapes = {i["name"]: i["shape"] for i in body}
+        for pname, k in numbered.items():
+            if k >= len(sizes):
+                continue
+            use = users.get(pname, [])
+            if use and all(u["op"] in ("dynamic-slice", "slice") and u["operands"][0] == pname for u in use):
+                sizes[k] = sum(_shape_bytes(u["shape"]) for u in use)
+            elif use and all(u["op"] == "dynamic-update-slice" and u["operands"][0] == pname for u in use):
+                sizes[k] = 0.0
+                if any(u["root"] for u in use):
+                    out = sum(_shape_bytes(body_shapes.get(u["operands"][1], "")) for u in use)
+    return out + sum(sizes)
+
+
+def hlo_step_counts(text: str) -> dict:
+    """Work per executed step, read from compiled HLO text (`compiled.as_text()`), deterministic.
+
+    Kernels: every instruction of the ENTRY computation that launches work (not parameter, constant, tuple,
+    get-tuple-element, bitcast and other buffer bookkeeping; a fusion, dot, custom-call, copy, transpose,
+    reduce, ... counts one), where a while loop counts its body's kernels times its trip count (XLA's
+    `known_trip_count`; a loop without one counts once and is listed in `unknown_trip_loops`) and a call its
+    callee's; loop conditions are not counted. `dot_kernels`: those kernels that are or contain a dot (or a
+    cuBLAS gemm custom-call). `flops`: 2 x M x N x K of every dot inside them, with the same loop weights (only
+    matmuls: elementwise work and attention custom-calls are not counted). `bytes`: each kernel's operands
+    plus output (sliced operands as the slices, in-place updates as the update), with the same weights.
+    XLA's own cost analysis counts a loop body once; these count it as often as it runs."""
+    comps, entry = _parse_hlo(text)
+    totals = {"kernels": 0, "dot_kernels": 0, "flops": 0.0, "bytes": 0.0, "loops": [], "unknown_trip_loops": 0}
+
+    def walk(name: str, weight: int, depth: int = 0):
+        body = comps.get(name, [])
+        shapes = {i["name"]: i["shape"] for i in body}
+        for ins in body:
+            op = ins["op"]
+            if op == "while" and ins["body"]:
+                if ins["trip"] is None:
+                    totals["unknown_trip_loops"] += 1
+                totals["loops"].append(ins["trip"])
+                walk(ins["body"], weight * (ins["trip"] or 1), depth + 1)
+                continue
+            if op == "call" and (ins["to_apply"] or ins["calls"]):
+                walk(ins["to_apply"] or ins["calls"], weight, depth + 1)
+                continue
+            if op in _FREE or op.endswith("-done"):
+                continue
+            flops = _dot_flops(ins, shapes) + (_fusion_flops(comps, ins["calls"]) if ins["calls"] else 0.0)
+            totals["kernels"] += weight
+            totals["dot_kernels"] += weight if flops > 0 or op in ("dot", "convolution") else 0
+            totals["flops"] += weight * flops
+            totals["bytes"] += weight * _kernel_bytes(ins, shapes, comps)
+
+    if entry:
+        walk(entry, 1)
+    return totals
+
+
+def compiled_stats(compiled) -> dict:
+    """Figures of one compiled step (`jax.jit(f).lower(*args).compile()`), per device (the program every device
+    runs), nothing executed.
+
+    `flops_per_step`, `bytes_per_step`, `kernels_per_step`, `dot_kernels_per_step`: hlo_step_counts (loop
+    bodies weighted by their trip counts). `xla_cost_flops`, `xla_cost_bytes`: XLA's cost_analysis() as it
+    reports them (a scanned layer body counted once, elementwise work included). Memory from
+    memory_analysis(): `compiled_peak_memory_gib` = temporaries + arguments + outputs - aliased (donated
+    buffers reused for outputs), i.e. every buffer the step needs live at once at worst; XLA's temporaries
+    already overlap what it can, so this is an upper bound of what the step holds on the device, not counting
+    the program's code."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation / device
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    mem = compiled.memory_analysis()
+    counts = hlo_step_counts(compiled.as_text())
+    gib = 2.0**30
+
+    def field(name):
+        return float(getattr(mem, name, 0) or 0) if mem is not None else None
+
+    temp, args, outs, alias = (field(n) for n in ("temp_size_in_bytes", "argument_size_in_bytes",
+                                                  "output_size_in_bytes", "alias_size_in_bytes"))
+    peak = None if mem is None else temp + args + outs - alias
+    return {
+        "flops_per_step": counts["flops"], "bytes_per_step": counts["bytes"],
+        "kernels_per_step": counts["kernels"], "dot_kernels_per_step": counts["dot_kernels"],
+        "loop_trip_counts": counts["loops"],
+        "xla_cost_flops": float(cost.get("flops", 0.0)), "xla_cost_bytes": float(cost.get("bytes accessed", 0.0)),
+        "compiled_peak_memory_gib": None if peak is None else peak / gib,
+        "temp_memory_gib": None if temp is None else temp / gib,
+        "argument_memory_gib": None if args is None else args / gib,
+        "output_memory_gib": None if outs is None else outs / gib,
+        "alias_memory_gib": None if alias is None else alias / gib,
+    }
