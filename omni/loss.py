@@ -50,13 +50,17 @@ def loss_sums(logits_BxLxV, batch) -> dict:
     label_logit = jnp.take_along_axis(logits, labels_BxL1[..., None], axis=-1)[..., 0]
     ce_BxL1 = log_z - label_logit
     correct_BxL1 = jnp.argmax(logits, axis=-1) == labels_BxL1
-    next_modality = batch["modality"][:, 1:]
-    sums = {"ce": jnp.sum(jnp.where(mask, ce_BxL1, 0.0)), "count": jnp.sum(mask, dtype=jnp.float32),
-            "correct": jnp.sum(mask & correct_BxL1, dtype=jnp.float32)}
+    return _sums(ce_BxL1, correct_BxL1, mask, batch["modality"][:, 1:])
+
+
+def _sums(ce_BxT, correct_BxT, mask_BxT, next_modality_BxT) -> dict:
+    """The sums both losses return, from per-prediction cross-entropy and correctness and which ones count."""
+    sums = {"ce": jnp.sum(jnp.where(mask_BxT, ce_BxT, 0.0)), "count": jnp.sum(mask_BxT, dtype=jnp.float32),
+            "correct": jnp.sum(mask_BxT & correct_BxT, dtype=jnp.float32)}
     for name, modality_id in LOSS_MODALITIES.items():
-        m = mask & (next_modality == modality_id)
-        sums[f"ce/{name}"] = jnp.sum(jnp.where(m, ce_BxL1, 0.0))
-        sums[f"correct/{name}"] = jnp.sum(m & correct_BxL1, dtype=jnp.float32)
+        m = mask_BxT & (next_modality_BxT == modality_id)
+        sums[f"ce/{name}"] = jnp.sum(jnp.where(m, ce_BxT, 0.0))
+        sums[f"correct/{name}"] = jnp.sum(m & correct_BxT, dtype=jnp.float32)
         sums[f"count/{name}"] = jnp.sum(m, dtype=jnp.float32)
     return sums
 
@@ -71,14 +75,8 @@ def fused_loss_sums(hidden_BxLxD, unembed_DxV, batch, chunk: int) -> dict:
     length = hidden_BxLxD.shape[1]
     size = max(c for c in range(1, min(chunk, length) + 1) if length % c == 0)
     ce_sum, ce_BxL, correct_BxL = _fused_ce(hidden_BxLxD, unembed_DxV, labels_BxL, mask_BxL, size)
-    ce_BxL, correct_BxL = jax.lax.stop_gradient(ce_BxL), jax.lax.stop_gradient(correct_BxL)
-    sums = {"ce": ce_sum, "count": jnp.sum(mask_BxL, dtype=jnp.float32),
-            "correct": jnp.sum(mask_BxL & correct_BxL, dtype=jnp.float32)}
-    for name, modality_id in LOSS_MODALITIES.items():
-        m = mask_BxL & (next_modality_BxL == modality_id)
-        sums[f"ce/{name}"] = jnp.sum(jnp.where(m, ce_BxL, 0.0))
-        sums[f"correct/{name}"] = jnp.sum(m & correct_BxL, dtype=jnp.float32)
-        sums[f"count/{name}"] = jnp.sum(m, dtype=jnp.float32)
+    sums = _sums(jax.lax.stop_gradient(ce_BxL), correct_BxL, mask_BxL, next_modality_BxL)
+    sums["ce"] = ce_sum  # the same value, through the custom VJP: the one sum that carries the gradient
     return sums
 
 
