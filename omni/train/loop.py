@@ -32,7 +32,7 @@ from omni.train.step import (build_optimizer, check_host_batch, evaluate, init_s
                              modality_summary, same_batch_count)
 
 # What a caller may run on the trained params at the end (the CLI passes the demo corpus's scorer):
-# end_of_run(cfg, graphdef, params, log) -> dict of scores, written to eval.json under "tasks".
+# end_of_run(cfg, graphdef, params, log) -> dict of scores, written to eval.json under "demo_tasks".
 EndOfRun = Callable[..., dict]
 
 
