@@ -97,6 +97,12 @@ def test_audio_errors_name_the_file(tmp_path):
     truncated.write_bytes(b"RIFF\x00\x00")
     with pytest.raises(AudioError, match=f"{truncated}"):
         read_wav(truncated)
+    whole = tmp_path / "whole.wav"
+    scipy.io.wavfile.write(whole, SR, (np.sin(np.arange(SR) / 5) * 3000).astype(np.int16))
+    cut = tmp_path / "cut.wav"  # a copy stopped half-way: the header promises twice the samples there are
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(AudioError, match=f"audio file {cut} is truncated .*Reached EOF prematurely"):
+        read_wav(cut)
     empty = tmp_path / "empty.wav"
     scipy.io.wavfile.write(empty, SR, np.zeros(0, np.int16))
     with pytest.raises(AudioError, match=f"{empty} has no samples"):

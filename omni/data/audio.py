@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import warnings
 
 import numpy as np
 import scipy.io.wavfile
@@ -32,11 +33,16 @@ def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     if not os.path.exists(path):
         raise AudioError(f"audio file {path} does not exist; check the path")
     try:
-        sample_rate, data = scipy.io.wavfile.read(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", scipy.io.wavfile.WavFileWarning)
+            sample_rate, data = scipy.io.wavfile.read(path)
     # scipy reports a bad header as ValueError, a truncated one as struct.error or EOFError
     except (ValueError, OSError, EOFError, struct.error) as e:
         raise AudioError(f"could not read {path} as a WAV file ({e}); if it is another format, "
                          f"{CONVERT_HINT}") from e
+    for warning in caught:  # a data chunk cut short reads as fewer samples, with only a warning from scipy
+        if "EOF prematurely" in str(warning.message):
+            raise AudioError(f"audio file {path} is truncated ({warning.message}); re-export or re-copy it")
     wave = _to_float(data, path)
     if wave.ndim == 2:
         wave = wave.mean(axis=1)  # [samples, channels] -> mono
