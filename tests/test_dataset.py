@@ -205,3 +205,26 @@ def test_check_out_refuses_what_it_must_not_replace(tmp_path):
         dataset.check_out(manifest, overwrite=True)
     (tmp_path / "half" / "tfds.incomplete").mkdir(parents=True)  # an unfinished build: building again finishes it
     dataset.check_out(tmp_path / "half", overwrite=False)
+
+
+def test_a_build_clears_what_killed_builds_of_the_same_out_left_on_this_host(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    _media(tmp_path)
+    manifest = _write(tmp_path, GOOD)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs: a build killed outright
+    host = dataset._host()
+    dead = [tmp_path / f".ds.omni-build-{host}-{gone.pid}", tmp_path / f".ds.omni-old-{host}-{gone.pid}"]
+    alive = tmp_path / f".ds.omni-build-{host}-{os.getppid()}"  # a running process: maybe a build in progress
+    elsewhere = tmp_path / f".ds.omni-build-another-host-{gone.pid}"  # another host's: its pids are not ours
+    user = tmp_path / ".ds.omni-build-notes"  # not a name omni gives its folders
+    for folder in dead + [alive, elsewhere, user]:
+        folder.mkdir()
+        (folder / "partial").write_text("x")
+    _build(manifest, tmp_path / "ds")
+    assert not any(folder.exists() for folder in dead)
+    assert alive.exists() and elsewhere.exists() and user.exists()
+    assert dataset.open_dataset(tmp_path / "ds").codebook_sizes

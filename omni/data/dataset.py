@@ -27,7 +27,9 @@ import functools
 import io
 import json
 import os
+import re
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -397,13 +399,15 @@ def build(examples: dict, out, codec, tokenizer=None, report: BuildReport | None
           overwrite: bool = False, source: str = "") -> BuildReport:
     """Write the examples ({split: generator factory of (key, stored example)}) as a dataset in `out`.
 
-    The dataset is written into a temporary folder beside `out` (`.OUT.omni-build-PID`) and swapped in only when
-    it is complete, so a failed build leaves `out` as it was; check_out says which folders `out` may replace.
+    The dataset is written into a temporary folder beside `out` (`.OUT.omni-build-HOST-PID`) and swapped in only
+    when it is complete, so a failed build leaves `out` as it was; check_out says which folders `out` may replace.
+    Folders of earlier builds of `out` killed outright on this host are removed first.
     """
     out = Path(os.path.abspath(Path(out).expanduser()))
     report = report or BuildReport()
     check_out(out, overwrite, report.inputs)
-    work = out.parent / f".{out.name}.omni-build-{os.getpid()}"
+    _remove_dead_builds(out)
+    work = out.parent / f".{out.name}.omni-build-{_host()}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -420,12 +424,31 @@ def build(examples: dict, out, codec, tokenizer=None, report: BuildReport | None
     return report
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+
+
+def _remove_dead_builds(out: Path) -> None:
+    """Deletes the temporary folders of builds of `out` that were killed outright (SIGKILL, power loss): only
+    those omni named itself, made on this host, by a process that no longer exists."""
+    for folder in out.parent.glob(f".{out.name}.omni-*-{_host()}-*"):
+        kind, _, pid = folder.name[len(out.name) + 2:].partition(f"-{_host()}-")
+        if kind not in ("omni-build", "omni-old") or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
 def _swap(new: Path, out: Path) -> None:
     """Puts the finished folder `new` at `out`: the old one is renamed away first and deleted last."""
     if not (out.exists() or out.is_symlink()):
         new.rename(out)
         return
-    old = out.parent / f".{out.name}.omni-old-{os.getpid()}"
+    old = out.parent / f".{out.name}.omni-old-{_host()}-{os.getpid()}"
     shutil.rmtree(old, ignore_errors=True)
     out.rename(old)
     try:
