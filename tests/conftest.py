@@ -10,7 +10,10 @@ os.environ.setdefault("OMNI_CACHE", tempfile.mkdtemp(prefix="omni-test-cache-"))
 
 import pytest  # noqa: E402
 
-import omni.demo  # noqa: E402,F401  (registers data.dataset=demo, as the omni command does)
+try:  # registers data.dataset=demo, as the omni command does
+    import omni.demo  # noqa: E402,F401
+except ImportError:  # an accelerator image without the data stack (launch/bench_gpu.sh runs model tests there)
+    pass
 from omni.config import Config  # noqa: E402
 
 
