@@ -9,8 +9,6 @@ of the global step, also under gradient accumulation (sums of micro-batches, one
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,16 +56,30 @@ def clip_by_norm(grads, norm, max_norm: float):
 def init_state(cfg: Config, mesh, tx, vocab: Vocab):
     """(graphdef, state, shardings): the initial train state, created directly in its shardings (no full copy on
     one device)."""
+    graphdef, shardings, create = _state_factory(cfg, mesh, tx, vocab)
+    return graphdef, jax.jit(create, out_shardings=shardings)(), shardings
+
+
+def abstract_state(cfg: Config, mesh, tx, vocab: Vocab):
+    """(graphdef, state, shardings) as init_state gives them, the state as shapes with their shardings
+    (jax.ShapeDtypeStruct): nothing is allocated, enough to lower and compile the step."""
+    graphdef, shardings, create = _state_factory(cfg, mesh, tx, vocab)
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                         jax.eval_shape(create), shardings)
+    return graphdef, state, shardings
+
+
+def _state_factory(cfg: Config, mesh, tx, vocab: Vocab):
+    """(graphdef, shardings of the state, create() -> the initial state) for cfg's model on mesh."""
     abstract_model = nnx.eval_shape(lambda: build_model(cfg, vocab))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     shardings = sharding.state_shardings(cfg, mesh, abstract_params, tx)
 
-    @partial(jax.jit, out_shardings=shardings)
     def create():
         params = nnx.to_pure_dict(nnx.state(build_model(cfg, vocab), nnx.Param))
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
-    return graphdef, create(), shardings
+    return graphdef, shardings, create
 
 
 def make_train_step(cfg: Config, graphdef, tx, schedule, mesh, shardings):
