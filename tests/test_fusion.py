@@ -88,7 +88,7 @@ def _decoder_alone(model, batch):
     seg, mod = batch["segment_ids"], batch["modality"]
     is_image = mod == IMAGE
     mask = same_ids_mask(seg) & (~is_image[:, None, None, :] | jnp.eye(L, dtype=bool)[None, None])
-    x = model._run_stack(model.blocks, model.embed_inputs(batch), lambda: mask, batch["positions"])
+    x = model._run_stack(model.blocks, model.embed_inputs(batch), lambda: mask, model.rope_tables(batch["positions"]))
     return model.logits(x)
 
 

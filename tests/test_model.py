@@ -237,3 +237,49 @@ def test_packed_attention_hands_the_kernel_whole_heads_and_equals_xla(monkeypatc
     got = _cudnn_packed_attention(q, k, v, ids, max_runs=8)
     want = jax.nn.dot_product_attention(q, k, v, mask=same_ids_mask(ids), is_causal=True)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads,modalities", [(2, 0), (4, 0), (1, 0), (2, 3)])
+def test_fused_projections_equal_the_per_weight_textbook_block(kv_heads, modalities):
+    """q/k/v and gate/up run as one matmul each with RoPE applied once: the result must be the block written
+    out weight by weight (separate einsums, RoPE by split and concatenate), for GQA, MHA, MQA and late fusion's
+    per-modality weights."""
+    from omni.model.attention import Attention, attend
+    from omni.model.layers import SwiGLU, apply_rope, rope_tables
+
+    cfg = ModelConfig(d=32, layers=2, heads=4, kv_heads=kv_heads, mlp=64, dtype="float32")
+    attn, mlp = Attention(cfg, nnx.Rngs(1), modalities=modalities), SwiGLU(cfg, nnx.Rngs(2), modalities)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 12, 32)), jnp.float32)
+    positions = jnp.asarray(np.concatenate([np.arange(7), np.arange(5)])[None].repeat(2, 0), jnp.int32)
+    ids = jnp.asarray([[1] * 7 + [2] * 5] * 2, jnp.int32)
+    route = (jax.nn.one_hot(jnp.asarray(rng.integers(0, 3, size=(2, 12))), 3) if modalities else None)
+
+    def w(param, m):  # token-wise weight: per-modality slice or the shared weight
+        return param[...] if not modalities else param[...][m]
+
+    def textbook_rope(x_):
+        half = x_.shape[-1] // 2
+        angles = positions[..., None] * cfg.rope_theta ** (-jnp.arange(half) / half)
+        sin, cos = jnp.sin(angles)[:, :, None], jnp.cos(angles)[:, :, None]
+        x1, x2 = x_[..., :half], x_[..., half:]
+        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+    def per_token(fn):  # with modalities: each token through its own modality's weights
+        if not modalities:
+            return fn(0)
+        return sum(fn(m) * route[..., m].reshape(route.shape[:2] + (1,) * (fn(m).ndim - 2)) for m in range(3))
+
+    q = per_token(lambda m: jnp.einsum("bld,dnh->blnh", x, w(attn.wq, m)))
+    k = per_token(lambda m: jnp.einsum("bld,dkh->blkh", x, w(attn.wk, m)))
+    v = per_token(lambda m: jnp.einsum("bld,dkh->blkh", x, w(attn.wv, m)))
+    out = attend(textbook_rope(q), textbook_rope(k), v, ids, True, cfg)
+    expected = per_token(lambda m: jnp.einsum("blnh,nhd->bld", out, w(attn.wo, m)))
+    got = attn(x, ids, rope_tables(positions, cfg.d // cfg.heads, cfg.rope_theta), route_BxLxM=route)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(apply_rope(q, rope_tables(positions, 8, cfg.rope_theta)), textbook_rope(q),
+                               rtol=1e-6, atol=1e-6)
+
+    hidden = per_token(lambda m: jax.nn.silu(x @ w(mlp.w_gate, m)) * (x @ w(mlp.w_up, m)))
+    expected_mlp = per_token(lambda m: hidden @ w(mlp.w_down, m))
+    np.testing.assert_allclose(mlp(x, route), expected_mlp, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ from flax import nnx
 
 from omni import sharding
 from omni.config import ModelConfig, derived_head_dim
-from omni.model.layers import _modality_param, dense, rope
+from omni.model.layers import _modality_param, apply_rope, dense
 
 FUSED_ATTENTION_PRIMITIVES = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")  # cuDNN's kernel
 
@@ -27,26 +27,28 @@ class Attention(nnx.Module):
         self.wo = _modality_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, pd, m)
         self.cfg, self.causal, self.rotary = cfg, causal, rotary
 
-    def __call__(self, x_BxLxD, visible, positions_BxL, cache=None, layer=None, decode=False,
+    def __call__(self, x_BxLxD, visible, rope_tables=None, cache=None, layer=None, decode_slot_B=None,
                  route_BxLxM=None, context_BxSxD=None):
         """Attention output [B, L, D]; with a cache (module docstring) returns (output, updated cache).
 
         visible says which keys each query sees (causal attention also requires s <= t): run ids int [B, L]
         (a query sees the keys of its own run of equal ids, see attend), or a bool mask [B, 1, L, S] (key s
-        visible to query t). Ignored when decoding. With context_BxSxD keys and values come from it
-        (cross-attention, a mask [B, 1, L, S]).
+        visible to query t). Ignored when decoding. rope_tables: omni.model.layers.rope_tables of the positions
+        (None without rotary embeddings). With context_BxSxD keys and values come from it (cross-attention,
+        a mask [B, 1, L, S]). decode_slot_B (int [B]): decode one token per row, written at that cache slot.
         """
         dt = jnp.dtype(self.cfg.dtype)
-        context = x_BxLxD if context_BxSxD is None else context_BxSxD
-        q_BxLxNxH = dense("bld,dnh->blnh", x_BxLxD, self.wq[...], dt, route_BxLxM)
-        k_BxLxKxH = dense("bld,dkh->blkh", context, self.wk[...], dt, route_BxLxM)
-        v_BxLxKxH = dense("bld,dkh->blkh", context, self.wv[...], dt, route_BxLxM)
-        if self.rotary:
-            q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, self.cfg.rope_theta)
-            k_BxLxKxH = rope(k_BxLxKxH, positions_BxL, self.cfg.rope_theta)
+        if context_BxSxD is None:
+            q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self._project_qkv(x_BxLxD, rope_tables, route_BxLxM)
+        else:
+            q_BxLxNxH = dense("bld,dnh->blnh", x_BxLxD, self.wq[...], dt, route_BxLxM)
+            k_BxLxKxH = dense("bld,dkh->blkh", context_BxSxD, self.wk[...], dt, route_BxLxM)
+            v_BxLxKxH = dense("bld,dkh->blkh", context_BxSxD, self.wv[...], dt, route_BxLxM)
+            if self.rotary:
+                q_BxLxNxH, k_BxLxKxH = apply_rope(q_BxLxNxH, rope_tables), apply_rope(k_BxLxKxH, rope_tables)
         q_BxLxNxH = sharding.constrain(q_BxLxNxH, "batch", "length", "heads", "head_dim")
-        if decode:
-            return self._decode(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, positions_BxL[:, 0], cache, layer)
+        if decode_slot_B is not None:
+            return self._decode(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, decode_slot_B, cache, layer)
         if cache is not None:  # prefill: the block attends as in training; its keys/values fill slots 0..L-1
             cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype),
                                                         (layer, 0, 0, 0, 0))
@@ -54,6 +56,27 @@ class Attention(nnx.Module):
         out_BxLxNxH = attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, visible, self.causal, self.cfg)
         out_BxLxD = dense("blnh,nhd->bld", out_BxLxNxH, self.wo[...], dt, route_BxLxM)
         return out_BxLxD if cache is None else (out_BxLxD, cache)
+
+    def _project_qkv(self, x_BxLxD, rope_tables, route_BxLxM):
+        """q [B, L, N, H], k and v [B, L, K, H] from one matmul, RoPE applied to q and k in one pass.
+
+        The weights stay three parameters (checkpoints and exports name them wq, wk, wv); for the matmul they are
+        laid side by side per kv head, [D, K, G + 2, H] with G = N / K query heads per kv head: query head
+        n = kv * G + g, the grouping GQA attention uses, and the K axis (sharded like heads) stays whole, so
+        the concatenation is local to each device under tensor parallelism whenever heads and kv heads shard
+        alike."""
+        k, h = self.cfg.kv_heads, derived_head_dim(self.cfg)
+        lead = self.wq.shape[:-3]  # (modalities,) for late fusion's per-modality weights, else ()
+        groups = self.wq.shape[-2] // k
+        w_DxKx_G2_xH = jnp.concatenate([self.wq[...].reshape(lead + (-1, k, groups, h)),
+                                        self.wk[...][..., None, :], self.wv[...][..., None, :]], axis=-2)
+        qkv_BxLxKx_G2_xH = dense("bld,dkgh->blkgh", x_BxLxD, w_DxKx_G2_xH, jnp.dtype(self.cfg.dtype), route_BxLxM)
+        qk_BxLxKx_G1_xH, v_BxLxKxH = qkv_BxLxKx_G2_xH[:, :, :, :groups + 1], qkv_BxLxKx_G2_xH[:, :, :, groups + 1]
+        if self.rotary:
+            qk_BxLxKx_G1_xH = apply_rope(qk_BxLxKx_G1_xH, rope_tables)
+        batch, length = x_BxLxD.shape[:2]
+        q_BxLxNxH = qk_BxLxKx_G1_xH[:, :, :, :groups].reshape(batch, length, k * groups, h)
+        return q_BxLxNxH, qk_BxLxKx_G1_xH[:, :, :, groups], v_BxLxKxH
 
     def _decode(self, q_Bx1xNxH, k_Bx1xKxH, v_Bx1xKxH, slot_B, cache, layer):
         """One new token per row: write its key/value at the row's slot, attend to slots 0..slot."""

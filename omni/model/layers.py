@@ -44,14 +44,35 @@ class RMSNorm(nnx.Module):
         return (x * scale).astype(x_BxLxD.dtype)
 
 
+def rope_tables(positions_BxL, head_dim: int, theta: float):
+    """RoPE's rotation for every position, computed once per step and shared by all layers:
+
+        cos_BxLx1x2xR  float32  cos(angle) for both halves of a head (R = head_dim / 2)
+        sin_BxLx1x2xR  float32  -sin(angle) for the first half, +sin(angle) for the second
+
+    (the rotate-half form, as HF Llama: x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin), at each token's position
+    inside its segment. The sign is folded into the table so apply_rope needs no split or concatenate."""
+    half = head_dim // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BxLx1x1xR = (positions_BxL[..., None].astype(jnp.float32) * freqs)[:, :, None, None, :]
+    sin_BxLx1x1xR, cos_BxLx1x1xR = jnp.sin(angles_BxLx1x1xR), jnp.cos(angles_BxLx1x1xR)
+    return (jnp.concatenate([cos_BxLx1x1xR, cos_BxLx1x1xR], axis=3),
+            jnp.concatenate([-sin_BxLx1x1xR, sin_BxLx1x1xR], axis=3))
+
+
+def apply_rope(x_BxLx___xH, tables):
+    """x [B, L, ..., H] rotated by rope_tables; one elementwise pass (f32 inside, x's dtype out): the halves are
+    viewed as an axis of 2 and swapped by a reverse, so XLA fuses it into a single kernel."""
+    cos_BxLx1x2xR, sin_BxLx1x2xR = tables
+    shape = x_BxLx___xH.shape
+    halves = x_BxLx___xH.astype(jnp.float32).reshape(shape[:2] + (-1, 2, shape[-1] // 2))
+    rotated = halves * cos_BxLx1x2xR + jnp.flip(halves, axis=3) * sin_BxLx1x2xR
+    return rotated.reshape(shape).astype(x_BxLx___xH.dtype)
+
+
 def rope(x_BxLxNxH, positions_BxL, theta: float):
     """Rotary position embedding (rotate-half form) at each token's position inside its segment."""
-    half = x_BxLxNxH.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles_BxLxH = positions_BxL[..., None].astype(jnp.float32) * freqs
-    sin, cos = jnp.sin(angles_BxLxH)[:, :, None, :], jnp.cos(angles_BxLxH)[:, :, None, :]
-    x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxLxNxH.dtype)
+    return apply_rope(x_BxLxNxH, rope_tables(positions_BxL, x_BxLxNxH.shape[-1], theta))
 
 
 def _modality_param(rngs, shape, names, std, dtype, modalities: int) -> nnx.Param:
@@ -82,7 +103,10 @@ class SwiGLU(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x_BxLxD, route_BxLxM=None):
-        gate_BxLxF = dense("bld,df->blf", x_BxLxD, self.w_gate[...], self.dtype, route_BxLxM)
-        up_BxLxF = dense("bld,df->blf", x_BxLxD, self.w_up[...], self.dtype, route_BxLxM)
+        # One matmul for gate and up: the two weights (kept apart in checkpoints and exports) are stacked on an
+        # axis of 2 that no mesh axis shards, so the stack is local to every device.
+        w_Dx2xF = jnp.stack([self.w_gate[...], self.w_up[...]], axis=-2)
+        gate_up_BxLx2xF = dense("bld,dtf->bltf", x_BxLxD, w_Dx2xF, self.dtype, route_BxLxM)
+        gate_BxLxF, up_BxLxF = gate_up_BxLx2xF[:, :, 0], gate_up_BxLx2xF[:, :, 1]
         hidden_BxLxF = sharding.constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, "batch", "length", "mlp")
         return dense("blf,fd->bld", hidden_BxLxF, self.w_down[...], self.dtype, route_BxLxM)

@@ -49,7 +49,7 @@ from omni import sharding
 from omni.batch import IMAGE
 from omni.config import ModelConfig, derived_head_dim
 from omni.model.attention import FUSED_ATTENTION_PRIMITIVES, Attention, same_ids_mask
-from omni.model.layers import MODALITIES, RMSNorm, SwiGLU, _param
+from omni.model.layers import MODALITIES, RMSNorm, SwiGLU, _param, rope_tables
 from omni.tokens import IMAGE_PATCH
 
 
@@ -77,10 +77,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype, modalities)
         self.mlp = SwiGLU(cfg, rngs, modalities)
 
-    def __call__(self, x_BxLxD, visible, positions_BxL, cache=None, layer=None, decode=False,
+    def __call__(self, x_BxLxD, visible, rope_tables, cache=None, layer=None, decode_slot_B=None,
                  route_BxLxM=None):
-        attended = self.attn(self.attn_norm(x_BxLxD, route_BxLxM), visible, positions_BxL, cache, layer,
-                             decode, route_BxLxM)
+        attended = self.attn(self.attn_norm(x_BxLxD, route_BxLxM), visible, rope_tables, cache, layer,
+                             decode_slot_B, route_BxLxM)
         if cache is not None:
             attended, cache = attended
         x_BxLxD = x_BxLxD + attended
@@ -102,9 +102,9 @@ class GatedCrossBlock(nnx.Module):
         self.attn_gate = nnx.Param(zeros(rngs.params(), (), jnp.dtype(cfg.param_dtype)))
         self.mlp_gate = nnx.Param(zeros(rngs.params(), (), jnp.dtype(cfg.param_dtype)))
 
-    def __call__(self, x_BxLxD, context_BxSxD, cross_mask_Bx1xLxS, positions_BxL):
+    def __call__(self, x_BxLxD, context_BxSxD, cross_mask_Bx1xLxS):
         has_key_Bx1xLx1 = jnp.any(cross_mask_Bx1xLxS, axis=-1)[..., None]  # [B, 1, L, 1]
-        attended = self.attn(self.attn_norm(x_BxLxD), cross_mask_Bx1xLxS, positions_BxL, context_BxSxD=context_BxSxD)
+        attended = self.attn(self.attn_norm(x_BxLxD), cross_mask_Bx1xLxS, context_BxSxD=context_BxSxD)
         attended = jnp.where(has_key_Bx1xLx1[:, 0], attended, 0)  # a position with no image before it gets nothing
         dt = x_BxLxD.dtype
         x_BxLxD = x_BxLxD + jnp.tanh(self.attn_gate[...]).astype(dt) * attended
@@ -191,18 +191,24 @@ class OmniTransformer(nnx.Module):
     def hidden(self, batch) -> jax.Array:
         """x_BxLxD after the final norm: what the unembedding reads. The trainer's loss takes it with the
         unembedding weight (omni.loss.fused_loss_sums) so that no [B, L, V] array is ever held whole."""
-        segment_ids_BxL, positions_BxL = batch["segment_ids"], batch["positions"]
+        segment_ids_BxL = batch["segment_ids"]
         x_BxLxD = self.embed_inputs(batch)
+        tables = self.rope_tables(batch["positions"])
         if self.cfg.fusion == "cross":
-            return self.final_norm(self._cross_decoder(x_BxLxD, batch))
+            return self.final_norm(self._cross_decoder(x_BxLxD, batch, tables))
         if self.cfg.fusion == "late" and self.cfg.late_layers:
             spans_BxL = span_ids(segment_ids_BxL, batch["modality"])
             route_BxLxM = jax.nn.one_hot(route_index(batch["modality"]), MODALITIES, dtype=x_BxLxD.dtype)
-            x_BxLxD = self._run_stack(self.modality_blocks, x_BxLxD, lambda: spans_BxL, positions_BxL, route_BxLxM)
-        x_BxLxD = self._run_stack(self.blocks, x_BxLxD, lambda: segment_ids_BxL, positions_BxL)
+            x_BxLxD = self._run_stack(self.modality_blocks, x_BxLxD, lambda: spans_BxL, tables, route_BxLxM)
+        x_BxLxD = self._run_stack(self.blocks, x_BxLxD, lambda: segment_ids_BxL, tables)
         return self.final_norm(x_BxLxD)
 
-    def _run_stack(self, stack, x_BxLxD, visible_fn, positions_BxL, route_BxLxM=None):
+    def rope_tables(self, positions_BxL):
+        """RoPE's cos/sin for these positions (omni.model.layers.rope_tables), computed once per call and read
+        by every layer, so no layer (nor its backward pass) recomputes them."""
+        return rope_tables(positions_BxL, derived_head_dim(self.cfg), self.cfg.rope_theta)
+
+    def _run_stack(self, stack, x_BxLxD, visible_fn, tables, route_BxLxM=None):
         """x through every block of a stack (scanned or a list), each under the configured remat policy.
 
         visible_fn() gives each block what its attention sees (run ids [B, L] or a mask, see attend), inside
@@ -214,23 +220,23 @@ class OmniTransformer(nnx.Module):
             return x_BxLxD
 
         def run_block(block, x):
-            return block(x, visible_fn(), positions_BxL, route_BxLxM=route_BxLxM)
+            return block(x, visible_fn(), tables, route_BxLxM=route_BxLxM)
 
         if self.cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.cfg.remat])
         return _over_blocks(stack, lambda x, block: run_block(block, x), x_BxLxD)
 
-    def _cross_decoder(self, x_BxLxD, batch):
+    def _cross_decoder(self, x_BxLxD, batch, tables):
         """Cross fusion (module docstring): encode the image spans, then decoder groups of model.cross_every
         layers, each after a gated cross-attention block into the encoded images earlier in the segment."""
-        segment_ids_BxL, positions_BxL = batch["segment_ids"], batch["positions"]
+        segment_ids_BxL = batch["segment_ids"]
         length = segment_ids_BxL.shape[1]
         is_image_BxL = batch["modality"] == IMAGE
         # Encoder: bidirectional inside each image span; any other position sees only itself (output unused).
         encoder_ids_BxL = jnp.where(is_image_BxL, span_ids(segment_ids_BxL, batch["modality"]),
                                     -1 - jnp.arange(length, dtype=jnp.int32)[None])
         encoded_BxLxD = self.encoder_norm(self._run_stack(
-            self.encoder, x_BxLxD, lambda: same_ids_mask(encoder_ids_BxL), positions_BxL))
+            self.encoder, x_BxLxD, lambda: same_ids_mask(encoder_ids_BxL), tables))
         image_key_Bx1x1xL = is_image_BxL[:, None, None, :]
 
         def decoder_mask():  # text and audio never see image positions (which see only themselves)
@@ -241,9 +247,9 @@ class OmniTransformer(nnx.Module):
         cross_mask = same_ids_mask(segment_ids_BxL) & image_key_Bx1x1xL & earlier_1x1xLxL
         groups, per_group = self.cfg.layers // self.cfg.cross_every, self.cfg.cross_every
         for g in range(groups):
-            x_BxLxD = _stack_item(self.cross_blocks, g)(x_BxLxD, encoded_BxLxD, cross_mask, positions_BxL)
+            x_BxLxD = _stack_item(self.cross_blocks, g)(x_BxLxD, encoded_BxLxD, cross_mask)
             x_BxLxD = self._run_stack(_stack_slice(self.blocks, g * per_group, (g + 1) * per_group), x_BxLxD,
-                                      decoder_mask, positions_BxL)
+                                      decoder_mask, tables)
         return x_BxLxD
 
     def logits(self, x_BxLxD) -> jax.Array:
@@ -262,11 +268,13 @@ class OmniTransformer(nnx.Module):
                              "(omni.tools.generate recomputes the prefix for the other variants)")
         segment_ids_BxL, positions_BxL = batch["segment_ids"], batch["positions"]
         visible = None if decode else segment_ids_BxL
+        slot_B = positions_BxL[:, 0] if decode else None  # a token's cache slot is its position
         x_BxLxD = self.embed_inputs(batch)
+        tables = self.rope_tables(positions_BxL)
 
         def run_block(carry, block):
             x, cache, layer = carry
-            x, cache = block(x, visible, positions_BxL, cache, layer, decode)
+            x, cache = block(x, visible, tables, cache, layer, slot_B)
             return x, cache, layer + 1
 
         x_BxLxD, cache, _ = _over_blocks(self.blocks, run_block, (x_BxLxD, cache, jnp.zeros((), jnp.int32)))
