@@ -77,6 +77,9 @@ class DataConfig:
     patch_size: int = doc(8, "image patch side P; an image becomes (H/P) x (W/P) patches of P*P*3 pixels")
     max_image_patches: int = doc(256, "patch budget per image: larger images are resized down keeping their "
                                       "aspect ratio, every side is rounded to a multiple of patch_size")
+    row_patches: int = doc(0, "patch slots per packed row (the batch carries only image positions' pixels, uint8): "
+                              "a row takes examples while their patches fit; 0 means seq_len (never limits packing). "
+                              "Set it near the most patches a row holds to send fewer bytes per step")
     audio_layout: Literal["flat", "delay"] = doc("flat", "audio codes [T, K] as tokens: 'flat' frame-major, or "
                                                          "'delay' (MusicGen delay pattern, omni.tokens)")
     shuffle_seed: int = doc(0, "seed of the per-epoch shuffle and of bin shuffling in the packer")
@@ -455,6 +458,13 @@ def validate(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"'{key}' must be positive, got {value}")
+    if not 0 <= d.row_patches <= d.seq_len:
+        raise ConfigError(f"'data.row_patches' ({d.row_patches}) must be between 0 (= seq_len) and 'data.seq_len' "
+                          f"({d.seq_len})")
+    if d.row_patches and d.row_patches < min(d.max_image_patches, d.seq_len):
+        raise ConfigError(f"'data.row_patches' ({d.row_patches}) is below 'data.max_image_patches' "
+                          f"({d.max_image_patches}): an image of the full budget would fit no row; raise it or "
+                          "lower data.max_image_patches")
     if not 0 <= m.late_layers <= m.layers:
         raise ConfigError(f"'model.late_layers' ({m.late_layers}) must be between 0 and 'model.layers' ({m.layers})")
     if m.late_layers and m.fusion != "late":

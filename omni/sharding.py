@@ -22,6 +22,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from omni.batch import PER_PATCH_SLOT
 from omni.config import Config, MeshConfig
 from omni.errors import ConfigError, MeshError
 
@@ -120,13 +121,15 @@ def constrain(x, *names):
     return jax.lax.with_sharding_constraint(x, named(mesh, rules, *names))
 
 
-def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
-    return named(mesh, rules, "batch", "length", *([None] * (ndim - 2)))
+def batch_sharding(mesh: Mesh, rules, ndim: int, field: str = "tokens") -> NamedSharding:
+    """A batch field's sharding: rows on 'batch', positions on 'length'; patch slots are not split."""
+    second = None if field in PER_PATCH_SLOT else "length"
+    return named(mesh, rules, "batch", second, *([None] * (ndim - 2)))
 
 
 def global_batch(local_batch: dict, mesh: Mesh, rules) -> dict:
     """Process-local numpy batch -> global jax arrays sharded on the batch axis (works for one or many hosts)."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, np.ndim(v)), v)
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, np.ndim(v), k), v)
             for k, v in local_batch.items()}
 
 

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 import einops
 import numpy as np
 
-from omni.batch import AUDIO, IMAGE, TARGET_MODALITIES, TEXT
+from omni.batch import AUDIO, IMAGE, IMAGE_PATCH, TARGET_MODALITIES, TEXT
 
 # Special token ids; ids below NUM_SPECIAL are reserved for markers.
-PAD_ID, BOS, EOS, BOI, EOI, ROW, BOA, EOA, IMAGE_PATCH, AUDIO_DELAY = range(10)
+PAD_ID, BOS, EOS, BOI, EOI, ROW, BOA, EOA, _IMAGE_PATCH, AUDIO_DELAY = range(10)
+assert _IMAGE_PATCH == IMAGE_PATCH  # the id the batch contract names (omni.batch)
 NUM_SPECIAL = 16
 SPECIAL_NAMES = {PAD_ID: "<pad>", BOS: "<bos>", EOS: "<eos>", BOI: "<boi>", EOI: "<eoi>", ROW: "<row>",
                  BOA: "<boa>", EOA: "<eoa>", IMAGE_PATCH: "<patch>", AUDIO_DELAY: "<delay>"}
@@ -70,19 +71,28 @@ class Vocab:
 
 
 def patchify(image_HxWx3: np.ndarray, patch_size: int) -> np.ndarray:
-    """uint8 [H, W, 3] -> float32 [H/P, W/P, P*P*3] in [-1, 1]."""
+    """uint8 [H, W, 3] -> uint8 [H/P, W/P, P*P*3], the raw pixels of each patch (the model scales them)."""
+    image_HxWx3 = np.asarray(image_HxWx3)
+    if image_HxWx3.ndim != 3:
+        raise ValueError(f"image of shape {image_HxWx3.shape} is not [H, W, 3]")
     h, w, c = image_HxWx3.shape
     if c != 3 or h % patch_size or w % patch_size:
         raise ValueError(f"image of shape {image_HxWx3.shape} is not [H, W, 3] with H and W multiples of "
                          f"patch size {patch_size}")
-    pixels = image_HxWx3.astype(np.float32) / 127.5 - 1.0
-    return einops.rearrange(pixels, "(h p1) (w p2) c -> h w (p1 p2 c)", p1=patch_size, p2=patch_size)
+    if image_HxWx3.dtype != np.uint8:
+        raise ValueError(f"image pixels are {image_HxWx3.dtype}, expected uint8 (0..255)")
+    return einops.rearrange(image_HxWx3, "(h p1) (w p2) c -> h w (p1 p2 c)", p1=patch_size, p2=patch_size)
+
+
+def scale_pixels(patches):
+    """uint8 pixels -> float32 in [-1, 1], as the model sees them (numpy or jax arrays)."""
+    return patches.astype(np.float32) / 127.5 - 1.0
 
 
 def unpatchify(patches_RxCxD: np.ndarray, patch_size: int) -> np.ndarray:
     """The inverse of patchify, back to uint8 [H, W, 3]."""
-    pixels = einops.rearrange(patches_RxCxD, "h w (p1 p2 c) -> (h p1) (w p2) c", p1=patch_size, p2=patch_size)
-    return np.clip(np.round((pixels + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return einops.rearrange(np.asarray(patches_RxCxD, np.uint8), "h w (p1 p2 c) -> (h p1) (w p2) c",
+                            p1=patch_size, p2=patch_size)
 
 
 def check_codes(codes: np.ndarray, codebook_sizes, allow_empty: bool = False) -> None:
@@ -138,7 +148,8 @@ def unflatten_codes(token_ids: np.ndarray, vocab: Vocab, layout: str = "flat") -
 def encode_example(example: dict, vocab: Vocab, tokenizer, patch_size: int, audio_layout: str = "flat") -> dict:
     """An example dict (module docstring) -> per-position arrays of one segment, length n.
 
-    Returns tokens int32[n], patches float32[n, P*P*3], modality int32[n], is_target bool[n].
+    Returns tokens int32[n], modality int32[n], is_target bool[n], and the example's image patches in order:
+    patches uint8[p, P*P*3] with patch_positions int32[p], each patch's position in the example.
     """
     targets = set(example.get("targets", ()))
     unknown = targets - set(TARGET_MODALITIES)
@@ -189,14 +200,13 @@ def encode_example(example: dict, vocab: Vocab, tokenizer, patch_size: int, audi
         last_is_target = is_target
     emit([EOS], TEXT, last_is_target)
 
-    patch_array = np.zeros((length, patch_dim), np.float32)
-    for position, patch in patches:
-        patch_array[position] = patch
     return {
         "tokens": np.concatenate(tokens),
-        "patches": patch_array,
         "modality": np.concatenate(modality),
         "is_target": np.concatenate(target),
+        "patches": (np.stack([patch for _, patch in patches]) if patches
+                    else np.zeros((0, patch_dim), np.uint8)),
+        "patch_positions": np.asarray([position for position, _ in patches], np.int32),
     }
 
 
@@ -221,6 +231,15 @@ MAX_CHUNKS = 64  # the most pieces data.overlong="split" cuts one example into
 _pipeline_log = logging.getLogger("omni.data")  # the input pipeline applies this rule and owns its warnings
 
 
+def slice_positions(encoded: dict, start: int, stop: int) -> dict:
+    """Positions start..stop-1 of an encoded example (encode_example), its patches with them, renumbered."""
+    inside = (encoded["patch_positions"] >= start) & (encoded["patch_positions"] < stop)
+    out = {k: encoded[k][start:stop] for k in ("tokens", "modality", "is_target")}
+    out["patches"] = encoded["patches"][inside]
+    out["patch_positions"] = (encoded["patch_positions"][inside] - start).astype(np.int32)
+    return out
+
+
 def fit_to_length(encoded: dict, seq_len: int, overlong: str, example_id: str) -> list[dict]:
     """The example as pieces of at most seq_len positions, by the data.overlong rule."""
     n = len(encoded["tokens"])
@@ -231,8 +250,8 @@ def fit_to_length(encoded: dict, seq_len: int, overlong: str, example_id: str) -
                          "data.seq_len or set data.overlong=split|truncate")
     if overlong == "truncate":
         _pipeline_log.warning("example %s: %d tokens truncated to data.seq_len=%d", example_id, n, seq_len)
-        return [{k: v[:seq_len] for k, v in encoded.items()}]
+        return [slice_positions(encoded, 0, seq_len)]
     if n > MAX_CHUNKS * seq_len:
         raise ValueError(f"example {example_id} has {n} tokens, more than {MAX_CHUNKS} x data.seq_len; "
                          "raise data.seq_len or shorten the example")
-    return [{k: v[start:start + seq_len] for k, v in encoded.items()} for start in range(0, n, seq_len)]
+    return [slice_positions(encoded, start, start + seq_len) for start in range(0, n, seq_len)]

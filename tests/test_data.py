@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from omni import config as config_lib
-from omni.batch import check_batch, patch_dim
+from omni.batch import check_batch, patch_dim, row_patches
 from omni.config import ConfigError
 from omni.data import pipeline as data
 from omni.data.prefetch import Prefetched
@@ -30,9 +30,10 @@ def test_eval_packing_preserves_every_token_and_mask():
     cfg = tiny_config()
     batches = data.eval_batches(cfg)
     for b in batches:
-        check_batch(b, cfg.data.seq_len, patch_dim(cfg.data))
+        check_batch(b, cfg.data.seq_len, patch_dim(cfg.data), row_patches(cfg.data))  # patches named once each
         pad = b["segment_ids"] == 0
-        assert not b["tokens"][pad].any() and not b["is_target"][pad].any() and not b["patches"][pad].any()
+        assert not b["tokens"][pad].any() and not b["is_target"][pad].any()
+        assert not b["patches"][b["patch_positions"] == cfg.data.seq_len].any()  # unused slots are empty
     vocab = data.vocab_for(cfg)
     expected = Counter()
     for example in data.examples(cfg, "eval"):
@@ -42,15 +43,32 @@ def test_eval_packing_preserves_every_token_and_mask():
 
 
 def test_patches_travel_with_their_tokens():
+    """Every image of the eval split reaches the batch pixel for pixel, each patch at the row position of its
+    IMAGE_PATCH token, whatever row and offset the packer gave its example."""
     cfg = tiny_config()
-    batch = data.eval_batches(cfg)[0]
-    from omni.batch import IMAGE
-    from omni.tokens import IMAGE_PATCH
+    batches = data.eval_batches(cfg)
+    vocab = data.vocab_for(cfg)
+    expected = Counter()
+    for example in data.examples(cfg, "eval"):
+        enc = encode_example(example, vocab, ByteTokenizer(), cfg.data.patch_size)
+        expected[(tuple(enc["tokens"]), enc["patches"].tobytes())] += 1
+    got = Counter()
+    for b in batches:
+        for row in range(len(b["tokens"])):
+            for s in set(b["segment_ids"][row]) - {0}:
+                at = np.flatnonzero(b["segment_ids"][row] == s)
+                mine = (b["patch_positions"][row] >= at[0]) & (b["patch_positions"][row] <= at[-1])
+                order = np.argsort(b["patch_positions"][row][mine])
+                got[(tuple(b["tokens"][row][at]), b["patches"][row][mine][order].tobytes())] += 1
+    assert sum(len(k[1]) for k in expected) > 0 and got == expected
 
-    is_patch = (batch["tokens"] == IMAGE_PATCH) & (batch["modality"] == IMAGE)
-    assert is_patch.any()
-    assert np.all(np.abs(batch["patches"][is_patch]).sum(-1) > 0)
-    assert not batch["patches"][~is_patch].any()
+
+def test_rows_pack_only_the_patches_their_slots_hold():
+    cfg = tiny_config()
+    cfg.data.row_patches = cfg.data.max_image_patches  # one image per row at most
+    for b in data.eval_batches(cfg):
+        check_batch(b, cfg.data.seq_len, patch_dim(cfg.data), cfg.data.max_image_patches)
+        assert b["patches"].shape[1] == cfg.data.max_image_patches
 
 
 def test_same_seed_same_order_and_other_seed_differs():
@@ -109,7 +127,8 @@ def test_overlong_examples_are_split_truncated_or_refused_never_lost(caplog):
 
 
 def test_split_pieces_keep_order_and_flags():
-    encoded = {"tokens": np.arange(45), "is_target": np.arange(45) % 3 == 0}
+    encoded = {"tokens": np.arange(45), "is_target": np.arange(45) % 3 == 0, "modality": np.ones(45, np.int32),
+               "patches": np.zeros((0, 12), np.uint8), "patch_positions": np.zeros(0, np.int32)}
     pieces = data.fit_to_length(encoded, 20, "split", "x")
     assert [len(p["tokens"]) for p in pieces] == [20, 20, 5]
     assert np.array_equal(np.concatenate([p["tokens"] for p in pieces]), encoded["tokens"])

@@ -30,7 +30,8 @@ def _batch(seed=0):
     segments = np.ones((2, L), np.int32)
     segments[1, 6:] = 2
     positions = np.stack([np.arange(L), np.r_[np.arange(6), np.arange(6)]])
-    return {"tokens": jnp.array(tokens, jnp.int32), "patches": jnp.array(rng.normal(size=(2, L, PD)), jnp.float32),
+    return {"tokens": jnp.array(tokens, jnp.int32), "patches": jnp.array(rng.integers(0, 256, (2, 4, PD)), jnp.uint8),
+            "patch_positions": jnp.array([[2, 3, 4, 5]] * 2, jnp.int32),
             "modality": jnp.array(modality, jnp.int32), "segment_ids": jnp.array(segments),
             "positions": jnp.array(positions, jnp.int32)}
 
@@ -62,7 +63,7 @@ def test_late_layers_are_per_modality_and_per_span(scan):
     model = OmniTransformer(_cfg(scan_layers=scan, fusion="late", late_layers=2), V, PD, rngs=nnx.Rngs(0))
     batch = _batch()
     logits = model(batch)
-    other_spans = dict(batch, patches=batch["patches"] + 1.0, tokens=batch["tokens"].at[:, 0].set(7))
+    other_spans = dict(batch, patches=batch["patches"] + 1, tokens=batch["tokens"].at[:, 0].set(7))
     changed = model(other_spans)
     np.testing.assert_allclose(changed[:, 6:9], logits[:, 6:9], atol=1e-6)  # the caption span: untouched
     assert not np.allclose(changed[:, 2:6], logits[:, 2:6])  # the image span read its new pixels
@@ -78,7 +79,7 @@ def test_late_layers_are_per_modality_and_per_span(scan):
 def test_late_with_shared_layers_fuses_modalities():
     model = OmniTransformer(_cfg(layers=3, fusion="late", late_layers=1), V, PD, rngs=nnx.Rngs(0))
     batch = _batch()
-    moved = dict(batch, patches=batch["patches"] + 1.0)
+    moved = dict(batch, patches=batch["patches"] + 1)
     assert not np.allclose(model(moved)[0, 6:9], model(batch)[0, 6:9])  # the shared layers see the image
     assert model.blocks.attn.wq.shape[0] == 2 and model.modality_blocks.attn.wq.shape[:2] == (1, 3)
 
@@ -99,7 +100,7 @@ def test_cross_with_closed_gates_is_its_decoder_alone(scan):
     batch = _batch()
     logits = model(batch)
     np.testing.assert_allclose(logits, _decoder_alone(model, batch), atol=1e-6)
-    moved = dict(batch, patches=batch["patches"] + 1.0)
+    moved = dict(batch, patches=batch["patches"] + 1)
     np.testing.assert_allclose(model(moved)[:, 6:], logits[:, 6:], atol=1e-6)  # images do not reach the text yet
 
     cross = model.cross_blocks

@@ -58,13 +58,14 @@ def test_prefill_then_decode_gives_the_full_forward_logits(setup, changes):
     tokens, modality = rng.integers(16, 300, (2, length)), np.full((2, length), TEXT)
     tokens[:, 1:4], modality[:, 1:4] = IMAGE_PATCH, IMAGE  # image patches inside both prompts
     full = {"tokens": jnp.array(tokens, jnp.int32), "modality": jnp.array(modality, jnp.int32),
-            "patches": jnp.array(rng.normal(size=(2, length, pdim)), jnp.float32),
+            "patches": jnp.array(rng.integers(0, 256, (2, 3, pdim)), jnp.uint8),
+            "patch_positions": jnp.array([[1, 2, 3]] * 2, jnp.int32),
             "segment_ids": jnp.ones((2, length), jnp.int32),
             "positions": jnp.tile(jnp.arange(length, dtype=jnp.int32), (2, 1))}
     reference = forward(params, full)
 
     lengths, width = np.array([5, 8]), 8  # two prompts of different lengths, right-padded to 8
-    prompt = {k: v[:, :width] for k, v in full.items()}
+    prompt = {k: v if k.startswith("patch") else v[:, :width] for k, v in full.items()}
     prompt["segment_ids"] = jnp.array(np.arange(width)[None] < lengths[:, None], jnp.int32)
     logits, cache = cached(params, prompt, init_cache(model_cfg, 2, length), False)
     assert cache["k"].shape == (2, 2, length, 2, 8)
@@ -73,7 +74,8 @@ def test_prefill_then_decode_gives_the_full_forward_logits(setup, changes):
     rows, slot = np.arange(2), lengths.copy()
     for _ in range(length - width):  # both rows decode their own next tokens at their own slots
         step = {"tokens": full["tokens"][rows, slot][:, None], "modality": full["modality"][rows, slot][:, None],
-                "patches": full["patches"][rows, slot][:, None], "segment_ids": jnp.ones((2, 1), jnp.int32),
+                "patches": jnp.zeros((2, 1, pdim), jnp.uint8), "patch_positions": jnp.ones((2, 1), jnp.int32),
+                "segment_ids": jnp.ones((2, 1), jnp.int32),
                 "positions": jnp.array(slot[:, None], jnp.int32)}
         logits, cache = cached(params, step, cache, True)
         np.testing.assert_allclose(logits[:, 0], reference[rows, slot], rtol=1e-5, atol=1e-5)
@@ -103,8 +105,7 @@ def _next_logits(setup, prompt, generated, target):
     cfg, vocab, _, graphdef, params, _ = setup
     n, k = len(prompt["tokens"]) + len(generated), len(vocab.codebook_sizes)
     batch = {"tokens": np.concatenate([prompt["tokens"], generated]).astype(np.int32)[None],
-             "patches": np.concatenate([prompt["patches"], np.zeros((len(generated),) + prompt["patches"].shape[1:],
-                                                                    np.float32)])[None],
+             "patches": prompt["patches"][None], "patch_positions": prompt["patch_positions"][None],
              "modality": np.concatenate([prompt["modality"], np.full(len(generated), TEXT if target == "text"
                                                                      else AUDIO)]).astype(np.int32)[None],
              "segment_ids": np.ones((1, n), np.int32), "positions": np.arange(n, dtype=np.int32)[None]}
@@ -330,8 +331,11 @@ def test_prompt_arrays_are_the_training_prefix(setup):
     encoded = encode_example(caption, vocab, tokenizer, cfg.data.patch_size)
     first_answer = int(np.argmax(encoded["is_target"]))
     prompt = prompt_arrays(caption["segments"][:1], vocab, tokenizer, cfg.data.patch_size)
-    for name in ("tokens", "patches", "modality"):
+    for name in ("tokens", "modality"):
         np.testing.assert_array_equal(prompt[name], encoded[name][:first_answer])
+    assert len(prompt["patches"]) == len(encoded["patches"]) > 0  # the image precedes the answer
+    np.testing.assert_array_equal(prompt["patches"], encoded["patches"])
+    np.testing.assert_array_equal(prompt["patch_positions"], encoded["patch_positions"])
     audio = prompt_arrays([{"text": "play c"}], vocab, tokenizer, cfg.data.patch_size, target="audio")
     assert audio["tokens"][-1] == BOA and EOS not in audio["tokens"].tolist()
 

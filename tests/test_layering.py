@@ -28,7 +28,7 @@ FORBIDDEN = [
 ALLOWED_ONLY = {  # importer -> the only omni modules it may reach
     "omni.loss": {"omni.batch", "omni.tokens"},
     "omni.tokens": {"omni.batch"},
-    "omni.sharding": {"omni.config", "omni.errors"},
+    "omni.sharding": {"omni.config", "omni.errors", "omni.batch"},  # it places the batch fields: knows their layout
 }
 CORE_EXCEPTIONS = {"omni.config": {"omni.errors"}}  # the config raises ConfigError
 

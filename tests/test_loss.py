@@ -65,7 +65,8 @@ def test_no_leak_across_packed_segments_through_the_model():
     model = OmniTransformer(cfg, 128, 12, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     L = 12
-    batch = {"tokens": jnp.array(rng.integers(16, 100, (1, L)), jnp.int32), "patches": jnp.zeros((1, L, 12)),
+    batch = {"tokens": jnp.array(rng.integers(16, 100, (1, L)), jnp.int32), "patches": jnp.zeros((1, 1, 12), jnp.uint8),
+             "patch_positions": jnp.full((1, 1), L, jnp.int32),
              "modality": jnp.full((1, L), TEXT, jnp.int32),
              "segment_ids": jnp.array([[1] * 5 + [2] * 5 + [0] * 2], jnp.int32),
              "positions": jnp.array([list(range(5)) * 2 + [0, 0]], jnp.int32)}

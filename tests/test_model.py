@@ -22,7 +22,9 @@ def _batch(seed=0):
     tokens = rng.integers(16, 100, (2, L))
     modality = np.full((2, L), TEXT)
     tokens[:, 2:4], modality[:, 2:4] = IMAGE_PATCH, IMAGE
-    return {"tokens": jnp.array(tokens, jnp.int32), "patches": jnp.array(rng.normal(size=(2, L, PD)), jnp.float32),
+    return {"tokens": jnp.array(tokens, jnp.int32),
+            "patches": jnp.array(rng.integers(0, 256, (2, 3, PD)), jnp.uint8),  # slot 2 unused (position L)
+            "patch_positions": jnp.array([[2, 3, L]] * 2, jnp.int32),
             "modality": jnp.array(modality, jnp.int32), "segment_ids": jnp.ones((2, L), jnp.int32),
             "positions": jnp.tile(jnp.arange(L, dtype=jnp.int32), (2, 1))}
 
@@ -41,10 +43,13 @@ def test_image_positions_read_pixels_not_the_embedding_table():
     model = OmniTransformer(_cfg(), V, PD, rngs=nnx.Rngs(0))
     batch = _batch()
     logits = model(batch)
-    moved = dict(batch, patches=batch["patches"].at[:, 2].add(1.0))
+    moved = dict(batch, patches=batch["patches"].at[:, 0].add(1))  # the patch at position 2
     assert not np.allclose(model(moved)[:, 2:], logits[:, 2:])
-    text_pixels = dict(batch, patches=batch["patches"].at[:, 5].add(1.0))  # pixels at a text position are ignored
-    np.testing.assert_allclose(model(text_pixels), logits, atol=1e-6)
+    np.testing.assert_allclose(model(moved)[:, :2], logits[:, :2], atol=1e-6)
+    unused = dict(batch, patches=batch["patches"].at[:, 2].add(1))  # an unused slot's pixels go nowhere
+    np.testing.assert_allclose(model(unused), logits, atol=1e-6)
+    text_slot = dict(unused, patch_positions=batch["patch_positions"].at[:, 2].set(5))  # names a text position
+    np.testing.assert_allclose(model(text_slot), logits, atol=1e-6)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "dots_attn"])
@@ -150,13 +155,13 @@ def test_attention_kernel_choice():
 
 def test_rows_with_more_runs_than_cudnn_is_set_up_for_are_refused():
     from omni import config as config_lib
-    from omni.batch import FIELDS
+    from omni.batch import padding_rows
     from omni.config import Config, ConfigError
     from omni.train.step import check_host_batch
 
     cfg = Config()
     config_lib.apply_overrides(cfg, ["model.attention=cudnn", "model.max_segments=8", "data.seq_len=8"])
-    batch = {name: np.zeros((4, 8, 8 * 8 * 3) if name == "patches" else (4, 8), dtype) for name, dtype in FIELDS.items()}
+    batch = padding_rows(4, 8, 8, 8 * 8 * 3)
     batch.update(segment_ids=PACKED_ROWS.astype(np.int32),
                  modality=np.array([[1, 2, 2, 1, 3, 3, 1, 0]] * 4, np.int32))
     with pytest.raises(ValueError, match=r"batch field positions: expected int32\[4, 8\], got int64\[4, 8\]"):

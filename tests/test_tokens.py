@@ -25,8 +25,10 @@ def test_patchify_round_trip_and_layout():
     patches = T.patchify(image, 8)
     assert patches.shape == (2, 3, 8 * 8 * 3)
     # Patch (row 1, col 2) holds exactly the pixels of that 8x8 block, row-major, channels last.
-    np.testing.assert_allclose(patches[1, 2], image[8:16, 16:24].reshape(-1) / 127.5 - 1.0, atol=1e-6)
+    assert patches.dtype == np.uint8  # raw pixels travel; the model scales them to [-1, 1]
+    np.testing.assert_array_equal(patches[1, 2], image[8:16, 16:24].reshape(-1))
     np.testing.assert_array_equal(T.unpatchify(patches, 8), image)
+    np.testing.assert_allclose(T.scale_pixels(np.array([0, 255, 128], np.uint8)), [-1.0, 1.0, 128 / 127.5 - 1], atol=1e-7)
     with pytest.raises(ValueError, match="patch size 5"):
         T.patchify(image, 5)
 
@@ -47,7 +49,7 @@ def test_bad_codes_name_frame_and_codebook(vocab):
 
 
 def test_encode_example_layout_and_targets(vocab):
-    image = np.zeros((16, 16, 3), np.uint8)
+    image = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     example = {"segments": [{"text": "hi", "target": False}, {"image": image}, {"text": "ok"},
                             {"audio": np.array([[1, 2]])}],
                "targets": ["text"]}
@@ -64,9 +66,10 @@ def test_encode_example_layout_and_targets(vocab):
     # Only "ok" is a target: the prompt opted out, images never, audio is not a target modality here,
     # and <eos> follows a non-target span.
     np.testing.assert_array_equal(np.flatnonzero(enc["is_target"]), [11, 12])
-    assert enc["patches"].shape == (18, 192)
-    assert np.all(enc["patches"][[4, 5, 7, 8]] == -1.0)  # black pixels, scaled to [-1, 1]
-    assert np.all(enc["patches"][[0, 3, 6, 11]] == 0.0)
+    # Only the four patches travel, in order, each with its position in the example.
+    assert enc["patches"].shape == (4, 192) and enc["patches"].dtype == np.uint8
+    np.testing.assert_array_equal(enc["patch_positions"], [4, 5, 7, 8])
+    np.testing.assert_array_equal(enc["patches"][2], image[8:16, :8].reshape(-1))
 
 
 def test_audio_target_includes_markers_and_eos(vocab):
@@ -99,3 +102,20 @@ def test_delay_pattern_round_trip_and_layout():
     assert ids[-1].tolist() == [AUDIO_DELAY, AUDIO_DELAY, codes[3, 2] + vocab.audio_offset(2)]
     assert np.array_equal(unflatten_codes(ids.reshape(-1), vocab, "delay"), codes)
     assert np.array_equal(unflatten_codes(flatten_codes(codes, vocab), vocab), codes)
+
+
+def test_pieces_of_an_example_carry_exactly_their_own_patches(vocab):
+    """Splitting or truncating an example inside an image hands each piece the patches of its positions,
+    renumbered from the piece's start; none is lost or duplicated."""
+    image = np.random.default_rng(2).integers(0, 256, (16, 24, 3), dtype=np.uint8)  # 2 x 3 patches
+    enc = T.encode_example({"segments": [{"text": "ab"}, {"image": image}, {"text": "cd"}], "targets": ["text"]},
+                           vocab, ByteTokenizer(), patch_size=8)
+    np.testing.assert_array_equal(enc["patch_positions"], [4, 5, 6, 8, 9, 10])
+    pieces = T.fit_to_length(enc, 6, "split", "x")
+    assert [len(p["tokens"]) for p in pieces] == [6, 6, 4]
+    assert [p["patch_positions"].tolist() for p in pieces] == [[4, 5], [0, 2, 3, 4], []]
+    np.testing.assert_array_equal(np.concatenate([p["patches"] for p in pieces]), enc["patches"])
+    truncated = T.fit_to_length(enc, 9, "truncate", "x")[0]
+    assert truncated["patch_positions"].tolist() == [4, 5, 6, 8] and len(truncated["patches"]) == 4
+    with pytest.raises(ValueError, match="uint8"):
+        T.patchify(image.astype(np.float32), 8)

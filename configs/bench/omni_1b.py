@@ -31,5 +31,6 @@ def get_config() -> Config:
     cfg.data.seq_len = 2048
     cfg.data.patch_size = 16
     cfg.data.max_image_patches = 256
+    cfg.data.row_patches = 1024  # patch slots per row: the most the synthetic rows hold (uint8, 12 MiB per step)
     cfg.train.batch_size = 16
     return cfg

@@ -21,5 +21,6 @@ def get_config() -> Config:
     cfg.data.seq_len = 256
     cfg.data.patch_size = 8
     cfg.data.max_image_patches = 16
+    cfg.data.row_patches = 48  # patch slots per row: the most the synthetic rows hold
     cfg.train.batch_size = 8
     return cfg

@@ -27,7 +27,7 @@ import grain
 import numpy as np
 from grain import experimental as grain_experimental
 
-from omni.batch import FIELDS
+from omni.batch import FIELDS, padding_rows, row_patches
 from omni.config import Config, DataConfig
 from omni.data import dataset as dataset_lib
 from omni.data.images import decode_image, fit_image
@@ -35,7 +35,8 @@ from omni.data.text_tokenizer import load_tokenizer
 from omni.errors import ConfigError, DatasetError
 from omni.tokens import MAX_CHUNKS, Vocab, encode_example, fit_to_length
 
-PACKED_FIELDS = ("tokens", "patches", "modality", "is_target")
+PACKED_FIELDS = ("tokens", "modality", "is_target")  # per position, packed to seq_len
+PATCH_FIELDS = ("patches", "patch_positions")  # per image patch, packed to data.row_patches slots
 log = logging.getLogger("omni.data")
 
 
@@ -98,7 +99,15 @@ class Tokenize(grain.transforms.Map):
         vocab = Vocab(text_size=tokenizer.vocab_size, codebook_sizes=self.codebook_sizes)
         example = prepare(record, self.cfg, len(self.codebook_sizes))
         encoded = encode_example(example, vocab, tokenizer, self.cfg.patch_size, self.cfg.audio_layout)
-        return fit_to_length(encoded, self.cfg.seq_len, self.cfg.overlong, example["id"])
+        pieces = fit_to_length(encoded, self.cfg.seq_len, self.cfg.overlong, example["id"])
+        slots = row_patches(self.cfg)
+        for piece in pieces:
+            if len(piece["patches"]) > slots:
+                raise ValueError(f"example {example['id']} holds {len(piece['patches'])} image patches in "
+                                 f"{len(piece['tokens'])} positions, more than data.row_patches={slots} patch "
+                                 "slots of a row; raise data.row_patches (0 = seq_len) or lower "
+                                 "data.max_image_patches")
+        return pieces
 
 
 class _Pieces(grain_experimental.FlatMapTransform):
@@ -109,17 +118,28 @@ class _Pieces(grain_experimental.FlatMapTransform):
 
 
 def _unpack_names(packed: dict) -> dict:
-    out = {name: packed[name] for name in PACKED_FIELDS}
-    out["segment_ids"] = packed["tokens_segment_ids"]
+    """grain's packed rows -> the fields of omni.batch. A patch's position inside its example becomes its
+    position in the row: its segment's first position (segments are laid out in id order) plus that offset."""
+    out = {name: packed[name] for name in PACKED_FIELDS + ("patches",)}
+    segment_ids_BxL = packed["tokens_segment_ids"]
+    out["segment_ids"] = segment_ids_BxL
     out["positions"] = packed["tokens_positions"]
+    rows, seq_len = segment_ids_BxL.shape
+    segments = int(segment_ids_BxL.max(initial=0))
+    lengths_BxS = np.stack([np.sum(segment_ids_BxL == s, axis=1) for s in range(1, segments + 1)], axis=1) \
+        if segments else np.zeros((rows, 0), np.int64)
+    starts_BxS1 = np.concatenate([np.zeros((rows, 1), np.int64), np.cumsum(lengths_BxS, axis=1)], axis=1)
+    patch_segment_BxM = packed["patch_positions_segment_ids"]
+    start_BxM = np.take_along_axis(starts_BxS1, np.maximum(patch_segment_BxM - 1, 0), axis=1)
+    out["patch_positions"] = np.where(patch_segment_BxM > 0, start_BxM + packed["patch_positions"], seq_len)
     return {name: out[name].astype(dtype) for name, dtype in FIELDS.items()}
 
 
 def _pack(ds: grain.IterDataset, cfg: DataConfig, bins: int, shuffle_bins: bool) -> grain.IterDataset:
     ds = grain_experimental.FlatMapIterDataset(ds, _Pieces())
+    lengths = {name: cfg.seq_len for name in PACKED_FIELDS} | {name: row_patches(cfg) for name in PATCH_FIELDS}
     return grain_experimental.FirstFitPackIterDataset(
-        ds, length_struct={name: cfg.seq_len for name in PACKED_FIELDS}, num_packing_bins=bins,
-        seed=cfg.shuffle_seed, shuffle_bins=shuffle_bins)
+        ds, length_struct=lengths, num_packing_bins=bins, seed=cfg.shuffle_seed, shuffle_bins=shuffle_bins)
 
 
 def local_batch_size(cfg: Config, process_count: int) -> int:
@@ -212,8 +232,9 @@ def eval_batches(cfg: Config, process_index: int = 0, process_count: int = 1) ->
     batches = list(ds.batch(batch, drop_remainder=False).map(_unpack_names))
     if batches and len(batches[-1]["tokens"]) < batch:
         last = batches[-1]
-        missing = batch - len(last["tokens"])
-        batches[-1] = {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)]) for k, v in last.items()}
+        empty = padding_rows(batch - len(last["tokens"]), cfg.data.seq_len, row_patches(cfg.data),
+                             last["patches"].shape[-1])
+        batches[-1] = {k: np.concatenate([v, empty[k]]) for k, v in last.items()}
     if cfg.train.eval_batches:
         batches = batches[: cfg.train.eval_batches]
     return batches

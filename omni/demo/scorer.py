@@ -15,7 +15,7 @@ import numpy as np
 from omni.config import Config
 from omni.data import pipeline
 from omni.demo import corpus
-from omni.tokens import AUDIO_DELAY, BOA, EOA, EOS, PAD_ID, encode_example, unflatten_codes
+from omni.tokens import AUDIO_DELAY, BOA, EOA, EOS, PAD_ID, encode_example, slice_positions, unflatten_codes
 from omni.tools.generate import generate
 
 # synth: up to 16 frames of 2 codes, then <eoa> (its <boa> ends the prompt)
@@ -32,12 +32,12 @@ def _prompt(example: dict, cfg: Config) -> dict:
                              cfg.data.audio_layout)
     first_target = int(np.argmax(encoded["is_target"]))
     end = first_target + (encoded["tokens"][first_target] == BOA)
-    return {k: encoded[k][:end] for k in ("tokens", "patches", "modality")}
+    return slice_positions(encoded, 0, int(end))
 
 
 def greedy_generate(cfg: Config, graphdef, params, prompts: list[dict], max_new: int, stop_id: int,
                     target: str = "text") -> list[list[int]]:
-    """Greedy continuation of each prompt (dicts of tokens/patches/modality arrays) until stop_id (left out of
+    """Greedy continuation of each prompt (dicts of arrays as omni.tools.generate.prompt_arrays gives them) until stop_id (left out of
     the output) or max_new tokens, with the KV-cache generator."""
     result = generate(graphdef, params, cfg.model, pipeline.vocab_for(cfg), prompts, target=target,
                       max_new_tokens=max_new, stop_ids=(stop_id,), audio_layout=cfg.data.audio_layout)

@@ -50,7 +50,7 @@ from omni.batch import IMAGE
 from omni.config import ModelConfig, derived_head_dim
 from omni.model.attention import FUSED_ATTENTION_PRIMITIVES, Attention, same_ids_mask
 from omni.model.layers import MODALITIES, RMSNorm, SwiGLU, _param, rope_tables
-from omni.tokens import IMAGE_PATCH
+from omni.tokens import IMAGE_PATCH, scale_pixels
 
 
 def _dots_and_fused_attention_saveable(prim, *args, **params) -> bool:
@@ -165,14 +165,20 @@ class OmniTransformer(nnx.Module):
             self.cross_blocks = _stack(cfg, cfg.layers // cfg.cross_every, rngs, lambda r: GatedCrossBlock(cfg, r))
 
     def embed_inputs(self, batch) -> jax.Array:
-        """x_BxLxD: token embeddings, with image patch positions replaced by their pixel projection."""
+        """x_BxLxD: token embeddings, with image patch positions replaced by their pixel projection.
+
+        Only the patch slots are projected ([B, M] of them, omni.batch), then scattered to their row positions
+        (an unused slot's position L falls outside and is dropped)."""
         dt = jnp.dtype(self.cfg.dtype)
         tokens_BxL = batch["tokens"]
         x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dt)
-        patches_BxLxD = (jnp.einsum("blp,pd->bld", batch["patches"].astype(dt), self.patch_proj[...].astype(dt))
-                         + self.patch_bias[...].astype(dt))
+        pixels_BxMxP = scale_pixels(batch["patches"]).astype(dt)
+        projected_BxMxD = (jnp.einsum("bmp,pd->bmd", pixels_BxMxP, self.patch_proj[...].astype(dt))
+                           + self.patch_bias[...].astype(dt))
+        placed_BxLxD = jax.vmap(lambda x, at, rows: x.at[at].set(rows, mode="drop"))(
+            jnp.zeros_like(x_BxLxD), batch["patch_positions"], projected_BxMxD)
         is_patch_BxL = (batch["modality"] == IMAGE) & (tokens_BxL == IMAGE_PATCH)
-        x_BxLxD = jnp.where(is_patch_BxL[..., None], patches_BxLxD, x_BxLxD)
+        x_BxLxD = jnp.where(is_patch_BxL[..., None], placed_BxLxD, x_BxLxD)
         return sharding.constrain(x_BxLxD, "batch", "length", "act_embed")
 
     def __call__(self, batch, cache=None, decode=False, logits_at=None):

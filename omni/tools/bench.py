@@ -49,7 +49,7 @@ import jax
 import numpy as np
 
 from omni import sharding
-from omni.batch import AUDIO, IMAGE, PAD, TEXT, patch_dim, runs_per_row
+from omni.batch import AUDIO, IMAGE, PAD, TEXT, padding_rows, patch_dim, row_patches, runs_per_row
 from omni.config import Config, ConfigError
 from omni.data.text_tokenizer import ByteTokenizer
 from omni.model.attention import attention_implementation
@@ -93,14 +93,12 @@ def synthetic_example(rng: np.random.Generator, kind: str, cfg: Config, vocab: V
 def synthetic_batch(cfg: Config, vocab: Vocab, rng: np.random.Generator, text_only: bool = False,
                     frame_rate: float = 12.5) -> dict:
     """A packed batch (omni.batch fields) of cfg.train.batch_size rows, filled first-fit to seq_len."""
-    rows, seq_len = cfg.train.batch_size, cfg.data.seq_len
+    rows, seq_len, slots = cfg.train.batch_size, cfg.data.seq_len, row_patches(cfg.data)
     filled = dict.fromkeys(MIX, 0)
     tokenizer = ByteTokenizer()
-    batch = {"tokens": np.zeros((rows, seq_len), np.int32),
-             "patches": np.zeros((rows, seq_len, patch_dim(cfg.data)), np.float32),
-             "modality": np.zeros((rows, seq_len), np.int32), "segment_ids": np.zeros((rows, seq_len), np.int32),
-             "positions": np.zeros((rows, seq_len), np.int32), "is_target": np.zeros((rows, seq_len), bool)}
+    batch = padding_rows(rows, seq_len, slots, patch_dim(cfg.data))
     fill = np.zeros(rows, int)
+    patch_fill = np.zeros(rows, int)
     segments = np.zeros(rows, int)
     misses = 0
     while misses < 8:  # stop once pieces keep failing to fit: the rows are (nearly) full
@@ -109,18 +107,21 @@ def synthetic_batch(cfg: Config, vocab: Vocab, rng: np.random.Generator, text_on
         encoded = encode_example(synthetic_example(rng, kind, cfg, vocab, frame_rate), vocab, tokenizer,
                                  cfg.data.patch_size, cfg.data.audio_layout)
         for piece in fit_to_length(encoded, seq_len, "split", "synthetic"):
-            n = len(piece["tokens"])
-            row = next((r for r in range(rows) if fill[r] + n <= seq_len), None)
+            n, p = len(piece["tokens"]), len(piece["patches"])
+            row = next((r for r in range(rows) if fill[r] + n <= seq_len and patch_fill[r] + p <= slots), None)
             if row is None:
                 misses += 1
                 continue
             span = slice(fill[row], fill[row] + n)
             segments[row] += 1
-            for name in ("tokens", "patches", "modality", "is_target"):
+            for name in ("tokens", "modality", "is_target"):
                 batch[name][row, span] = piece[name]
             batch["segment_ids"][row, span] = segments[row]
             batch["positions"][row, span] = np.arange(n)
+            batch["patches"][row, patch_fill[row]:patch_fill[row] + p] = piece["patches"]
+            batch["patch_positions"][row, patch_fill[row]:patch_fill[row] + p] = fill[row] + piece["patch_positions"]
             fill[row] += n
+            patch_fill[row] += p
             filled[kind] += n
     return batch
 

@@ -50,7 +50,8 @@ from omni.data.audio import load_audio
 from omni.data.images import decode_image, fit_image
 from omni.errors import AudioError, GenerateError
 from omni.model.transformer import init_cache
-from omni.tokens import AUDIO_DELAY, BOA, EOA, EOS, PAD_ID, Vocab, check_codes, encode_example, unflatten_codes
+from omni.tokens import (AUDIO_DELAY, BOA, EOA, EOS, PAD_ID, Vocab, check_codes, encode_example, slice_positions,
+                         unflatten_codes)
 
 TAGS = {"image": "<image:PATH>", "audio": "<audio:PATH.wav>", "codes": "<codes:PATH.npy>"}
 TAG = re.compile(r"<([A-Za-z][\w-]*):([^<>]*)>")  # the tag shape: any word; unknown words are errors
@@ -160,15 +161,15 @@ def load_codes(path: str, codec) -> np.ndarray:
 
 def prompt_arrays(segments: list[dict], vocab: Vocab, tokenizer, patch_size: int, audio_layout: str = "flat",
                   target: str = "text") -> dict:
-    """Segments -> {"tokens", "patches", "modality"} of the training-time prefix: `<bos>` spans (no `<eos>`),
-    then `<boa>` when the target is audio (the model goes on with codes)."""
+    """Segments -> {"tokens", "modality", "patches", "patch_positions"} of the training-time prefix (per
+    position, then the image patches and their positions, as encode_example gives them): `<bos>` spans (no
+    `<eos>`), then `<boa>` when the target is audio (the model goes on with codes)."""
     _check_target(target)
     encoded = encode_example({"segments": segments, "targets": []}, vocab, tokenizer, patch_size, audio_layout)
-    prompt = {k: encoded[k][:-1] for k in ("tokens", "patches", "modality")}  # drop <eos>
+    prompt = slice_positions(encoded, 0, len(encoded["tokens"]) - 1)  # drop <eos>
     if target == "audio":
-        prompt = {"tokens": np.append(prompt["tokens"], np.int32(BOA)),
-                  "patches": np.concatenate([prompt["patches"], np.zeros_like(prompt["patches"][:1])]),
-                  "modality": np.append(prompt["modality"], np.int32(AUDIO))}
+        prompt = dict(prompt, tokens=np.append(prompt["tokens"], np.int32(BOA)),
+                      modality=np.append(prompt["modality"], np.int32(AUDIO)))
     return prompt
 
 
@@ -299,7 +300,8 @@ def _cached_steps(model_cfg, spec: _Spec, total_len: int, patch_dim: int):
 
     def next_logits(model, token_B, slot_B, cache):
         n = token_B.shape[0]
-        step_batch = {"tokens": token_B[:, None], "patches": jnp.zeros((n, 1, patch_dim), jnp.float32),
+        step_batch = {"tokens": token_B[:, None], "patches": jnp.zeros((n, 1, patch_dim), jnp.uint8),
+                      "patch_positions": jnp.ones((n, 1), jnp.int32),  # out of the 1-token row: no patch
                       "modality": _modality_of(token_B, spec.vocab)[:, None],
                       "segment_ids": jnp.ones((n, 1), jnp.int32), "positions": slot_B[:, None]}
         logits_Bx1xV, cache = model(step_batch, cache=cache, decode=True)
@@ -319,8 +321,8 @@ def _recompute_steps(spec: _Spec, total_len: int):
 
     def first_logits(model, batch, lengths_B):
         pad = total_len - batch["tokens"].shape[1]
-        seq = {name: jnp.pad(batch[name], [(0, 0), (0, pad)] + [(0, 0)] * (batch[name].ndim - 2))
-               for name in ("tokens", "patches", "modality")}
+        seq = {name: jnp.pad(batch[name], [(0, 0), (0, pad)]) for name in ("tokens", "modality")}
+        seq.update(patches=batch["patches"], patch_positions=batch["patch_positions"])  # generated: no patch
         logits_BxLxV = model(full_batch(seq))
         return jnp.take_along_axis(logits_BxLxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0], seq
 
@@ -360,7 +362,7 @@ def _compiled(name: str, graphdef, spec: _Spec, fn, *args, donate=()):
 def generate(graphdef, params, model_cfg, vocab: Vocab, prompts: list[dict], *, target: str, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, seed: int = 0, stop_ids=None,
              audio_layout: str = "flat") -> GenerationResult:
-    """Continues each prompt ({"tokens", "patches", "modality"} arrays, prompt_arrays) in one batch.
+    """Continues each prompt (arrays as prompt_arrays gives them) in one batch.
 
     Rows stop at their first stop id (default <eos> for text, <eoa> for audio) or after max_new_tokens.
     """
@@ -379,13 +381,17 @@ def generate(graphdef, params, model_cfg, vocab: Vocab, prompts: list[dict], *, 
         raise GenerateError("every prompt needs at least one token (<bos>)")
     n, width = len(prompts), int(lengths.max())
     pdim = np.shape(prompts[0]["patches"])[-1]
-    batch = {"tokens": np.zeros((n, width), np.int32), "patches": np.zeros((n, width, pdim), np.float32),
-             "modality": np.zeros((n, width), np.int32),
+    slots = max(1, max(len(p["patches"]) for p in prompts))
+    batch = {"tokens": np.zeros((n, width), np.int32), "modality": np.zeros((n, width), np.int32),
+             "patches": np.zeros((n, slots, pdim), np.uint8),
+             "patch_positions": np.full((n, slots), width + max_new_tokens, np.int32),  # unused: out of range
              "segment_ids": (np.arange(width)[None] < lengths[:, None]).astype(np.int32),
              "positions": np.tile(np.arange(width, dtype=np.int32), (n, 1))}
     for i, p in enumerate(prompts):
-        for name in ("tokens", "patches", "modality"):
+        for name in ("tokens", "modality"):
             batch[name][i, :lengths[i]] = p[name]
+        batch["patches"][i, :len(p["patches"])] = p["patches"]
+        batch["patch_positions"][i, :len(p["patches"])] = p["patch_positions"]
     prefill_fn, decode_fn = _make_fns(graphdef, model_cfg, spec, width + max_new_tokens, pdim)
     sampling = (np.float32(temperature or 1.0), np.int32(top_k))
     args = (params, batch, lengths, jax.random.key(seed), sampling)

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from omni import sharding
-from omni.batch import FIELDS, check_batch, patch_dim, runs_per_row
+from omni.batch import FIELDS, check_batch, padding_rows, patch_dim, row_patches, runs_per_row
 from omni.config import Config
 from omni.errors import ConfigError
 from omni.loss import fused_loss_sums, loss_sums, metrics_from_sums, target_count
@@ -126,7 +126,7 @@ def make_train_step(cfg: Config, graphdef, tx, schedule, mesh, shardings):
         metrics["lr"] = schedule(state["step"])
         return new_state, metrics
 
-    batch_sh = {k: sharding.batch_sharding(mesh, rules, 3 if k == "patches" else 2) for k in FIELDS}
+    batch_sh = {k: sharding.batch_sharding(mesh, rules, 3 if k == "patches" else 2, k) for k in FIELDS}
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated),
                      donate_argnums=0)
@@ -165,7 +165,9 @@ def same_batch_count(batches: list[dict]) -> list[dict]:
     from jax.experimental import multihost_utils
 
     most = int(np.max(multihost_utils.process_allgather(np.int32(len(batches)))))
-    empty = {k: np.zeros_like(v) for k, v in batches[0].items()}
+    first = batches[0]
+    empty = padding_rows(len(first["tokens"]), first["tokens"].shape[1], first["patches"].shape[1],
+                         first["patches"].shape[2])
     return batches + [empty] * (most - len(batches))
 
 
@@ -182,7 +184,7 @@ def check_host_batch(cfg: Config, batch: dict) -> None:
     """A host batch at the data -> step boundary: the layout of omni.batch (fields, dtypes, shapes), and at most
     model.max_segments runs per row where cuDNN's packed attention is set up for that many
     (omni.model.attention.packed_runs): a longer row is refused here rather than attended wrongly."""
-    check_batch(batch, cfg.data.seq_len, patch_dim(cfg.data))
+    check_batch(batch, cfg.data.seq_len, patch_dim(cfg.data), row_patches(cfg.data))
     m = cfg.model
     if attention_implementation(m) != "cudnn" or m.fusion == "cross":
         return
