@@ -2,6 +2,7 @@
 
     omni train --config configs/demo.py --workdir runs/demo [--set train.steps=200 --set model.d=256 ...]
     omni eval --workdir runs/demo [--step N]               # per-modality eval loss/accuracy + demo task scores
+    omni eval --workdir runs/my --generate [--max-examples N]   # + generated answers scored: exact, CER, ...
     omni export --workdir runs/demo [--step N] --out exported/demo [--dtype bfloat16]
     omni generate --model exported/demo --prompt "<image:cat.png>" --target text|audio [--audio a.wav]
     omni generate --model exported/demo --prompts prompts.jsonl --out preds.jsonl [--wav-dir wavs/]   # batched
@@ -46,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override the checkpoint's config, e.g. --set mesh.fsdp=1 on fewer devices")
     ev.add_argument("--demo-examples", type=int, help="held-out examples per demo task (default: the config's)")
+    ev.add_argument("--generate", action="store_true", help="generate the answers of the eval split and score "
+                    "them against the truth (exact, CER, WER, BLEU/chrF; audio: code accuracy, mel distance)")
+    ev.add_argument("--max-examples", type=int, help="with --generate: only the first N examples (default: all)")
+    ev.add_argument("--prompts", help="with --generate: score the manifest lines of this JSONL file instead of "
+                                      "the eval split")
+    ev.add_argument("--max-new-tokens", type=int, help="with --generate: at most this many tokens per answer "
+                                                        "(default: up to the trained context)")
+    ev.add_argument("--batch-size", type=int, default=64, help="with --generate: prompts per batch (default 64)")
 
     exp = verbs.add_parser("export", help="a checkpoint's params as safetensors + config + tokenizer + codec")
     exp.add_argument("--workdir", required=True)
@@ -380,7 +389,14 @@ def _run(args) -> int:
     elif args.verb == "eval":
         from omni.tools import evaluate
 
-        evaluate.evaluate_checkpoint(args.workdir, args.step, args.set, args.demo_examples)
+        if not args.generate and (args.prompts or args.max_examples is not None or args.max_new_tokens is not None):
+            raise ConfigError("--prompts, --max-examples and --max-new-tokens go with --generate")
+        for name in ("max_examples", "max_new_tokens", "batch_size"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+        evaluate.evaluate_checkpoint(args.workdir, args.step, args.set, args.demo_examples, generate=args.generate,
+                                     max_examples=args.max_examples, prompts=args.prompts,
+                                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     elif args.verb == "export":
         from omni.tools import export
 
