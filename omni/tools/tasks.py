@@ -86,3 +86,23 @@ def run(model, tasks: list, *, max_new_tokens: int | None = None, max_new_by_gro
     log(f"omni: generated {len(predictions)} answers ({result.generated} tokens, {result.tokens_per_s:,.0f} "
         f"tokens/s, compile {result.compile_s:.1f} s)")
     return predictions, scores
+
+
+def end_of_run_for(cfg, num_examples: int):
+    """A trainer end_of_run hook (omni.train.loop) that generates and scores the first `num_examples` eval
+    examples of any dataset and returns {group: scores}; None when num_examples is 0."""
+    if not num_examples:
+        return None
+
+    def end_of_run(cfg, graphdef, params, log=print):
+        from omni.data import pipeline
+
+        codec = pipeline.dataset_for(cfg).codec()
+        model = model_of(cfg, graphdef, params, pipeline.vocab_for(cfg), pipeline.tokenizer_for(cfg), codec)
+        tasks, _ = eval_tasks(cfg, num_examples, codec=codec)
+        _, scores = run(model, tasks, log=log)
+        for group, score in scores.items():
+            log(f"omni: {describe(group, score)}")
+        return scores
+
+    return end_of_run
