@@ -2,8 +2,10 @@
 
     omni train --config configs/demo.py --workdir runs/demo [--set train.steps=200 --set model.d=256 ...]
     omni eval --workdir runs/demo [--step N]               # per-modality eval loss/accuracy + demo task scores
+    omni eval --workdir runs/my --generate [--max-examples N]   # + generated answers scored: exact, CER, ...
     omni export --workdir runs/demo [--step N] --out exported/demo [--dtype bfloat16]
     omni generate --model exported/demo --prompt "<image:cat.png>" --target text|audio [--audio a.wav]
+    omni generate --model exported/demo --prompts prompts.jsonl --out preds.jsonl [--wav-dir wavs/]   # batched
     omni ablate --config configs/ablate_fusion.py --workdir runs/ablate [--seeds 3]   # early vs late vs cross
     omni bench --config configs/bench/omni_1b.py [--text-only]   # step time, tokens/s, TFLOP/s, MFU: one JSON line
     omni launch local --processes 2 --devices-per-process 4 -- train --config configs/demo.py --workdir runs/mp
@@ -45,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override the checkpoint's config, e.g. --set mesh.fsdp=1 on fewer devices")
     ev.add_argument("--demo-examples", type=int, help="held-out examples per demo task (default: the config's)")
+    ev.add_argument("--generate", action="store_true", help="generate the answers of the eval split and score "
+                    "them against the truth (exact, CER, WER, BLEU/chrF; audio: code accuracy, mel distance)")
+    ev.add_argument("--max-examples", type=int, help="with --generate: only the first N examples (default: all)")
+    ev.add_argument("--prompts", help="with --generate: score the manifest lines of this JSONL file instead of "
+                                      "the eval split")
+    ev.add_argument("--max-new-tokens", type=int, help="with --generate: at most this many tokens per answer "
+                                                        "(default: up to the trained context)")
+    ev.add_argument("--batch-size", type=int, default=64, help="with --generate: prompts per batch (default 64)")
 
     exp = verbs.add_parser("export", help="a checkpoint's params as safetensors + config + tokenizer + codec")
     exp.add_argument("--workdir", required=True)
@@ -52,10 +62,16 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="a new folder")
     exp.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
 
-    gen = verbs.add_parser("generate", help="text or audio from an exported model after an interleaved prompt")
-    gen.add_argument("--model", required=True, help="a folder written by `omni export`")
-    gen.add_argument("--prompt", required=True,
-                     help="text with inline <image:PATH>, <audio:PATH.wav> or <codes:PATH.npy> tags")
+    gen = verbs.add_parser("generate", help="text or audio from a model after an interleaved prompt, or after "
+                                            "every prompt of a file, in batches")
+    gen.add_argument("--model", required=True, help="a folder written by `omni export`, or a training workdir")
+    gen.add_argument("--step", type=int, help="with a workdir: its checkpoint step (default: the latest)")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text with inline <image:PATH>, <audio:PATH.wav> or <codes:PATH.npy> tags")
+    prompt.add_argument("--prompts", help="a JSONL file: manifest lines (the first target segment is generated) "
+                                          "or {\"prompt\": ..., \"id\": ..., \"target\": ...} lines; results go to --out")
+    gen.add_argument("--batch-size", type=int, default=64, help="with --prompts: prompts per batch (default 64)")
+    gen.add_argument("--wav-dir", help="with --prompts: write each audio answer as <id>.wav here")
     gen.add_argument("--audio", action="append", default=[], help="a WAV file appended to the prompt (repeatable)")
     gen.add_argument("--target", choices=("text", "audio"), default="text", help="what to generate")
     gen.add_argument("--max-new-tokens", type=int, default=200,
@@ -63,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--out", default="generated.wav",
-                     help="where audio goes: a WAV when the codec decodes, else codes as .npy")
+    gen.add_argument("--out", help="--prompt: where audio goes (default generated.wav; a WAV when the codec "
+                                   "decodes, else codes as .npy); --prompts: the results, one JSON line per prompt")
 
     abl = verbs.add_parser("ablate", help="train every fusion variant x seed of the config's ablate plan alike, "
                                           "then write ablation.csv/.md/.png (re-run to resume)")
@@ -373,7 +389,14 @@ def _run(args) -> int:
     elif args.verb == "eval":
         from omni.tools import evaluate
 
-        evaluate.evaluate_checkpoint(args.workdir, args.step, args.set, args.demo_examples)
+        if not args.generate and (args.prompts or args.max_examples is not None or args.max_new_tokens is not None):
+            raise ConfigError("--prompts, --max-examples and --max-new-tokens go with --generate")
+        for name in ("max_examples", "max_new_tokens", "batch_size"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+        evaluate.evaluate_checkpoint(args.workdir, args.step, args.set, args.demo_examples, generate=args.generate,
+                                     max_examples=args.max_examples, prompts=args.prompts,
+                                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     elif args.verb == "export":
         from omni.tools import export
 
@@ -417,7 +440,18 @@ def _generate(args) -> None:
 
     if args.max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}")
-    model = export.load_export(args.model)
+    if args.prompts is not None:
+        if not args.out or args.audio:
+            raise GenerateError("--prompts needs --out (the results file) and takes no --audio (name audio in the "
+                                "prompts' lines)")
+        generate.generate_file(args.model, args.prompts, args.out, step=args.step, target=args.target,
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               seed=args.seed, batch_size=args.batch_size, wav_dir=args.wav_dir)
+        return
+    if args.wav_dir:
+        raise GenerateError("--wav-dir goes with --prompts; with --prompt, --out names the WAV")
+    args.out = args.out or "generated.wav"
+    model = export.load_model(args.model, args.step)
     cfg = model.config
     segments = generate.parse_prompt(args.prompt, args.audio, patch_size=cfg.data.patch_size,
                                      max_image_patches=cfg.data.max_image_patches, codec=model.codec)

@@ -174,6 +174,9 @@ class AblateConfig:
     match: Literal["none", "params", "flops"] = doc(
         "none", "adjust each variant's width (model.d, SwiGLU size in proportion) to the reference's total "
                 "parameters or training FLOPs per token; 'none' keeps the config's width for all")
+    task_examples: int = doc(64, "held-out examples each run generates and scores at its end (the task scores of "
+                                 "`omni eval --generate`: exact, CER, ...) on datasets other than the demo corpora, "
+                                 "which score demo.scored_examples per demo task; 0 skips")
 
 
 @dataclass

@@ -158,3 +158,27 @@ def test_runner_resumes_after_a_kill_without_redoing_finished_runs(tmp_path):
     plan = json.loads((workdir / "plan.json").read_text())
     assert sorted(plan["runs"]) == ["cross-s0", "early-s0", "late1-s0"]
     assert (workdir / "ablation.png").stat().st_size > 10_000
+
+
+def test_report_carries_task_scores_of_any_dataset(tmp_path):
+    """A run on a non-demo dataset ends with omni eval --generate's scores per group: the report gets exact and
+    CER for text answers and code accuracy for audio ones (task_* columns); a demo run keeps its demo_* ones."""
+    base = _base()
+    runs = ablate.make_plan(base, *_sizes(base), seeds=1)[:2]
+    general = {"text": {"n": 4, "exact": 0.25, "cer": 0.5, "wer": 0.75},
+               "audio": {"n": 2, "code_acc": [0.5, 0.7], "code_acc_mean": 0.6, "frames_diff": 1.0}}
+    demo = {"caption": {"n": 4, "exact": 0.75, "cer": 0.1, "shape": 0.75},
+            "synth": {"n": 4, "pitch_acc": 1.0, "code_acc": [1.0, 0.5], "code_acc_mean": 0.75}}
+    for run, tasks in zip(runs, (general, demo)):
+        run_dir = tmp_path / "runs" / run.name
+        run_dir.mkdir(parents=True)
+        losses = {f"{k}/{m}": 1.0 for k in ("loss", "acc") for m in ("text", "audio")}
+        (run_dir / "eval.json").write_text(json.dumps({"step": 2, "eval": losses, "demo_tasks": tasks}))
+    rows = ablate.collect(tmp_path, runs, *_sizes(base))
+    assert {k: v for k, v in rows[0].items() if k.startswith("task_")} == {
+        "task_audio_code_acc_mean": 0.6, "task_text_exact": 0.25, "task_text_cer": 0.5}
+    assert {k: v for k, v in rows[1].items() if k.startswith(("task_", "demo_"))} == {
+        "demo_caption_exact": 0.75, "demo_caption_cer": 0.1, "demo_synth_pitch_acc": 1.0}
+    ablate.write_report(tmp_path, runs, rows, base)
+    header = next(line for line in (tmp_path / "ablation.md").read_text().splitlines() if line.startswith("| variant"))
+    assert header.endswith("| audio code acc | text exact | text cer | caption exact | caption cer | synth pitch acc |")

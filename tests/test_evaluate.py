@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from omni.tools import evaluate
@@ -46,3 +47,47 @@ def test_eval_cli_prints_metrics_and_names_a_missing_step(run):
     bad = subprocess.run([sys.executable, "-m", "omni.cli", "eval", "--workdir", str(workdir), "--step", "3"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no checkpoint of step 3 in" in bad.stderr
+
+
+def test_eval_generate_scores_every_example_and_writes_predictions(run, tmp_path):
+    """--generate on any dataset: the answers of the first N eval examples, scored per group, predictions on disk
+    beside eval-<step>.json; the scores in the JSON are the scores of the predictions in the file."""
+    from omni.tools import tasks
+
+    workdir, _ = run
+    result = evaluate.evaluate_checkpoint(workdir, generate=True, max_examples=6, max_new_tokens=8,
+                                          log=lambda *a: None)
+    assert result["generate"]["dataset"] == "demo" and result["generate"]["split"] == "eval"
+    assert result["generate"]["examples"] == 6 == sum(s["n"] for s in result["tasks"].values())
+    predictions = workdir / "eval-4.predictions.jsonl"
+    assert result["generate"]["predictions"] == str(predictions)
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == 6 and all("truth" in r and r["tokens"] <= 8 for r in rows)
+    assert tasks.score_predictions(rows) == {g: {k: v for k, v in s.items() if k != "mel_l1"}
+                                             for g, s in result["tasks"].items()}
+    for group, score in result["tasks"].items():
+        assert ("exact" in score and "cer" in score) or ("code_acc" in score and "mel_l1" in score), group
+    saved = json.loads((workdir / "eval-4.json").read_text())
+    assert saved["tasks"] == result["tasks"] and set(saved["demo_tasks"]) == set(result["tasks"])
+
+
+def test_eval_generate_cli_on_a_prompts_file_names_a_bad_line(run, tmp_path):
+    workdir, _ = run
+    prompts = tmp_path / "held_out.jsonl"
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(image)
+    prompts.write_text(json.dumps({"id": "grey", "segments": [{"image": "a.png"}, {"text": "a grey square"}],
+                                   "targets": ["text"]}) + "\n" + json.dumps({"prompt": "no answer here"}) + "\n")
+    ok = subprocess.run([sys.executable, "-m", "omni.cli", "eval", "--workdir", str(workdir), "--generate",
+                         "--prompts", str(prompts), "--max-new-tokens", "6"], capture_output=True, text=True,
+                        timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "task text: exact 0.0%, CER" in ok.stdout and "on 1 held-out examples" in ok.stdout
+    saved = json.loads((workdir / "eval-4.json").read_text())
+    assert saved["generate"]["split"] == str(prompts) and saved["generate"]["examples"] == 1
+    prompts.write_text('{"segments": [{"image": "nope.png"}, {"text": "x"}], "targets": ["text"]}\n')
+    bad = subprocess.run([sys.executable, "-m", "omni.cli", "eval", "--workdir", str(workdir), "--generate",
+                          "--prompts", str(prompts)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and f"{prompts}:1: image file not found" in bad.stderr

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -171,3 +172,53 @@ def test_angle_brackets_outside_the_tag_shape_are_prompt_text(memorised):
     result = _omni("generate", "--model", str(out), "--prompt", "a < b > c <b>x</b>", "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr
     assert "prompt 19 tokens" in result.stderr  # 18 bytes of text and <bos>
+
+
+def test_generate_prompts_file_batches_and_matches_the_single_prompt_form(memorised, tmp_path):
+    """`--prompts`: manifest lines (the caption is the answer, left out of the prompt) and an inline-tag line,
+    in one run; each result line carries the id, the output, the stop reason and the token count, in file order,
+    and equals what the single-prompt form gives. A training workdir serves as --model as well as its export."""
+    out, captions = memorised
+    lines = [{"id": f"cap{i}", "segments": [{"image": str(image)}, {"text": caption}], "targets": ["text"]}
+             for i, (image, caption) in enumerate(captions)]
+    lines.append({"prompt": "play loud c e g", "target": "audio", "id": "melody"})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    preds, wavs = tmp_path / "preds.jsonl", tmp_path / "wavs"
+    result = _omni("generate", "--model", str(out), "--prompts", str(prompts), "--out", str(preds),
+                   "--wav-dir", str(wavs), "--max-new-tokens", "40")
+    assert result.returncode == 0, result.stderr
+    assert f"omni: {len(lines)} prompts -> {preds}" in result.stderr
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [line["id"] for line in lines]
+    for row, (_, caption) in zip(rows, captions):
+        assert row["text"] == row["truth"] == caption
+        assert row["stop"] == "stop token" and row["tokens"] == len(caption) + 1
+    melody = rows[-1]
+    assert melody["target"] == "audio" and len(melody["codes"]) > 0 and "truth" not in melody
+    single = tmp_path / "single.wav"
+    alone = _omni("generate", "--model", str(out), "--prompt", "play loud c e g", "--target", "audio",
+                  "--max-new-tokens", "40", "--out", str(single))
+    assert alone.returncode == 0, alone.stderr
+    assert (wavs / "melody.wav").read_bytes() == single.read_bytes()
+    assert f"omni: {melody['tokens']} tokens until" in alone.stderr
+
+    workdir = Path(json.loads((out / "config.json").read_text())["export"]["checkpoint"]).parents[1]
+    from_workdir = _omni("generate", "--model", str(workdir), "--prompts", str(prompts), "--out",
+                         str(tmp_path / "w.jsonl"), "--max-new-tokens", "40")
+    assert from_workdir.returncode == 0, from_workdir.stderr
+    assert [json.loads(line).get("text") for line in (tmp_path / "w.jsonl").read_text().splitlines()] == [
+        r.get("text") for r in rows]
+
+
+def test_generate_prompts_names_the_bad_line(memorised, tmp_path):
+    out, _ = memorised
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"prompt": "see <video:x.mp4>"}\n')
+    line = _one_error_line(_omni("generate", "--model", str(out), "--prompts", str(prompts), "--out",
+                                 str(tmp_path / "o.jsonl")))
+    assert f"{prompts}:2: unknown tag <video:x.mp4>" in line and not (tmp_path / "o.jsonl").exists()
+    prompts.write_text('{"prompt": "hi"}\n' + json.dumps({"prompt": "x" * 200}) + "\n")
+    line = _one_error_line(_omni("generate", "--model", str(out), "--prompts", str(prompts), "--out",
+                                 str(tmp_path / "o.jsonl")))
+    assert f"{prompts}:2: the prompt has 201 tokens but the model was trained on 128-token sequences" in line

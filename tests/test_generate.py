@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -124,11 +125,13 @@ def _next_logits(setup, prompt, generated, target):
 _FORWARD = {}
 
 
-def _forward(graphdef, params, batch, width=96):
-    """Logits of a one-row batch, right-padded to a fixed width so the jitted forward compiles once."""
+def _forward(graphdef, params, batch):
+    """Logits of a one-row batch, right-padded to a fixed width (96 or 192) so the jitted forward compiles once
+    or twice."""
     if id(graphdef) not in _FORWARD:
         _FORWARD[id(graphdef)] = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b))
     n = batch["tokens"].shape[1]
+    width = 96 if n <= 96 else 192
     padded = {k: np.pad(v, [(0, 0), (0, width - n)] + [(0, 0)] * (v.ndim - 2)) for k, v in batch.items()}
     return _FORWARD[id(graphdef)](params, padded)[:, :n]
 
@@ -375,3 +378,113 @@ def test_a_model_that_memorised_captions_generates_them_from_their_images(setup)
     texts = [decode_output(t, "text", vocab, tokenizer) for t in result.tokens]
     assert texts == [e["meta"]["answer"] for e in captions]
     assert result.stopped == [EOS] * len(captions)
+
+
+# ----------------------------------------------------------------------------------------------- many prompts
+
+def _mixed_prompts(setup):
+    """Text-answer prompts of very different lengths: 2 tokens, an image, a melody, and ~110 text bytes."""
+    cfg, vocab, tokenizer, *_ = setup
+    prompts = _prompts(setup, "text")
+    long_text = "describe " + "the quick brown fox jumps over a lazy dog " * 2 + "and then"
+    for text in ("x", long_text, "play c"):
+        prompts.append(prompt_arrays([{"text": text}], vocab, tokenizer, cfg.data.patch_size, "flat", "text"))
+    return prompts
+
+
+@pytest.mark.parametrize("target", ["text", "audio"])
+def test_batched_generation_equals_one_prompt_at_a_time(setup, target):
+    """generate_many (sorted, batched, padded to buckets) gives every prompt the tokens it gets alone, greedy,
+    for prompts from 2 to ~110 tokens, each with its own max_new_tokens."""
+    cfg, vocab, tokenizer, graphdef, params, _ = setup
+    if target == "text":
+        prompts = _mixed_prompts(setup)
+    else:
+        texts = ["p", "play loud c e g a " * 6, "play soft c", "hi there"]
+        prompts = [prompt_arrays([{"text": t}], vocab, tokenizer, cfg.data.patch_size, "flat", "audio") for t in texts]
+    lengths = sorted(len(p["tokens"]) for p in prompts)
+    assert lengths[0] <= 3 and lengths[-1] >= 100
+    requests = [generate_module.Request(p, target, 6 + 3 * i) for i, p in enumerate(prompts)]
+    batched = generate_module.generate_many(graphdef, params, cfg.model, vocab, requests, batch_size=64)
+    assert len(batched.batches) == 1
+    for request, tokens, stopped in zip(requests, batched.tokens, batched.stopped):
+        alone = generate(graphdef, params, cfg.model, vocab, [request.prompt], target=target,
+                         max_new_tokens=request.max_new_tokens, buckets=False)
+        assert tokens == alone.tokens[0] and stopped == alone.stopped[0]
+        assert len(tokens) + (stopped is not None) <= request.max_new_tokens
+    for request, tokens in zip(requests, batched.tokens):
+        assert tokens == _naive_greedy(setup, [request.prompt], target, request.max_new_tokens)[0]
+    in_pairs = generate_module.generate_many(graphdef, params, cfg.model, vocab, requests, batch_size=2)
+    assert in_pairs.tokens == batched.tokens and len(in_pairs.batches) == -(-len(prompts) // 2)
+
+
+def test_batches_of_similar_shape_reuse_one_compiled_program(setup):
+    cfg, vocab, tokenizer, graphdef, params, _ = setup
+    prompts = [prompt_arrays([{"text": t}], vocab, tokenizer, cfg.data.patch_size) for t in ("a", "bb c", "hello")]
+    first = generate(graphdef, params, cfg.model, vocab, prompts[:3], target="text", max_new_tokens=10)
+    # 4 rows (bucket 4), the same width bucket, 12 new tokens (bucket 16): nothing to compile
+    again = generate(graphdef, params, cfg.model, vocab, prompts[:3] + prompts[:1], target="text", max_new_tokens=12)
+    assert again.compile_s == 0.0
+    assert [t[:len(f)] for t, f in zip(again.tokens, first.tokens)] == first.tokens
+    assert generate_module.bucket(1) == 1 and generate_module.bucket(5) == 8 and generate_module.bucket(3, 16) == 16
+
+
+def test_task_of_an_example_prompts_with_what_comes_before_the_answer(setup):
+    *_, examples = setup
+    caption = next(e for e in examples if e["meta"]["task"] == "caption")
+    task = generate_module.task_of(caption)
+    assert [next(iter(s)) for s in task.segments] == ["image"] and task.truth == caption["meta"]["answer"]
+    assert task.target == "text" and task.stop_ids == (EOS,) and task.group == "caption"
+    synth = next(e for e in examples if e["meta"]["task"] == "synth")
+    task = generate_module.task_of(synth)
+    assert task.segments == [{"text": synth["segments"][0]["text"]}] and task.target == "audio"
+    assert task.stop_ids == (EOA,) and task.truth.shape[1] == 2
+    spoken = {"id": "s", "targets": ["text", "audio"], "segments": [
+        {"image": np.zeros((8, 8, 3), np.uint8)}, {"text": "a cat"}, {"audio": np.zeros((3, 2), np.int64)}]}
+    task = generate_module.task_of(spoken)
+    assert task.truth == "a cat" and task.stop_ids == (BOA,) and task.group == "text"
+    with pytest.raises(GenerateError, match="no segment of its targets"):
+        generate_module.task_of({"id": "q", "targets": ["text"], "segments": [{"text": "q", "target": False}]})
+
+
+def test_read_prompts_takes_manifest_and_inline_lines_and_names_bad_lines(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    np.save(tmp_path / "c.npy", np.array([[3, 4], [5, 6]]))
+    np.save(tmp_path / "big.npy", np.array([[3, 4], [500, 6]]))
+    lines = [{"id": "cap", "segments": [{"image": "a.png"}, {"text": "a grey square"}], "targets": ["text"]},
+             {"prompt": "what is <image:a.png>"},
+             {"prompt": "play <codes:c.npy>", "target": "audio", "id": 7}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    tasks = generate_module.read_prompts(path, patch_size=8, max_image_patches=16, codec=ToneCodec())
+    assert [t.id for t in tasks] == ["cap", "line2", "7"] and [t.line for t in tasks] == [1, 2, 3]
+    assert tasks[0].truth == "a grey square" and tasks[0].segments[0]["image"].shape == (16, 16, 3)
+    assert tasks[1].truth is None and [next(iter(s)) for s in tasks[1].segments] == ["text", "image"]
+    assert tasks[2].target == "audio" and tasks[2].segments[1]["audio"].tolist() == [[3, 4], [5, 6]]
+
+    def bad(text, message):
+        path.write_text(json.dumps(lines[0]) + "\n" + text + "\n")
+        with pytest.raises(GenerateError, match=message):
+            generate_module.read_prompts(path, patch_size=8, max_image_patches=16, codec=ToneCodec())
+
+    bad('{"prompt": "x"', f"{path}:2: not valid JSON")
+    bad('{"prompt": "<video:a.mp4>"}', f"{path}:2: unknown tag <video:a.mp4>")
+    bad('{"prompt": "<image:nope.png>"}', f"{path}:2: image file {tmp_path / 'nope.png'} does not exist")
+    bad('{"prompt": "<codes:big.npy>"}', f"{path}:2: codes .*big.npy do not fit codec 'tone-v1': code 500")
+    bad('{"prompt": "x", "target": "video"}', f"{path}:2: target 'video' is not one of")
+    bad('{"text": "x"}', f"{path}:2: a line is a manifest line")
+    bad('{"segments": [{"text": "x"}, {"codes": "big.npy"}], "targets": ["audio"]}', f"{path}:2: segment 1: code 500")
+    bad('{"segments": [{"image": "nope.png"}, {"text": "x"}], "targets": ["text"]}', f"{path}:2: image file not found")
+
+
+def test_a_prompt_that_fills_the_context_is_an_error_naming_its_line(setup, tmp_path):
+    cfg, vocab, tokenizer, *_ = setup
+    tasks = [generate_module.Task("a", [{"text": "hi"}], "text", (EOS,), line=1),
+             generate_module.Task("b", [{"text": "x" * 200}], "text", (EOS,), line=2)]
+    with pytest.raises(GenerateError, match="p.jsonl:2: the prompt has 201 tokens but the model was trained on "
+                                            "128-token sequences"):
+        generate_module.requests_for(tasks, vocab, tokenizer, 8, "flat", 128, 10, source="p.jsonl")
+    requests = generate_module.requests_for(tasks[:1], vocab, tokenizer, 8, "flat", 128, None)
+    assert requests[0].max_new_tokens == 128 - 3  # None: up to the end of the context (<bos> h i)

@@ -4,94 +4,67 @@
     describe   generated melody description: exact match, and the volume word (chance 1/2)
     synth      generated audio codes: pitch code accuracy per frame against the reference codes
 
-Decoding is omni.tools.generate's: one prefill of the prompt batch into a KV cache, then one token per step inside a
-jitted loop, restricted to the answer's modality (text ids for text answers, codebook-ordered codes for synth).
+These are one use of the general task scoring (omni.tools.tasks, `omni eval --generate`): the first
+`num_examples` held-out examples of each task go through it (generation with omni.tools.generate's batched KV
+cache decoder, each answer restricted to its modality; exact match, CER, WER, code accuracy per codebook ...),
+and the demo adds its attribute checks on top. `pitch_acc` is the code accuracy of codebook 0.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from omni.config import Config
 from omni.data import pipeline
 from omni.demo import corpus
-from omni.tokens import AUDIO_DELAY, BOA, EOA, EOS, PAD_ID, encode_example, slice_positions, unflatten_codes
-from omni.tools.generate import generate
+from omni.tools import tasks as tasks_lib
+from omni.tools.generate import task_of
 
 # synth: up to 16 frames of 2 codes, then <eoa> (its <boa> ends the prompt)
 MAX_NEW_TOKENS = {"caption": 40, "describe": 24, "synth": 1 + 2 * 16, "spoken_caption": 40, "transcribe": 40}
-STOP = {"synth": EOA, "spoken_caption": BOA}  # the others end their text answer with <eos>
-TARGET = {"synth": "audio"}  # the answer's modality; the others answer in text (spoken_caption: text, then <boa>)
 CAPTION_TASKS = ("caption", "spoken_caption", "transcribe")
-
-
-def _prompt(example: dict, cfg: Config) -> dict:
-    """The example's per-position arrays up to its first target token: excluded for a text answer, included
-    when it is the <boa> that opens an audio answer (the generator continues with codes)."""
-    encoded = encode_example(example, pipeline.vocab_for(cfg), pipeline.tokenizer_for(cfg), cfg.data.patch_size,
-                             cfg.data.audio_layout)
-    first_target = int(np.argmax(encoded["is_target"]))
-    end = first_target + (encoded["tokens"][first_target] == BOA)
-    return slice_positions(encoded, 0, int(end))
-
-
-def greedy_generate(cfg: Config, graphdef, params, prompts: list[dict], max_new: int, stop_id: int,
-                    target: str = "text") -> list[list[int]]:
-    """Greedy continuation of each prompt (dicts of arrays as omni.tools.generate.prompt_arrays gives them) until stop_id (left out of
-    the output) or max_new tokens, with the KV-cache generator."""
-    result = generate(graphdef, params, cfg.model, pipeline.vocab_for(cfg), prompts, target=target,
-                      max_new_tokens=max_new, stop_ids=(stop_id,), audio_layout=cfg.data.audio_layout)
-    return result.tokens
 
 
 def run(cfg: Config, graphdef, params, num_examples: int, log=print) -> dict:
     """Scores greedy answers on the first `num_examples` held-out examples of each task; logs a few samples."""
-    vocab, tokenizer = pipeline.vocab_for(cfg), pipeline.tokenizer_for(cfg)
     held_out = pipeline.examples(cfg, "eval")
+    examples = []
+    for task in corpus.TASKS + corpus.SPEECH_TASKS:
+        examples += [e for e in held_out if e["meta"].get("task") == task][:num_examples]
+    model = tasks_lib.model_of(cfg, graphdef, params, pipeline.vocab_for(cfg), pipeline.tokenizer_for(cfg),
+                               pipeline.dataset_for(cfg).codec())
+    predictions, scores = tasks_lib.run(model, [task_of(e) for e in examples], max_new_by_group=MAX_NEW_TOKENS,
+                                        log=lambda *a: None)
+    return demo_scores(predictions, scores, log)
+
+
+def demo_scores(predictions: list[dict], scores: dict, log=print) -> dict:
+    """The demo tasks' scores from general predictions and scores (omni.tools.tasks): each demo task's general
+    scores plus its attribute checks, logged as the demo run prints them. Other groups are left out."""
     results = {}
     for task in corpus.TASKS + corpus.SPEECH_TASKS:
-        examples = [e for e in held_out if e["meta"].get("task") == task][:num_examples]
-        if not examples:
+        rows = [r for r in predictions if r["group"] == task and "truth" in r]
+        if not rows:
             continue
-        prompts = [_prompt(e, cfg) for e in examples]
-        stop = STOP.get(task, EOS)
-        outputs = greedy_generate(cfg, graphdef, params, prompts, MAX_NEW_TOKENS[task], stop,
-                                  target=TARGET.get(task, "text"))
+        score = dict(scores[task])
         if task == "synth":
-            results[task] = _score_synth(examples, outputs, vocab, cfg.data.audio_layout)
-            log(f"demo synth: pitch code accuracy per frame {results[task]['pitch_acc']:.1%} "
-                f"over {len(examples)} held-out prompts")
+            score["pitch_acc"] = score["code_acc"][0]
+            log(f"demo synth: pitch code accuracy per frame {score['pitch_acc']:.1%} over {len(rows)} held-out prompts")
+            results[task] = score
             continue
-        texts = [tokenizer.decode([t - vocab.text_offset for t in o if t != stop]) for o in outputs]
-        answers = [e["meta"]["answer"] for e in examples]
-        score = {"exact": float(np.mean([t == a for t, a in zip(texts, answers)])), "n": len(examples)}
+        texts, answers = [r["text"] for r in rows], [r["truth"] for r in rows]
         if task in CAPTION_TASKS:
             for attr in ("shape", "colour", "place"):
-                score[attr] = float(np.mean([corpus.parse_caption(t)[attr] == corpus.parse_caption(a)[attr]
-                                             for t, a in zip(texts, answers)]))
+                score[attr] = sum(corpus.parse_caption(t)[attr] == corpus.parse_caption(a)[attr]
+                                  for t, a in zip(texts, answers)) / len(rows)
             log(f"demo {task}: exact {score['exact']:.1%} (chance 1.1%), shape {score['shape']:.1%} (chance 33%), "
-                f"colour {score['colour']:.1%} (17%), place {score['place']:.1%} (20%) on {len(examples)} held-out examples")
+                f"colour {score['colour']:.1%} (17%), place {score['place']:.1%} (20%) on {len(rows)} held-out examples")
         else:
-            score["volume"] = float(np.mean([t.split()[:1] == a.split()[:1] for t, a in zip(texts, answers)]))
+            score["volume"] = sum(t.split()[:1] == a.split()[:1] for t, a in zip(texts, answers)) / len(rows)
             log(f"demo describe: exact {score['exact']:.1%}, volume word {score['volume']:.1%} (chance 50%) "
-                f"on {len(examples)} held-out melodies")
+                f"on {len(rows)} held-out melodies")
         for t, a in list(zip(texts, answers))[:3]:
             log(f"    truth {a!r:38} model {t!r}")
         results[task] = score
     return results
-
-
-def _score_synth(examples, outputs, vocab, layout: str) -> dict:
-    hits, total = 0, 0
-    for example, out in zip(examples, outputs):
-        reference = next(s["audio"] for s in example["segments"] if "audio" in s)[:, 0]
-        tokens = [t for t in out if t not in (BOA, EOA, EOS, PAD_ID)]
-        codes = unflatten_codes(np.asarray(tokens, np.int64), vocab, layout)[:, 0] if len(tokens) >= 2 else np.zeros(0)
-        codes = np.where(codes == AUDIO_DELAY - vocab.audio_offset(0), -1, codes)
-        n = min(len(codes), len(reference))
-        hits += int(np.sum(codes[:n] == reference[:n]))
-        total += len(reference)
-    return {"pitch_acc": hits / max(total, 1), "n": len(examples)}
 
 
 def end_of_run_for(cfg: Config):

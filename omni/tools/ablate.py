@@ -21,7 +21,10 @@ resumes from its last checkpoint like `omni train` does. A plan.json from anothe
 Outputs in the workdir, rewritten after every finished run:
 
     ablation.csv   one row per run: variant, k, seed, width, params, FLOPs/token, tokens/s (median over the
-                   logged intervals), final eval loss / accuracy per target modality, demo task scores
+                   logged intervals), final eval loss / accuracy per target modality, task scores of the
+                   generated answers at the end of each run: the demo tasks' (demo_*) on a demo corpus, else
+                   those of `omni eval --generate` on ablate.task_examples held-out examples (task_<group>_*:
+                   exact match and CER for text, code accuracy for audio)
     ablation.md    the same per variant as mean ± std over seeds (std over runs, ddof 1), with the plan
     ablation.png   eval loss per modality against tokens seen, the mean over seeds per variant, shaded from
                    the lowest to the highest seed
@@ -146,7 +149,8 @@ def run_ablation(base: Config, workdir: str | Path, seeds: int | None = None, pr
     """
     # The trainer imports the data stack (grain, TFDS); planning and reporting do not need it.
     from omni.data import pipeline
-    from omni.demo import scorer
+    from omni.demo import corpus, scorer
+    from omni.tools import tasks
     from omni.train import loop
 
     workdir = Path(workdir)
@@ -163,7 +167,9 @@ def run_ablation(base: Config, workdir: str | Path, seeds: int | None = None, pr
             log(f"omni ablate: [{i}/{len(runs)}] {run.name}: finished earlier, skipped")
             continue
         log(f"omni ablate: [{i}/{len(runs)}] {run.name}: training in {run_dir}")
-        result = loop.train(run.config, run_dir, progress=progress, end_of_run=scorer.end_of_run_for(run.config))
+        end_of_run = (scorer.end_of_run_for(run.config) if run.config.data.dataset in corpus.NAMES
+                      else tasks.end_of_run_for(run.config, run.config.ablate.task_examples))
+        result = loop.train(run.config, run_dir, progress=progress, end_of_run=end_of_run)
         if result.get("preempted"):
             log(f"omni ablate: stopped at {run.name} (preempted); run the same command to resume")
             return collect(workdir, runs, vocab_size, patch_dim)
@@ -215,13 +221,20 @@ def collect(workdir: Path, runs: list[Run], vocab_size: int, patch_dim: int) -> 
         for modality in TARGET_MODALITIES:
             row[f"eval_loss_{modality}"] = result["eval"][f"loss/{modality}"]
             row[f"eval_acc_{modality}"] = result["eval"][f"acc/{modality}"]
+        # the end-of-run task scores (eval.json "demo_tasks": the demo tasks', or omni eval --generate's groups)
+        prefix = "demo" if any(m in s for s in result.get("demo_tasks", {}).values() for m in DEMO_ONLY) else "task"
         for task, scores in sorted(result.get("demo_tasks", {}).items()):
-            metric = "exact" if "exact" in scores else "pitch_acc"
-            row[f"demo_{task}_{metric}"] = scores[metric]
+            for metric in TASK_METRICS:
+                if metric in scores and not (metric == "code_acc_mean" and "pitch_acc" in scores):
+                    row[f"{prefix}_{task}_{metric}"] = scores[metric]
         row["curve"] = [(r["step"] * tokens_per_step, {m: r[f"eval/loss/{m}"] for m in TARGET_MODALITIES})
                         for r in metrics if "eval/loss/text" in r]
         rows.append(row)
     return rows
+
+
+TASK_METRICS = ("exact", "cer", "pitch_acc", "code_acc_mean")  # the task scores a report row carries
+DEMO_ONLY = ("shape", "volume", "pitch_acc")  # scores only the demo tasks have
 
 
 def _mean_std(values, percent: bool = False) -> str:
@@ -259,9 +272,10 @@ def _by_variant(runs: list[Run], rows: list[dict]) -> dict[str, list[dict]]:
 
 def _markdown(runs: list[Run], rows: list[dict], columns: list[str], base: Config) -> str:
     tc = base.train
-    demo_columns = [c for c in columns if c.startswith("demo_")]
+    demo_columns = [c for c in columns if c.startswith(("demo_", "task_"))]
     header = ["variant", "k", "d", "params", "FLOPs/token", "tokens/s"]
-    header += [f"eval loss {m}" for m in TARGET_MODALITIES] + [c[len("demo_"):].replace("_", " ") for c in demo_columns]
+    header += [f"eval loss {m}" for m in TARGET_MODALITIES] + [
+        c.split("_", 1)[1].replace("_acc_mean", " acc").replace("_", " ") for c in demo_columns]
     lines = [
         "# Fusion ablation", "",
         f"{len({r.variant for r in runs})} variants x {len({r.seed for r in runs})} seeds (train.seed "
@@ -269,7 +283,8 @@ def _markdown(runs: list[Run], rows: list[dict], columns: list[str], base: Confi
         f"{tc.batch_size} x {base.data.seq_len} = {tc.steps * tc.batch_size * base.data.seq_len:,} tokens on "
         f"dataset '{base.data.dataset}' in the same order (data.shuffle_seed {base.data.shuffle_seed}); widths "
         f"matched on: {base.ablate.match} (reference {base.ablate.variants[0]}). Values are mean ± std over "
-        f"seeds; eval losses are the final held-out loss per target modality; tokens/s is the median logged "
+        f"seeds; eval losses are the final held-out loss per target modality; task scores (after the losses) are "
+        f"of greedy answers to held-out examples at the end of each run; tokens/s is the median logged "
         f"training speed.", "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant, group in _by_variant(runs, rows).items():

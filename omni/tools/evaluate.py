@@ -1,9 +1,14 @@
-"""`omni eval`: held-out loss and accuracy per modality, and the demo tasks' scores, for one checkpoint.
+"""`omni eval`: held-out loss and accuracy per modality, task scores of generated answers, for one checkpoint.
 
     omni eval --workdir runs/demo [--step N] [--set train.eval_batches=8 ...]
+    omni eval --workdir runs/my --generate [--max-examples N] [--prompts held_out.jsonl] [--max-new-tokens N]
 
 Reads the config saved with that checkpoint (overrides apply on top, e.g. another mesh for fewer devices),
-restores only the parameters, evaluates the eval split and writes `<workdir>/eval-<step>.json`.
+restores only the parameters, evaluates the eval split and writes `<workdir>/eval-<step>.json`. On a demo
+corpus the demo tasks are scored too ("demo_tasks", omni.demo.scorer). With --generate the answers of the eval
+split (its first N examples, or the lines of a prompts file) are generated and scored against the truth for any
+dataset (omni.tools.tasks): "tasks" in the JSON holds the scores per group, "generate" the dataset, split,
+example count and the predictions file written beside the JSON (`eval-<step>.predictions.jsonl`).
 """
 
 from __future__ import annotations
@@ -18,14 +23,19 @@ from omni import config as config_lib
 from omni import sharding
 from omni.data import pipeline
 from omni.demo import corpus, scorer
+from omni.tools import generate as generate_lib
+from omni.tools import tasks as tasks_lib
 from omni.train import checkpoint, workdir as workdir_lib
 from omni.train.step import (build_model, build_optimizer, check_host_batch, evaluate, make_eval_step,
                              modality_summary, same_batch_count)
 
 
 def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides: list[str] = (),
-                        demo_examples: int | None = None, log=print) -> dict:
-    """Evaluates a checkpoint of `workdir`; returns and saves {"step", "eval", "demo_tasks"}."""
+                        demo_examples: int | None = None, log=print, generate: bool = False,
+                        max_examples: int | None = None, prompts=None, max_new_tokens: int | None = None,
+                        batch_size: int = 64) -> dict:
+    """Evaluates a checkpoint of `workdir`; returns and saves {"step", "eval", "demo_tasks"} (+ "tasks" and
+    "generate" with `generate` or `prompts`)."""
     workdir = Path(workdir)
     step = checkpoint.pick_step(workdir, step)
     if jax.process_index() == 0:
@@ -42,17 +52,50 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides:
     metrics = evaluate(eval_step, params, batches, mesh, cfg.mesh.rules)
     log(f"omni: {workdir / 'checkpoints' / str(step)}: held-out loss {modality_summary(metrics)} "
         f"over {metrics['tokens/target']:.0f} target tokens")
-    tasks = {}
+    out = workdir / f"eval-{step}.json"
+    tasks, generated, predictions = {}, None, None
     examples = cfg.demo.scored_examples if demo_examples is None else demo_examples
-    if examples and cfg.data.dataset in corpus.NAMES:
+    if generate or prompts is not None:
+        with sharding.activate(mesh, cfg.mesh.rules):
+            generated, predictions = _generate_and_score(cfg, graphdef, params, max_examples, prompts,
+                                                         max_new_tokens, batch_size, log)
+        generated["predictions"] = str(predictions_path(out))
+        if cfg.data.dataset in corpus.NAMES:  # the demo scores come from the same answers
+            tasks = scorer.demo_scores(predictions, generated["scores"], log=lambda *a: None)
+    elif examples and cfg.data.dataset in corpus.NAMES:
         with sharding.activate(mesh, cfg.mesh.rules):
             tasks = scorer.run(cfg, graphdef, params, examples, log=log)
     result = {"step": step, "eval": metrics, "demo_tasks": tasks}
+    if generated is not None:
+        result["tasks"] = generated.pop("scores")
+        result["generate"] = generated
     if jax.process_index() == 0:
-        out = workdir / f"eval-{step}.json"
+        if predictions is not None:
+            generate_lib.write_jsonl(predictions_path(out), predictions)
         workdir_lib.write_atomic(out, json.dumps(result, indent=2) + "\n")
-        log(f"omni: wrote {out}")
+        log(f"omni: wrote {out}" + (f" and {predictions_path(out).name}" if predictions is not None else ""))
     return result
+
+
+def predictions_path(eval_json: Path) -> Path:
+    """Where the generated answers go: beside the eval JSON, named after it."""
+    return eval_json.with_name(f"{eval_json.stem}.predictions.jsonl")
+
+
+def _generate_and_score(cfg, graphdef, params, max_examples, prompts, max_new_tokens, batch_size, log):
+    """({"dataset", "split", "examples", "max_new_tokens", "scores"}, predictions) of the eval split or a
+    prompts file (omni.tools.tasks)."""
+    vocab, tokenizer, codec = pipeline.vocab_for(cfg), pipeline.tokenizer_for(cfg), pipeline.dataset_for(cfg).codec()
+    tasks, split = tasks_lib.eval_tasks(cfg, max_examples, prompts, codec)
+    model = tasks_lib.model_of(cfg, graphdef, params, vocab, tokenizer, codec)
+    demo_caps = scorer.MAX_NEW_TOKENS if cfg.data.dataset in corpus.NAMES and max_new_tokens is None else None
+    predictions, scores = tasks_lib.run(model, tasks, max_new_tokens=max_new_tokens, max_new_by_group=demo_caps,
+                                        batch_size=batch_size, log=log)
+    for group, score in scores.items():
+        log(f"omni: {tasks_lib.describe(group, score)}")
+    return ({"dataset": cfg.data.dataset, "split": split, "examples": len(tasks),
+             "max_new_tokens": max_new_tokens or f"up to data.seq_len={cfg.data.seq_len}", "scores": scores},
+            predictions)
 
 
 def restore_params_onto(cfg, mesh, workdir: Path, step: int):

@@ -517,3 +517,32 @@ def load_export(folder, scan_layers: bool | None = None) -> Exported:
         raise ExportError(f"the tokenizer of export {folder} cannot be loaded: {e}") from e
     return Exported(folder=folder, config=cfg, vocab=vocab, graphdef=graphdef, params=params, tokenizer=tokenizer,
                     codec=load_codec_folder(folder / CODEC_DIR), info=info)
+
+
+def load_workdir(workdir, step: int | None = None) -> Exported:
+    """A training workdir's checkpoint (the latest, or `step`) loaded like an export: the same Exported, with
+    the tokenizer and codec the run recorded (the dataset folder must still exist for a fitted codec)."""
+    workdir = Path(workdir)
+    step = pick_step(workdir, step)
+    meta = checkpoint.read_meta(workdir, step)
+    cfg = config_lib.from_dict(meta["config"], source=f"{workdir / 'checkpoints' / str(step)}/meta")
+    tokenizer = _tokenizer_of(cfg, meta)
+    codec = _codec_of(meta)
+    vocab = _vocab_of(meta, tokenizer, codec)
+    graphdef, abstract = abstract_model(cfg, vocab)
+    params = params_from_tensors(_checked_tensors(workdir, step, cfg, vocab), abstract, cfg.model.scan_layers,
+                                 jnp.dtype(cfg.model.param_dtype))
+    info = {"step": step, "dtype": cfg.model.param_dtype, "checkpoint": str(workdir / "checkpoints" / str(step))}
+    return Exported(folder=workdir, config=cfg, vocab=vocab, graphdef=graphdef, params=params, tokenizer=tokenizer,
+                    codec=codec, info=info)
+
+
+def load_model(path, step: int | None = None) -> Exported:
+    """An `omni export` folder or a training workdir (its latest checkpoint, or `step`), whichever `path` is."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        return load_export(path)
+    if (path / "checkpoints").is_dir():
+        return load_workdir(path, step)
+    raise ExportError(f"{path} is not an omni export ({CONFIG_FILE} and {WEIGHTS_FILE}) nor a training workdir "
+                      f"(checkpoints/); give a folder written by `omni export` or by `omni train`")

@@ -15,8 +15,10 @@ no `<eos>`), plus `<boa>` when the answer is audio. fit_to_context caps the new 
 training sequence length leaves after the prompt (omni generate does; generate itself takes any count).
 
 Decoding (generate): one jitted prefill of the right-padded prompt batch fills the cache (omni.model), then a
-`lax.while_loop` feeds one token per row per step until every row has produced a stop id or
-max_new_tokens. The loop runs in chunks of steps (about DECODE_CHUNK_S seconds each) with a host check in
+`lax.while_loop` feeds one token per row per step until every row has produced a stop id or its own
+max_new_tokens. The batch is padded to buckets (rows and new tokens to powers of two, prompt width to a power of
+two >= 16; prompt_batch is the one place per-prompt arrays become a model batch), so batches of similar shape
+share one compiled program; padding rows and positions change no row's tokens. The loop runs in chunks of steps (about DECODE_CHUNK_S seconds each) with a host check in
 between, so Ctrl-C (KeyboardInterrupt) stops it between two chunks. Each step's logits are restricted to the
 target modality:
 
@@ -24,9 +26,16 @@ target modality:
     audio   flat layout: position n of the span must be codebook n % K; delay layout: codebook n % K or
             <delay>; the stop ids (default <eoa>) only at a frame boundary (n % K == 0)
 
+Many prompts (generate_many, `omni generate --prompts FILE`): requests with the same target and stop ids are
+sorted by prompt length and cut into batches of at most batch_size; read_prompts reads a prompts file of
+manifest lines (the first target segment is the answer: left out of the prompt, kept as the truth; task_of)
+or {"prompt": "... <image:PATH> ..."} lines, and names the file and line of any bad one; run_tasks generates
+them all and gives one result dict per line (id, output, stop reason, token count, truth).
+
 Sampling: temperature 0 is greedy (argmax); temperature T > 0 samples softmax(logits / T), restricted to the
 top_k most likely ids when top_k > 0 (top_k=1 is greedy). The PRNG is seeded by `seed`: same seed, same
-output. Timings are measured after compiling (compile time reported apart); compiled executables are kept per
+output (for the same batch: a prompt's samples depend on its row and the batch shape; greedy output does
+not). Timings are measured after compiling (compile time reported apart); compiled executables are kept per
 model, settings and shapes, so a second call with the same shapes compiles nothing.
 """
 
@@ -50,8 +59,8 @@ from omni.data.audio import load_audio
 from omni.data.images import decode_image, fit_image
 from omni.errors import AudioError, GenerateError
 from omni.model.transformer import init_cache
-from omni.tokens import (AUDIO_DELAY, BOA, EOA, EOS, PAD_ID, Vocab, check_codes, encode_example, slice_positions,
-                         unflatten_codes)
+from omni.tokens import (AUDIO_DELAY, BOA, BOI, BOS, EOA, EOS, PAD_ID, Vocab, check_codes, encode_example,
+                         slice_positions, unflatten_codes)
 
 TAGS = {"image": "<image:PATH>", "audio": "<audio:PATH.wav>", "codes": "<codes:PATH.npy>"}
 TAG = re.compile(r"<([A-Za-z][\w-]*):([^<>]*)>")  # the tag shape: any word; unknown words are errors
@@ -65,11 +74,12 @@ DECODE_CHUNK_S = 0.1  # seconds of decoding between two host checks (how soon an
 # ----------------------------------------------------------------------------------------------- prompts
 
 def parse_prompt(text: str, audio=(), *, patch_size: int = 8, max_image_patches: int = 256,
-                 codec=None) -> list[dict]:
+                 codec=None, base=None) -> list[dict]:
     """A prompt string (module docstring) + audio files -> segments for encode_example.
 
     Segments are {"text": str}, {"image": uint8 [H, W, 3]} (fitted to the patch budget) or {"audio": int
-    codes [T, K]} (encoded by `codec`, or loaded from a .npy given as <codes:PATH>).
+    codes [T, K]} (encoded by `codec`, or loaded from a .npy given as <codes:PATH>). Relative tag paths are
+    relative to `base` when given (a prompts file's folder), else to the working directory.
     """
     segments, start, parts = [], 0, []
     for match in TAG.finditer(text):
@@ -80,7 +90,7 @@ def parse_prompt(text: str, audio=(), *, patch_size: int = 8, max_image_patches:
             raise GenerateError(f"tag {match.group(0)} in the prompt names no file; write {TAGS[kind]} (the known "
                                 f"tags are {TAG_HELP})")
         parts.append(("text", text[start:match.start()]))
-        parts.append((kind, value))
+        parts.append((kind, _relative(value, None if base is None else Path(base))))
         start = match.end()
     parts.append(("text", text[start:]))
     parts += [("audio", str(path)) for path in audio]
@@ -261,14 +271,15 @@ def _make_fns(graphdef, model_cfg, spec: _Spec, total_len: int, patch_dim: int):
     else:
         first_logits, next_logits = _recompute_steps(spec, total_len)
 
-    def prefill(params, batch, lengths_B, key, sampling):
+    def prefill(params, batch, lengths_B, limits_B, key, sampling):
         n = lengths_B.shape[0]
         logits_BxV, cache = first_logits(nnx.merge(graphdef, params), batch, lengths_B)
         key, sub = jax.random.split(key)
         token_B = pick(logits_BxV, 0, sub, sampling)
         out_BxN = jnp.full((n, spec.max_new_tokens), PAD_ID, jnp.int32).at[:, 0].set(token_B)
         return {"step": jnp.ones((), jnp.int32), "token": token_B, "cache": cache, "lengths": lengths_B,
-                "finished": jnp.isin(token_B, stops), "key": key, "out": out_BxN, "sampling": sampling}
+                "limits": limits_B, "finished": jnp.isin(token_B, stops) | (limits_B <= 1), "key": key,
+                "out": out_BxN, "sampling": sampling}
 
     def decode(params, state, limit):
         """Steps until every row stopped, max_new_tokens, or step `limit` (the end of this chunk)."""
@@ -283,7 +294,7 @@ def _make_fns(graphdef, model_cfg, spec: _Spec, total_len: int, patch_dim: int):
             key, sub = jax.random.split(s["key"])
             new_B = jnp.where(s["finished"], PAD_ID, pick(logits_BxV, s["step"], sub, s["sampling"]))
             return params, dict(s, step=s["step"] + 1, token=new_B, cache=cache, key=key,
-                                finished=s["finished"] | jnp.isin(new_B, stops),
+                                finished=s["finished"] | jnp.isin(new_B, stops) | (s["step"] + 1 >= s["limits"]),
                                 out=s["out"].at[:, s["step"]].set(new_B))
 
         return jax.lax.while_loop(cond, body, (params, state))[1]
@@ -299,12 +310,8 @@ def _cached_steps(model_cfg, spec: _Spec, total_len: int, patch_dim: int):
         return logits_Bx1xV[:, 0], cache
 
     def next_logits(model, token_B, slot_B, cache):
-        n = token_B.shape[0]
-        step_batch = {"tokens": token_B[:, None], "patches": jnp.zeros((n, 1, patch_dim), jnp.uint8),
-                      "patch_positions": jnp.ones((n, 1), jnp.int32),  # out of the 1-token row: no patch
-                      "modality": _modality_of(token_B, spec.vocab)[:, None],
-                      "segment_ids": jnp.ones((n, 1), jnp.int32), "positions": slot_B[:, None]}
-        logits_Bx1xV, cache = model(step_batch, cache=cache, decode=True)
+        batch = step_batch(token_B, _modality_of(token_B, spec.vocab), slot_B, patch_dim)
+        logits_Bx1xV, cache = model(batch, cache=cache, decode=True)
         return logits_Bx1xV[:, 0], cache
 
     return first_logits, next_logits
@@ -359,42 +366,84 @@ def _compiled(name: str, graphdef, spec: _Spec, fn, *args, donate=()):
     return executable, seconds
 
 
-def generate(graphdef, params, model_cfg, vocab: Vocab, prompts: list[dict], *, target: str, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0, seed: int = 0, stop_ids=None,
-             audio_layout: str = "flat") -> GenerationResult:
-    """Continues each prompt (arrays as prompt_arrays gives them) in one batch.
+# ----------------------------------------------------------------------------------------------- model batches
 
-    Rows stop at their first stop id (default <eos> for text, <eoa> for audio) or after max_new_tokens.
-    """
-    _check_target(target)
-    if not prompts:
-        raise GenerateError("no prompts to generate from")
-    if max_new_tokens < 1:
-        raise GenerateError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-    if temperature < 0 or top_k < 0:
-        raise GenerateError(f"temperature and top_k must be >= 0; got {temperature}, {top_k}")
-    stop_ids = tuple(int(s) for s in (DEFAULT_STOP[target] if stop_ids is None else stop_ids))
-    spec = _Spec(vocab, target, audio_layout, int(max_new_tokens), temperature == 0, top_k > 0, stop_ids,
-                 repr(model_cfg))
-    lengths = np.array([len(p["tokens"]) for p in prompts], np.int32)
-    if lengths.min() < 1:
-        raise GenerateError("every prompt needs at least one token (<bos>)")
-    n, width = len(prompts), int(lengths.max())
+def bucket(n: int, smallest: int = 1) -> int:
+    """n rounded up to a power of two (at least `smallest`): the fixed sizes batches and lengths are padded to,
+    so that a handful of compiled programs serve every call."""
+    return max(smallest, 1 << max(int(n) - 1, 0).bit_length())
+
+
+NO_POSITION = 2**30  # an unused patch slot's position: past any row, so the model's scatter drops it
+
+
+def prompt_batch(prompts: list[dict], rows: int, width: int) -> dict:
+    """Per-prompt arrays (prompt_arrays) -> the model's batch (omni.batch), right-padded to `width` positions and
+    `rows` rows, the patch slots padded to a power of two; the rows past len(prompts) hold a lone <bos> (their
+    output is never read). This and step_batch are the only places generation builds model inputs."""
     pdim = np.shape(prompts[0]["patches"])[-1]
-    slots = max(1, max(len(p["patches"]) for p in prompts))
-    batch = {"tokens": np.zeros((n, width), np.int32), "modality": np.zeros((n, width), np.int32),
-             "patches": np.zeros((n, slots, pdim), np.uint8),
-             "patch_positions": np.full((n, slots), width + max_new_tokens, np.int32),  # unused: out of range
+    slots = bucket(max(len(p["patches"]) for p in prompts))
+    lengths = np.ones(rows, np.int32)
+    lengths[:len(prompts)] = [len(p["tokens"]) for p in prompts]
+    batch = {"tokens": np.zeros((rows, width), np.int32), "modality": np.zeros((rows, width), np.int32),
+             "patches": np.zeros((rows, slots, pdim), np.uint8),
+             "patch_positions": np.full((rows, slots), NO_POSITION, np.int32),
              "segment_ids": (np.arange(width)[None] < lengths[:, None]).astype(np.int32),
-             "positions": np.tile(np.arange(width, dtype=np.int32), (n, 1))}
+             "positions": np.tile(np.arange(width, dtype=np.int32), (rows, 1))}
+    batch["tokens"][len(prompts):, 0], batch["modality"][len(prompts):, 0] = BOS, TEXT
     for i, p in enumerate(prompts):
         for name in ("tokens", "modality"):
             batch[name][i, :lengths[i]] = p[name]
         batch["patches"][i, :len(p["patches"])] = p["patches"]
         batch["patch_positions"][i, :len(p["patches"])] = p["patch_positions"]
-    prefill_fn, decode_fn = _make_fns(graphdef, model_cfg, spec, width + max_new_tokens, pdim)
+    return batch
+
+
+def step_batch(token_B, modality_B, slot_B, patch_dim: int) -> dict:
+    """One new token per row at cache slot slot_B (a decode step): never an image patch, so no pixels."""
+    n = token_B.shape[0]
+    return {"tokens": token_B[:, None], "patches": jnp.zeros((n, 1, patch_dim), jnp.uint8),
+            "patch_positions": jnp.full((n, 1), NO_POSITION, jnp.int32),
+            "modality": modality_B[:, None], "segment_ids": jnp.ones((n, 1), jnp.int32), "positions": slot_B[:, None]}
+
+
+def generate(graphdef, params, model_cfg, vocab: Vocab, prompts: list[dict], *, target: str, max_new_tokens,
+             temperature: float = 0.0, top_k: int = 0, seed: int = 0, stop_ids=None,
+             audio_layout: str = "flat", buckets: bool = True) -> GenerationResult:
+    """Continues each prompt (arrays as prompt_arrays gives them) in one batch.
+
+    Rows stop at their first stop id (default <eos> for text, <eoa> for audio) or after max_new_tokens (one
+    count for all, or one per prompt). With `buckets` the batch is padded to bucket(rows) rows of
+    bucket(width, 16) positions and the loop sized for bucket(max_new_tokens, 16) steps, so calls with similar
+    shapes reuse one compiled program; padding changes no row's tokens (each row stops at its own count).
+    """
+    _check_target(target)
+    if not prompts:
+        raise GenerateError("no prompts to generate from")
+    limits = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (len(prompts),))
+    if limits.min() < 1:
+        raise GenerateError(f"max_new_tokens must be >= 1; got {int(limits.min())}")
+    if temperature < 0 or top_k < 0:
+        raise GenerateError(f"temperature and top_k must be >= 0; got {temperature}, {top_k}")
+    stop_ids = tuple(int(s) for s in (DEFAULT_STOP[target] if stop_ids is None else stop_ids))
+    lengths = np.array([len(p["tokens"]) for p in prompts], np.int32)
+    if lengths.min() < 1:
+        raise GenerateError("every prompt needs at least one token (<bos>)")
+    n, width, steps = len(prompts), int(lengths.max()), int(limits.max())
+    if buckets:
+        rows, width, steps = bucket(n), bucket(width, 16), bucket(steps, 16)
+    else:
+        rows = n
+    spec = _Spec(vocab, target, audio_layout, steps, temperature == 0, top_k > 0, stop_ids, repr(model_cfg))
+    batch = prompt_batch(prompts, rows, width)
+    lengths_B = np.ones(rows, np.int32)
+    lengths_B[:n] = lengths
+    limits_B = np.zeros(rows, np.int32)  # padding rows are finished from the start
+    limits_B[:n] = limits
+    pdim = batch["patches"].shape[-1]
+    prefill_fn, decode_fn = _make_fns(graphdef, model_cfg, spec, width + steps, pdim)
     sampling = (np.float32(temperature or 1.0), np.int32(top_k))
-    args = (params, batch, lengths, jax.random.key(seed), sampling)
+    args = (params, batch, lengths_B, limits_B, jax.random.key(seed), sampling)
     prefill, compile_prefill = _compiled("prefill", graphdef, spec, prefill_fn, *args)
     start = time.perf_counter()
     state = jax.block_until_ready(prefill(*args))
@@ -406,7 +455,8 @@ def generate(graphdef, params, model_cfg, vocab: Vocab, prompts: list[dict], *, 
 
     out = _to_host(state["out"])
     tokens, stopped = [], []
-    for row in out:
+    for row, limit in zip(out[:n], limits):
+        row = row[:limit]
         hits = np.flatnonzero(np.isin(row, stop_ids))
         end = int(hits[0]) if hits.size else len(row)
         tokens.append([int(t) for t in row[:end]])
@@ -444,6 +494,323 @@ def _to_host(x) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ----------------------------------------------------------------------------------------------- many prompts
+
+@dataclasses.dataclass
+class Request:
+    """One prompt to continue: its arrays (prompt_arrays), what to generate, how far, and where to stop."""
+    prompt: dict
+    target: str
+    max_new_tokens: int
+    stop_ids: tuple[int, ...] | None = None  # None: DEFAULT_STOP[target]
+
+
+@dataclasses.dataclass
+class ManyResult:
+    tokens: list[list[int]]      # per request, in request order, stop id excluded
+    stopped: list[int | None]    # the stop id that ended each, None where its max_new_tokens ran out
+    batches: list[tuple[int, int, int]]  # (prompts, padded rows, padded width) of every batch run
+    generated: int               # tokens generated, all requests (stop ids included)
+    prefill_s: float
+    decode_s: float
+    compile_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second of prefill + decode (compiling excluded)."""
+        seconds = self.prefill_s + self.decode_s
+        return self.generated / seconds if seconds > 0 else 0.0
+
+
+def generate_many(graphdef, params, model_cfg, vocab: Vocab, requests: list[Request], *, batch_size: int = 64,
+                  temperature: float = 0.0, top_k: int = 0, seed: int = 0, audio_layout: str = "flat",
+                  ) -> ManyResult:
+    """Any number of requests in batches of at most `batch_size`: requests with the same target and stop ids
+    are sorted by prompt length (so a batch holds similar lengths), cut into batches and run through generate,
+    whose buckets let every batch of similar shape reuse one compiled program. Results come back in order."""
+    if batch_size < 1:
+        raise GenerateError(f"the batch size must be at least 1; got {batch_size}")
+    groups: dict = {}
+    for i, r in enumerate(requests):
+        _check_target(r.target)
+        stop = tuple(DEFAULT_STOP[r.target] if r.stop_ids is None else r.stop_ids)
+        groups.setdefault((r.target, stop), []).append(i)
+    tokens, stopped = [None] * len(requests), [None] * len(requests)
+    out = ManyResult(tokens, stopped, [], 0, 0.0, 0.0, 0.0)
+    for (target, stop), members in groups.items():
+        members.sort(key=lambda i: len(requests[i].prompt["tokens"]))
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            result = generate(graphdef, params, model_cfg, vocab, [requests[i].prompt for i in chunk],
+                              target=target, max_new_tokens=[requests[i].max_new_tokens for i in chunk],
+                              temperature=temperature, top_k=top_k, seed=seed, stop_ids=stop,
+                              audio_layout=audio_layout)
+            for i, t, s in zip(chunk, result.tokens, result.stopped):
+                tokens[i], stopped[i] = t, s
+            width = max(len(requests[i].prompt["tokens"]) for i in chunk)
+            out.batches.append((len(chunk), bucket(len(chunk)), bucket(width, 16)))
+            out.generated += result.decode_tokens + len(chunk)
+            out.prefill_s += result.prefill_s
+            out.decode_s += result.decode_s
+            out.compile_s += result.compile_s
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- prompts files
+
+@dataclasses.dataclass
+class Task:
+    """One line of a prompts file (or one held-out example): the prompt segments, what to generate and, when
+    the line is an example with its answer, the truth to score against."""
+    id: str
+    segments: list[dict]            # the prompt, as parse_prompt gives them
+    target: str                     # "text" or "audio"
+    stop_ids: tuple[int, ...]       # what ends the answer (the marker of the segment that follows it)
+    truth: "str | np.ndarray | None" = None  # the answer: text, or codes [T, K]
+    group: str = ""                 # what scores are grouped by: the example's meta "task", else its target
+    line: int = 0                   # line number in the prompts file (0: not from a file)
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+def task_of(example: dict, line: int = 0) -> Task:
+    """An example ({"id", "targets", "meta", "segments"} with images decoded and audio as codes) -> its Task.
+
+    The answer is the first segment of a target modality that is in the loss ("target" not false); the prompt
+    is every segment before it. A text answer ends where the next segment's marker would come (<boa> before
+    audio, <boi> before an image) or at <eos>; an audio answer at <eoa>. Later segments are not generated.
+    """
+    targets = set(example.get("targets", ()))
+    segments = example["segments"]
+    for i, segment in enumerate(segments):
+        kind = "text" if "text" in segment else "audio" if "audio" in segment else "image"
+        if kind in targets and segment.get("target", True):
+            break
+    else:
+        raise GenerateError(f"example {example.get('id')} has no segment of its targets {sorted(targets)} to "
+                            f"generate")
+    if kind == "audio":
+        stop = (EOA,)
+    else:
+        following = segments[i + 1] if i + 1 < len(segments) else {}
+        stop = (BOA,) if "audio" in following else (BOI,) if "image" in following else (EOS,)
+    prompt = [{k: v for k, v in s.items() if k != "target"} for s in segments[:i]]
+    truth = segments[i]["text"] if kind == "text" else np.asarray(segments[i]["audio"])
+    meta = example.get("meta") or {}
+    return Task(id=str(example.get("id", f"line{line}")), segments=prompt, target=kind, stop_ids=stop,
+                truth=truth, group=str(meta.get("task", kind)), line=line, meta=meta)
+
+
+PROMPT_KEYS = {"prompt", "id", "target", "audio"}
+
+
+def read_prompts(path, *, patch_size: int, max_image_patches: int, codec=None, target: str = "text") -> list[Task]:
+    """A prompts file -> Tasks. Each non-blank line is a JSON object, either
+
+        a manifest line (omni.data.manifest; "segments", "targets", ...): the prompt is every segment before
+            its first target segment, which is the answer (kept as the truth to score against);
+        {"prompt": "text with <image:PATH> ... tags", "id": ..., "target": "text"|"audio", "audio": [PATH, ...]}:
+            an inline-tag prompt as `omni generate --prompt` takes it ("target" defaults to `target`).
+
+    Relative paths in either are relative to the file's folder. A bad line is a GenerateError naming the file
+    and line: not JSON, an unknown field, tag or target, a missing file, codes out of range.
+    """
+    from omni.data.audio import resample
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenerateError(f"prompts file {path} does not exist")
+    tasks = []
+    for number, line in manifest.read_lines(path):
+        if isinstance(line, manifest.ManifestError):
+            raise GenerateError(str(line))
+
+        def fail(reason):
+            raise GenerateError(f"{path}:{number}: {reason}")
+
+        if "segments" not in line:
+            unknown = set(line) - PROMPT_KEYS
+            if "prompt" not in line or unknown:
+                fail(f"a line is a manifest line with \"segments\" or a prompt {{\"prompt\": \"text with "
+                     f"{TAG_HELP} tags\", \"id\", \"target\", \"audio\"}}"
+                     + (f"; unknown field(s) {sorted(unknown)}" if unknown else ""))
+            kind = line.get("target", target)
+            if kind not in TARGET_MODALITIES:
+                fail(f"target {manifest.short_repr(kind)} is not one of {TARGET_MODALITIES}")
+            audio = line.get("audio", [])
+            if not isinstance(line["prompt"], str) or not isinstance(audio, list):
+                fail("\"prompt\" must be a string and \"audio\" a list of WAV paths")
+            try:
+                segments = parse_prompt(line["prompt"], [_relative(a, path.parent) for a in audio],
+                                        patch_size=patch_size, max_image_patches=max_image_patches, codec=codec,
+                                        base=path.parent)
+            except GenerateError as e:
+                fail(str(e))
+            tasks.append(Task(id=str(line.get("id", f"line{number}")), segments=segments, target=kind,
+                              stop_ids=DEFAULT_STOP[kind], group=kind, line=number))
+            continue
+        try:
+            raw = manifest.load_line(line, path, number)
+        except manifest.ManifestError as e:
+            raise GenerateError(str(e)) from None
+        segments = []
+        for i, segment in enumerate(raw["segments"]):
+            out = {"target": segment.get("target", True)}
+            try:
+                if "image_bytes" in segment:
+                    out["image"] = fit_image(decode_image(segment["image_bytes"]), patch_size, max_image_patches)
+                elif "text" in segment:
+                    out["text"] = segment["text"]
+                else:
+                    if codec is None:
+                        fail(f"segment {i} is audio but this model has no audio codec (its dataset had no audio)")
+                    if "audio" in segment:
+                        if getattr(codec, "sample_rate", None) is None:
+                            fail(f"segment {i}: the model's codec {codec.name!r} is external; give the codes of "
+                                 f"this audio as a \"codes\" segment")
+                        codes = np.asarray(codec.encode(resample(segment["audio"], segment["sample_rate"],
+                                                                 codec.sample_rate)))
+                    else:
+                        codes = segment["codes"]
+                    check_codes(codes, codec.codebook_sizes)
+                    out["audio"] = codes
+            except ValueError as e:
+                if isinstance(e, GenerateError):
+                    raise
+                fail(f"segment {i}: {e}")
+            segments.append(out)
+        tasks.append(task_of(dict(raw, segments=segments), number))
+    if not tasks:
+        raise GenerateError(f"prompts file {path} has no prompts (every line is blank)")
+    return tasks
+
+
+def _relative(value, base: Path | None) -> str:
+    if base is None or Path(value).is_absolute():
+        return str(value)
+    return str(base / value)
+
+
+def requests_for(tasks: list[Task], vocab: Vocab, tokenizer, patch_size: int, audio_layout: str, context: int,
+                 max_new_tokens: int | None = None, source: str = "") -> list[Request]:
+    """Tasks -> Requests: each prompt encoded as in training, its new tokens capped to what the context leaves
+    (fit_to_context; None: all of it). A prompt that fills the context is a GenerateError naming its line."""
+    requests = []
+    for task in tasks:
+        prompt = prompt_arrays(task.segments, vocab, tokenizer, patch_size, audio_layout, task.target)
+        try:
+            limit = fit_to_context(context if max_new_tokens is None else max_new_tokens, len(prompt["tokens"]),
+                                   context)
+        except GenerateError as e:
+            where = f"{source}:{task.line}" if task.line else f"example {task.id}"
+            raise GenerateError(f"{where}: {e}") from None
+        requests.append(Request(prompt, task.target, limit, task.stop_ids))
+    return requests
+
+
+STOP_REASONS = ("stop token", "max new tokens", "context full")
+
+
+def stop_reason(stopped, tokens: list[int], limit: int, asked: int | None) -> str:
+    """Why generation ended: a stop id, the --max-new-tokens asked for, or the end of the trained context."""
+    if stopped is not None:
+        return STOP_REASONS[0]
+    return STOP_REASONS[1] if asked is not None and limit >= asked else STOP_REASONS[2]
+
+
+def run_tasks(model, tasks: list[Task], *, max_new_tokens: int | None = None, temperature: float = 0.0,
+              top_k: int = 0, seed: int = 0, batch_size: int = 64, wav_dir=None, source: str = "",
+              max_new_by_group: dict | None = None) -> tuple[list[dict], ManyResult]:
+    """Generates every task with `model` (an omni.tools.export.Exported, or anything with its config, vocab,
+    tokenizer, codec, graphdef and params) in batches; returns one prediction dict per task, in order:
+
+        {"id", "line" (prompts files), "group", "target", "text" | "codes" [[...], ...] (+ "wav" with wav_dir),
+         "stop": "stop token" | "max new tokens" | "context full", "tokens": generated count (stop id included),
+         "truth": the answer when the task has one}
+
+    max_new_tokens None lets each answer run to the end of the trained context (data.seq_len);
+    max_new_by_group overrides it per task group (the demo tasks' own caps).
+    """
+    cfg = model.config
+    requests = []
+    for task in tasks:
+        limit = (max_new_by_group or {}).get(task.group, max_new_tokens)
+        requests += requests_for([task], model.vocab, model.tokenizer, cfg.data.patch_size, cfg.data.audio_layout,
+                                 cfg.data.seq_len, limit, source)
+    result = generate_many(model.graphdef, model.params, cfg.model, model.vocab, requests, batch_size=batch_size,
+                           temperature=temperature, top_k=top_k, seed=seed, audio_layout=cfg.data.audio_layout)
+    if wav_dir is not None:
+        Path(wav_dir).mkdir(parents=True, exist_ok=True)
+    predictions = []
+    for task, request, tokens, stopped in zip(tasks, requests, result.tokens, result.stopped):
+        asked = (max_new_by_group or {}).get(task.group, max_new_tokens)
+        row = {"id": task.id, **({"line": task.line} if task.line else {}), "group": task.group,
+               "target": task.target}
+        output = decode_output(tokens, task.target, model.vocab, model.tokenizer, model.codec, cfg.data.audio_layout)
+        if task.target == "text":
+            row["text"] = output
+        else:
+            row["codes"] = np.asarray(output["codes"]).tolist()
+            if wav_dir is not None and output["wave"] is not None:
+                from omni.data.audio import write_wav
+
+                wav = Path(wav_dir) / f"{_file_name(task.id)}.wav"
+                write_wav(wav, output["wave"], output["sample_rate"])
+                row["wav"] = str(wav)
+        row["stop"] = stop_reason(stopped, tokens, request.max_new_tokens, asked)
+        row["tokens"] = len(tokens) + (stopped is not None)
+        if task.truth is not None:
+            row["truth"] = task.truth if isinstance(task.truth, str) else np.asarray(task.truth).tolist()
+        predictions.append(row)
+    return predictions, result
+
+
+def generate_file(model_path, prompts, out, *, step: int | None = None, target: str = "text",
+                  max_new_tokens: int | None = 200, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+                  batch_size: int = 64, wav_dir=None, log=None) -> list[dict]:
+    """`omni generate --prompts`: every prompt of the file `prompts` (read_prompts) continued by the model at
+    `model_path` (an export or a workdir) in batches; one JSON line per prompt, in file order, to `out`
+    (run_tasks for the fields). Prints a summary line on stderr."""
+    import sys
+
+    from omni.tools import export
+
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    model = export.load_model(model_path, step)
+    cfg = model.config
+    tasks = read_prompts(prompts, patch_size=cfg.data.patch_size, max_image_patches=cfg.data.max_image_patches,
+                         codec=model.codec, target=target)
+    predictions, result = run_tasks(model, tasks, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_k=top_k, seed=seed, batch_size=batch_size, wav_dir=wav_dir,
+                                    source=str(prompts))
+    write_jsonl(out, predictions)
+    shapes = ", ".join(f"{rows}x{width}" for rows, width in sorted({(r, w) for _, r, w in result.batches}))
+    log(f"omni: {len(tasks)} prompts -> {out}: {result.generated} tokens in {len(result.batches)} batches "
+        f"(padded rows x width: {shapes}); prefill {result.prefill_s:.2f} s, decode {result.decode_s:.2f} s, "
+        f"{result.tokens_per_s:,.0f} tokens/s, compile {result.compile_s:.1f} s, "
+        f"{time.perf_counter() - start:.1f} s in all")
+    return predictions
+
+
+def _file_name(task_id: str) -> str:
+    """A prediction's id as a safe file name (ids are free text)."""
+    name = re.sub(r"[^\w.-]+", "_", task_id).strip("._") or "prediction"
+    return name[:120]
+
+
+def write_jsonl(path, rows: list[dict]) -> Path:
+    """rows as JSON lines at `path`, written whole or not at all (a temporary file renamed into place)."""
+    import json
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    tmp.replace(path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------- outputs
