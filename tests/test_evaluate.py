@@ -46,3 +46,97 @@ def test_eval_cli_prints_metrics_and_names_a_missing_step(run):
     bad = subprocess.run([sys.executable, "-m", "omni.cli", "eval", "--workdir", str(workdir), "--step", "3"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no checkpoint of step 3 in" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Absent is not zero; results name the data they measured and another dataset's never replace the run's own.
+
+
+def _text_only_dataset(root):
+    """A dataset with the demo's vocabulary (bytes, tone codec) but no audio at all: audio is absent."""
+    from omni.data import dataset
+    from omni.data.codec import ToneCodec
+
+    root.mkdir(parents=True, exist_ok=True)
+    lines = [{"id": f"t{i}", "segments": [{"text": f"a small caption number {i}"}], "targets": ["text"],
+              "split": "eval" if i % 4 == 0 else "train"} for i in range(40)]
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = dataset.BuildReport()
+    examples, codec = dataset.manifest_examples(manifest, ToneCodec(), 0.0, report, skip_bad=False)
+    dataset.build(examples, root / "textonly", codec, report=report)
+    return root / "textonly"
+
+
+def _tensorboard_tags(folder) -> set:
+    """Every scalar tag in the TensorBoard event files under `folder` (read without TensorFlow)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in folder.rglob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            tags |= {value.tag for value in event.summary.value}
+            at += 12 + length + 4
+    return tags
+
+
+def test_another_dataset_writes_its_own_named_file_and_absent_audio_is_null_not_zero(run, tmp_path):
+    workdir, _ = run
+    own = evaluate.evaluate_checkpoint(workdir, log=lambda *a: None)
+    assert own["data"]["name"] == "demo" and own["data"]["split"] == "eval" and own["data"]["examples"] == 48
+    own_text = (workdir / "eval-4.json").read_text()
+    other = _text_only_dataset(tmp_path)
+    lines = []
+    result = evaluate.evaluate_checkpoint(workdir, overrides=[f"data.dataset={other}"], log=lines.append)
+    out = workdir / "eval-4-textonly.json"
+    assert (workdir / "eval-4.json").read_text() == own_text  # the run's own result is left as it was
+    saved = json.loads(out.read_text())
+    assert saved["data"] == {"name": str(other), "path": str(other), "split": "eval", "examples": 10,
+                             "batches": result["data"]["batches"], "eval_batches": 2}
+    assert saved["overrides"] == [f"data.dataset={other}"]
+    assert saved["eval"]["loss/audio"] is None and saved["eval"]["acc/audio"] is None
+    assert saved["eval"]["tokens/audio"] == 0 and saved["eval"]["loss/text"] > 0
+    summary = next(line for line in lines if "held-out loss" in line)
+    assert "text " in summary and "audio" not in summary and "0.000" not in summary
+    assert any(str(out) in line and "not the run's demo" in line for line in lines)
+    # the same dataset spelt another way is the run's own
+    assert evaluate.same_dataset(_cfg(str(other)), _cfg(str(other) + "/../textonly"))
+    assert not evaluate.same_dataset(_cfg("demo"), _cfg(str(other)))
+
+
+def _cfg(dataset):
+    cfg = tiny_config()
+    cfg.data.dataset = dataset
+    return cfg
+
+
+def test_a_modality_absent_from_training_data_is_left_out_of_logs_json_and_tensorboard(tmp_path, capsys):
+    cfg = tiny_config()
+    cfg.data.dataset = str(_text_only_dataset(tmp_path / "data"))
+    cfg.data.seq_len = 64
+    cfg.train.steps, cfg.train.log_every, cfg.train.checkpoint_every = 3, 1, 0
+    workdir = tmp_path / "run"
+    result = loop.train(cfg, workdir, progress=False)
+    console = capsys.readouterr().out
+    held_out = [line for line in console.splitlines() if "held-out loss" in line]
+    assert len(held_out) == 2 and all("text " in line and "audio" not in line for line in held_out), console
+    assert result["eval"]["loss/audio"] is None and result["eval"]["tokens/audio"] == 0
+    assert json.loads((workdir / "eval.json").read_text())["eval"]["acc/audio"] is None
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "loss/text" in r]
+    evals = [r for r in rows if "eval/loss/text" in r]
+    assert len(trained) == 3 and len(evals) == 2
+    for row in trained:
+        assert row["loss/audio"] is None and row["acc/audio"] is None and row["tokens/audio"] == 0
+        assert row["loss/text"] > 0
+    for row in evals:
+        assert row["eval/loss/audio"] is None and row["eval/acc/audio"] is None
+    tags = _tensorboard_tags(workdir / "tensorboard")
+    assert {"loss/text", "eval/loss/text", "tokens/audio"} <= tags
+    assert not {"loss/audio", "acc/audio", "eval/loss/audio", "eval/acc/audio"} & tags

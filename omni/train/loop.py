@@ -24,6 +24,7 @@ from omni import sharding
 from omni.config import Config
 from omni.data import pipeline
 from omni.data.prefetch import Prefetched
+from omni.loss import mark_absent
 from omni.model.counting import flops_per_token, param_count
 from omni.train import checkpoint, distributed, preemption, workdir as workdir_lib
 from omni.train.metrics import MetricWriter
@@ -114,7 +115,7 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
     def write_log_row(pending) -> float:
         """Fetches a logging step's metrics (the step after it is already dispatched) and writes its row."""
         done, metrics, interval_start, interval_steps, wait_s = pending
-        row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        row = mark_absent({k: float(v) for k, v in jax.device_get(metrics).items()})
         elapsed = time.perf_counter() - interval_start  # up to the end of step `done`: its metrics are here
         step_time = elapsed / interval_steps
         row.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
@@ -123,8 +124,9 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
         if sheet:
             row["mfu_datasheet"] = utilisation(flops_tok * tokens_per_step, step_time, sheet)
         writer.write(done, row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", text=f"{row['loss/text']:.3f}",
-                        audio=f"{row['loss/audio']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        shown = {k.replace("loss/", ""): f"{row[k]:.3f}" for k in ("loss", "loss/text", "loss/audio")
+                 if row[k] is not None}  # a modality absent from these steps is left out, not shown as 0
+        bar.set_postfix(**shown, tok_s=f"{row['tokens_per_s']:.0f}")
         return time.perf_counter()  # the next interval starts now: its first step is already running
 
     watch = preemption.PreemptionWatch()
@@ -146,7 +148,7 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
                 jax.block_until_ready(metrics)
                 row = {"compile_time_s": time.perf_counter() - interval_start}
                 if log_step:
-                    row.update({k: float(v) for k, v in jax.device_get(metrics).items()})
+                    row.update(mark_absent({k: float(v) for k, v in jax.device_get(metrics).items()}))
                 writer.write(done, row)
                 interval_start, interval_steps, wait_s = time.perf_counter(), 0, 0.0
             elif log_step:
@@ -195,7 +197,8 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
     if end_of_run is not None:
         with sharding.activate(mesh, rules), distributed.bounded("the end-of-run scoring", bound):
             tasks = end_of_run(cfg, graphdef, state["params"], log=log)
-    result = {"step": cfg.train.steps, "eval": final, "demo_tasks": tasks}
+    data = dict(pipeline.split_description(cfg), batches=len(eval_data), eval_batches=cfg.train.eval_batches)
+    result = {"step": cfg.train.steps, "data": data, "eval": final, "demo_tasks": tasks}
     if is_main:
         workdir_lib.write_atomic(workdir / "eval.json", json.dumps(result, indent=2) + "\n")
     writer.close()
