@@ -11,6 +11,7 @@
     omni config [--config configs/demo.py] [--set ...]     # print the resolved config (or the schema with --schema)
     omni data build --manifest my_data.jsonl --out data/my_data [--codec ...] [--tokenizer ...] [--skip-bad]
     omni data build --tfds coco_captions --out data/coco       # a TFDS catalog dataset through its adapter
+    omni data split --dataset data/my_data                     # the split rule applied and the eval example ids
     omni data show --config configs/demo.py --out batch.png    # one packed batch: modality and loss mask
     omni data bench --config configs/demo.py --workers 0 2     # pipeline throughput beside the train step
     omni tokenizer train --manifest my_data.jsonl --vocab-size 8192 --out tok/
@@ -113,8 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                                            "a folder from `omni tokenizer train`, or a SentencePiece .model")
     build.add_argument("--skip-bad", action="store_true",
                        help="skip bad lines (each is reported with its reason) instead of stopping at the first")
-    build.add_argument("--eval-fraction", type=float, default=0.05,
-                       help="share of lines without a \"split\" field that go to eval (stable hash)")
+    build.add_argument("--eval-fraction", type=float, default=None,
+                       help="share of lines without a \"split\" field that go to eval (stable hash of the id). "
+                            "Not given: 0.05 when no line names a split, else 0 (those lines go to train)")
     build.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     build.add_argument("--tfds-data-dir", help="TFDS data_dir holding the prepared catalog dataset")
     build.add_argument("--tfds-train-split", default="", help="catalog split(s) for omni's train split (default: "
@@ -125,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--limit", type=int, help="at most this many catalog examples per split")
     build.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="adapter option, e.g. task=tts for librispeech or captions=all for coco_captions")
+
+    split = data_verb.add_parser("split", help="the split rule a built dataset applied and its eval example ids")
+    split.add_argument("--dataset", required=True, help="a folder written by `omni data build`")
 
     for name, text in (("show", "draw one packed batch (modality and loss mask per position)"),
                        ("bench", "time the input pipeline beside the train step")):
@@ -263,15 +268,28 @@ def _data_build(args) -> None:
     else:
         from omni.data import adapters
 
+        if args.eval_fraction is not None:
+            raise ConfigError("--eval-fraction applies to manifests; a catalog dataset's eval split is "
+                              "--tfds-eval-split")
         examples = adapters.catalog_examples(args.tfds, args.tfds_train_split, args.tfds_eval_split,
                                              args.tfds_data_dir, args.limit, **_options(args.option))
+        splits = adapters.catalog_splits(args.tfds, args.tfds_train_split, args.tfds_eval_split)
+        report.split_rule = f"the catalog's splits: train = {splits['train']}, eval = {splits['eval']}"
         examples = dataset.raw_examples(examples, codec, report, args.skip_bad, source=f"tfds:{args.tfds}")
         source = f"tfds:{args.tfds}"
     dataset.build(examples, args.out, codec, tokenizer, report, overwrite=args.overwrite, source=source)
     print(f"omni: built {args.out}: {report.summary()}")
+    print(f"omni: split rule: {report.split_rule}; the eval ids are in {args.out}/{dataset.DATASET_FILE} "
+          f"(`omni data split --dataset {args.out}` lists them)")
     if not report.counts.get("eval"):
         print(f"omni: warning: {args.out} has no eval examples, so training has no held-out loss to report; "
               f"{dataset.NO_EVAL_HINT}", file=sys.stderr)
+
+
+def _data_split(args) -> None:
+    from omni.data import dataset
+
+    print(dataset.open_dataset(args.dataset).split_listing())
 
 
 def _data_show(args) -> None:
@@ -365,7 +383,7 @@ def _run(args) -> int:
     if args.verb in ("train", "eval", "ablate", "data"):
         import omni.demo  # noqa: F401  (registers data.dataset=demo / demo-speech: built on first use)
     if args.verb == "data":
-        {"build": _data_build, "show": _data_show, "bench": _data_bench}[args.action](args)
+        {"build": _data_build, "show": _data_show, "bench": _data_bench, "split": _data_split}[args.action](args)
     elif args.verb == "tokenizer":
         _tokenizer_train(args)
     elif args.verb == "codec":
