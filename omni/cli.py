@@ -435,6 +435,7 @@ def _generate(args) -> None:
 
     if args.max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}")
+    _enable_compile_cache_of_export(Path(args.model) / export.CONFIG_FILE)
     model = export.load_export(args.model)
     cfg = model.config
     segments = generate.parse_prompt(args.prompt, args.audio, patch_size=cfg.data.patch_size,
@@ -467,6 +468,22 @@ def _generate(args) -> None:
     print(f"omni: {result.decode_tokens + 1} tokens until {ending}; prompt {prompt_len} tokens, prefill "
           f"{result.prefill_s * 1e3:.1f} ms, decode {result.decode_tokens_per_s:,.0f} tokens/s, compile "
           f"{result.compile_s:.1f} s", file=sys.stderr)
+    from omni.train import compile_cache
+
+    print(f"omni: {compile_cache.summary()}", file=sys.stderr)
+
+
+def _enable_compile_cache_of_export(config_file) -> None:
+    """The export's compile_cache setting, applied before load_export compiles anything (load_export itself
+    names a missing or broken config file)."""
+    from omni.train import compile_cache
+
+    try:
+        setting = json.loads(config_file.read_text()).get("compile_cache", "auto")
+    except (OSError, ValueError, AttributeError):
+        setting = "auto"
+    compile_cache.enable(setting if isinstance(setting, str) else "auto",
+                         log=lambda line: print(line, file=sys.stderr))
 
 
 def _data_bench(args) -> None:

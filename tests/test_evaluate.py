@@ -140,3 +140,37 @@ def test_a_modality_absent_from_training_data_is_left_out_of_logs_json_and_tenso
     tags = _tensorboard_tags(workdir / "tensorboard")
     assert {"loss/text", "eval/loss/text", "tokens/audio"} <= tags
     assert not {"loss/audio", "acc/audio", "eval/loss/audio", "eval/acc/audio"} & tags
+
+
+def test_a_second_eval_process_reads_every_program_from_the_compile_cache(run, tmp_path):
+    """Timing-free evidence: the first process compiles and writes entries, the second compiles nothing."""
+    import re
+
+    workdir, _ = run
+    cache = tmp_path / "compiled"
+    counts = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-m", "omni.cli", "eval", "--workdir", str(workdir),
+                               "--set", f"compile_cache={cache}"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        line = next(line for line in done.stdout.splitlines() if line.startswith(f"omni: compile cache {cache}:"))
+        counts.append(tuple(map(int, re.findall(r"(\d+) (?:program|compiled)", line))))
+        if len(counts) == 1:
+            entries = sorted(p.name for p in cache.iterdir())
+    (hits1, misses1), (hits2, misses2) = counts
+    assert hits1 == 0 and misses1 > 0
+    assert any(name.startswith("jit_eval_fn-") for name in entries) and len(entries) == misses1  # one per program
+    assert (hits2, misses2) == (misses1, 0)  # every program the first process compiled, read back
+    assert sorted(p.name for p in cache.iterdir()) == entries  # and nothing new written
+
+
+def test_compile_cache_setting(monkeypatch, tmp_path):
+    from omni.train import compile_cache
+
+    monkeypatch.delenv("OMNI_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("OMNI_CACHE", str(tmp_path))
+    assert compile_cache.folder_for("auto") == tmp_path / "jax-compile"
+    assert compile_cache.folder_for("off") is None
+    assert compile_cache.folder_for(str(tmp_path / "x")) == tmp_path / "x"
+    monkeypatch.setenv("OMNI_COMPILE_CACHE", "off")
+    assert compile_cache.folder_for(str(tmp_path / "x")) is None

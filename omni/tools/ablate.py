@@ -183,10 +183,10 @@ def _check_and_save_plan(workdir: Path, runs: list[Run], base: Config) -> None:
     if path.exists():
         earlier = json.loads(path.read_text())["runs"]
         for name, cfg in planned.items():
-            if name in earlier and earlier[name] != cfg:
-                keys = config_lib.changed_keys(earlier[name], cfg)
+            keys = config_lib.changed_keys(earlier[name], cfg) if name in earlier else []
+            if keys:
                 raise ConfigError(f"{workdir} holds an ablation planned with another config: run {name} differs in "
-                                  f"{', '.join(keys) or 'its config'}; use a new --workdir, or delete {workdir}")
+                                  f"{', '.join(keys)}; use a new --workdir, or delete {workdir}")
         planned = {**earlier, **planned}
     path.write_text(json.dumps({"base": config_lib.to_dict(base), "runs": planned}, indent=2) + "\n")
 

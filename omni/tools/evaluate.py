@@ -24,7 +24,7 @@ from omni import sharding
 from omni.data import dataset as dataset_lib
 from omni.data import pipeline
 from omni.demo import corpus, scorer
-from omni.train import checkpoint, workdir as workdir_lib
+from omni.train import checkpoint, compile_cache, workdir as workdir_lib
 from omni.train.step import (build_model, build_optimizer, check_host_batch, evaluate, make_eval_step,
                              modality_summary, same_batch_count)
 
@@ -39,6 +39,7 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides:
     saved = checkpoint.read_meta(workdir, step)["config"]
     run_cfg = config_lib.from_dict(saved, source=f"checkpoint {step}")
     cfg = config_lib.apply_overrides(config_lib.from_dict(saved, source=f"checkpoint {step}"), list(overrides))
+    compile_cache.enable(cfg.compile_cache, log)  # before the first compile
     mesh = sharding.make_mesh(cfg.mesh)
     graphdef, params = restore_params_onto(cfg, mesh, workdir, step)
 
@@ -54,6 +55,7 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides:
     if examples and cfg.data.dataset in corpus.NAMES:
         with sharding.activate(mesh, cfg.mesh.rules):
             tasks = scorer.run(cfg, graphdef, params, examples, log=log)
+    log(f"omni: {compile_cache.summary()}")
     data = dict(pipeline.split_description(cfg), batches=len(batches), eval_batches=cfg.train.eval_batches)
     result = {"step": step, "data": data, "overrides": list(overrides), "eval": metrics, "demo_tasks": tasks}
     if jax.process_index() == 0:

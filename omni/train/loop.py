@@ -26,7 +26,7 @@ from omni.data import pipeline
 from omni.data.prefetch import Prefetched
 from omni.loss import mark_absent
 from omni.model.counting import flops_per_token, param_count
-from omni.train import checkpoint, distributed, preemption, workdir as workdir_lib
+from omni.train import checkpoint, compile_cache, distributed, preemption, workdir as workdir_lib
 from omni.train.metrics import MetricWriter
 from omni.train.perf import datasheet_peak, measure_matmul_peak, utilisation
 from omni.train.step import (build_optimizer, check_host_batch, evaluate, init_state, make_eval_step, make_train_step,
@@ -42,6 +42,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, end_of_run: E
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
+    compile_cache.enable(cfg.compile_cache, log)  # before the first compile
     if is_main:  # before any compute: a workdir that cannot take the results, or another run in it, stops here
         workdir_lib.check_writable(workdir)
         workdir_lib.hold(workdir)
@@ -193,6 +194,7 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
         final = evaluate(eval_step, state["params"], eval_data, mesh, rules)
     writer.write(cfg.train.steps, {f"eval/{k}": v for k, v in final.items()})
     log(f"omni: step {cfg.train.steps} held-out loss {modality_summary(final)}")
+    log(f"omni: {compile_cache.summary()}")
     tasks = {}
     if end_of_run is not None:
         with sharding.activate(mesh, rules), distributed.bounded("the end-of-run scoring", bound):
