@@ -29,6 +29,16 @@ import sys
 from omni.errors import ConfigError, GenerateError, OmniError
 
 
+NO_PROGRESS = "no progress bar: a line of counts and rates every 10 s instead (also when stderr is not a terminal)"
+
+
+def _progress(args):
+    """The progress reporter a verb passes down (omni.progress): a bar, or periodic lines with --no-progress."""
+    from omni.progress import reporter
+
+    return reporter(bar=not args.no_progress)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni", description="Train early-fusion omni models with JAX/Flax.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -46,12 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override the checkpoint's config, e.g. --set mesh.fsdp=1 on fewer devices")
     ev.add_argument("--demo-examples", type=int, help="held-out examples per demo task (default: the config's)")
+    ev.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     exp = verbs.add_parser("export", help="a checkpoint's params as safetensors + config + tokenizer + codec")
     exp.add_argument("--workdir", required=True)
     exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     exp.add_argument("--out", required=True, help="a new folder")
     exp.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
+    exp.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     gen = verbs.add_parser("generate", help="text or audio from an exported model after an interleaved prompt")
     gen.add_argument("--model", required=True, help="a folder written by `omni export`")
@@ -127,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--limit", type=int, help="at most this many catalog examples per split")
     build.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="adapter option, e.g. task=tts for librispeech or captions=all for coco_captions")
+    build.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     split = data_verb.add_parser("split", help="the split rule a built dataset applied and its eval example ids")
     split.add_argument("--dataset", required=True, help="a folder written by `omni data build`")
@@ -158,6 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--codebooks", type=int, default=None, help="residual codebooks (default: the codec's)")
     fit.add_argument("--codebook-size", type=int, default=None, help="codes per codebook (default: the codec's)")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     enc = codec.add_parser("encode", help="WAV -> codes .npy [frames, codebooks]")
     enc.add_argument("--codec", required=True, help="'tone' or a folder from `omni codec fit`")
     enc.add_argument("--wav", required=True)
@@ -263,7 +277,8 @@ def _data_build(args) -> None:
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     report = dataset.BuildReport()
     if args.manifest:
-        examples, codec = dataset.manifest_examples(args.manifest, codec, args.eval_fraction, report, args.skip_bad)
+        examples, codec = dataset.manifest_examples(args.manifest, codec, args.eval_fraction, report, args.skip_bad,
+                                                    progress=_progress(args))
         source = args.manifest
     else:
         from omni.data import adapters
@@ -275,7 +290,8 @@ def _data_build(args) -> None:
                                              args.tfds_data_dir, args.limit, **_options(args.option))
         splits = adapters.catalog_splits(args.tfds, args.tfds_train_split, args.tfds_eval_split)
         report.split_rule = f"the catalog's splits: train = {splits['train']}, eval = {splits['eval']}"
-        examples = dataset.raw_examples(examples, codec, report, args.skip_bad, source=f"tfds:{args.tfds}")
+        examples = dataset.raw_examples(examples, codec, report, args.skip_bad, source=f"tfds:{args.tfds}",
+                                        progress=_progress(args))
         source = f"tfds:{args.tfds}"
     dataset.build(examples, args.out, codec, tokenizer, report, overwrite=args.overwrite, source=source)
     print(f"omni: built {args.out}: {report.summary()}")
@@ -340,9 +356,11 @@ def _codec(args) -> None:
             raise ConfigError(f"{args.manifest} has no WAV audio segments to fit a codec on")
         hparams = {k: v for k, v in (("codebooks", args.codebooks), ("codebook_size", args.codebook_size))
                    if v is not None}
-        fitted = codec_lib.fit_codec_on_files(paths, args.out, seed=args.seed, **hparams)
+        fitted = codec_lib.fit_codec_on_files(paths, args.out, seed=args.seed, progress=_progress(args), **hparams)
+        errors = fitted.fit_info["relative_error"]
         print(f"omni: fitted {fitted.name} on {len(paths)} clips: {fitted.frame_rate:g} frames/s, codebooks "
-              f"{list(fitted.codebook_sizes)} -> {args.out}")
+              f"{list(fitted.codebook_sizes)} -> {args.out}; reconstruction error (normalised log-mel, relative "
+              f"to the mean frame) {' -> '.join(f'{e:.3f}' for e in errors)} over the codebooks")
         return
     codec = codec_lib.load_codec(args.codec)
     if args.action == "encode":
@@ -391,11 +409,11 @@ def _run(args) -> int:
     elif args.verb == "eval":
         from omni.tools import evaluate
 
-        evaluate.evaluate_checkpoint(args.workdir, args.step, args.set, args.demo_examples)
+        evaluate.evaluate_checkpoint(args.workdir, args.step, args.set, args.demo_examples, progress=_progress(args))
     elif args.verb == "export":
         from omni.tools import export
 
-        out = export.export(args.workdir, args.out, args.step, args.dtype)
+        out = export.export(args.workdir, args.out, args.step, args.dtype, progress=_progress(args))
         info = json.loads((out / export.CONFIG_FILE).read_text())["export"]
         print(f"omni: exported step {info['step']} of {args.workdir} as {info['dtype']} to {out} "
               f"({(out / export.WEIGHTS_FILE).stat().st_size / 2**20:.1f} MiB)")

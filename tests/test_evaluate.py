@@ -1,6 +1,7 @@
 """`omni eval`: a checkpoint's held-out metrics, the same as the trainer measured for it."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -43,6 +44,8 @@ def test_eval_cli_prints_metrics_and_names_a_missing_step(run):
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "held-out loss text" in ok.stdout and (workdir / "eval-2.json").exists()
+    # stderr is not a terminal here: the progress is a line of counts and rates
+    assert re.search(r"^eval: 2/2 batch in [\d.]+ s \([\d.]+ batch/s, tokens \d+\)$", ok.stderr, re.M), ok.stderr
     bad = subprocess.run([sys.executable, "-m", "omni.cli", "eval", "--workdir", str(workdir), "--step", "3"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no checkpoint of step 3 in" in bad.stderr
@@ -142,10 +145,21 @@ def test_a_modality_absent_from_training_data_is_left_out_of_logs_json_and_tenso
     assert not {"loss/audio", "acc/audio", "eval/loss/audio", "eval/acc/audio"} & tags
 
 
+def test_export_shows_its_progress_as_lines_without_a_terminal(run, tmp_path):
+    workdir, _ = run
+    done = subprocess.run([sys.executable, "-m", "omni.cli", "export", "--workdir", str(workdir), "--out",
+                           str(tmp_path / "exported"), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = re.search(r"^export: (\d+)/(\d+) tensor in [\d.]+ s \([\d.]+ tensor/s, MiB ([\d.]+)\)$", done.stderr, re.M)
+    assert line and line.group(1) == line.group(2), done.stderr[-2000:]
+    tensors = json.loads((tmp_path / "exported" / "config.json").read_text())["export"]["tensors"]
+    assert int(line.group(1)) == len(tensors) + 1  # every tensor, then the file
+    assert float(line.group(3)) == pytest.approx((tmp_path / "exported" / "model.safetensors").stat().st_size / 2**20,
+                                                 abs=0.06)
+
+
 def test_a_second_eval_process_reads_every_program_from_the_compile_cache(run, tmp_path):
     """Timing-free evidence: the first process compiles and writes entries, the second compiles nothing."""
-    import re
-
     workdir, _ = run
     cache = tmp_path / "compiled"
     counts = []

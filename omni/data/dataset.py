@@ -23,6 +23,7 @@ Images stay encoded so the patch budget is a training choice; audio is stored as
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import io
@@ -43,6 +44,7 @@ from omni.data.audio import resample
 from omni.data.codec import PrecomputedCodec, codec_from_identity, codec_identity, load_codec
 from omni.data.text_tokenizer import save_tokenizer
 from omni.errors import DatasetError, ManifestError
+from omni.progress import silent
 from omni.tokens import check_codes
 
 FORMAT_VERSION = 1
@@ -306,9 +308,11 @@ def split_rule(lines: int, named: int, eval_fraction: float | None) -> tuple[flo
                       "lines name a split (give --eval-fraction to hash a share of them into eval)")
 
 
-def manifest_examples(path, codec, eval_fraction: float | None, report: BuildReport, skip_bad: bool):
+def manifest_examples(path, codec, eval_fraction: float | None, report: BuildReport, skip_bad: bool,
+                      progress=silent):
     """{split: generator factory} over a manifest's lines, for build(); report.split_rule says how lines were split
-    (split_rule; `eval_fraction` None: --eval-fraction was not given)."""
+    (split_rule; `eval_fraction` None: --eval-fraction was not given). progress (omni.progress) counts the lines
+    of each split as they are encoded."""
     lines = manifest_lib.read_lines(path)
     codec = codec_for_manifest(lines, path, codec)
     report.inputs.extend(manifest_inputs(lines, path))
@@ -323,9 +327,16 @@ def manifest_examples(path, codec, eval_fraction: float | None, report: BuildRep
         return "train"  # a line too broken to have a split is reported once, in the train pass
 
     def generate(split):
+        with progress(f"data build: {split}", total=per_split[split], unit="line") as bar:
+            yield from encode(split, bar)
+            if report.skipped:
+                bar.update(0, skipped=len(report.skipped))
+
+    def encode(split, bar):
         for number, line in lines:
             if line_split(number, line) != split:
                 continue
+            bar.update(1, **({"skipped": len(report.skipped)} if report.skipped else {}))
             try:
                 if isinstance(line, ManifestError):
                     raise line
@@ -349,14 +360,21 @@ def manifest_examples(path, codec, eval_fraction: float | None, report: BuildRep
             yield number, record
 
     # TFDS cannot write an empty split: leave out a split no line goes to (a bad line is reported in the first).
-    splits = {line_split(number, line) for number, line in lines}
-    return {split: (lambda s=split: generate(s)) for split in manifest_lib.SPLITS if split in splits}, codec
+    per_split = collections.Counter(line_split(number, line) for number, line in lines)
+    return {split: (lambda s=split: generate(s)) for split in manifest_lib.SPLITS if split in per_split}, codec
 
 
-def raw_examples(examples_by_split: dict, codec, report: BuildReport, skip_bad: bool, source: str):
-    """{split: generator factory} over in-memory raw examples (adapters, the demo corpus)."""
+def raw_examples(examples_by_split: dict, codec, report: BuildReport, skip_bad: bool, source: str,
+                 progress=silent):
+    """{split: generator factory} over in-memory raw examples (adapters, the demo corpus); progress
+    (omni.progress) counts the examples of each split as they are encoded."""
     def generate(split):
+        with progress(f"data build: {split}", unit="example") as bar:
+            yield from encode(split, bar)
+
+    def encode(split, bar):
         for number, raw in enumerate(examples_by_split[split](), start=1):
+            bar.update(1)
             try:
                 record = encode_record(raw, codec)
             except ValueError as e:

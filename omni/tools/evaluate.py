@@ -24,14 +24,16 @@ from omni import sharding
 from omni.data import dataset as dataset_lib
 from omni.data import pipeline
 from omni.demo import corpus, scorer
+from omni.progress import silent
 from omni.train import checkpoint, compile_cache, workdir as workdir_lib
 from omni.train.step import (build_model, build_optimizer, check_host_batch, evaluate, make_eval_step,
                              modality_summary, same_batch_count)
 
 
 def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides: list[str] = (),
-                        demo_examples: int | None = None, log=print) -> dict:
-    """Evaluates a checkpoint of `workdir`; returns and saves {"step", "eval", "demo_tasks"}."""
+                        demo_examples: int | None = None, log=print, progress=silent) -> dict:
+    """Evaluates a checkpoint of `workdir`; returns and saves {"step", "data", "overrides", "eval", "demo_tasks"}.
+    progress (omni.progress) shows the eval batches as they are computed."""
     workdir = Path(workdir)
     step = checkpoint.pick_step(workdir, step)
     if jax.process_index() == 0:
@@ -47,7 +49,9 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides:
     batches = same_batch_count(pipeline.eval_batches(cfg, jax.process_index(), jax.process_count()))
     for batch in batches:
         check_host_batch(cfg, batch)
-    metrics = evaluate(eval_step, params, batches, mesh, cfg.mesh.rules)
+    with progress("eval", total=len(batches), unit="batch") as bar:
+        # (silent: no bar to feed, so evaluate need not wait for each batch's count)
+        metrics = evaluate(eval_step, params, batches, mesh, cfg.mesh.rules, None if progress is silent else bar)
     log(f"omni: {workdir / 'checkpoints' / str(step)}: held-out loss {modality_summary(metrics)} "
         f"over {metrics['tokens/target']:.0f} target tokens")
     tasks = {}

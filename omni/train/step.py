@@ -169,13 +169,16 @@ def same_batch_count(batches: list[dict]) -> list[dict]:
     return batches + [empty] * (most - len(batches))
 
 
-def evaluate(eval_step, params, batches, mesh, rules) -> dict:
+def evaluate(eval_step, params, batches, mesh, rules, progress=None) -> dict:
     """Per-modality held-out loss / accuracy over the given (process-local) eval batches; a modality with no
-    target tokens in them has None for its loss and accuracy (omni.loss.mark_absent), not 0."""
+    target tokens in them has None for its loss and accuracy (omni.loss.mark_absent), not 0. `progress` (an
+    omni.progress bar) advances per batch once it is computed, showing the target tokens counted so far."""
     totals = None
     for batch in batches:
         sums = eval_step(params, sharding.global_batch(batch, mesh, rules))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        if progress is not None:
+            progress.update(1, tokens=int(totals["count"]))  # waits for the batch: the count is its result
     return mark_absent({k: float(v) for k, v in metrics_from_sums(totals).items()})
 
 
