@@ -13,6 +13,7 @@
     omni config [--config configs/demo.py] [--set ...]     # print the resolved config (or the schema with --schema)
     omni data build --manifest my_data.jsonl --out data/my_data [--codec ...] [--tokenizer ...] [--skip-bad]
     omni data build --tfds coco_captions --out data/coco       # a TFDS catalog dataset through its adapter
+    omni data split --dataset data/my_data                     # the split rule applied and the eval example ids
     omni data show --config configs/demo.py --out batch.png    # one packed batch: modality and loss mask
     omni data bench --config configs/demo.py --workers 0 2     # pipeline throughput beside the train step
     omni tokenizer train --manifest my_data.jsonl --vocab-size 8192 --out tok/
@@ -28,6 +29,16 @@ import json
 import sys
 
 from omni.errors import ConfigError, GenerateError, OmniError
+
+
+NO_PROGRESS = "no progress bar: a line of counts and rates every 10 s instead (also when stderr is not a terminal)"
+
+
+def _progress(args):
+    """The progress reporter a verb passes down (omni.progress): a bar, or periodic lines with --no-progress."""
+    from omni.progress import reporter
+
+    return reporter(bar=not args.no_progress)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,12 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, help="with --generate: at most this many tokens per answer "
                                                         "(default: up to the trained context)")
     ev.add_argument("--batch-size", type=int, default=64, help="with --generate: prompts per batch (default 64)")
+    ev.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     exp = verbs.add_parser("export", help="a checkpoint's params as safetensors + config + tokenizer + codec")
     exp.add_argument("--workdir", required=True)
     exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     exp.add_argument("--out", required=True, help="a new folder")
     exp.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
+    exp.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     gen = verbs.add_parser("generate", help="text or audio from a model after an interleaved prompt, or after "
                                             "every prompt of a file, in batches")
@@ -129,8 +142,9 @@ def _parser() -> argparse.ArgumentParser:
                                            "a folder from `omni tokenizer train`, or a SentencePiece .model")
     build.add_argument("--skip-bad", action="store_true",
                        help="skip bad lines (each is reported with its reason) instead of stopping at the first")
-    build.add_argument("--eval-fraction", type=float, default=0.05,
-                       help="share of lines without a \"split\" field that go to eval (stable hash)")
+    build.add_argument("--eval-fraction", type=float, default=None,
+                       help="share of lines without a \"split\" field that go to eval (stable hash of the id). "
+                            "Not given: 0.05 when no line names a split, else 0 (those lines go to train)")
     build.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     build.add_argument("--tfds-data-dir", help="TFDS data_dir holding the prepared catalog dataset")
     build.add_argument("--tfds-train-split", default="", help="catalog split(s) for omni's train split (default: "
@@ -141,6 +155,10 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--limit", type=int, help="at most this many catalog examples per split")
     build.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="adapter option, e.g. task=tts for librispeech or captions=all for coco_captions")
+    build.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
+
+    split = data_verb.add_parser("split", help="the split rule a built dataset applied and its eval example ids")
+    split.add_argument("--dataset", required=True, help="a folder written by `omni data build`")
 
     for name, text in (("show", "draw one packed batch (modality and loss mask per position)"),
                        ("bench", "time the input pipeline beside the train step")):
@@ -169,6 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--codebooks", type=int, default=None, help="residual codebooks (default: the codec's)")
     fit.add_argument("--codebook-size", type=int, default=None, help="codes per codebook (default: the codec's)")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     enc = codec.add_parser("encode", help="WAV -> codes .npy [frames, codebooks]")
     enc.add_argument("--codec", required=True, help="'tone' or a folder from `omni codec fit`")
     enc.add_argument("--wav", required=True)
@@ -274,20 +293,35 @@ def _data_build(args) -> None:
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     report = dataset.BuildReport()
     if args.manifest:
-        examples, codec = dataset.manifest_examples(args.manifest, codec, args.eval_fraction, report, args.skip_bad)
+        examples, codec = dataset.manifest_examples(args.manifest, codec, args.eval_fraction, report, args.skip_bad,
+                                                    progress=_progress(args))
         source = args.manifest
     else:
         from omni.data import adapters
 
+        if args.eval_fraction is not None:
+            raise ConfigError("--eval-fraction applies to manifests; a catalog dataset's eval split is "
+                              "--tfds-eval-split")
         examples = adapters.catalog_examples(args.tfds, args.tfds_train_split, args.tfds_eval_split,
                                              args.tfds_data_dir, args.limit, **_options(args.option))
-        examples = dataset.raw_examples(examples, codec, report, args.skip_bad, source=f"tfds:{args.tfds}")
+        splits = adapters.catalog_splits(args.tfds, args.tfds_train_split, args.tfds_eval_split)
+        report.split_rule = f"the catalog's splits: train = {splits['train']}, eval = {splits['eval']}"
+        examples = dataset.raw_examples(examples, codec, report, args.skip_bad, source=f"tfds:{args.tfds}",
+                                        progress=_progress(args))
         source = f"tfds:{args.tfds}"
     dataset.build(examples, args.out, codec, tokenizer, report, overwrite=args.overwrite, source=source)
     print(f"omni: built {args.out}: {report.summary()}")
+    print(f"omni: split rule: {report.split_rule}; the eval ids are in {args.out}/{dataset.DATASET_FILE} "
+          f"(`omni data split --dataset {args.out}` lists them)")
     if not report.counts.get("eval"):
         print(f"omni: warning: {args.out} has no eval examples, so training has no held-out loss to report; "
               f"{dataset.NO_EVAL_HINT}", file=sys.stderr)
+
+
+def _data_split(args) -> None:
+    from omni.data import dataset
+
+    print(dataset.open_dataset(args.dataset).split_listing())
 
 
 def _data_show(args) -> None:
@@ -338,9 +372,11 @@ def _codec(args) -> None:
             raise ConfigError(f"{args.manifest} has no WAV audio segments to fit a codec on")
         hparams = {k: v for k, v in (("codebooks", args.codebooks), ("codebook_size", args.codebook_size))
                    if v is not None}
-        fitted = codec_lib.fit_codec_on_files(paths, args.out, seed=args.seed, **hparams)
+        fitted = codec_lib.fit_codec_on_files(paths, args.out, seed=args.seed, progress=_progress(args), **hparams)
+        errors = fitted.fit_info["relative_error"]
         print(f"omni: fitted {fitted.name} on {len(paths)} clips: {fitted.frame_rate:g} frames/s, codebooks "
-              f"{list(fitted.codebook_sizes)} -> {args.out}")
+              f"{list(fitted.codebook_sizes)} -> {args.out}; reconstruction error (normalised log-mel, relative "
+              f"to the mean frame) {' -> '.join(f'{e:.3f}' for e in errors)} over the codebooks")
         return
     codec = codec_lib.load_codec(args.codec)
     if args.action == "encode":
@@ -381,7 +417,7 @@ def _run(args) -> int:
     if args.verb in ("train", "eval", "ablate", "data"):
         import omni.demo  # noqa: F401  (registers data.dataset=demo / demo-speech: built on first use)
     if args.verb == "data":
-        {"build": _data_build, "show": _data_show, "bench": _data_bench}[args.action](args)
+        {"build": _data_build, "show": _data_show, "bench": _data_bench, "split": _data_split}[args.action](args)
     elif args.verb == "tokenizer":
         _tokenizer_train(args)
     elif args.verb == "codec":
@@ -396,11 +432,12 @@ def _run(args) -> int:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
         evaluate.evaluate_checkpoint(args.workdir, args.step, args.set, args.demo_examples, generate=args.generate,
                                      max_examples=args.max_examples, prompts=args.prompts,
-                                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                     progress=_progress(args))
     elif args.verb == "export":
         from omni.tools import export
 
-        out = export.export(args.workdir, args.out, args.step, args.dtype)
+        out = export.export(args.workdir, args.out, args.step, args.dtype, progress=_progress(args))
         info = json.loads((out / export.CONFIG_FILE).read_text())["export"]
         print(f"omni: exported step {info['step']} of {args.workdir} as {info['dtype']} to {out} "
               f"({(out / export.WEIGHTS_FILE).stat().st_size / 2**20:.1f} MiB)")
@@ -440,6 +477,8 @@ def _generate(args) -> None:
 
     if args.max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}")
+    # the export's compile_cache setting (a workdir has no export config: the default), before anything compiles
+    _enable_compile_cache_of_export(Path(args.model) / export.CONFIG_FILE)
     if args.prompts is not None:
         if not args.out or args.audio:
             raise GenerateError("--prompts needs --out (the results file) and takes no --audio (name audio in the "
@@ -483,6 +522,22 @@ def _generate(args) -> None:
     print(f"omni: {result.decode_tokens + 1} tokens until {ending}; prompt {prompt_len} tokens, prefill "
           f"{result.prefill_s * 1e3:.1f} ms, decode {result.decode_tokens_per_s:,.0f} tokens/s, compile "
           f"{result.compile_s:.1f} s", file=sys.stderr)
+    from omni.train import compile_cache
+
+    print(f"omni: {compile_cache.summary()}", file=sys.stderr)
+
+
+def _enable_compile_cache_of_export(config_file) -> None:
+    """The export's compile_cache setting, applied before load_export compiles anything (load_export itself
+    names a missing or broken config file)."""
+    from omni.train import compile_cache
+
+    try:
+        setting = json.loads(config_file.read_text()).get("compile_cache", "auto")
+    except (OSError, ValueError, AttributeError):
+        setting = "auto"
+    compile_cache.enable(setting if isinstance(setting, str) else "auto",
+                         log=lambda line: print(line, file=sys.stderr))
 
 
 def _data_bench(args) -> None:

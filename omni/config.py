@@ -182,6 +182,9 @@ class AblateConfig:
 @dataclass
 class Config:
     name: str = doc("omni", "run name, shown in logs")
+    compile_cache: str = doc("auto", "JAX's persistent compilation cache (train, eval, generate): 'auto' = "
+                                     "<$OMNI_CACHE or ~/.cache/omni>/jax-compile, 'off', or a folder; the "
+                                     "environment's OMNI_COMPILE_CACHE overrides it")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "the transformer"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "the corpus and pipeline"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "optimisation and loop"})
@@ -336,9 +339,14 @@ def get_key(tree: dict, dotted: str):
     return tree
 
 
+# Keys that say how a command runs on this machine, not what a run computes: a run resumed or re-planned with
+# another value of them (or saved before they existed) is the same run.
+MACHINE_KEYS = ("compile_cache",)
+
+
 def changed_keys(before: dict, after: dict) -> list[str]:
-    """Dotted keys whose values differ between two config dicts (to_dict form)."""
-    return [k for k in all_keys() if get_key(before, k) != get_key(after, k)]
+    """Dotted keys whose values differ between two config dicts (to_dict form), MACHINE_KEYS left out."""
+    return [k for k in all_keys() if k not in MACHINE_KEYS and get_key(before, k) != get_key(after, k)]
 
 
 def describe() -> str:

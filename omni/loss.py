@@ -171,6 +171,20 @@ def metrics_from_sums(sums: dict) -> dict:
     return out
 
 
+def mark_absent(metrics: dict) -> dict:
+    """Host side, on fetched metrics: the loss and accuracy of a modality with no target tokens are None (absent),
+    not the 0 that metrics_from_sums divides out; likewise the overall loss and accuracy when nothing was a target.
+    Consumers leave None out: the console line omits it, metrics.jsonl and eval JSON hold null, TensorBoard gets
+    no point. Token counts stay numbers (0 target tokens is a true count)."""
+    out = dict(metrics)
+    for name, count_key in [(name, f"tokens/{name}") for name in LOSS_MODALITIES] + [("", "tokens/target")]:
+        if count_key in out and out[count_key] is not None and float(out[count_key]) == 0:
+            for key in ((f"loss/{name}", f"acc/{name}") if name else ("loss", "acc")):
+                if key in out:
+                    out[key] = None
+    return out
+
+
 def masked_next_token_loss(logits_BxLxV, batch) -> tuple[jax.Array, dict]:
     """Mean cross-entropy over target tokens, and the metrics dict."""
     metrics = metrics_from_sums(loss_sums(logits_BxLxV, batch))

@@ -113,6 +113,21 @@ def test_report_aggregates_over_seeds(tmp_path):
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_shows_a_modality_without_targets_as_absent_never_zero(tmp_path):
+    base = _base()
+    runs = ablate.make_plan(base, *_sizes(base), seeds=1)
+    rows = [_row("early", 0, 1.0, None, 100.0, 0.5), _row("late:1", 0, 0.5, None, 90.0, 0.9)]
+    for row in rows:
+        row["curve"] = [(0, {"text": 6.0, "audio": None}), (1024, {"text": row["eval_loss_text"], "audio": None})]
+    ablate.write_report(tmp_path, runs, rows, base)
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ")
+             for line in (tmp_path / "ablation.md").read_text().splitlines() if line.startswith("| ")}
+    assert table["early"][6:8] == ["1", "absent"] and table["late:1"][6:8] == ["0.5", "absent"]
+    with open(tmp_path / "ablation.csv") as f:
+        assert [r["eval_loss_audio"] for r in csv.DictReader(f)] == ["", ""]
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def _omni_ablate(config: Path, workdir: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "omni.cli", "ablate", "--config", str(config), "--workdir",
                              str(workdir), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

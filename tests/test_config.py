@@ -90,3 +90,13 @@ def test_demo_fields_have_their_own_section_and_old_names_still_read():
             cfg.demo.scored_examples) == (64, 10, 5, 3, 7)
     with pytest.raises(ConfigError, match="'data.image_size'. It moved to 'demo.image_size'"):
         config_lib.apply_overrides(Config(), ["data.image_size=64"])
+
+
+def test_compile_cache_is_a_machine_key_not_part_of_what_a_run_computes():
+    from omni import config as config_lib
+
+    before = config_lib.to_dict(config_lib.Config())
+    after = config_lib.to_dict(config_lib.apply_overrides(config_lib.Config(), ["compile_cache=off", "train.steps=7"]))
+    assert config_lib.changed_keys(before, after) == ["train.steps"]
+    del before["compile_cache"]  # a config saved before the key existed
+    assert config_lib.changed_keys(before, config_lib.to_dict(config_lib.Config())) == []

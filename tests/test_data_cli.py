@@ -1,6 +1,7 @@
 """The data verbs as a user runs them: build a manifest with a tokenizer and a fitted codec, show, train on it."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,14 @@ def test_tokenizer_codec_build_show_and_train_on_user_data(tmp_path):
     run = omni("codec", "fit", "--manifest", str(manifest), "--out", str(tmp_path / "codec"),
                "--codebooks", "2", "--codebook-size", "16")
     assert run.returncode == 0, run.stderr[-2000:]
+    # not a terminal: progress is one line per phase at its end (and one every 10 s on longer work), on stderr
+    assert re.search(r"^codec fit: read: 30/30 clip in [\d.]+ s \([\d.]+ clip/s, seconds [\d.]+\)$", run.stderr, re.M)
+    done = re.search(r"^codec fit: k-means: 40/40 step in [\d.]+ s \([\d.]+ step/s, codebook 2/2, error ([\d.]+)\)$",
+                     run.stderr, re.M)
+    assert done, run.stderr[-2000:]
+    errors = json.loads((tmp_path / "codec" / "codec.json").read_text())["fit"]["relative_error"]
+    assert len(errors) == 2 and 0 < errors[1] < errors[0] < 1 and float(done.group(1)) == pytest.approx(errors[1], rel=1e-3)
+    assert f"reconstruction error (normalised log-mel, relative to the mean frame) {errors[0]:.3f} -> " in run.stdout
     clip = tmp_path / "corpus" / "wav" / "1.wav"
     run = omni("codec", "encode", "--codec", str(tmp_path / "codec"), "--wav", str(clip), "--out", str(tmp_path / "c.npy"))
     assert run.returncode == 0, run.stderr[-2000:]
@@ -63,6 +72,8 @@ def test_tokenizer_codec_build_show_and_train_on_user_data(tmp_path):
                "--tokenizer", str(tmp_path / "tok"))
     assert run.returncode == 0, run.stderr[-2000:]
     assert "train: 54 examples, eval: 6 examples" in run.stdout
+    assert re.search(r"^data build: train: 54/54 line in [\d.]+ s \([\d.]+ line/s\)$", run.stderr, re.M)
+    assert re.search(r"^data build: eval: 6/6 line in [\d.]+ s \([\d.]+ line/s\)$", run.stderr, re.M)
     meta = json.loads((out / "omni_dataset.json").read_text())
     assert meta["codec"]["codebook_sizes"] == [16, 16] and meta["tokenizer"] == "tokenizer"
 
@@ -257,3 +268,83 @@ def test_no_eval_examples_warns_at_build_and_train_time_says_how_to_get_some(tmp
     cfg.data.dataset = str(tmp_path / "ds")
     with pytest.raises(DatasetError, match="--eval-fraction"):
         pipeline.eval_batches(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Eval splits a user can see and control.
+
+
+def _stored_eval_ids(folder):
+    from omni.data import dataset
+
+    source = dataset.open_dataset(folder).source("eval")
+    return sorted(dataset.decode_record(source[i], 1)["id"] for i in range(len(source)))
+
+
+def test_build_records_the_eval_ids_it_wrote_and_data_split_lists_them(tmp_path):
+    from omni.data import dataset
+    from omni.data.manifest import DEFAULT_EVAL_FRACTION, split_of
+
+    lines = [{"segments": [{"text": f"caption {i}"}], "targets": ["text"], **({"id": f"c{i}"} if i % 2 else {})}
+             for i in range(200)]  # half with an id, half known by their line number
+    manifest = _text_manifest(tmp_path, lines)
+    run = omni("data", "build", "--manifest", str(manifest), "--out", str(tmp_path / "ds"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    rule = next(line for line in run.stdout.splitlines() if line.startswith("omni: split rule:"))
+    assert "no line names a split" in rule and "--eval-fraction 0.05 (the default)" in rule
+    assert f"omni data split --dataset {tmp_path / 'ds'}" in rule
+
+    meta = dataset.open_dataset(tmp_path / "ds").meta
+    expected = [(line.get("id", f"line{n}"), n) for n, line in enumerate(lines, start=1)
+                if split_of(line, n, DEFAULT_EVAL_FRACTION) == "eval"]
+    assert 3 <= len(expected) <= 25
+    assert list(zip(meta["eval_ids"], meta["eval_lines"])) == expected  # in manifest order, with their lines
+    assert sorted(meta["eval_ids"]) == _stored_eval_ids(tmp_path / "ds")  # exactly what the eval split yields
+    assert meta["counts"]["eval"] == len(expected) and meta["split_rule"] in rule
+
+    listed = omni("data", "split", "--dataset", str(tmp_path / "ds"))
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    out = listed.stdout.splitlines()
+    assert out[0] == f"{tmp_path / 'ds'}: train {200 - len(expected)} examples, eval {len(expected)} examples"
+    assert out[1] == f"split rule: {meta['split_rule']}"
+    assert out[3:] == [f"{i}\t{n}" for i, n in expected]
+
+
+def test_lines_without_split_go_to_train_when_some_lines_name_one_unless_eval_fraction_is_given(tmp_path):
+    from omni.data import dataset
+    from omni.data.manifest import split_of
+
+    lines = [{"id": f"x{i}", "segments": [{"text": f"line {i}"}], "targets": ["text"],
+              **({"split": "eval"} if i % 10 == 0 else {"split": "train"} if i % 10 == 1 else {})} for i in range(60)]
+    manifest = _text_manifest(tmp_path, lines)
+    named_eval = [f"x{i}" for i in range(0, 60, 10)]
+
+    run = omni("data", "build", "--manifest", str(manifest), "--out", str(tmp_path / "implicit"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "12 of 60 lines name their split; the other 48 go to train" in run.stdout
+    assert dataset.open_dataset(tmp_path / "implicit").meta["eval_ids"] == named_eval
+    assert _stored_eval_ids(tmp_path / "implicit") == sorted(named_eval)
+
+    run = omni("data", "build", "--manifest", str(manifest), "--out", str(tmp_path / "explicit"),
+               "--eval-fraction", "0.5")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "of the other 48, a stable hash of the line's id (or its content) puts --eval-fraction 0.5" in run.stdout
+    hashed = [line["id"] for n, line in enumerate(lines, start=1) if split_of(line, n, 0.5) == "eval"]
+    assert set(named_eval) < set(hashed)  # the named lines, and some hashed ones
+    assert dataset.open_dataset(tmp_path / "explicit").meta["eval_ids"] == hashed
+    assert _stored_eval_ids(tmp_path / "explicit") == sorted(hashed)
+
+
+def test_data_split_of_a_dataset_built_before_eval_ids_were_recorded_says_so(tmp_path):
+    manifest = _text_manifest(tmp_path, [_text(i, "eval" if i < 2 else "train") for i in range(6)])
+    assert omni("data", "build", "--manifest", str(manifest), "--out", str(tmp_path / "ds")).returncode == 0
+    meta_file = tmp_path / "ds" / "omni_dataset.json"
+    meta = json.loads(meta_file.read_text())
+    for key in ("split_rule", "eval_ids", "eval_lines"):
+        del meta[key]
+    meta_file.write_text(json.dumps(meta))
+    run = omni("data", "split", "--dataset", str(tmp_path / "ds"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "train 4 examples, eval 2 examples" in run.stdout
+    assert "built before omni recorded the split rule and the eval ids" in run.stdout and "rebuild" in run.stdout
+    assert _stored_eval_ids(tmp_path / "ds") == ["line1", "line2"]  # and it still loads

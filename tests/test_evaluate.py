@@ -1,6 +1,7 @@
 """`omni eval`: a checkpoint's held-out metrics, the same as the trainer measured for it."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -44,6 +45,8 @@ def test_eval_cli_prints_metrics_and_names_a_missing_step(run):
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "held-out loss text" in ok.stdout and (workdir / "eval-2.json").exists()
+    # stderr is not a terminal here: the progress is a line of counts and rates
+    assert re.search(r"^eval: 2/2 batch in [\d.]+ s \([\d.]+ batch/s, tokens \d+\)$", ok.stderr, re.M), ok.stderr
     bad = subprocess.run([sys.executable, "-m", "omni.cli", "eval", "--workdir", str(workdir), "--step", "3"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no checkpoint of step 3 in" in bad.stderr
@@ -91,3 +94,142 @@ def test_eval_generate_cli_on_a_prompts_file_names_a_bad_line(run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "omni.cli", "eval", "--workdir", str(workdir), "--generate",
                           "--prompts", str(prompts)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and f"{prompts}:1: image file not found" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Absent is not zero; results name the data they measured and another dataset's never replace the run's own.
+
+
+def _text_only_dataset(root):
+    """A dataset with the demo's vocabulary (bytes, tone codec) but no audio at all: audio is absent."""
+    from omni.data import dataset
+    from omni.data.codec import ToneCodec
+
+    root.mkdir(parents=True, exist_ok=True)
+    lines = [{"id": f"t{i}", "segments": [{"text": f"a small caption number {i}"}], "targets": ["text"],
+              "split": "eval" if i % 4 == 0 else "train"} for i in range(40)]
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = dataset.BuildReport()
+    examples, codec = dataset.manifest_examples(manifest, ToneCodec(), 0.0, report, skip_bad=False)
+    dataset.build(examples, root / "textonly", codec, report=report)
+    return root / "textonly"
+
+
+def _tensorboard_tags(folder) -> set:
+    """Every scalar tag in the TensorBoard event files under `folder` (read without TensorFlow)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in folder.rglob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            tags |= {value.tag for value in event.summary.value}
+            at += 12 + length + 4
+    return tags
+
+
+def test_another_dataset_writes_its_own_named_file_and_absent_audio_is_null_not_zero(run, tmp_path):
+    workdir, _ = run
+    own = evaluate.evaluate_checkpoint(workdir, log=lambda *a: None)
+    assert own["data"]["name"] == "demo" and own["data"]["split"] == "eval" and own["data"]["examples"] == 48
+    own_text = (workdir / "eval-4.json").read_text()
+    other = _text_only_dataset(tmp_path)
+    lines = []
+    result = evaluate.evaluate_checkpoint(workdir, overrides=[f"data.dataset={other}"], log=lines.append)
+    out = workdir / "eval-4-textonly.json"
+    assert (workdir / "eval-4.json").read_text() == own_text  # the run's own result is left as it was
+    saved = json.loads(out.read_text())
+    assert saved["data"] == {"name": str(other), "path": str(other), "split": "eval", "examples": 10,
+                             "batches": result["data"]["batches"], "eval_batches": 2}
+    assert saved["overrides"] == [f"data.dataset={other}"]
+    assert saved["eval"]["loss/audio"] is None and saved["eval"]["acc/audio"] is None
+    assert saved["eval"]["tokens/audio"] == 0 and saved["eval"]["loss/text"] > 0
+    summary = next(line for line in lines if "held-out loss" in line)
+    assert "text " in summary and "audio" not in summary and "0.000" not in summary
+    assert any(str(out) in line and "not the run's demo" in line for line in lines)
+    # the same dataset spelt another way is the run's own
+    assert evaluate.same_dataset(_cfg(str(other)), _cfg(str(other) + "/../textonly"))
+    assert not evaluate.same_dataset(_cfg("demo"), _cfg(str(other)))
+
+
+def _cfg(dataset):
+    cfg = tiny_config()
+    cfg.data.dataset = dataset
+    return cfg
+
+
+def test_a_modality_absent_from_training_data_is_left_out_of_logs_json_and_tensorboard(tmp_path, capsys):
+    cfg = tiny_config()
+    cfg.data.dataset = str(_text_only_dataset(tmp_path / "data"))
+    cfg.data.seq_len = 64
+    cfg.train.steps, cfg.train.log_every, cfg.train.checkpoint_every = 3, 1, 0
+    workdir = tmp_path / "run"
+    result = loop.train(cfg, workdir, progress=False)
+    console = capsys.readouterr().out
+    held_out = [line for line in console.splitlines() if "held-out loss" in line]
+    assert len(held_out) == 2 and all("text " in line and "audio" not in line for line in held_out), console
+    assert result["eval"]["loss/audio"] is None and result["eval"]["tokens/audio"] == 0
+    assert json.loads((workdir / "eval.json").read_text())["eval"]["acc/audio"] is None
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "loss/text" in r]
+    evals = [r for r in rows if "eval/loss/text" in r]
+    assert len(trained) == 3 and len(evals) == 2
+    for row in trained:
+        assert row["loss/audio"] is None and row["acc/audio"] is None and row["tokens/audio"] == 0
+        assert row["loss/text"] > 0
+    for row in evals:
+        assert row["eval/loss/audio"] is None and row["eval/acc/audio"] is None
+    tags = _tensorboard_tags(workdir / "tensorboard")
+    assert {"loss/text", "eval/loss/text", "tokens/audio"} <= tags
+    assert not {"loss/audio", "acc/audio", "eval/loss/audio", "eval/acc/audio"} & tags
+
+
+def test_export_shows_its_progress_as_lines_without_a_terminal(run, tmp_path):
+    workdir, _ = run
+    done = subprocess.run([sys.executable, "-m", "omni.cli", "export", "--workdir", str(workdir), "--out",
+                           str(tmp_path / "exported"), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = re.search(r"^export: (\d+)/(\d+) tensor in [\d.]+ s \([\d.]+ tensor/s, MiB ([\d.]+)\)$", done.stderr, re.M)
+    assert line and line.group(1) == line.group(2), done.stderr[-2000:]
+    tensors = json.loads((tmp_path / "exported" / "config.json").read_text())["export"]["tensors"]
+    assert int(line.group(1)) == len(tensors) + 1  # every tensor, then the file
+    assert float(line.group(3)) == pytest.approx((tmp_path / "exported" / "model.safetensors").stat().st_size / 2**20,
+                                                 abs=0.06)
+
+
+def test_a_second_eval_process_reads_every_program_from_the_compile_cache(run, tmp_path):
+    """Timing-free evidence: the first process compiles and writes entries, the second compiles nothing."""
+    workdir, _ = run
+    cache = tmp_path / "compiled"
+    counts = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-m", "omni.cli", "eval", "--workdir", str(workdir),
+                               "--set", f"compile_cache={cache}"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        line = next(line for line in done.stdout.splitlines() if line.startswith(f"omni: compile cache {cache}:"))
+        counts.append(tuple(map(int, re.findall(r"(\d+) (?:program|compiled)", line))))
+        if len(counts) == 1:
+            entries = sorted(p.name for p in cache.iterdir())
+    (hits1, misses1), (hits2, misses2) = counts
+    assert hits1 == 0 and misses1 > 0
+    assert any(name.startswith("jit_eval_fn-") for name in entries) and len(entries) == misses1  # one per program
+    assert (hits2, misses2) == (misses1, 0)  # every program the first process compiled, read back
+    assert sorted(p.name for p in cache.iterdir()) == entries  # and nothing new written
+
+
+def test_compile_cache_setting(monkeypatch, tmp_path):
+    from omni.train import compile_cache
+
+    monkeypatch.delenv("OMNI_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("OMNI_CACHE", str(tmp_path))
+    assert compile_cache.folder_for("auto") == tmp_path / "jax-compile"
+    assert compile_cache.folder_for("off") is None
+    assert compile_cache.folder_for(str(tmp_path / "x")) == tmp_path / "x"
+    monkeypatch.setenv("OMNI_COMPILE_CACHE", "off")
+    assert compile_cache.folder_for(str(tmp_path / "x")) is None

@@ -24,6 +24,7 @@ FORBIDDEN = [
     ("omni.launch", ("omni.tools", "omni.demo", "omni.cli")),
     # The shared core below every subpackage.
     ("omni.config", ("omni.",)), ("omni.errors", ("omni.",)), ("omni.batch", ("omni.",)),
+    ("omni.progress", ("omni.",)),  # how long work shows progress: given to the layers below the CLI, knows none
 ]
 ALLOWED_ONLY = {  # importer -> the only omni modules it may reach
     "omni.loss": {"omni.batch", "omni.tokens"},

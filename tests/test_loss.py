@@ -138,3 +138,18 @@ def test_fused_loss_holds_no_full_vocabulary_buffer():
     plain = temps(lambda h, w: loss_sums(jnp.einsum("bld,dv->blv", h, w), batch)["ce"])
     fused = temps(lambda h, w: fused_loss_sums(h, w, batch, 32)["ce"])
     assert plain >= full and fused < full / 2, (plain, fused)
+
+
+def test_mark_absent_and_the_summary_leave_out_a_modality_without_targets():
+    from omni.loss import mark_absent
+    from omni.train.step import modality_summary
+
+    fetched = {"loss": 2.0, "acc": 0.5, "tokens/target": 10.0, "loss/text": 2.0, "acc/text": 0.5,
+               "tokens/text": 10.0, "loss/audio": 0.0, "acc/audio": 0.0, "tokens/audio": 0.0}
+    marked = mark_absent(fetched)
+    assert marked["loss/audio"] is None and marked["acc/audio"] is None and marked["tokens/audio"] == 0.0
+    assert marked["loss/text"] == 2.0 and fetched["loss/audio"] == 0.0  # the input is left as it was
+    assert modality_summary(marked) == "text 2.000 (acc 50.0%)"
+    nothing = mark_absent(dict(fetched, **{"tokens/target": 0.0, "tokens/text": 0.0}))
+    assert nothing["loss"] is None and nothing["loss/text"] is None
+    assert modality_summary(nothing) == "none (no target tokens)"

@@ -311,6 +311,12 @@ def read_catalog(name: str, split: str, data_dir=None, limit: int | None = None,
     return _adapt(open_catalog(name, split, data_dir, decode_images), adapter, limit)
 
 
+def catalog_splits(name: str, train_split: str | None = "", eval_split: str | None = "") -> dict:
+    """{"train": catalog split(s), "eval": catalog split} omni reads, the defaults (DEFAULT_SPLITS) filled in."""
+    defaults = DEFAULT_SPLITS[_base_name(name)]
+    return {"train": train_split or defaults["train"], "eval": eval_split or defaults["eval"]}
+
+
 def catalog_examples(name: str, train_split: str | None = "", eval_split: str | None = "", data_dir=None,
                      limit: int | None = None, decode_images: bool = False, **options) -> dict:
     """{"train": factory, "eval": factory} of raw-example generators for omni.data.dataset.raw_examples.
@@ -318,8 +324,7 @@ def catalog_examples(name: str, train_split: str | None = "", eval_split: str | 
     Empty splits take DEFAULT_SPLITS (coco_captions: train / val; librispeech: the three train sets / dev_clean).
     Both splits are opened here, so problems raise CatalogError before any building starts."""
     adapter = adapter_for(name, **options)
-    defaults = DEFAULT_SPLITS[_base_name(name)]
-    splits = {"train": train_split or defaults["train"], "eval": eval_split or defaults["eval"]}
+    splits = catalog_splits(name, train_split, eval_split)
     opened = {omni_split: open_catalog(name, split, data_dir, decode_images) for omni_split, split in splits.items()}
     return {omni_split: (lambda records=records: _adapt(records, adapter, limit))
             for omni_split, records in opened.items()}

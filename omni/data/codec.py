@@ -25,12 +25,14 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from collections import abc
 from typing import Protocol, Sequence
 
 import numpy as np
 
 from omni.data.audio import load_audio
 from omni.errors import CodecError
+from omni.progress import silent
 
 
 class AudioCodec(Protocol):
@@ -266,24 +268,31 @@ def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarra
     return x[chosen].copy()
 
 
-def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int) -> np.ndarray:
+def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int, tick=None) -> np.ndarray:
     """x [n, d] (n >= k) -> codewords [k, d]: k-means++ then at most `iters` Lloyd steps.
 
     A codeword that loses all its rows moves to the row quantised worst, so no codeword stays unused.
+    tick(n), if given, is called with the Lloyd steps done (the ones left over at convergence included).
     """
     x = np.asarray(x, np.float32)
     codewords = kmeans_pp_init(x, k, rng)
     previous = None
-    for _ in range(iters):
+    for step in range(iters):
+        if tick is not None and step:
+            tick(1)
         index, dist = nearest(x, codewords)
         if previous is not None and np.array_equal(index, previous):
-            break  # converged: more steps would change nothing
+            if tick is not None:
+                tick(iters - step)
+            return codewords  # converged: more steps would change nothing
         previous = index
         codewords, used = _centroids(x, index, codewords)
         empty = np.flatnonzero(~used)
         if empty.size:
             worst = np.argsort(dist)[::-1][: empty.size]
             codewords[empty] = x[worst]
+    if tick is not None and iters:
+        tick(1)
     return codewords
 
 
@@ -303,16 +312,25 @@ def _centroids(x: np.ndarray, index: np.ndarray, codewords: np.ndarray) -> tuple
 
 
 def rvq_fit(x: np.ndarray, codebooks: int, codebook_size: int, rng: np.random.Generator,
-            iters: int) -> np.ndarray:
+            iters: int, progress=None, errors: list | None = None) -> np.ndarray:
     """x [n, d] -> codewords [codebooks, codebook_size, d]: each stage is k-means on what the stages before
-    it left unexplained, so every codebook refines the sum of the previous ones."""
+    it left unexplained, so every codebook refines the sum of the previous ones.
+
+    progress (an omni.progress reporter's bar) advances by Lloyd steps and shows the relative error reached;
+    `errors`, if given, receives the relative error after each stage: mean |residual|^2 / mean |x|^2."""
     residual = np.array(x, np.float32)
+    energy = max(float(np.mean(np.square(residual), dtype=np.float64)), 1e-12)
     stages = []
-    for _ in range(codebooks):
-        codewords = kmeans(residual, codebook_size, rng, iters)
+    for stage in range(codebooks):
+        codewords = kmeans(residual, codebook_size, rng, iters, tick=progress.update if progress else None)
         index, _ = nearest(residual, codewords)
         residual -= codewords[index]
         stages.append(codewords)
+        error = float(np.mean(np.square(residual), dtype=np.float64)) / energy
+        if errors is not None:
+            errors.append(error)
+        if progress is not None:
+            progress.update(0, codebook=f"{stage + 1}/{codebooks}", error=error)
     return np.stack(stages).astype(np.float32)
 
 
@@ -411,24 +429,31 @@ class MelRVQCodec:
     @classmethod
     def fit(cls, waves: Sequence[np.ndarray], *, sample_rate: int = 16_000, hop: int = 320, n_fft: int = 1024,
             n_mels: int = 64, codebooks: int = 4, codebook_size: int = 256, griffin_lim_iters: int = 32,
-            seed: int = 0, iters: int = 20, max_frames: int = 200_000) -> MelRVQCodec:
+            seed: int = 0, iters: int = 20, max_frames: int = 200_000, progress=silent) -> MelRVQCodec:
         """Fit on waves (float32 [samples] each, already at `sample_rate`; see `fit_codec_on_files`).
 
         All log-mel frames are pooled (a random `max_frames` of them if there are more: 200k frames is ~67
         minutes, plenty for 256 codewords and bounded in time), normalised by their per-band mean and one
         global std, then quantised stage by stage. Fewer frames than `codebook_size` is an error rather than
         a silently smaller codebook, because codebook sizes fix the model's vocabulary.
+
+        progress (omni.progress) shows the clips read and the k-means steps with the reconstruction error
+        reached; fit_info records that error (relative: the normalised log-mel's squared error left over the
+        squared error of coding every frame as the mean frame) after each codebook.
         """
         if codebooks < 1 or codebook_size < 2:
             raise CodecError(f"need codebooks >= 1 and codebook_size >= 2; got {codebooks}, {codebook_size}")
         _check_framing(hop, n_fft)
         frame_rate = sample_rate / hop
         logmels = []
-        for i, wave in enumerate(waves):
-            wave = np.asarray(wave, np.float32)
-            if wave.ndim != 1:
-                raise CodecError(f"wave {i} is not mono audio [samples]: shape {wave.shape}")
-            logmels.append(log_mel(wave, sample_rate, n_fft, hop, n_mels))
+        with progress("codec fit: read", total=len(waves) if hasattr(waves, "__len__") else None,
+                      unit="clip") as bar:
+            for i, wave in enumerate(waves):
+                wave = np.asarray(wave, np.float32)
+                if wave.ndim != 1:
+                    raise CodecError(f"wave {i} is not mono audio [samples]: shape {wave.shape}")
+                logmels.append(log_mel(wave, sample_rate, n_fft, hop, n_mels))
+                bar.update(1, seconds=round(sum(len(m) for m in logmels) / frame_rate, 1))
         frames = np.concatenate(logmels) if logmels else np.zeros((0, n_mels), np.float32)
         seconds = len(frames) / frame_rate
         if len(frames) < codebook_size:
@@ -443,9 +468,11 @@ class MelRVQCodec:
         mean = frames.mean(axis=0, dtype=np.float64).astype(np.float32)
         std = np.float32(np.sqrt(((frames - mean) ** 2).mean(dtype=np.float64)))
         std = std if std > 1e-6 else 1.0  # constant input (e.g. all silence): nothing to scale
-        codewords = rvq_fit((frames - mean) / std, codebooks, codebook_size, rng, iters)
+        errors: list = []
+        with progress("codec fit: k-means", total=codebooks * iters, unit="step") as bar:
+            codewords = rvq_fit((frames - mean) / std, codebooks, codebook_size, rng, iters, bar, errors)
         info = {"seed": seed, "iters": iters, "max_frames": max_frames, "frames": len(frames),
-                "seconds": round(seconds, 2)}
+                "seconds": round(seconds, 2), "relative_error": [round(e, 5) for e in errors]}
         return cls(codewords, mean, std, sample_rate=sample_rate, hop=hop, n_fft=n_fft,
                    griffin_lim_iters=griffin_lim_iters, fit_info=info)
 
@@ -568,16 +595,29 @@ def load_codec(spec: str | os.PathLike) -> AudioCodec:
                      f"omni.data.codec.fit_codec_on_files ({MelRVQCodec.name})")
 
 
+class _Clips(abc.Sequence):
+    """WAV files read one at a time as they are iterated (a fit keeps only their log-mel frames)."""
+
+    def __init__(self, paths, sample_rate: int):
+        self.paths, self.sample_rate = list(paths), sample_rate
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return load_audio(self.paths[i], self.sample_rate)
+
+
 def fit_codec_on_files(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, **hparams) -> MelRVQCodec:
     """Fit a MelRVQCodec on WAV files (each resampled to its sample_rate) and save it to out_dir.
 
     hparams are MelRVQCodec.fit's keywords (sample_rate, hop, n_fft, n_mels, codebooks, codebook_size,
-    griffin_lim_iters, seed, iters, max_frames).
+    griffin_lim_iters, seed, iters, max_frames, progress).
     """
 
     if not paths:
         raise CodecError("no audio files given to fit the codec on")
     sample_rate = hparams.get("sample_rate", 16_000)
-    codec = MelRVQCodec.fit([load_audio(path, sample_rate) for path in paths], **hparams)
+    codec = MelRVQCodec.fit(_Clips(paths, sample_rate), **hparams)
     codec.save(out_dir)
     return codec

@@ -2,7 +2,8 @@
 
 `omni data build` writes
 
-    OUT/omni_dataset.json    what the dataset holds: codec identity, tokenizer, split sizes, skipped lines
+    OUT/omni_dataset.json    what the dataset holds: codec identity, tokenizer, split sizes, skipped lines, the
+                             split rule the build applied and the ids (and manifest lines) of the eval examples
     OUT/codec/               the codec's files when it has any (a fitted MelRVQCodec)
     OUT/tokenizer/           the text tokenizer's files when one was given (`--tokenizer`)
     OUT/tfds/omni_dataset/1.0.0/omni_dataset-{train,eval}.array_record-*   the examples
@@ -22,6 +23,7 @@ Images stay encoded so the patch budget is a training choice; audio is stored as
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import io
@@ -42,6 +44,7 @@ from omni.data.audio import resample
 from omni.data.codec import PrecomputedCodec, codec_from_identity, codec_identity, load_codec
 from omni.data.text_tokenizer import save_tokenizer
 from omni.errors import DatasetError, ManifestError
+from omni.progress import silent
 from omni.tokens import check_codes
 
 FORMAT_VERSION = 1
@@ -210,6 +213,9 @@ class BuildReport:
     # Files the build reads, (path, what it is): `out` may not be or hold any of them, since a dataset folder is
     # replaced whole (manifest_examples fills it with the manifest and every file its lines name).
     inputs: list = field(default_factory=list)
+    split_rule: str = ""                             # how lines were put in train or eval, in words
+    eval_ids: list = field(default_factory=list)     # ids of the eval examples written, in source order
+    eval_lines: list | None = None                   # their manifest line numbers (manifest builds only)
 
     def summary(self) -> str:
         parts = [f"{split}: {n} examples" for split, n in self.counts.items()]
@@ -281,12 +287,39 @@ def _skip(report: BuildReport, source, line: int, reason: str) -> None:
     report.skipped.append({"source": str(source), "line": line, "reason": reason})
 
 
-def manifest_examples(path, codec, eval_fraction: float, report: BuildReport, skip_bad: bool):
-    """{split: generator factory} over a manifest's lines, for build()."""
+def split_rule(lines: int, named: int, eval_fraction: float | None) -> tuple[float, str]:
+    """(the share of lines without "split" hashed into eval, the rule in words) for a manifest of `lines` lines,
+    `named` of which have a "split" field, built with --eval-fraction `eval_fraction` (None: not given).
+
+    When any line names a split, the others go to train unless --eval-fraction is given; when none does, the hash
+    puts --eval-fraction (default manifest.DEFAULT_EVAL_FRACTION) of them in eval."""
+    given = eval_fraction is not None
+    fraction = eval_fraction if given else (0.0 if named else manifest_lib.DEFAULT_EVAL_FRACTION)
+    hashed = (f"a stable hash of the line's id (or its content) puts --eval-fraction {fraction:g}"
+              f"{'' if given else ' (the default)'} of them in eval")
+    if named == 0:
+        return fraction, f"no line names a split: {hashed.replace('the line', 'each line')}"
+    if named == lines:
+        return fraction, ("every line names its split (\"split\" field)"
+                          + (f"; --eval-fraction {fraction:g} had no line to apply to" if given else ""))
+    if given:
+        return fraction, f"{named} of {lines} lines name their split; of the other {lines - named}, {hashed}"
+    return fraction, (f"{named} of {lines} lines name their split; the other {lines - named} go to train, since some "
+                      "lines name a split (give --eval-fraction to hash a share of them into eval)")
+
+
+def manifest_examples(path, codec, eval_fraction: float | None, report: BuildReport, skip_bad: bool,
+                      progress=silent):
+    """{split: generator factory} over a manifest's lines, for build(); report.split_rule says how lines were split
+    (split_rule; `eval_fraction` None: --eval-fraction was not given). progress (omni.progress) counts the lines
+    of each split as they are encoded."""
     lines = manifest_lib.read_lines(path)
     codec = codec_for_manifest(lines, path, codec)
     report.inputs.extend(manifest_inputs(lines, path))
     duplicates = _duplicate_ids(lines)
+    named = sum(1 for _, line in lines if isinstance(line, dict) and "split" in line)
+    eval_fraction, report.split_rule = split_rule(len(lines), named, eval_fraction)
+    report.eval_lines = []
 
     def line_split(number, line):
         if isinstance(line, dict) and line.get("split", "train") in manifest_lib.SPLITS:
@@ -294,9 +327,16 @@ def manifest_examples(path, codec, eval_fraction: float, report: BuildReport, sk
         return "train"  # a line too broken to have a split is reported once, in the train pass
 
     def generate(split):
+        with progress(f"data build: {split}", total=per_split[split], unit="line") as bar:
+            yield from encode(split, bar)
+            if report.skipped:
+                bar.update(0, skipped=len(report.skipped))
+
+    def encode(split, bar):
         for number, line in lines:
             if line_split(number, line) != split:
                 continue
+            bar.update(1, **({"skipped": len(report.skipped)} if report.skipped else {}))
             try:
                 if isinstance(line, ManifestError):
                     raise line
@@ -314,17 +354,27 @@ def manifest_examples(path, codec, eval_fraction: float, report: BuildReport, sk
                 _skip(report, path, number, e.reason)
                 continue
             report.counts[split] = report.counts.get(split, 0) + 1
+            if split == "eval":
+                report.eval_ids.append(record["id"])
+                report.eval_lines.append(number)
             yield number, record
 
     # TFDS cannot write an empty split: leave out a split no line goes to (a bad line is reported in the first).
-    splits = {line_split(number, line) for number, line in lines}
-    return {split: (lambda s=split: generate(s)) for split in manifest_lib.SPLITS if split in splits}, codec
+    per_split = collections.Counter(line_split(number, line) for number, line in lines)
+    return {split: (lambda s=split: generate(s)) for split in manifest_lib.SPLITS if split in per_split}, codec
 
 
-def raw_examples(examples_by_split: dict, codec, report: BuildReport, skip_bad: bool, source: str):
-    """{split: generator factory} over in-memory raw examples (adapters, the demo corpus)."""
+def raw_examples(examples_by_split: dict, codec, report: BuildReport, skip_bad: bool, source: str,
+                 progress=silent):
+    """{split: generator factory} over in-memory raw examples (adapters, the demo corpus); progress
+    (omni.progress) counts the examples of each split as they are encoded."""
     def generate(split):
+        with progress(f"data build: {split}", unit="example") as bar:
+            yield from encode(split, bar)
+
+    def encode(split, bar):
         for number, raw in enumerate(examples_by_split[split](), start=1):
+            bar.update(1)
             try:
                 record = encode_record(raw, codec)
             except ValueError as e:
@@ -333,8 +383,11 @@ def raw_examples(examples_by_split: dict, codec, report: BuildReport, skip_bad: 
                 _skip(report, source, number, str(e))
                 continue
             report.counts[split] = report.counts.get(split, 0) + 1
+            if split == "eval":
+                report.eval_ids.append(record["id"])
             yield number, record
 
+    report.split_rule = report.split_rule or f"the splits of {source}"
     return {split: (lambda s=split: generate(s)) for split in examples_by_split}
 
 
@@ -493,7 +546,9 @@ def _write(examples: dict, out: Path, codec, tokenizer, report: BuildReport, sou
     tmp.rename(out / "tfds")
     meta = {"format_version": FORMAT_VERSION, "source": source, "counts": report.counts,
             "skipped": report.skipped, "codec": codec_identity(codec) if codec is not None else None,
-            "tokenizer": None}
+            "tokenizer": None, "split_rule": report.split_rule, "eval_ids": report.eval_ids}
+    if report.eval_lines is not None:
+        meta["eval_lines"] = report.eval_lines
     if codec is not None and hasattr(codec, "save"):
         codec.save(out / "codec")
         meta["codec"]["path"] = "codec"
@@ -528,6 +583,20 @@ class Dataset:
     def tokenizer_spec(self) -> str:
         name = self.meta.get("tokenizer")
         return str(self.path / name) if name and name != "bytes" else "bytes"
+
+    def split_listing(self) -> str:
+        """What `omni data split` prints: the split sizes, the rule the build applied and every eval example's id
+        (with its manifest line); a dataset built before omni recorded them says so."""
+        counts = ", ".join(f"{split} {n} examples" for split, n in self.meta["counts"].items())
+        head = f"{self.path}: {counts or 'no examples'}"
+        if "eval_ids" not in self.meta:
+            return (f"{head}\n{self.path} was built before omni recorded the split rule and the eval ids in "
+                    f"{DATASET_FILE}, so they cannot be listed; rebuild it with `omni data build` to record them")
+        ids, lines = self.meta["eval_ids"], self.meta.get("eval_lines")
+        out = [head, f"split rule: {self.meta.get('split_rule') or 'not recorded'}",
+               f"eval examples ({len(ids)}): id" + ("\tmanifest line" if lines is not None else "")]
+        out += [f"{i}\t{n}" for i, n in zip(ids, lines)] if lines is not None else [str(i) for i in ids]
+        return "\n".join(out)
 
     def source(self, split: str):
         """Random-access examples of a split (decoded TFDS features), a grain-compatible data source."""

@@ -21,7 +21,9 @@ answer); a line must keep at least one segment of its targets in the loss.
 Line fields
     segments  required, non-empty
     targets   modalities learned from this example: a subset of ["text", "audio"] present in its segments
-    split     optional "train" or "eval"; otherwise a stable hash of the line's id (or its text) picks one
+    split     optional "train" or "eval". A line without one goes to train when any line of the manifest names a
+              split (unless --eval-fraction is given: then a stable hash of its id, or its content, picks); when
+              no line names one, the hash puts --eval-fraction of the lines (default 0.05) in eval
     id        optional, kept with the example (defaults to the line number); no two lines may share one
     meta      optional free JSON kept with the example (the demo corpus stores each task's answer there)
     codec     the identity of the codec that made the line's precomputed codes
@@ -56,6 +58,7 @@ LINE_KEYS = {"segments", "targets", "split", "id", "meta", "codec"}
 SPLITS = ("train", "eval")
 MAX_CODEBOOK_SIZE = 2**31 - 1  # codes are stored as int32
 MAX_FRAME_RATE = 1e6  # frames per second a "codec" identity may give
+DEFAULT_EVAL_FRACTION = 0.05  # share of lines hashed into eval when no line names a split and none is given
 
 
 def split_of(line: dict, line_number: int, eval_fraction: float) -> str:

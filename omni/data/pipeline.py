@@ -240,6 +240,14 @@ def eval_batches(cfg: Config, process_index: int = 0, process_count: int = 1) ->
     return batches
 
 
+def split_description(cfg: Config, split: str = "eval") -> dict:
+    """What a result measured on `split` of cfg's dataset was measured on: the dataset as named (data.dataset),
+    its folder, the split and its example count; eval results carry it (omni eval, the trainer's eval.json)."""
+    ds = dataset_for(cfg)
+    return {"name": cfg.data.dataset, "path": str(ds.path), "split": split,
+            "examples": int(ds.meta["counts"].get(split, 0))}
+
+
 def examples(cfg: Config, split: str, limit: int | None = None) -> list[dict]:
     """Decoded examples of a split in stored order (for demo metrics and inspection), images fitted."""
     source = dataset_for(cfg).source(split)

@@ -189,10 +189,10 @@ def _check_and_save_plan(workdir: Path, runs: list[Run], base: Config) -> None:
     if path.exists():
         earlier = json.loads(path.read_text())["runs"]
         for name, cfg in planned.items():
-            if name in earlier and earlier[name] != cfg:
-                keys = config_lib.changed_keys(earlier[name], cfg)
+            keys = config_lib.changed_keys(earlier[name], cfg) if name in earlier else []
+            if keys:
                 raise ConfigError(f"{workdir} holds an ablation planned with another config: run {name} differs in "
-                                  f"{', '.join(keys) or 'its config'}; use a new --workdir, or delete {workdir}")
+                                  f"{', '.join(keys)}; use a new --workdir, or delete {workdir}")
         planned = {**earlier, **planned}
     path.write_text(json.dumps({"base": config_lib.to_dict(base), "runs": planned}, indent=2) + "\n")
 
@@ -218,16 +218,16 @@ def collect(workdir: Path, runs: list[Run], vocab_size: int, patch_dim: int) -> 
                "params": meas["params"], "matmul_params": meas["matmul_params"], "flops_per_token": meas["flops"],
                "tokens": result["step"] * tokens_per_step,
                "tokens_per_s": statistics.median(speeds) if speeds else float("nan")}
-        for modality in TARGET_MODALITIES:
-            row[f"eval_loss_{modality}"] = result["eval"][f"loss/{modality}"]
-            row[f"eval_acc_{modality}"] = result["eval"][f"acc/{modality}"]
+        for modality in TARGET_MODALITIES:  # None where the eval split has no target of it (absent, not 0)
+            row[f"eval_loss_{modality}"] = result["eval"].get(f"loss/{modality}")
+            row[f"eval_acc_{modality}"] = result["eval"].get(f"acc/{modality}")
         # the end-of-run task scores (eval.json "demo_tasks": the demo tasks', or omni eval --generate's groups)
         prefix = "demo" if any(m in s for s in result.get("demo_tasks", {}).values() for m in DEMO_ONLY) else "task"
         for task, scores in sorted(result.get("demo_tasks", {}).items()):
             for metric in TASK_METRICS:
                 if metric in scores and not (metric == "code_acc_mean" and "pitch_acc" in scores):
                     row[f"{prefix}_{task}_{metric}"] = scores[metric]
-        row["curve"] = [(r["step"] * tokens_per_step, {m: r[f"eval/loss/{m}"] for m in TARGET_MODALITIES})
+        row["curve"] = [(r["step"] * tokens_per_step, {m: r.get(f"eval/loss/{m}") for m in TARGET_MODALITIES})
                         for r in metrics if "eval/loss/text" in r]
         rows.append(row)
     return rows
@@ -239,6 +239,8 @@ DEMO_ONLY = ("shape", "volume", "pitch_acc")  # scores only the demo tasks have
 
 def _mean_std(values, percent: bool = False) -> str:
     fmt = (lambda x: f"{100 * x:.1f}%") if percent else _fmt
+    if not values:
+        return ""
     if len(values) == 1:
         return fmt(values[0])
     return f"{fmt(statistics.mean(values))} ± {fmt(statistics.stdev(values))}"
@@ -291,7 +293,8 @@ def _markdown(runs: list[Run], rows: list[dict], columns: list[str], base: Confi
         first = group[0]
         cells = [variant, str(first["k"]), str(first["d"]), f"{first['params'] / 1e6:.3f}M",
                  f"{first['flops_per_token'] / 1e6:.2f}M", _mean_std([r["tokens_per_s"] for r in group])]
-        cells += [_mean_std([r[f"eval_loss_{m}"] for r in group]) for m in TARGET_MODALITIES]
+        cells += [_mean_std([r[f"eval_loss_{m}"] for r in group if r[f"eval_loss_{m}"] is not None]) or "absent"
+                  for m in TARGET_MODALITIES]
         cells += [_mean_std([r[c] for r in group if c in r], percent=True) if any(c in r for r in group) else ""
                   for c in demo_columns]
         planned = len({r.seed for r in runs})
@@ -308,10 +311,14 @@ def _plot(path: Path, runs: list[Run], rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(TARGET_MODALITIES), figsize=(6 * len(TARGET_MODALITIES), 4.2), squeeze=False)
-    for ax, modality in zip(axes[0], TARGET_MODALITIES):
+    # a modality no eval measured (absent: no target tokens) gets no panel rather than a line at 0
+    present = [m for m in TARGET_MODALITIES if any(losses.get(m) is not None for r in rows for _, losses in r["curve"])]
+    present = present or list(TARGET_MODALITIES[:1])
+    fig, axes = plt.subplots(1, len(present), figsize=(6 * len(present), 4.2), squeeze=False)
+    for ax, modality in zip(axes[0], present):
         for variant, group in _by_variant(runs, rows).items():
-            curves = [dict((tokens, losses[modality]) for tokens, losses in r["curve"]) for r in group]
+            curves = [{tokens: losses[modality] for tokens, losses in r["curve"] if losses.get(modality) is not None}
+                      for r in group]
             shared = sorted(set.intersection(*(set(c) for c in curves)))
             losses = np.array([[c[t] for t in shared] for c in curves])
             tokens = np.array(shared, dtype=float)

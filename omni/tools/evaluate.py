@@ -9,11 +9,17 @@ corpus the demo tasks are scored too ("demo_tasks", omni.demo.scorer). With --ge
 split (its first N examples, or the lines of a prompts file) are generated and scored against the truth for any
 dataset (omni.tools.tasks): "tasks" in the JSON holds the scores per group, "generate" the dataset, split,
 example count and the predictions file written beside the JSON (`eval-<step>.predictions.jsonl`).
+The JSON names
+what was measured ("data": dataset, folder, split, example count, batches; "overrides"). Evaluating another
+dataset than the run's (`--set data.dataset=OTHER`) writes `eval-<step>-<OTHER's folder name>.json` instead,
+so the run's own result is never replaced by another dataset's.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import zlib
 from pathlib import Path
 
 import jax
@@ -21,11 +27,13 @@ from flax import nnx
 
 from omni import config as config_lib
 from omni import sharding
+from omni.data import dataset as dataset_lib
 from omni.data import pipeline
 from omni.demo import corpus, scorer
+from omni.progress import silent
 from omni.tools import generate as generate_lib
 from omni.tools import tasks as tasks_lib
-from omni.train import checkpoint, workdir as workdir_lib
+from omni.train import checkpoint, compile_cache, workdir as workdir_lib
 from omni.train.step import (build_model, build_optimizer, check_host_batch, evaluate, make_eval_step,
                              modality_summary, same_batch_count)
 
@@ -33,15 +41,18 @@ from omni.train.step import (build_model, build_optimizer, check_host_batch, eva
 def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides: list[str] = (),
                         demo_examples: int | None = None, log=print, generate: bool = False,
                         max_examples: int | None = None, prompts=None, max_new_tokens: int | None = None,
-                        batch_size: int = 64) -> dict:
-    """Evaluates a checkpoint of `workdir`; returns and saves {"step", "eval", "demo_tasks"} (+ "tasks" and
-    "generate" with `generate` or `prompts`)."""
+                        batch_size: int = 64, progress=silent) -> dict:
+    """Evaluates a checkpoint of `workdir`; returns and saves {"step", "data", "overrides", "eval", "demo_tasks"}
+    (+ "tasks" and "generate" with `generate` or `prompts`). progress (omni.progress) shows the eval batches
+    as they are computed."""
     workdir = Path(workdir)
     step = checkpoint.pick_step(workdir, step)
     if jax.process_index() == 0:
         workdir_lib.check_writable(workdir)  # before any compute: the result must have a place to go
-    cfg = config_lib.from_dict(checkpoint.read_meta(workdir, step)["config"], source=f"checkpoint {step}")
-    cfg = config_lib.apply_overrides(cfg, list(overrides))
+    saved = checkpoint.read_meta(workdir, step)["config"]
+    run_cfg = config_lib.from_dict(saved, source=f"checkpoint {step}")
+    cfg = config_lib.apply_overrides(config_lib.from_dict(saved, source=f"checkpoint {step}"), list(overrides))
+    compile_cache.enable(cfg.compile_cache, log)  # before the first compile
     mesh = sharding.make_mesh(cfg.mesh)
     graphdef, params = restore_params_onto(cfg, mesh, workdir, step)
 
@@ -49,10 +60,13 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides:
     batches = same_batch_count(pipeline.eval_batches(cfg, jax.process_index(), jax.process_count()))
     for batch in batches:
         check_host_batch(cfg, batch)
-    metrics = evaluate(eval_step, params, batches, mesh, cfg.mesh.rules)
+    with progress("eval", total=len(batches), unit="batch") as bar:
+        # (silent: no bar to feed, so evaluate need not wait for each batch's count)
+        metrics = evaluate(eval_step, params, batches, mesh, cfg.mesh.rules, None if progress is silent else bar)
     log(f"omni: {workdir / 'checkpoints' / str(step)}: held-out loss {modality_summary(metrics)} "
         f"over {metrics['tokens/target']:.0f} target tokens")
-    out = workdir / f"eval-{step}.json"
+    data = dict(pipeline.split_description(cfg), batches=len(batches), eval_batches=cfg.train.eval_batches)
+    out = result_path(workdir, step, data, own=same_dataset(run_cfg, cfg))
     tasks, generated, predictions = {}, None, None
     examples = cfg.demo.scored_examples if demo_examples is None else demo_examples
     if generate or prompts is not None:
@@ -65,7 +79,8 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides:
     elif examples and cfg.data.dataset in corpus.NAMES:
         with sharding.activate(mesh, cfg.mesh.rules):
             tasks = scorer.run(cfg, graphdef, params, examples, log=log)
-    result = {"step": step, "eval": metrics, "demo_tasks": tasks}
+    log(f"omni: {compile_cache.summary()}")
+    result = {"step": step, "data": data, "overrides": list(overrides), "eval": metrics, "demo_tasks": tasks}
     if generated is not None:
         result["tasks"] = generated.pop("scores")
         result["generate"] = generated
@@ -73,7 +88,9 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides:
         if predictions is not None:
             generate_lib.write_jsonl(predictions_path(out), predictions)
         workdir_lib.write_atomic(out, json.dumps(result, indent=2) + "\n")
-        log(f"omni: wrote {out}" + (f" and {predictions_path(out).name}" if predictions is not None else ""))
+        log(f"omni: wrote {out}" + (f" and {predictions_path(out).name}" if predictions is not None else "")
+            + ("" if out.name == f"eval-{step}.json" else
+               f" (data.dataset={cfg.data.dataset}, not the run's {run_cfg.data.dataset})"))
     return result
 
 
@@ -96,6 +113,33 @@ def _generate_and_score(cfg, graphdef, params, max_examples, prompts, max_new_to
     return ({"dataset": cfg.data.dataset, "split": split, "examples": len(tasks),
              "max_new_tokens": max_new_tokens or f"up to data.seq_len={cfg.data.seq_len}", "scores": scores},
             predictions)
+
+
+def same_dataset(run_cfg, cfg) -> bool:
+    """Whether cfg evaluates the dataset the run trained on: the same generated corpus with the same settings,
+    or the same folder (however its path is spelled)."""
+    a, b = run_cfg.data, cfg.data
+    if a.dataset == b.dataset:
+        return a.dataset not in dataset_lib.GENERATED or (run_cfg.demo == cfg.demo and a.cache_dir == b.cache_dir)
+    if a.dataset in dataset_lib.GENERATED or b.dataset in dataset_lib.GENERATED:
+        return False
+    return Path(a.dataset).expanduser().resolve() == Path(b.dataset).expanduser().resolve()
+
+
+def result_path(workdir: Path, step: int, data: dict, own: bool) -> Path:
+    """eval-<step>.json for the run's own dataset; eval-<step>-<dataset>.json for another (plus a hash of its
+    folder when a file of that name already holds another folder's result)."""
+    if own:
+        return workdir / f"eval-{step}.json"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data["name"]).name or data["name"]).strip("._") or "dataset"
+    out = workdir / f"eval-{step}-{slug}.json"
+    try:
+        earlier = json.loads(out.read_text())["data"]["path"] if out.exists() else data["path"]
+    except (ValueError, KeyError, TypeError):
+        earlier = None
+    if earlier != data["path"]:
+        out = workdir / f"eval-{step}-{slug}-{zlib.crc32(data['path'].encode()):08x}.json"
+    return out
 
 
 def restore_params_onto(cfg, mesh, workdir: Path, step: int):

@@ -64,6 +64,7 @@ from omni.data import pipeline
 from omni.data.codec import ToneCodec, codec_from_identity, codec_identity, load_codec
 from omni.data.text_tokenizer import ByteTokenizer, load_tokenizer, save_tokenizer
 from omni.errors import CodecError, DatasetError, ExportError, TokenizerError
+from omni.progress import silent
 from omni.tokens import Vocab
 from omni.train import checkpoint
 from omni.train.step import build_model
@@ -268,10 +269,11 @@ def _codec_of(meta: dict):
 # Writing.
 
 
-def export(workdir, out, step: int | None = None, dtype: str = "bfloat16") -> Path:
+def export(workdir, out, step: int | None = None, dtype: str = "bfloat16", progress=silent) -> Path:
     """Exports a checkpoint of `workdir` (the latest complete one, or `step`) to the folder `out`; returns it.
 
     The folder appears whole or not at all: everything is written into `<out>.tmp-*` and renamed at the end.
+    progress (omni.progress) counts the tensors as they are checked and cast, then the file written, with MiB.
     """
 
 
@@ -290,7 +292,16 @@ def export(workdir, out, step: int | None = None, dtype: str = "bfloat16") -> Pa
     tokenizer = _tokenizer_of(cfg, meta)
     codec = _codec_of(meta)
     vocab = _vocab_of(meta, tokenizer, codec)
-    tensors = cast_tensors(_checked_tensors(workdir, step, cfg, vocab), dtype)
+    checked = _checked_tensors(workdir, step, cfg, vocab)
+    with progress("export", total=len(checked) + 1, unit="tensor") as bar:
+        return _write_export(workdir, out, step, dtype, cfg, tokenizer, codec, vocab, checked, bar)
+
+
+def _write_export(workdir: Path, out: Path, step: int, dtype: str, cfg, tokenizer, codec, vocab, checked,
+                  bar) -> Path:
+    """The rest of export(): cast the checked tensors, write everything into a temporary folder, rename it."""
+    step_dir = workdir / "checkpoints" / str(step)
+    tensors = cast_tensors(checked, dtype, bar)
 
     info = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "dtype": dtype,
@@ -306,6 +317,7 @@ def export(workdir, out, step: int | None = None, dtype: str = "bfloat16") -> Pa
     try:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
                                                          "step": str(step), "dtype": dtype})
+        bar.update(1, MiB=round((tmp / WEIGHTS_FILE).stat().st_size / 2**20, 1))  # the file, written
         save_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
         if codec is not None:
             _save_codec(codec, tmp / CODEC_DIR)
@@ -346,11 +358,16 @@ def _checked_tensors(workdir: Path, step: int, cfg: Config, vocab: Vocab) -> dic
     return tensors
 
 
-def cast_tensors(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
-    """Rounded to `dtype` (nearest even); a value float16 cannot hold is an error, not a silent inf."""
+def cast_tensors(tensors: dict[str, np.ndarray], dtype: str, progress=None) -> dict[str, np.ndarray]:
+    """Rounded to `dtype` (nearest even); a value float16 cannot hold is an error, not a silent inf. `progress`
+    (an omni.progress bar) advances per tensor."""
     limit = float(jnp.finfo(DTYPES[dtype]).max)
     out = {}
+    done = 0
     for name, tensor in tensors.items():
+        if progress is not None:
+            done += tensor.nbytes
+            progress.update(1, MiB=round(done / 2**20, 1))
         peak = float(np.abs(tensor.astype(np.float32)).max(initial=0.0))
         if peak > limit:
             raise ExportError(f"tensor '{name}' holds {peak:g}, beyond the {dtype} range (±{limit:g}); export "

@@ -24,8 +24,9 @@ from omni import sharding
 from omni.config import Config
 from omni.data import pipeline
 from omni.data.prefetch import Prefetched
+from omni.loss import mark_absent
 from omni.model.counting import flops_per_token, param_count
-from omni.train import checkpoint, distributed, preemption, workdir as workdir_lib
+from omni.train import checkpoint, compile_cache, distributed, preemption, workdir as workdir_lib
 from omni.train.metrics import MetricWriter
 from omni.train.perf import datasheet_peak, measure_matmul_peak, utilisation
 from omni.train.step import (build_optimizer, check_host_batch, evaluate, init_state, make_eval_step, make_train_step,
@@ -41,6 +42,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, end_of_run: E
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
+    compile_cache.enable(cfg.compile_cache, log)  # before the first compile
     if is_main:  # before any compute: a workdir that cannot take the results, or another run in it, stops here
         workdir_lib.check_writable(workdir)
         workdir_lib.hold(workdir)
@@ -114,7 +116,7 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
     def write_log_row(pending) -> float:
         """Fetches a logging step's metrics (the step after it is already dispatched) and writes its row."""
         done, metrics, interval_start, interval_steps, wait_s = pending
-        row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        row = mark_absent({k: float(v) for k, v in jax.device_get(metrics).items()})
         elapsed = time.perf_counter() - interval_start  # up to the end of step `done`: its metrics are here
         step_time = elapsed / interval_steps
         row.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
@@ -123,8 +125,9 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
         if sheet:
             row["mfu_datasheet"] = utilisation(flops_tok * tokens_per_step, step_time, sheet)
         writer.write(done, row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", text=f"{row['loss/text']:.3f}",
-                        audio=f"{row['loss/audio']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        shown = {k.replace("loss/", ""): f"{row[k]:.3f}" for k in ("loss", "loss/text", "loss/audio")
+                 if row[k] is not None}  # a modality absent from these steps is left out, not shown as 0
+        bar.set_postfix(**shown, tok_s=f"{row['tokens_per_s']:.0f}")
         return time.perf_counter()  # the next interval starts now: its first step is already running
 
     watch = preemption.PreemptionWatch()
@@ -146,7 +149,7 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
                 jax.block_until_ready(metrics)
                 row = {"compile_time_s": time.perf_counter() - interval_start}
                 if log_step:
-                    row.update({k: float(v) for k, v in jax.device_get(metrics).items()})
+                    row.update(mark_absent({k: float(v) for k, v in jax.device_get(metrics).items()}))
                 writer.write(done, row)
                 interval_start, interval_steps, wait_s = time.perf_counter(), 0, 0.0
             elif log_step:
@@ -191,11 +194,13 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
         final = evaluate(eval_step, state["params"], eval_data, mesh, rules)
     writer.write(cfg.train.steps, {f"eval/{k}": v for k, v in final.items()})
     log(f"omni: step {cfg.train.steps} held-out loss {modality_summary(final)}")
+    log(f"omni: {compile_cache.summary()}")
     tasks = {}
     if end_of_run is not None:
         with sharding.activate(mesh, rules), distributed.bounded("the end-of-run scoring", bound):
             tasks = end_of_run(cfg, graphdef, state["params"], log=log)
-    result = {"step": cfg.train.steps, "eval": final, "demo_tasks": tasks}
+    data = dict(pipeline.split_description(cfg), batches=len(eval_data), eval_batches=cfg.train.eval_batches)
+    result = {"step": cfg.train.steps, "data": data, "eval": final, "demo_tasks": tasks}
     if is_main:
         workdir_lib.write_atomic(workdir / "eval.json", json.dumps(result, indent=2) + "\n")
     writer.close()

@@ -2,7 +2,9 @@
 
 Only process 0 writes. A run resumed from step N first drops the rows after N that the interrupted run had
 written (and TensorBoard purges them), so the files read as one run with no step twice. Keys use '/' groups
-('loss/text', 'eval/acc/audio') so TensorBoard groups curves by modality.
+('loss/text', 'eval/acc/audio') so TensorBoard groups curves by modality. A value that is None (the loss of a
+modality with no target tokens in those steps: absent, omni.loss.mark_absent) is null in metrics.jsonl and no
+TensorBoard point.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class MetricWriter:
         if not self.enabled:
             return
         row = {"step": int(step)}
-        row.update({k: _scalar(v) for k, v in metrics.items()})
+        row.update({k: None if v is None else _scalar(v) for k, v in metrics.items()})
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         for key, value in row.items():

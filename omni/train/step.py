@@ -20,7 +20,7 @@ from omni import sharding
 from omni.batch import FIELDS, check_batch, padding_rows, patch_dim, row_patches, runs_per_row
 from omni.config import Config
 from omni.errors import ConfigError
-from omni.loss import fused_loss_sums, loss_sums, metrics_from_sums, target_count
+from omni.loss import LOSS_MODALITIES, fused_loss_sums, loss_sums, mark_absent, metrics_from_sums, target_count
 from omni.model.attention import attention_implementation
 from omni.model.transformer import OmniTransformer
 from omni.tokens import Vocab
@@ -171,13 +171,17 @@ def same_batch_count(batches: list[dict]) -> list[dict]:
     return batches + [empty] * (most - len(batches))
 
 
-def evaluate(eval_step, params, batches, mesh, rules) -> dict:
-    """Per-modality held-out loss / accuracy over the given (process-local) eval batches."""
+def evaluate(eval_step, params, batches, mesh, rules, progress=None) -> dict:
+    """Per-modality held-out loss / accuracy over the given (process-local) eval batches; a modality with no
+    target tokens in them has None for its loss and accuracy (omni.loss.mark_absent), not 0. `progress` (an
+    omni.progress bar) advances per batch once it is computed, showing the target tokens counted so far."""
     totals = None
     for batch in batches:
         sums = eval_step(params, sharding.global_batch(batch, mesh, rules))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    return {k: float(v) for k, v in metrics_from_sums(totals).items()}
+        if progress is not None:
+            progress.update(1, tokens=int(totals["count"]))  # waits for the batch: the count is its result
+    return mark_absent({k: float(v) for k, v in metrics_from_sums(totals).items()})
 
 
 def check_host_batch(cfg: Config, batch: dict) -> None:
@@ -201,5 +205,8 @@ def check_host_batch(cfg: Config, batch: dict) -> None:
 
 
 def modality_summary(ev: dict) -> str:
-    return (f"text {ev['loss/text']:.3f} (acc {ev['acc/text']:.1%}), "
-            f"audio {ev['loss/audio']:.3f} (acc {ev['acc/audio']:.1%})")
+    """'text 1.234 (acc 56.7%), audio ...' for the modalities with target tokens; an absent one (None, see
+    omni.loss.mark_absent) is left out, never shown as 0."""
+    parts = [f"{name} {ev[f'loss/{name}']:.3f} (acc {ev[f'acc/{name}']:.1%})" for name in LOSS_MODALITIES
+             if ev.get(f"loss/{name}") is not None]
+    return ", ".join(parts) or "none (no target tokens)"
