@@ -12,8 +12,9 @@ stderr is not a terminal (a log file, CI, a pipe), it is one line every `every` 
     data build: eval: 412/412 line in 8.4 s (49.0 line/s)
 
 Functions below the CLI take a `progress` argument that defaults to `silent`, so only the CLI decides how
-progress is shown (and the data layer knows nothing of the command line). Lines go to stderr: stdout keeps a
-command's results.
+progress is shown (and the data layer knows nothing of the command line). The bar draws on stderr (as tqdm
+does); lines go to stdout with the command's other log lines, so that a failed command's stderr holds only its
+error.
 """
 
 from __future__ import annotations
@@ -93,11 +94,13 @@ def _shown(values: dict) -> dict:
 def reporter(bar: bool = True, stream=None, every: float = 10.0):
     """A reporter: reporter(...)(desc, total=None, unit="it") -> a context manager with update(n, **shown).
     A tqdm bar when `bar` and `stream` (default stderr) is a terminal, else a line every `every` seconds and
-    one at the end."""
+    one at the end, on `stream` or stdout."""
+    lines_to = stream or sys.stdout  # taken now: library code may redirect stdout while it works (TFDS builds)
+
     def make(desc: str, total: int | None = None, unit: str = "it"):
         out = stream or sys.stderr
         if bar and hasattr(out, "isatty") and out.isatty():
             return _Bar(desc, total, unit, out)
-        return _Lines(desc, total, unit, out, every)
+        return _Lines(desc, total, unit, lines_to, every)
 
     return make

@@ -48,10 +48,10 @@ def test_tokenizer_codec_build_show_and_train_on_user_data(tmp_path):
     run = omni("codec", "fit", "--manifest", str(manifest), "--out", str(tmp_path / "codec"),
                "--codebooks", "2", "--codebook-size", "16")
     assert run.returncode == 0, run.stderr[-2000:]
-    # not a terminal: progress is one line per phase at its end (and one every 10 s on longer work), on stderr
-    assert re.search(r"^codec fit: read: 30/30 clip in [\d.]+ s \([\d.]+ clip/s, seconds [\d.]+\)$", run.stderr, re.M)
+    # not a terminal: progress is one line per phase at its end (and one every 10 s on longer work), on stdout
+    assert re.search(r"^codec fit: read: 30/30 clip in [\d.]+ s \([\d.]+ clip/s, seconds [\d.]+\)$", run.stdout, re.M)
     done = re.search(r"^codec fit: k-means: 40/40 step in [\d.]+ s \([\d.]+ step/s, codebook 2/2, error ([\d.]+)\)$",
-                     run.stderr, re.M)
+                     run.stdout, re.M)
     assert done, run.stderr[-2000:]
     errors = json.loads((tmp_path / "codec" / "codec.json").read_text())["fit"]["relative_error"]
     assert len(errors) == 2 and 0 < errors[1] < errors[0] < 1 and float(done.group(1)) == pytest.approx(errors[1], rel=1e-3)
@@ -72,8 +72,8 @@ def test_tokenizer_codec_build_show_and_train_on_user_data(tmp_path):
                "--tokenizer", str(tmp_path / "tok"))
     assert run.returncode == 0, run.stderr[-2000:]
     assert "train: 54 examples, eval: 6 examples" in run.stdout
-    assert re.search(r"^data build: train: 54/54 line in [\d.]+ s \([\d.]+ line/s\)$", run.stderr, re.M)
-    assert re.search(r"^data build: eval: 6/6 line in [\d.]+ s \([\d.]+ line/s\)$", run.stderr, re.M)
+    assert re.search(r"^data build: train: 54/54 line in [\d.]+ s \([\d.]+ line/s\)$", run.stdout, re.M)
+    assert re.search(r"^data build: eval: 6/6 line in [\d.]+ s \([\d.]+ line/s\)$", run.stdout, re.M)
     meta = json.loads((out / "omni_dataset.json").read_text())
     assert meta["codec"]["codebook_sizes"] == [16, 16] and meta["tokenizer"] == "tokenizer"
 

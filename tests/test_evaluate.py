@@ -45,8 +45,8 @@ def test_eval_cli_prints_metrics_and_names_a_missing_step(run):
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "held-out loss text" in ok.stdout and (workdir / "eval-2.json").exists()
-    # stderr is not a terminal here: the progress is a line of counts and rates
-    assert re.search(r"^eval: 2/2 batch in [\d.]+ s \([\d.]+ batch/s, tokens \d+\)$", ok.stderr, re.M), ok.stderr
+    # stderr is not a terminal here: the progress is a line of counts and rates, on stdout
+    assert re.search(r"^eval: 2/2 batch in [\d.]+ s \([\d.]+ batch/s, tokens \d+\)$", ok.stdout, re.M), ok.stdout
     bad = subprocess.run([sys.executable, "-m", "omni.cli", "eval", "--workdir", str(workdir), "--step", "3"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no checkpoint of step 3 in" in bad.stderr
@@ -195,8 +195,8 @@ def test_export_shows_its_progress_as_lines_without_a_terminal(run, tmp_path):
     done = subprocess.run([sys.executable, "-m", "omni.cli", "export", "--workdir", str(workdir), "--out",
                            str(tmp_path / "exported"), "--no-progress"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    line = re.search(r"^export: (\d+)/(\d+) tensor in [\d.]+ s \([\d.]+ tensor/s, MiB ([\d.]+)\)$", done.stderr, re.M)
-    assert line and line.group(1) == line.group(2), done.stderr[-2000:]
+    line = re.search(r"^export: (\d+)/(\d+) tensor in [\d.]+ s \([\d.]+ tensor/s, MiB ([\d.]+)\)$", done.stdout, re.M)
+    assert line and line.group(1) == line.group(2), done.stdout[-2000:]
     tensors = json.loads((tmp_path / "exported" / "config.json").read_text())["export"]["tensors"]
     assert int(line.group(1)) == len(tensors) + 1  # every tensor, then the file
     assert float(line.group(3)) == pytest.approx((tmp_path / "exported" / "model.safetensors").stat().st_size / 2**20,

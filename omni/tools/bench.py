@@ -100,17 +100,21 @@ def synthetic_batch(cfg: Config, vocab: Vocab, rng: np.random.Generator, text_on
     fill = np.zeros(rows, int)
     patch_fill = np.zeros(rows, int)
     segments = np.zeros(rows, int)
-    misses = 0
-    while misses < 8:  # stop once pieces keep failing to fit: the rows are (nearly) full
+    misses = dict.fromkeys(MIX, 0)
+    kinds = ["text"] if text_only else list(MIX)
+    while True:  # stop once pieces of every kind keep failing to fit: the rows (or their patch slots) are full
+        open_kinds = [k for k in kinds if misses[k] < 32]
+        if not open_kinds:
+            break
         total = sum(filled.values())
-        kind = "text" if text_only else max(MIX, key=lambda k: MIX[k] * total - filled[k])
+        kind = max(open_kinds, key=lambda k: MIX[k] * total - filled[k])
         encoded = encode_example(synthetic_example(rng, kind, cfg, vocab, frame_rate), vocab, tokenizer,
                                  cfg.data.patch_size, cfg.data.audio_layout)
         for piece in fit_to_length(encoded, seq_len, "split", "synthetic"):
             n, p = len(piece["tokens"]), len(piece["patches"])
             row = next((r for r in range(rows) if fill[r] + n <= seq_len and patch_fill[r] + p <= slots), None)
             if row is None:
-                misses += 1
+                misses[kind] += 1
                 continue
             span = slice(fill[row], fill[row] + n)
             segments[row] += 1
