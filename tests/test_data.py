@@ -10,6 +10,7 @@ from omni.config import ConfigError
 from omni.data import pipeline as data
 from omni.data.prefetch import Prefetched
 from omni.data.text_tokenizer import ByteTokenizer
+from omni.errors import DatasetError
 from omni.tokens import encode_example
 from tests.conftest import tiny_config
 
@@ -69,6 +70,9 @@ def test_rows_pack_only_the_patches_their_slots_hold():
     for b in data.eval_batches(cfg):
         check_batch(b, cfg.data.seq_len, patch_dim(cfg.data), cfg.data.max_image_patches)
         assert b["patches"].shape[1] == cfg.data.max_image_patches
+    cfg.data.row_patches = 4  # fewer slots than one image has patches: refused, naming the example and the key
+    with pytest.raises(DatasetError, match=r"holds \d+ image patches .* more than data.row_patches=4"):
+        data.eval_batches(cfg)
 
 
 def test_same_seed_same_order_and_other_seed_differs():

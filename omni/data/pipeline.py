@@ -99,11 +99,14 @@ class Tokenize(grain.transforms.Map):
         vocab = Vocab(text_size=tokenizer.vocab_size, codebook_sizes=self.codebook_sizes)
         example = prepare(record, self.cfg, len(self.codebook_sizes))
         encoded = encode_example(example, vocab, tokenizer, self.cfg.patch_size, self.cfg.audio_layout)
-        pieces = fit_to_length(encoded, self.cfg.seq_len, self.cfg.overlong, example["id"])
+        try:  # a user's data or settings, not a bug: an OmniError, which the CLI reports in one line (exit 2)
+            pieces = fit_to_length(encoded, self.cfg.seq_len, self.cfg.overlong, example["id"])
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
         slots = row_patches(self.cfg)
         for piece in pieces:
             if len(piece["patches"]) > slots:
-                raise ValueError(f"example {example['id']} holds {len(piece['patches'])} image patches in "
+                raise DatasetError(f"example {example['id']} holds {len(piece['patches'])} image patches in "
                                  f"{len(piece['tokens'])} positions, more than data.row_patches={slots} patch "
                                  "slots of a row; raise data.row_patches (0 = seq_len) or lower "
                                  "data.max_image_patches")
