@@ -35,7 +35,8 @@ class Attention(nnx.Module):
         (a query sees the keys of its own run of equal ids, see attend), or a bool mask [B, 1, L, S] (key s
         visible to query t). Ignored when decoding. rope_tables: omni.model.layers.rope_tables of the positions
         (None without rotary embeddings). With context_BxSxD keys and values come from it (cross-attention,
-        a mask [B, 1, L, S]). decode_slot_B (int [B]): decode one token per row, written at that cache slot.
+        a mask [B, 1, L, S]; no rotary embedding: keys and queries come from different sequences).
+        decode_slot_B (int [B]): decode one token per row, written at that cache slot.
         """
         dt = jnp.dtype(self.cfg.dtype)
         if context_BxSxD is None:
@@ -44,8 +45,6 @@ class Attention(nnx.Module):
             q_BxLxNxH = dense("bld,dnh->blnh", x_BxLxD, self.wq[...], dt, route_BxLxM)
             k_BxLxKxH = dense("bld,dkh->blkh", context_BxSxD, self.wk[...], dt, route_BxLxM)
             v_BxLxKxH = dense("bld,dkh->blkh", context_BxSxD, self.wv[...], dt, route_BxLxM)
-            if self.rotary:
-                q_BxLxNxH, k_BxLxKxH = apply_rope(q_BxLxNxH, rope_tables), apply_rope(k_BxLxKxH, rope_tables)
         q_BxLxNxH = sharding.constrain(q_BxLxNxH, "batch", "length", "heads", "head_dim")
         if decode_slot_B is not None:
             return self._decode(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, decode_slot_B, cache, layer)

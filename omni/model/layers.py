@@ -70,11 +70,6 @@ def apply_rope(x_BxLx___xH, tables):
     return rotated.reshape(shape).astype(x_BxLx___xH.dtype)
 
 
-def rope(x_BxLxNxH, positions_BxL, theta: float):
-    """Rotary position embedding (rotate-half form) at each token's position inside its segment."""
-    return apply_rope(x_BxLxNxH, rope_tables(positions_BxL, x_BxLxNxH.shape[-1], theta))
-
-
 def _modality_param(rngs, shape, names, std, dtype, modalities: int) -> nnx.Param:
     """A parameter, or with modalities > 0 one per modality stacked on a leading [modality] axis."""
     if modalities:
