@@ -111,6 +111,11 @@ class TrainConfig:
                                 "fused_loss_sums): no [B, L, V] logits are held and the gradient is made in the "
                                 "same pass; 0 = the plain loss over the full logits")
     seed: int = doc(0, "parameter init seed")
+    trainable: list = doc([".*"], "regular expressions over parameter paths ('embed', 'patch_proj', "
+                                  "'blocks/attn/wq', ...; each must match a whole path) of the parameters that "
+                                  "train; the others get no update and no optimizer state (omni.train.trainable)")
+    frozen: list = doc([], "regular expressions of parameter paths that never train, even when 'trainable' "
+                           "matches them")
     log_every: int = doc(10, "steps between metric lines (metrics.jsonl, TensorBoard, progress bar)")
     eval_every: int = doc(100, "steps between held-out evals; 0 only evaluates at the end")
     eval_batches: int = doc(0, "eval batches per eval; 0 means the whole eval split")
