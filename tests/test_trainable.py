@@ -106,3 +106,22 @@ def test_summary_counts_what_trains():
     mask = trainable.trainable_mask(cfg.train, params)
     assert mask == {"embed": True, "blocks": {"w": False}}
     assert trainable.summary(mask, params) == "4e-05M of 7.2e-05M parameters train (1 of 2 tensors; frozen: blocks/w)"
+
+
+def test_a_frozen_run_logs_what_trains_and_resumes(tmp_path, capsys):
+    from omni.train import checkpoint, loop
+
+    cfg = apply_overrides(tiny_config(data=4, fsdp=2, tensor=1),  # moments sharded like their parameters
+                          ['train.frozen=["blocks/.*", "final_norm/scale"]', "train.steps=4",
+                           "train.checkpoint_every=2", "train.async_checkpoint=False"])
+    loop.train(cfg, tmp_path, progress=False)
+    out = capsys.readouterr().out
+    assert "of " in out and "parameters train (4 of 14 tensors; frozen: blocks/" in out
+    first = checkpoint.restore_params(tmp_path, 4)
+    cfg.train.steps = 6
+    loop.train(cfg, tmp_path, progress=False)
+    assert "resumed from" in capsys.readouterr().out
+    last = checkpoint.restore_params(tmp_path, 6)
+    for name, leaf in _flat(first).items():
+        same = np.array_equal(np.asarray(leaf), np.asarray(_flat(last)[name]))
+        assert same == (name.startswith("blocks/") or name == "final_norm/scale"), name
