@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     abl.add_argument("--seeds", type=int, help="runs per variant (default: the config's ablate.seeds)")
     abl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field of every run, e.g. --set ablate.match=params")
+    abl.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                     help="scaling sweep: train every variant at each value, e.g. --sweep model.d=64,96,128,192 "
+                          "(repeat for keys that move together; sets ablate.sweep)")
     abl.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
     bench = verbs.add_parser("bench", help="time the real train step beside a matmul measured in the same run")
@@ -205,6 +208,19 @@ def _resolve(args):
 
     cfg = config_lib.load_config(args.config) if args.config else config_lib.Config()
     return config_lib.apply_overrides(cfg, args.set)
+
+
+def _sweep(items: list[str]) -> dict:
+    """['model.d=64,96', 'model.layers=2,4'] -> {'model.d': [64, 96], 'model.layers': [2, 4]} (ablate.sweep)."""
+    from omni import config as config_lib
+
+    sweep = {}
+    for item in items:
+        key, eq, values = item.partition("=")
+        if not eq or not key or not values:
+            raise config_lib.ConfigError(f"--sweep {item!r} is not KEY=V1,V2,... (e.g. --sweep model.d=64,96,128)")
+        sweep[key.strip()] = [config_lib.parse_value(v.strip()) for v in values.split(",")]
+    return sweep
 
 
 def _launch_parser(verbs) -> None:
@@ -446,7 +462,10 @@ def _run(args) -> int:
     elif args.verb == "ablate":
         from omni.tools import ablate
 
-        ablate.run_ablation(_resolve(args), args.workdir, seeds=args.seeds, progress=not args.no_progress)
+        cfg = _resolve(args)
+        if args.sweep:
+            cfg.ablate.sweep = _sweep(args.sweep)
+        ablate.run_ablation(cfg, args.workdir, seeds=args.seeds, progress=not args.no_progress)
     elif args.verb == "bench":
         from omni.tools import bench
 
