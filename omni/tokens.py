@@ -38,15 +38,23 @@ NUM_SPECIAL = 16
 SPECIAL_NAMES = {PAD_ID: "<pad>", BOS: "<bos>", EOS: "<eos>", BOI: "<boi>", EOI: "<eoi>", ROW: "<row>",
                  BOA: "<boa>", EOA: "<eoa>", IMAGE_PATCH: "<patch>", AUDIO_DELAY: "<delay>"}
 AUDIO_LAYOUTS = ("flat", "delay")
+SEGMENT_KINDS = ("text", "image", "image_codes", "audio")  # what encode_example takes
+MODALITY_OF = {"text": "text", "image": "image", "image_codes": "image", "audio": "audio"}
 
 
 @dataclass(frozen=True)
 class Vocab:
-    """Id ranges of the one shared vocabulary: [specials | text | audio codebook 0 | codebook 1 | ...]."""
+    """Id ranges of the one shared vocabulary:
+
+        [specials | text | audio codebook 0 | audio codebook 1 | ... | image codebook 0 | image codebook 1 | ...]
+
+    Image codebooks come last, so a vocabulary without them has exactly the ids (and size) it had before image
+    codes existed: older checkpoints and exports load unchanged."""
 
     text_size: int
-    codebook_sizes: tuple[int, ...]
+    codebook_sizes: tuple[int, ...]  # the audio codec's codebooks
     pad_to: int = 128  # the embedding/unembedding rows are padded so they shard and tile evenly
+    image_codebook_sizes: tuple[int, ...] = ()  # the image tokenizer's codebooks (omni.data.image_tokenizer)
 
     @property
     def text_offset(self) -> int:
@@ -55,9 +63,12 @@ class Vocab:
     def audio_offset(self, codebook: int) -> int:
         return NUM_SPECIAL + self.text_size + sum(self.codebook_sizes[:codebook])
 
+    def image_offset(self, codebook: int) -> int:
+        return NUM_SPECIAL + self.text_size + sum(self.codebook_sizes) + sum(self.image_codebook_sizes[:codebook])
+
     @property
     def used_size(self) -> int:
-        return NUM_SPECIAL + self.text_size + sum(self.codebook_sizes)
+        return NUM_SPECIAL + self.text_size + sum(self.codebook_sizes) + sum(self.image_codebook_sizes)
 
     @property
     def size(self) -> int:
@@ -66,6 +77,12 @@ class Vocab:
     def audio_codebook_of(self, token_id: int) -> int | None:
         for k in range(len(self.codebook_sizes)):
             if self.audio_offset(k) <= token_id < self.audio_offset(k) + self.codebook_sizes[k]:
+                return k
+        return None
+
+    def image_codebook_of(self, token_id: int) -> int | None:
+        for k in range(len(self.image_codebook_sizes)):
+            if self.image_offset(k) <= token_id < self.image_offset(k) + self.image_codebook_sizes[k]:
                 return k
         return None
 
@@ -111,6 +128,40 @@ def check_codes(codes: np.ndarray, codebook_sizes, allow_empty: bool = False) ->
         t, j = np.argwhere(bad)[0]
         raise ValueError(f"code {codes[t, j]} at frame {t}, codebook {j} is outside [0, {sizes[j]}) "
                          f"(codebook sizes {list(codebook_sizes)})")
+
+
+def check_image_codes(codes_RxCxK: np.ndarray, codebook_sizes) -> None:
+    """ValueError unless codes are int [rows >= 1, cols >= 1, K] with code k in [0, codebook_sizes[k]): the one
+    check of image codes, from a tokenizer or a user's .npy."""
+    codes = np.asarray(codes_RxCxK)
+    k = len(codebook_sizes)
+    if codes.ndim != 3 or codes.shape[2] != k or not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"image codes {codes.dtype}{list(codes.shape)} do not match the image tokenizer's {k} "
+                         f"codebooks (expected integers [rows, cols, {k}])")
+    if codes.shape[0] == 0 or codes.shape[1] == 0:
+        raise ValueError(f"image codes of shape {list(codes.shape)} have no cells")
+    sizes = np.asarray(codebook_sizes)
+    bad = (codes < 0) | (codes >= sizes[None, None, :])
+    if bad.any():
+        r, c, j = np.argwhere(bad)[0]
+        raise ValueError(f"image code {codes[r, c, j]} at row {r}, column {c}, codebook {j} is outside "
+                         f"[0, {sizes[j]}) (image codebook sizes {list(codebook_sizes)})")
+
+
+def flatten_image_codes(codes_RxCxK: np.ndarray, vocab: Vocab) -> np.ndarray:
+    """Image codes [R, C, K] -> token ids [R, C*K]: each row cell-major then codebook, codebook k shifted into its
+    own id range (the <row> markers between rows are the caller's)."""
+    codes = np.asarray(codes_RxCxK)
+    check_image_codes(codes, vocab.image_codebook_sizes)
+    offsets = np.asarray([vocab.image_offset(k) for k in range(len(vocab.image_codebook_sizes))])
+    return (codes + offsets[None, None, :]).astype(np.int32).reshape(codes.shape[0], -1)
+
+
+def unflatten_image_codes(token_ids: np.ndarray, vocab: Vocab, cols: int) -> np.ndarray:
+    """Image code ids of whole rows [R * C * K] (no markers) -> codes [R, C, K]; the inverse of flatten_image_codes."""
+    k = len(vocab.image_codebook_sizes)
+    offsets = np.asarray([vocab.image_offset(i) for i in range(k)])
+    return np.asarray(token_ids).reshape(-1, cols, k) - offsets[None, None, :]
 
 
 def flatten_codes(codes_TxK: np.ndarray, vocab: Vocab, layout: str = "flat") -> np.ndarray:

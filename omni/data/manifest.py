@@ -233,6 +233,23 @@ def load_codes(file: Path) -> np.ndarray:
     return codes.astype(np.int64) if codes.dtype != np.uint64 else codes
 
 
+def load_image_codes(file: Path) -> np.ndarray:
+    """A .npy integer array [rows >= 1, cols >= 1, codebooks], as stored (the tokenizer's range check comes at
+    encoding)."""
+    try:
+        codes = np.load(file, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"cannot read image codes {show_path(file)} as a .npy array: {e}") from None
+    if not isinstance(codes, np.ndarray):
+        raise ValueError(f"image codes {show_path(file)} must be one .npy array, not an .npz archive")
+    if codes.ndim != 3 or not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"image codes {show_path(file)} must be an integer array [rows, cols, codebooks], got "
+                         f"{codes.dtype} {list(codes.shape)}")
+    if codes.shape[0] == 0 or codes.shape[1] == 0:
+        raise ValueError(f"image codes {show_path(file)} have no cells (shape {list(codes.shape)})")
+    return codes.astype(np.int64) if codes.dtype != np.uint64 else codes
+
+
 def load_line(line: dict, path, number: int) -> dict:
     """A checked manifest line -> raw example (module docstring), reading its files."""
     check_line(line, path, number)
