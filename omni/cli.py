@@ -141,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="folder for the built dataset")
     build.add_argument("--codec", help="audio codec for WAV audio: 'tone' or a folder from `omni codec fit` "
                                        "(precomputed codes name their own codec)")
+    build.add_argument("--image-tokenizer", help="image tokenizer for images entering as codes (\"as\": \"codes\" or "
+                                                 "\"both\", or learned images): a folder from `omni imagetok fit` "
+                                                 "(precomputed image_codes name their own tokenizer)")
     build.add_argument("--tokenizer", help="text tokenizer stored with the dataset: 'bytes', tokenizer.json, "
                                            "a folder from `omni tokenizer train`, or a SentencePiece .model")
     build.add_argument("--skip-bad", action="store_true",
@@ -318,10 +321,15 @@ def _data_build(args) -> None:
 
     codec = load_codec(args.codec) if args.codec else None
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    image_tokenizer = None
+    if args.image_tokenizer:
+        from omni.data.image_tokenizer import load_image_tokenizer
+
+        image_tokenizer = load_image_tokenizer(args.image_tokenizer)
     report = dataset.BuildReport()
     if args.manifest:
         examples, codec = dataset.manifest_examples(args.manifest, codec, args.eval_fraction, report, args.skip_bad,
-                                                    progress=_progress(args))
+                                                    progress=_progress(args), image_tokenizer=image_tokenizer)
         source = args.manifest
     else:
         from omni.data import adapters
@@ -334,7 +342,7 @@ def _data_build(args) -> None:
         splits = adapters.catalog_splits(args.tfds, args.tfds_train_split, args.tfds_eval_split)
         report.split_rule = f"the catalog's splits: train = {splits['train']}, eval = {splits['eval']}"
         examples = dataset.raw_examples(examples, codec, report, args.skip_bad, source=f"tfds:{args.tfds}",
-                                        progress=_progress(args))
+                                        progress=_progress(args), image_tokenizer=image_tokenizer)
         source = f"tfds:{args.tfds}"
     dataset.build(examples, args.out, codec, tokenizer, report, overwrite=args.overwrite, source=source)
     print(f"omni: built {args.out}: {report.summary()}")
