@@ -659,6 +659,9 @@ def read_prompts(path, *, patch_size: int, max_image_patches: int, codec=None, t
         for i, segment in enumerate(raw["segments"]):
             out = {"target": segment.get("target", True)}
             try:
+                if "image_codes" in segment or segment.get("as", "patches") != "patches":
+                    fail(f"segment {i}: images as codes are not in prompts yet (only \"as\": \"patches\"); "
+                         f"generation with image codes is later work")
                 if "image_bytes" in segment:
                     out["image"] = fit_image(decode_image(segment["image_bytes"]), patch_size, max_image_patches)
                 elif "text" in segment:
