@@ -43,7 +43,7 @@ from pathlib import Path
 
 from omni import batch
 from omni import config as config_lib
-from omni.batch import TARGET_MODALITIES  # images are inputs, never targets: no image loss to report
+from omni.batch import TARGET_MODALITIES
 from omni.config import Config, ConfigError, derived_mlp, parse_variant
 from omni.model.counting import flops_per_token, matmul_params, param_total
 from omni.tools import scaling
@@ -355,12 +355,20 @@ def _by_variant(runs: list[Run], rows: list[dict]) -> dict[tuple[str, str], list
     return {key: group for key, group in grouped.items() if group}
 
 
+def _reported_modalities(rows: list[dict]) -> list[str]:
+    """The eval-loss columns of the table: text and audio always (absent shows as such), image only when some run
+    learned image codes (most datasets take images as patches, never targets)."""
+    return [m for m in TARGET_MODALITIES
+            if m in ("text", "audio") or any(r.get(f"eval_loss_{m}") is not None for r in rows)]
+
+
 def _markdown(runs: list[Run], rows: list[dict], columns: list[str], base: Config) -> str:
     tc = base.train
+    modalities = _reported_modalities(rows)
     demo_columns = [c for c in columns if c.startswith(("demo_", "task_"))]
     swept = any(r.size for r in runs)
     header = ["variant"] + (["size"] if swept else []) + ["k", "d", "params", "FLOPs/token", "tokens/s"]
-    header += [f"eval loss {m}" for m in TARGET_MODALITIES] + [
+    header += [f"eval loss {m}" for m in modalities] + [
         c.split("_", 1)[1].replace("_acc_mean", " acc").replace("_", " ") for c in demo_columns]
     lines = [
         "# Fusion ablation", "",
@@ -380,8 +388,8 @@ def _markdown(runs: list[Run], rows: list[dict], columns: list[str], base: Confi
         first = group[0]
         cells = [label] + ([size] if swept else []) + [str(first["k"]), str(first["d"]), f"{first['params'] / 1e6:.3f}M",
                  f"{first['flops_per_token'] / 1e6:.2f}M", _mean_std([r["tokens_per_s"] for r in group])]
-        cells += [_mean_std([r[f"eval_loss_{m}"] for r in group if r[f"eval_loss_{m}"] is not None]) or "absent"
-                  for m in TARGET_MODALITIES]
+        cells += [_mean_std([r[f"eval_loss_{m}"] for r in group if r.get(f"eval_loss_{m}") is not None]) or "absent"
+                  for m in modalities]
         cells += [_mean_std([r[c] for r in group if c in r], percent=True) if any(c in r for r in group) else ""
                   for c in demo_columns]
         planned = len({r.seed for r in runs})

@@ -103,7 +103,9 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
     dataset = pipeline.dataset_for(cfg)
     meta = {"config": config_lib.to_dict(cfg), "dataset": str(dataset.path),
             "tokenizer": pipeline.tokenizer_for(cfg).identity(), "codec": dataset.meta.get("codec"),
-            "vocab": {"size": vocab.size, "text_size": vocab.text_size, "codebook_sizes": list(vocab.codebook_sizes)}}
+            "image_tokenizer": dataset.meta.get("image_tokenizer"),
+            "vocab": {"size": vocab.size, "text_size": vocab.text_size, "codebook_sizes": list(vocab.codebook_sizes),
+                      "image_codebook_sizes": list(vocab.image_codebook_sizes)}}
 
     bound = cfg.train.phase_timeout_s
     if start_step == 0:
