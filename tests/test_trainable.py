@@ -125,3 +125,26 @@ def test_a_frozen_run_logs_what_trains_and_resumes(tmp_path, capsys):
     for name, leaf in _flat(first).items():
         same = np.array_equal(np.asarray(leaf), np.asarray(_flat(last)[name]))
         assert same == (name.startswith("blocks/") or name == "final_norm/scale"), name
+
+
+def test_frozen_rows_keep_their_values_while_the_rest_of_the_table_trains():
+    cfg = apply_overrides(tiny_config(data=1, fsdp=1, tensor=1), ['train.trainable=["embed", "unembed"]'])
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    tx, schedule = build_optimizer(cfg)
+    vocab = data.vocab_for(cfg)
+    graphdef, state, shardings = init_state(cfg, mesh, tx, vocab)
+    frozen = np.zeros(vocab.size, bool)
+    frozen[: vocab.size // 2] = True  # e.g. the rows a pretrained model brought (model.init_from)
+    step = make_train_step(cfg, graphdef, tx, schedule, mesh, shardings,
+                           frozen_rows={"embed": frozen[:, None], "unembed": frozen[None, :]})
+    batch = sharding.global_batch(next(iter(data.train_dataset(cfg))), mesh, cfg.mesh.rules)
+    embed, unembed = np.asarray(state["params"]["embed"]), np.asarray(state["params"]["unembed"])
+    for _ in range(3):
+        state, _ = step(state, batch)
+    new_embed, new_unembed = np.asarray(state["params"]["embed"]), np.asarray(state["params"]["unembed"])
+    assert np.array_equal(new_embed[frozen], embed[frozen])  # weight decay included: not one bit moved
+    assert np.array_equal(new_unembed[:, frozen], unembed[:, frozen])
+    assert not np.array_equal(new_embed[~frozen], embed[~frozen])
+    assert not np.array_equal(new_unembed[:, ~frozen], unembed[:, ~frozen])
+    with pytest.raises(ValueError, match="not trainable"):
+        make_train_step(cfg, graphdef, tx, schedule, mesh, shardings, frozen_rows={"patch_proj": frozen[:, None]})

@@ -86,11 +86,21 @@ def _state_factory(cfg: Config, mesh, tx, vocab: Vocab):
     return graphdef, shardings, create
 
 
-def make_train_step(cfg: Config, graphdef, tx, schedule, mesh, shardings):
+def make_train_step(cfg: Config, graphdef, tx, schedule, mesh, shardings, frozen_rows: dict | None = None):
+    """The jitted train step. `frozen_rows` ({parameter path: bool array broadcasting against it, True where
+    frozen}, e.g. {"embed": loaded[:, None]}) keeps parts of trainable tensors fixed: their gradient is zeroed
+    before the norm and their update (weight decay included) dropped; the tensor keeps its optimizer state."""
     accum = cfg.train.grad_accum
     rules = cfg.mesh.rules
 
     trains, treedef = jax.tree.flatten(trainable.trainable_mask(cfg.train, shardings["params"]))
+    paths = trainable.param_paths(shardings["params"])
+    frozen_rows = frozen_rows or {}
+    unknown = sorted(set(frozen_rows) - {p for p, t in zip(paths, trains) if t})
+    if unknown:
+        raise ValueError(f"frozen_rows names {unknown}, which are not trainable parameters")
+    keep = [None if p not in frozen_rows else ~np.asarray(frozen_rows[p]) for p in paths]  # per leaf
+    trained_keep = [k for k, t in zip(keep, trains) if t]
 
     def sums_and_grads(params, batch, count):
         """The gradient of the mean loss over the step's `count` target tokens with respect to the trainable
@@ -129,6 +139,7 @@ def make_train_step(cfg: Config, graphdef, tx, schedule, mesh, shardings):
             zeros = jax.eval_shape(sums_and_grads, params, jax.tree.map(lambda x: x[0], micro), count)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
             (trained_grads, sums), _ = jax.lax.scan(body, zeros, micro)
+        trained_grads = [g if k is None else jnp.where(k, g, 0) for g, k in zip(trained_grads, trained_keep)]
         grad_norm = optax.tree.norm(trained_grads)  # of what trains: frozen tensors have no gradient
         trained_grads = clip_by_norm(trained_grads, grad_norm, cfg.train.clip_norm)
         # Zeros stand in for the frozen gradients: optax.multi_transform's set_to_zero never reads them.
@@ -137,8 +148,9 @@ def make_train_step(cfg: Config, graphdef, tx, schedule, mesh, shardings):
                                    for leaf, t in zip(jax.tree.leaves(params), trains)])
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        new_params = treedef.unflatten([new if t else old for new, old, t in  # frozen: the very same array
-                                        zip(jax.tree.leaves(new_params), jax.tree.leaves(params), trains)])
+        new_params = treedef.unflatten([  # frozen: the very same array; frozen rows: the very same values
+            (new if k is None else jnp.where(k, new, old)) if t else old
+            for new, old, t, k in zip(jax.tree.leaves(new_params), jax.tree.leaves(params), trains, keep)])
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         metrics = metrics_from_sums(sums)
         metrics["grad_norm"] = grad_norm  # before clipping
