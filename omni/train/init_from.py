@@ -247,6 +247,7 @@ def load(cfg: Config, vocab: Vocab, text_tokenizer, abstract_params: dict) -> Lo
     for path, leaf in _param_paths(abstract_params):
         for name, shape in _export_names(path, leaf.shape, m.scan_layers):
             wanted[name] = shape
+    wanted = dict(sorted(wanted.items(), key=lambda item: _file_order(item[0])))  # errors name the first in HF order
     for name, shape in wanted.items():  # every size first: the error names the first tensor that does not fit
         if name in hf_llama.PATCH_NAMES:
             continue
@@ -307,6 +308,17 @@ def load(cfg: Config, vocab: Vocab, text_tokenizer, abstract_params: dict) -> Lo
     counts.update(kind=source.kind, folder=str(source.folder), tensors=sum(v is not None for v in by_name.values()),
                   patch_projection=source.patch is not None)
     return Loaded(params=params, from_source_rows=found, counts=counts)
+
+
+def _file_order(name: str) -> tuple:
+    """The embedding, then layer by layer, then the head (the patch projection last)."""
+    generic = hf_llama.generic_name(name)
+    if generic in hf_llama.PATCH_NAMES:
+        return (3, 0, 0)
+    order = list(hf_llama.HF_NAMES).index(generic)
+    if generic == name:
+        return (0 if name == "embed" else 2, 0, order)
+    return (1, int(name.split(".")[1]), order)
 
 
 def _shape_of(source: Source, name: str) -> tuple:
