@@ -4,6 +4,7 @@
     omni eval --workdir runs/demo [--step N]               # per-modality eval loss/accuracy + demo task scores
     omni eval --workdir runs/my --generate [--max-examples N]   # + generated answers scored: exact, CER, ...
     omni export --workdir runs/demo [--step N] --out exported/demo [--dtype bfloat16]
+    omni export --format hf --workdir runs/demo --out exported/demo-hf [--max-shard-size 5GB]   # a HF Llama folder
     omni generate --model exported/demo --prompt "<image:cat.png>" --target text|audio [--audio a.wav]
     omni generate --model exported/demo --prompts prompts.jsonl --out preds.jsonl [--wav-dir wavs/]   # batched
     omni ablate --config configs/ablate_fusion.py --workdir runs/ablate [--seeds 3]   # early vs late vs cross

@@ -370,3 +370,49 @@ def test_init_from_needs_neither_torch_nor_transformers(tmp_path):
                           timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"text (\d+)/\1, special 0/16", done.stdout), done.stdout
+
+
+def _tokenizer_json(kind: str, folder: Path) -> Path:
+    """A small tokenizer.json of one model kind, with an added token of its own, trained here."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    texts = ["a red circle on a blue square", "the quick brown fox jumps over the lazy dog"] * 20
+    model, trainer = {
+        "BPE": (models.BPE(unk_token="[UNK]"), trainers.BpeTrainer(vocab_size=80, special_tokens=["[UNK]", "<|x|>"])),
+        "Unigram": (models.Unigram(), trainers.UnigramTrainer(vocab_size=60, special_tokens=["[UNK]", "<|x|>"],
+                                                              unk_token="[UNK]")),
+        "WordLevel": (models.WordLevel(unk_token="[UNK]"), trainers.WordLevelTrainer(special_tokens=["[UNK]",
+                                                                                                     "<|x|>"])),
+        "WordPiece": (models.WordPiece(unk_token="[UNK]"), trainers.WordPieceTrainer(vocab_size=80, special_tokens=[
+            "[UNK]", "<|x|>"])),
+    }[kind]
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainer)
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+@pytest.mark.parametrize("kind", ["BPE", "Unigram", "WordLevel", "WordPiece"])
+def test_a_tokenizer_json_run_gets_a_whole_vocabulary_tokenizer(tmp_path, kind):
+    text = load_tokenizer(str(_tokenizer_json(kind, tmp_path / kind)))
+    vocab = Vocab(text_size=text.vocab_size, codebook_sizes=(4, 4))
+    whole = hf.vocabulary_tokenizer(text, vocab)
+    assert whole.get_vocab_size(with_added_tokens=True) == vocab.size
+    for sentence in ("the red fox", "a blue <|x|> dog jumps", "zebra!"):
+        want = [vocab.text_offset + i for i in text.encode(sentence)]
+        assert whole.encode(sentence, add_special_tokens=False).ids == want, (kind, sentence)
+        assert whole.encode(sentence).ids == [1] + want  # <bos> first
+    assert whole.id_to_token(vocab.audio_offset(1) + 2) == "<audio_1_2>" and whole.id_to_token(4) == "<eoi>"
+
+
+def test_a_sentencepiece_run_is_refused_by_name(tmp_path):
+    class SentencePieceLike:
+        kind, name, vocab_size = "sentencepiece", "spm8k", 4
+
+        class processor:
+            id_to_piece = staticmethod(lambda i: f"p{i}")
+
+    with pytest.raises(ExportError, match="text tokenizer is a sentencepiece model \\(spm8k\\)"):
+        hf.vocabulary_tokenizer(SentencePieceLike(), Vocab(text_size=4, codebook_sizes=()))

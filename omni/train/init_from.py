@@ -67,7 +67,8 @@ class Source:
 def read_source(path) -> Source:
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise InitFromError(f"model.init_from={path}: no such folder; give a Hugging Face Llama folder "
+        what = "a file, not a folder" if folder.exists() else "no such folder"
+        raise InitFromError(f"model.init_from={path}: {what}; give a Hugging Face Llama folder "
                             f"(config.json, model.safetensors, tokenizer.json) or an omni export")
     config = _json(folder / CONFIG_FILE, f"model.init_from={path}")
     if (config.get("export") or {}).get("format") == OMNI_EXPORT_FORMAT:
@@ -353,9 +354,15 @@ def describe(counts: dict) -> str:
                      for got, total in [counts[name]] if total)
     new = sum(total - got for got, total in (counts[k] for k in ("text", "special", "audio", "padding")))
     patch = "loaded" if counts["patch_projection"] else "newly initialised"
-    return (f"omni: model.init_from={counts['folder']} ({counts['kind']}): {counts['tensors']} tensors loaded; "
+    line = (f"omni: model.init_from={counts['folder']} ({counts['kind']}): {counts['tensors']} tensors loaded; "
             f"vocabulary rows matched by token string: {rows}; {new} rows newly initialised; patch projection "
             f"{patch}")
+    found, total = counts["text"]
+    if found < total / 2:  # most text rows random: almost surely the wrong tokenizer (or a folder without one)
+        line += (f"\nomni: warning: only {found} of the {total} text tokens of data.tokenizer are in "
+                 f"{counts['folder']}/tokenizer.json; set data.tokenizer to the tokenizer that checkpoint was "
+                 f"trained with")
+    return line
 
 
 # ----------------------------------------------------------------------------------------------------------
