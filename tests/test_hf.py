@@ -208,9 +208,9 @@ def test_cli_exports_hf(run, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------- init_from
 
-def test_round_trip_export_transformers_save_pretrained_init_from(run, omni_model, tmp_path):
+def test_round_trip_export_transformers_save_pretrained_init_from(run, omni_model, tmp_path, monkeypatch):
     """export -> transformers -> save_pretrained -> model.init_from in the trainer: the same logits (lr 0, so the
-    one step it takes changes nothing)."""
+    one step it takes changes nothing). Run again, the workdir's checkpoint wins: init_from is not loaded."""
     cfg, _, out = run
     saved = tmp_path / "saved"
     transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).save_pretrained(saved)
@@ -226,6 +226,14 @@ def test_round_trip_export_transformers_save_pretrained_init_from(run, omni_mode
     diff = np.abs(omni_logits(back, prompt) - omni_logits(omni_model, prompt)).max()
     print("round trip max abs logit diff", float(diff))
     assert diff <= TOLERANCE
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("init_from.load called although the workdir has a checkpoint")
+
+    monkeypatch.setattr(init_from, "load", no_load)
+    started.train.steps = 2
+    loop.train(started, tmp_path / "run", progress=False)  # resumes from step 1
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["step"] == 2
 
 
 def make_llama(folder: Path, tie: bool, **sizes) -> Path:
@@ -260,6 +268,18 @@ def omni_from(folder: Path, **model) -> tuple:
     fresh = nnx.to_pure_dict(params)
     loaded = init_from.load(cfg, vocab, text, fresh)
     return nnx.merge(graphdef, init_from.place(fresh, loaded)), vocab, cfg, loaded.counts, fresh
+
+
+def checked_against(folder: Path, **model):
+    """init_from.load of `folder` for a model given as shapes only (nothing allocated): the checks, fast."""
+    cfg = tiny_config()
+    cfg.model.init_from = str(folder)
+    for key, value in model.items():
+        setattr(cfg.model, key, value)
+    text = load_tokenizer(str(folder))
+    vocab = Vocab(text_size=text.vocab_size, codebook_sizes=(8, 8))
+    abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: build_model(cfg, vocab)), nnx.Param)[1])
+    return init_from.load(cfg, vocab, text, abstract)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -332,14 +352,24 @@ def test_init_from_errors_name_the_file_or_tensor(tmp_path):
     ]
     for model, message in cases:
         with pytest.raises(InitFromError, match=message):
-            omni_from(folder, **model)
+            checked_against(folder, **model)
     mistral = tmp_path / "mistral"
     shutil.copytree(folder, mistral)
     config = json.loads((mistral / "config.json").read_text())
     (mistral / "config.json").write_text(json.dumps(dict(config, model_type="mistral")))
     with pytest.raises(InitFromError, match=r"mistral/config.json has model_type 'mistral'; model.init_from reads "
                                             r"Llama models"):
-        omni_from(mistral)
+        checked_against(mistral)
+    (mistral / "config.json").write_text("{ not json")
+    with pytest.raises(InitFromError, match=r"mistral/config.json: not valid JSON"):
+        checked_against(mistral)
+    (mistral / "config.json").write_text((folder / "config.json").read_text())
+    (mistral / "model.safetensors").unlink()
+    with pytest.raises(InitFromError, match=r"neither model.safetensors nor model.safetensors.index.json is there"):
+        checked_against(mistral)
+    (mistral / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "x.safetensors"}}))
+    with pytest.raises(InitFromError, match=r"model.safetensors.index.json names x.safetensors, which is missing"):
+        checked_against(mistral)
 
 
 BLOCK_TORCH = """
