@@ -98,6 +98,13 @@ def test_hf_logits_equal_omni_on_text_audio_and_image_prompts(run, omni_model, h
         got = model(torch.tensor(audio["tokens"][None], dtype=torch.long)).logits[0].numpy()
         diffs["audio"] = np.abs(got - omni_logits(omni_model, audio)).max()
 
+        # RoPE at every trained position (a wrong rotary layout shows most at far positions)
+        ids = rng.integers(0, omni_model.vocab.size, run[0].data.seq_len).astype(np.int32)
+        far = {"tokens": ids, "modality": np.full(len(ids), TEXT, np.int32),
+               "patches": np.zeros((0, 8 * 8 * 3), np.uint8), "patch_positions": np.zeros(0, np.int32)}
+        got = model(torch.tensor(ids[None], dtype=torch.long)).logits[0].numpy()
+        diffs["128 positions"] = np.abs(got - omni_logits(omni_model, far)).max()
+
         both = prompt_of(omni_model, [{"image": image}, {"text": "what is this"}])
         token_ids, embeds = snippet_scope()["image_text_prompt"](out, tokenizer, model, image, "what is this")
         assert token_ids[0].tolist() == both["tokens"].tolist()

@@ -1,7 +1,7 @@
 """model.init_from: a new run starts from a Hugging Face Llama folder (or an omni export) instead of random weights.
 
     omni train --config configs/demo.py --workdir runs/x --set model.init_from=/models/tiny-llama \\
-        model.d=... model.layers=... (the folder's sizes)
+        --set model.d=... --set model.layers=...      # the folder's sizes: a mismatch is an error listing them
 
 What is read, with `safetensors` and `tokenizers` only (no torch, no transformers):
 
