@@ -4,7 +4,8 @@ A batch is a dict of arrays, B packed sequences of L positions each (B = global 
 M patch slots per row (M = data.row_patches, or L when that is 0):
 
     tokens       int32   [B, L]           token id at every position (see omni.tokens.Vocab for the id ranges);
-                                          image positions hold IMAGE_PATCH, padding holds PAD (0)
+                                          image patch positions hold IMAGE_PATCH, image code positions their
+                                          code's id in an image codebook range, padding holds PAD (0)
     patches      uint8   [B, M, P*P*3]    the raw pixels (0..255, P x P x RGB, row-major) of the row's image
                                           patches in order; the model scales them to [-1, 1] and projects them
     patch_positions int32 [B, M]          the row position (0..L-1) of each patch, L for an unused slot; every
@@ -14,7 +15,18 @@ M patch slots per row (M = data.row_patches, or L when that is 0):
     segment_ids  int32   [B, L]           1, 2, ... for the examples packed in the row; 0 on padding
     positions    int32   [B, L]           position inside its own example (RoPE), restarting at 0 per segment
     is_target    bool    [B, L]           this token is a target: it belongs to one of its example's target
-                                          modalities (text and/or audio); never true for images or padding
+                                          modalities (text, audio and/or image codes); never true for image
+                                          patches or padding
+
+How an image enters is chosen per image when the dataset is built (omni.data.manifest, "as"):
+
+    patches   <boi> IMAGE_PATCH.. <row> .. <eoi>: pixels projected by the model; input only, never a target
+    codes     <boi> code ids.. <row> .. <eoi>: an image tokenizer's codes, looked up in the embedding table like
+              text and audio; a target when the example learns "image" (markers and <row>s included)
+    both      the patches span (input) followed by the codes span of the same image (the target)
+
+All of these positions have modality IMAGE (so loss/image and acc/image count image codes); the model projects
+pixels exactly at positions that hold IMAGE_PATCH with modality IMAGE, so code positions are never projected.
 
 The model reads every position. The loss (omni.loss) scores the prediction made at position t for token t+1
 only where is_target[t+1] holds and t, t+1 are in the same non-padding segment: so nothing is learned across
@@ -25,11 +37,11 @@ from __future__ import annotations
 
 import numpy as np
 
-# Modality ids (field `modality`), and the modalities an example may learn (images are inputs, never targets).
+# Modality ids (field `modality`), and the modalities an example may learn (images only as codes, never patches).
 PAD, TEXT, IMAGE, AUDIO = 0, 1, 2, 3
 IMAGE_PATCH = 8  # the token id every image patch position holds (omni.tokens lays out the other ids)
 MODALITY_NAMES = {TEXT: "text", IMAGE: "image", AUDIO: "audio"}
-TARGET_MODALITIES = ("text", "audio")
+TARGET_MODALITIES = ("text", "audio", "image")
 
 FIELDS = {
     "tokens": np.int32,

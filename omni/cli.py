@@ -21,6 +21,9 @@
     omni codec fit --manifest my_data.jsonl --out codec/
     omni codec encode --codec codec/ --wav in.wav --out codes.npy
     omni codec decode --codec codec/ --codes codes.npy --out out.wav
+    omni imagetok fit --manifest my_data.jsonl --out imagetok/          # residual k-means image tokenizer
+    omni imagetok encode --tokenizer imagetok/ --image x.png --out codes.npy
+    omni imagetok decode --tokenizer imagetok/ --codes codes.npy --out y.png   # what the model sees
 """
 
 from __future__ import annotations
@@ -108,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     abl.add_argument("--seeds", type=int, help="runs per variant (default: the config's ablate.seeds)")
     abl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field of every run, e.g. --set ablate.match=params")
+    abl.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                     help="scaling sweep: train every variant at each value, e.g. --sweep model.d=64,96,128,192 "
+                          "(repeat for keys that move together; sets ablate.sweep)")
     abl.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
     bench = verbs.add_parser("bench", help="time the real train step beside a matmul measured in the same run")
@@ -144,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="folder for the built dataset")
     build.add_argument("--codec", help="audio codec for WAV audio: 'tone' or a folder from `omni codec fit` "
                                        "(precomputed codes name their own codec)")
+    build.add_argument("--image-tokenizer", help="image tokenizer for images entering as codes (\"as\": \"codes\" or "
+                                                 "\"both\", or learned images): a folder from `omni imagetok fit` "
+                                                 "(precomputed image_codes name their own tokenizer)")
     build.add_argument("--tokenizer", help="text tokenizer stored with the dataset: 'bytes', tokenizer.json, "
                                            "a folder from `omni tokenizer train`, or a SentencePiece .model")
     build.add_argument("--skip-bad", action="store_true",
@@ -202,6 +211,30 @@ def _parser() -> argparse.ArgumentParser:
     dec.add_argument("--codec", required=True)
     dec.add_argument("--codes", required=True)
     dec.add_argument("--out", required=True)
+
+    imagetok = verbs.add_parser("imagetok", help="the built-in image tokenizer (image codes)").add_subparsers(
+        dest="action", required=True)
+    fit = imagetok.add_parser("fit", help="fit the patch residual-VQ image tokenizer on a manifest's images")
+    fit.add_argument("--manifest", required=True)
+    fit.add_argument("--out", required=True)
+    fit.add_argument("--patch-size", type=int, default=8, help="side of the pixel square one code cell covers")
+    fit.add_argument("--codebooks", type=int, default=4, help="residual codebooks: codes per cell")
+    fit.add_argument("--codebook-size", type=int, default=256, help="codes per codebook")
+    fit.add_argument("--max-cells", type=int, default=256, help="images are fitted to at most this many cells "
+                                                                "first, as training fits them (data.max_image_patches)")
+    fit.add_argument("--iters", type=int, default=20, help="Lloyd steps per codebook, at most")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
+    enc = imagetok.add_parser("encode", help="image -> codes .npy [rows, cols, codebooks]")
+    enc.add_argument("--tokenizer", required=True, help="a folder from `omni imagetok fit`")
+    enc.add_argument("--image", required=True)
+    enc.add_argument("--out", required=True)
+    enc.add_argument("--max-cells", type=int, default=256, help="fit the image to at most this many cells first "
+                                                                "(as data.max_image_patches does in training)")
+    dec = imagetok.add_parser("decode", help="codes .npy -> PNG, to see what the model sees")
+    dec.add_argument("--tokenizer", required=True)
+    dec.add_argument("--codes", required=True)
+    dec.add_argument("--out", required=True)
     return parser
 
 
@@ -211,6 +244,19 @@ def _resolve(args):
 
     cfg = config_lib.load_config(args.config) if args.config else config_lib.Config()
     return config_lib.apply_overrides(cfg, args.set)
+
+
+def _sweep(items: list[str]) -> dict:
+    """['model.d=64,96', 'model.layers=2,4'] -> {'model.d': [64, 96], 'model.layers': [2, 4]} (ablate.sweep)."""
+    from omni import config as config_lib
+
+    sweep = {}
+    for item in items:
+        key, eq, values = item.partition("=")
+        if not eq or not key or not values:
+            raise config_lib.ConfigError(f"--sweep {item!r} is not KEY=V1,V2,... (e.g. --sweep model.d=64,96,128)")
+        sweep[key.strip()] = [config_lib.parse_value(v.strip()) for v in values.split(",")]
+    return sweep
 
 
 def _launch_parser(verbs) -> None:
@@ -297,10 +343,15 @@ def _data_build(args) -> None:
 
     codec = load_codec(args.codec) if args.codec else None
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    image_tokenizer = None
+    if args.image_tokenizer:
+        from omni.data.image_tokenizer import load_image_tokenizer
+
+        image_tokenizer = load_image_tokenizer(args.image_tokenizer)
     report = dataset.BuildReport()
     if args.manifest:
         examples, codec = dataset.manifest_examples(args.manifest, codec, args.eval_fraction, report, args.skip_bad,
-                                                    progress=_progress(args))
+                                                    progress=_progress(args), image_tokenizer=image_tokenizer)
         source = args.manifest
     else:
         from omni.data import adapters
@@ -313,7 +364,7 @@ def _data_build(args) -> None:
         splits = adapters.catalog_splits(args.tfds, args.tfds_train_split, args.tfds_eval_split)
         report.split_rule = f"the catalog's splits: train = {splits['train']}, eval = {splits['eval']}"
         examples = dataset.raw_examples(examples, codec, report, args.skip_bad, source=f"tfds:{args.tfds}",
-                                        progress=_progress(args))
+                                        progress=_progress(args), image_tokenizer=image_tokenizer)
         source = f"tfds:{args.tfds}"
     dataset.build(examples, args.out, codec, tokenizer, report, overwrite=args.overwrite, source=source)
     print(f"omni: built {args.out}: {report.summary()}")
@@ -401,6 +452,67 @@ def _codec(args) -> None:
         print(f"omni: {args.codes} -> {args.out}: {len(wave) / codec.sample_rate:.2f} s at {codec.sample_rate} Hz")
 
 
+def _imagetok(args) -> None:
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from omni.data import image_tokenizer as image_tokenizer_lib
+
+    if args.action == "fit":
+        base = Path(args.manifest).parent
+        paths = [base / s["image"] for _, line in _manifest_lines(args.manifest) for s in line["segments"]
+                 if "image" in s]
+        if not paths:
+            raise ConfigError(f"{args.manifest} has no image segments to fit an image tokenizer on")
+        tok = image_tokenizer_lib.fit_on_files(
+            paths, args.out, patch_size=args.patch_size, codebooks=args.codebooks, codebook_size=args.codebook_size,
+            max_cells=args.max_cells, iters=args.iters, seed=args.seed, progress=_progress(args))
+        info = tok.fit_info
+        held = (f"; held-out {info['holdout_images']} images: {info['holdout_psnr_db'][-1]:.2f} dB"
+                if info["holdout_psnr_db"] else " (fewer than "
+                f"{image_tokenizer_lib.MIN_HOLDOUT_IMAGES} images: none held out)")
+        print(f"omni: fitted {tok.name} on {info['images']} images ({info['patches']} cells of {tok.patch_size} x "
+              f"{tok.patch_size}) in {info['seconds']:.1f} s: codebooks {list(tok.codebook_sizes)} -> {args.out}; "
+              f"reconstruction PSNR on the fitted images {' -> '.join(f'{v:.2f}' for v in info['psnr_db'])} dB "
+              f"over the codebooks{held}")
+        return
+    tok = image_tokenizer_lib.load_image_tokenizer(args.tokenizer)
+    if args.action == "encode":
+        from omni.data.images import decode_image
+
+        try:
+            pixels = decode_image(Path(args.image).read_bytes(), name=args.image)
+        except OSError as e:
+            raise ConfigError(f"cannot read --image {args.image}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        codes = image_tokenizer_lib.encode_fitted(tok, pixels, args.max_cells)
+        np.save(args.out, codes)
+        rows, cols, _ = codes.shape
+        back = tok.decode(codes)
+        print(f"omni: {args.image} ({pixels.shape[1]} x {pixels.shape[0]} pixels) -> {args.out}: codes "
+              f"{list(codes.shape)} ({rows * cols} cells of {tok.patch_size} x {tok.patch_size} at "
+              f"{back.shape[1]} x {back.shape[0]} pixels); round-trip PSNR "
+              f"{image_tokenizer_lib.psnr(image_tokenizer_lib.fitted(tok, pixels, args.max_cells), back):.2f} dB")
+    else:
+        from omni.data.manifest import load_image_codes
+        from omni.tokens import check_image_codes
+
+        try:
+            codes = load_image_codes(Path(args.codes))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        try:
+            check_image_codes(codes, tok.codebook_sizes)
+        except ValueError as e:
+            raise ConfigError(f"--codes {args.codes}: {e}; were they made by this tokenizer?") from None
+        pixels = tok.decode(codes)
+        Image.fromarray(pixels).save(args.out)
+        print(f"omni: {args.codes} -> {args.out}: {pixels.shape[1]} x {pixels.shape[0]} pixels")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -428,6 +540,8 @@ def _run(args) -> int:
         _tokenizer_train(args)
     elif args.verb == "codec":
         _codec(args)
+    elif args.verb == "imagetok":
+        _imagetok(args)
     elif args.verb == "eval":
         from omni.tools import evaluate
 
@@ -460,7 +574,10 @@ def _run(args) -> int:
     elif args.verb == "ablate":
         from omni.tools import ablate
 
-        ablate.run_ablation(_resolve(args), args.workdir, seeds=args.seeds, progress=not args.no_progress)
+        cfg = _resolve(args)
+        if args.sweep:
+            cfg.ablate.sweep = _sweep(args.sweep)
+        ablate.run_ablation(cfg, args.workdir, seeds=args.seeds, progress=not args.no_progress)
     elif args.verb == "bench":
         from omni.tools import bench
 

@@ -117,6 +117,11 @@ class TrainConfig:
                                 "fused_loss_sums): no [B, L, V] logits are held and the gradient is made in the "
                                 "same pass; 0 = the plain loss over the full logits")
     seed: int = doc(0, "parameter init seed")
+    trainable: list = doc([".*"], "regular expressions over parameter paths ('embed', 'patch_proj', "
+                                  "'blocks/attn/wq', ...; each must match a whole path) of the parameters that "
+                                  "train; the others get no update and no optimizer state (omni.train.trainable)")
+    frozen: list = doc([], "regular expressions of parameter paths that never train, even when 'trainable' "
+                           "matches them")
     log_every: int = doc(10, "steps between metric lines (metrics.jsonl, TensorBoard, progress bar)")
     eval_every: int = doc(100, "steps between held-out evals; 0 only evaluates at the end")
     eval_batches: int = doc(0, "eval batches per eval; 0 means the whole eval split")
@@ -177,9 +182,20 @@ class AblateConfig:
                          "fusion variants `omni ablate` trains: 'early', 'late:K' (K modality-specific layers), "
                          "'cross'; the first one is the reference that 'match' adjusts the others to")
     seeds: int = doc(1, "runs per variant, with train.seed, train.seed+1, ... (data order is the same for all)")
-    match: Literal["none", "params", "flops"] = doc(
+    match: Literal["none", "params", "flops", "both"] = doc(
         "none", "adjust each variant's width (model.d, SwiGLU size in proportion) to the reference's total "
-                "parameters or training FLOPs per token; 'none' keeps the config's width for all")
+                "parameters or training FLOPs per token; 'both' plans every other variant twice, once matched each "
+                "way (labelled 'late:1 @flops', 'late:1 @params'); 'none' keeps the config's width for all")
+    sweep: dict = doc({}, "scaling sweep: dotted config key -> list of values, e.g. {'model.d': [64, 96, 128, 192]} "
+                          "(or --sweep model.d=64,96,128,192); every variant x seed is trained at each point (several "
+                          "keys move together, i-th values at point i) and the report fits L = E + A*C^-alpha per "
+                          "variant and modality")
+    budget: Literal["fixed", "tokens_per_param"] = doc(
+        "fixed", "training tokens of each run: 'fixed' = train.steps x batch x seq_len at every size; "
+                 "'tokens_per_param' = ablate.tokens_per_param x the reference variant's parameters at that size "
+                 "(rounded up to whole steps), the same for every variant at a size")
+    tokens_per_param: float = doc(20.0, "with ablate.budget=tokens_per_param: training tokens per parameter "
+                                        "(Chinchilla's compute-optimal rule is about 20)")
     task_examples: int = doc(64, "held-out examples each run generates and scores at its end (the task scores of "
                                  "`omni eval --generate`: exact, CER, ...) on datasets other than the demo corpora, "
                                  "which score demo.scored_examples per demo task; 0 skips")
@@ -315,10 +331,19 @@ def from_dict(raw: dict, source: str = "dict") -> Config:
 def _flatten(raw: dict, prefix: str = ""):
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and not _is_dict_field(dotted):
             yield from _flatten(value, dotted + ".")
         else:
             yield dotted, value
+
+
+def _is_dict_field(dotted: str) -> bool:
+    """Whether `dotted` is a config field holding a dict (ablate.sweep), not a section to descend into."""
+    try:
+        node, f = _resolve(Config(), dotted)
+    except ConfigError:
+        return False
+    return _hints(type(node))[f.name] is dict
 
 
 def save_config(config: Config, path: str | Path) -> None:
@@ -371,12 +396,12 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (for example train.steps=200)")
         key, text = item.split("=", 1)
-        set_value(config, key.strip(), _parse_literal(text.strip()), source="--set")
+        set_value(config, key.strip(), parse_value(text.strip()), source="--set")
     validate(config)
     return config
 
 
-def _parse_literal(text: str) -> Any:
+def parse_value(text: str) -> Any:
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -462,6 +487,10 @@ def _coerce(key: str, value: Any, expected, source: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"bad value {value!r} for '{key}'{where}; expected a list")
         return [list(v) if isinstance(v, tuple) else v for v in value]
+    if expected is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"bad value {value!r} for '{key}'{where}; expected a dict with string keys")
+        return dict(value)
     raise AssertionError(f"schema type {expected} of {key} is not handled")
 
 

@@ -5,7 +5,8 @@ The prediction at position t is scored against token t+1 only where
     is_target[t+1]                              the next token is a target of its example (omni.batch)
     and segment_ids[t] == segment_ids[t+1] > 0  both positions are in the same real (non-padding) example
 
-so nothing is learned across packed examples, on padding, or for image patches.
+so nothing is learned across packed examples, on padding, or for image patches. Image codes (omni.batch) are
+scored like text and audio, under modality IMAGE: loss/image, acc/image, tokens/image.
 
 Normalisation (a documented choice): the loss is the mean cross-entropy over all target tokens of the global
 batch, every token weighing the same whichever example it came from. The sums functions return sums and counts
@@ -29,9 +30,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from omni.batch import AUDIO, MODALITY_NAMES, TEXT
+from omni.batch import AUDIO, IMAGE, MODALITY_NAMES, TEXT
 
-LOSS_MODALITIES = {MODALITY_NAMES[TEXT]: TEXT, MODALITY_NAMES[AUDIO]: AUDIO}
+LOSS_MODALITIES = {MODALITY_NAMES[TEXT]: TEXT, MODALITY_NAMES[AUDIO]: AUDIO, MODALITY_NAMES[IMAGE]: IMAGE}
 
 
 def target_mask(batch) -> jax.Array:

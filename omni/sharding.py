@@ -17,7 +17,6 @@ import math
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -151,9 +150,31 @@ def state_shardings(cfg: Config, mesh: Mesh, abstract_params, tx) -> dict:
                                                 is_leaf=lambda x: isinstance(x, PartitionSpec))
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
-                                   transform_non_params=lambda _: replicated)
-    return {"step": replicated, "params": param_sh, "opt_state": opt_sh}
+    return {"step": replicated, "params": param_sh, "opt_state": _like_params(abstract_opt, param_sh, shapes,
+                                                                              replicated)}
+
+
+def _like_params(opt_state, param_sh, param_shapes, replicated):
+    """Each optimizer state leaf sharded like the parameter it belongs to (Adam's moments), others replicated.
+
+    A moment's place in the state ends with its parameter's dict keys (under optax.multi_transform too, where the
+    frozen ones are MaskedNode and hold nothing), so it is found by its longest key suffix that names a parameter
+    of the same shape."""
+    def keys(path):
+        return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+    params = {keys(p): (sh, shape.shape) for (p, sh), (_, shape) in
+              zip(jax.tree_util.tree_leaves_with_path(param_sh), jax.tree_util.tree_leaves_with_path(param_shapes))}
+
+    def leaf_sharding(path, leaf):
+        names = keys(path)
+        for i in range(len(names)):
+            found = params.get(names[i:])
+            if found is not None and found[1] == leaf.shape:
+                return found[0]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, opt_state)
 
 
 def _logical_spec(spec: PartitionSpec, rules) -> PartitionSpec:

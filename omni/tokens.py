@@ -1,24 +1,33 @@
-"""From an interleaved example to one token stream: the vocabulary layout, text bytes, image patches, audio codes.
+"""From an interleaved example to one token stream: the vocabulary layout, text bytes, image patches, image and
+audio codes.
 
 An example (before tokenisation) is a dict:
 
-    {"segments": [{"text": "a red circle"}, {"image": uint8[H, W, 3]}, {"audio": int[T, K]}, ...],
-     "targets": ["text"]}                  # modalities the loss learns for this example: "text" and/or "audio"
+    {"segments": [{"text": "a red circle"}, {"image": uint8[H, W, 3]}, {"image_codes": int[R, C, K]},
+                  {"audio": int[T, K]}, ...],
+     "targets": ["text"]}         # modalities the loss learns for this example: "text", "audio" and/or "image"
 
 A segment may carry `"target": False` to keep one span of a target modality out of the loss (a text prompt
 before a text answer, say). The example becomes `<bos> span span ... <eos>` where the spans are
 
     text    byte ids shifted into the text range
     image   <boi> p p p p <row> p p p p <row> ... <eoi>   one IMAGE_PATCH token per P x P patch (Fuyu-style),
-            the pixels themselves ride along in `patches` and are projected by the model
+            the pixels themselves ride along in `patches` and are projected by the model; never a target
+    image_codes
+            <boi> c(0,0,0) .. c(0,0,K-1) c(0,1,0) .. <row> c(1,0,0) .. <row> ... <eoi>   an image tokenizer's
+            codes [R, C, K] (omni.data.image_tokenizer), each row flattened cell-major then codebook, a <row>
+            after each row as for patches; codebook k in its own id range (after the audio ranges), so these
+            positions are looked up in the embedding table like text and audio, and can be targets
     audio   <boa> c(0,0) c(0,1) .. c(0,K-1) c(1,0) .. <eoa>   codec codes [T, K] flattened frame-major, codebook k
             in its own id range so the model always knows which codebook comes next (audio_layout "flat");
             with the delay pattern (audio_layout "delay", MusicGen-style) step s holds c(s,0) c(s-1,1) ..
             c(s-K+1,K-1), T+K-1 steps, <delay> where a codebook has not started or has ended, so coarse codes
             of a frame come before the fine codes that depend on them by a whole step
 
-Opening and closing markers of a target audio span are targets (the model must learn to open and close audio);
-`<eos>` is a target when the example's last span is. Image positions are never targets.
+Every position of an image span (patches or codes, markers included) has modality IMAGE; only patch positions
+hold IMAGE_PATCH, which is what makes the model project pixels there. Opening and closing markers (and <row>s)
+of a target audio or image-code span are targets (the model must learn to open, break and close them); `<eos>`
+is a target when the example's last span is. Patch positions are never targets.
 """
 
 from __future__ import annotations
@@ -38,15 +47,23 @@ NUM_SPECIAL = 16
 SPECIAL_NAMES = {PAD_ID: "<pad>", BOS: "<bos>", EOS: "<eos>", BOI: "<boi>", EOI: "<eoi>", ROW: "<row>",
                  BOA: "<boa>", EOA: "<eoa>", IMAGE_PATCH: "<patch>", AUDIO_DELAY: "<delay>"}
 AUDIO_LAYOUTS = ("flat", "delay")
+SEGMENT_KINDS = ("text", "image", "image_codes", "audio")  # what encode_example takes
+MODALITY_OF = {"text": "text", "image": "image", "image_codes": "image", "audio": "audio"}
 
 
 @dataclass(frozen=True)
 class Vocab:
-    """Id ranges of the one shared vocabulary: [specials | text | audio codebook 0 | codebook 1 | ...]."""
+    """Id ranges of the one shared vocabulary:
+
+        [specials | text | audio codebook 0 | audio codebook 1 | ... | image codebook 0 | image codebook 1 | ...]
+
+    Image codebooks come last, so a vocabulary without them has exactly the ids (and size) it had before image
+    codes existed: older checkpoints and exports load unchanged."""
 
     text_size: int
-    codebook_sizes: tuple[int, ...]
+    codebook_sizes: tuple[int, ...]  # the audio codec's codebooks
     pad_to: int = 128  # the embedding/unembedding rows are padded so they shard and tile evenly
+    image_codebook_sizes: tuple[int, ...] = ()  # the image tokenizer's codebooks (omni.data.image_tokenizer)
 
     @property
     def text_offset(self) -> int:
@@ -55,9 +72,12 @@ class Vocab:
     def audio_offset(self, codebook: int) -> int:
         return NUM_SPECIAL + self.text_size + sum(self.codebook_sizes[:codebook])
 
+    def image_offset(self, codebook: int) -> int:
+        return NUM_SPECIAL + self.text_size + sum(self.codebook_sizes) + sum(self.image_codebook_sizes[:codebook])
+
     @property
     def used_size(self) -> int:
-        return NUM_SPECIAL + self.text_size + sum(self.codebook_sizes)
+        return NUM_SPECIAL + self.text_size + sum(self.codebook_sizes) + sum(self.image_codebook_sizes)
 
     @property
     def size(self) -> int:
@@ -69,6 +89,12 @@ class Vocab:
                 return k
         return None
 
+    def image_codebook_of(self, token_id: int) -> int | None:
+        for k in range(len(self.image_codebook_sizes)):
+            if self.image_offset(k) <= token_id < self.image_offset(k) + self.image_codebook_sizes[k]:
+                return k
+        return None
+
 
 def token_names(vocab: Vocab, text_names) -> list[str]:
     """A readable name for every id of the vocabulary, as a tokenizer.json spells its tokens (omni export
@@ -77,7 +103,8 @@ def token_names(vocab: Vocab, text_names) -> list[str]:
 
         specials      SPECIAL_NAMES (<pad>, <bos>, ...), the unnamed reserved ids <special_10> .. <special_15>
         text          text_names[t] (the text tokenizer's own strings, omni.data.text_tokenizer.token_strings)
-        audio         <audio_K_C>: code C of codebook K
+        audio         <audio_K_C>: code C of audio codebook K
+        image codes   <image_K_C>: code C of image codebook K
         the rest      <unused_ID>: padding rows, and text ids the tokenizer has no token at (None in text_names)
     """
     if len(text_names) != vocab.text_size:
@@ -86,6 +113,8 @@ def token_names(vocab: Vocab, text_names) -> list[str]:
     names += list(text_names)
     for k, size in enumerate(vocab.codebook_sizes):
         names += [f"<audio_{k}_{c}>" for c in range(size)]
+    for k, size in enumerate(vocab.image_codebook_sizes):
+        names += [f"<image_{k}_{c}>" for c in range(size)]
     names += [None] * (vocab.size - len(names))
     return [name if name is not None else f"<unused_{i}>" for i, name in enumerate(names)]
 
@@ -131,6 +160,40 @@ def check_codes(codes: np.ndarray, codebook_sizes, allow_empty: bool = False) ->
         t, j = np.argwhere(bad)[0]
         raise ValueError(f"code {codes[t, j]} at frame {t}, codebook {j} is outside [0, {sizes[j]}) "
                          f"(codebook sizes {list(codebook_sizes)})")
+
+
+def check_image_codes(codes_RxCxK: np.ndarray, codebook_sizes) -> None:
+    """ValueError unless codes are int [rows >= 1, cols >= 1, K] with code k in [0, codebook_sizes[k]): the one
+    check of image codes, from a tokenizer or a user's .npy."""
+    codes = np.asarray(codes_RxCxK)
+    k = len(codebook_sizes)
+    if codes.ndim != 3 or codes.shape[2] != k or not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"image codes {codes.dtype}{list(codes.shape)} do not match the image tokenizer's {k} "
+                         f"codebooks (expected integers [rows, cols, {k}])")
+    if codes.shape[0] == 0 or codes.shape[1] == 0:
+        raise ValueError(f"image codes of shape {list(codes.shape)} have no cells")
+    sizes = np.asarray(codebook_sizes)
+    bad = (codes < 0) | (codes >= sizes[None, None, :])
+    if bad.any():
+        r, c, j = np.argwhere(bad)[0]
+        raise ValueError(f"image code {codes[r, c, j]} at row {r}, column {c}, codebook {j} is outside "
+                         f"[0, {sizes[j]}) (image codebook sizes {list(codebook_sizes)})")
+
+
+def flatten_image_codes(codes_RxCxK: np.ndarray, vocab: Vocab) -> np.ndarray:
+    """Image codes [R, C, K] -> token ids [R, C*K]: each row cell-major then codebook, codebook k shifted into its
+    own id range (the <row> markers between rows are the caller's)."""
+    codes = np.asarray(codes_RxCxK)
+    check_image_codes(codes, vocab.image_codebook_sizes)
+    offsets = np.asarray([vocab.image_offset(k) for k in range(len(vocab.image_codebook_sizes))])
+    return (codes + offsets[None, None, :]).astype(np.int32).reshape(codes.shape[0], -1)
+
+
+def unflatten_image_codes(token_ids: np.ndarray, vocab: Vocab, cols: int) -> np.ndarray:
+    """Image code ids of whole rows [R * C * K] (no markers) -> codes [R, C, K]; the inverse of flatten_image_codes."""
+    k = len(vocab.image_codebook_sizes)
+    offsets = np.asarray([vocab.image_offset(i) for i in range(k)])
+    return np.asarray(token_ids).reshape(-1, cols, k) - offsets[None, None, :]
 
 
 def flatten_codes(codes_TxK: np.ndarray, vocab: Vocab, layout: str = "flat") -> np.ndarray:
@@ -196,11 +259,12 @@ def encode_example(example: dict, vocab: Vocab, tokenizer, patch_size: int, audi
     emit([BOS], TEXT, False)
     last_is_target = False
     for i, segment in enumerate(segments):
-        kinds = [k for k in ("text", "image", "audio") if k in segment]
+        kinds = [k for k in SEGMENT_KINDS if k in segment]
         if len(kinds) != 1:
-            raise ValueError(f"segment {i} must have exactly one of text/image/audio, has {kinds or 'none'}")
+            raise ValueError(f"segment {i} must have exactly one of {'/'.join(SEGMENT_KINDS)}, has {kinds or 'none'}")
         kind = kinds[0]
-        is_target = kind in targets and segment.get("target", True)
+        # patches are inputs only: an image is learned only as codes
+        is_target = kind != "image" and MODALITY_OF[kind] in targets and segment.get("target", True)
         if kind == "text":
             ids = np.asarray(tokenizer.encode(segment["text"]), np.int32) + vocab.text_offset
             emit(ids, TEXT, is_target)
@@ -213,6 +277,12 @@ def encode_example(example: dict, vocab: Vocab, tokenizer, patch_size: int, audi
                     emit([IMAGE_PATCH], IMAGE, False)
                 emit([ROW], IMAGE, False)
             emit([EOI], IMAGE, False)
+        elif kind == "image_codes":
+            emit([BOI], IMAGE, is_target)
+            for row in flatten_image_codes(segment["image_codes"], vocab):
+                emit(row, IMAGE, is_target)
+                emit([ROW], IMAGE, is_target)
+            emit([EOI], IMAGE, is_target)
         else:
             emit([BOA], AUDIO, is_target)
             emit(flatten_codes(segment["audio"], vocab, audio_layout), AUDIO, is_target)
@@ -240,8 +310,10 @@ def describe_tokens(token_ids, vocab: Vocab, tokenizer) -> str:
         if text:
             out.append(tokenizer.decode(text))
             text = []
-        k = vocab.audio_codebook_of(t)
-        out.append(SPECIAL_NAMES.get(t, f"<a{k}:{t - vocab.audio_offset(k)}>" if k is not None else f"<{t}>"))
+        k, j = vocab.audio_codebook_of(t), vocab.image_codebook_of(t)
+        name = (f"<a{k}:{t - vocab.audio_offset(k)}>" if k is not None else
+                f"<i{j}:{t - vocab.image_offset(j)}>" if j is not None else f"<{t}>")
+        out.append(SPECIAL_NAMES.get(t, name))
     if text:
         out.append(tokenizer.decode(text))
     return "".join(out)

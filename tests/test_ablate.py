@@ -90,7 +90,8 @@ def test_plan_from_another_config_is_refused(tmp_path):
 
 def _row(variant, seed, text, audio, speed, caption):
     fusion, k = config_lib.parse_variant(variant)
-    return {"variant": variant, "fusion": fusion, "k": k, "seed": seed, "d": 32, "params": 1000 + k,
+    return {"variant": variant, "label": variant, "size": "", "fusion": fusion, "k": k, "seed": seed, "d": 32,
+            "params": 1000 + k,
             "flops_per_token": 2e6, "tokens_per_s": speed, "eval_loss_text": text, "eval_loss_audio": audio,
             "demo_caption_exact": caption,
             "curve": [(0, {"text": 6.0, "audio": 6.0}), (1024, {"text": text, "audio": audio})]}
@@ -126,6 +127,112 @@ def test_report_shows_a_modality_without_targets_as_absent_never_zero(tmp_path):
     with open(tmp_path / "ablation.csv") as f:
         assert [r["eval_loss_audio"] for r in csv.DictReader(f)] == ["", ""]
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_plan_keeps_data_order_and_token_budget():
+    base = config_lib.apply_overrides(_base("flops"), ["ablate.sweep={'model.d': [32, 48, 64, 96]}"])
+    runs = ablate.make_plan(base, *_sizes(base), seeds=2)
+    assert len(runs) == 4 * 3 * 2
+    assert [r.name for r in runs[:3]] == ["early-d32-s0", "early-d32-s1", "late1-d32-s0"]
+    assert [r.size for r in runs[::6]] == ["d=32", "d=48", "d=64", "d=96"]
+    tokens = {r.config.train.steps * r.config.train.batch_size * r.config.data.seq_len for r in runs}
+    assert tokens == {base.train.steps * base.train.batch_size * base.data.seq_len}  # budget 'fixed'
+    for run in runs:
+        assert config_lib.to_dict(run.config)["data"] == config_lib.to_dict(base)["data"]  # same data, same order
+        changed = config_lib.changed_keys(config_lib.to_dict(base), config_lib.to_dict(run.config))
+        assert set(changed) <= {"name", "model.fusion", "model.late_layers", "model.d", "model.mlp", "train.seed"}
+        if run.variant == "early":
+            assert f"d={run.config.model.d}" == run.size  # the reference has the point's size
+    # the others are matched to the reference of their own size: late:1 at the same width, cross narrower
+    for size in ("d=32", "d=96"):
+        at = {r.variant: r.config.model.d for r in runs if r.size == size and r.seed == 0}
+        assert at["late:1"] == at["early"] and at["cross"] < at["early"]
+
+    rule = config_lib.apply_overrides(base, ["ablate.budget=tokens_per_param", "ablate.tokens_per_param=2.5"])
+    vocab_size, pd = _sizes(base)
+    runs = ablate.make_plan(rule, vocab_size, pd, seeds=1)
+    steps = {}
+    for run in runs:
+        steps.setdefault(run.size, set()).add(run.config.train.steps)
+    assert all(len(s) == 1 for s in steps.values())  # one budget for every variant of a size
+    per_step = base.train.batch_size * base.data.seq_len
+    for run in (r for r in runs if r.variant == "early"):
+        expected = -(-2.5 * param_total(run.config.model, vocab_size, pd) // per_step)
+        assert run.config.train.steps == expected
+    ordered = [next(iter(steps[f"d={d}"])) for d in (32, 48, 64, 96)]
+    assert ordered == sorted(ordered) and ordered[0] < ordered[-1]
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ("{'model.dd': [32, 64]}", "model.dd"),
+    ("{'model.d': [32, 64], 'model.layers': [2]}", "different lengths"),
+    ("{'model.fusion': ['early', 'late']}", "cannot move 'model.fusion'"),
+    ("{'model.d': 32}", "needs a non-empty list"),
+    ("{'model.d': ['wide']}", "model.d"),
+    ("{'model.d': [32, 32]}", "a point twice"),
+])
+def test_bad_sweeps_name_the_key(sweep, message):
+    base = config_lib.apply_overrides(_base(), [f"ablate.sweep={sweep}"])
+    with pytest.raises(ConfigError, match=message):
+        ablate.make_plan(base, *_sizes(base), seeds=1)
+
+
+def test_both_matchings_plan_each_variant_matched_each_way():
+    both = _base("both")
+    runs = ablate.make_plan(both, *_sizes(both), seeds=1)
+    assert [(r.name, r.label) for r in runs] == [
+        ("early-s0", "early"), ("late1-flops-s0", "late:1 @flops"), ("late1-params-s0", "late:1 @params"),
+        ("cross-flops-s0", "cross @flops"), ("cross-params-s0", "cross @params")]
+    for match in ("flops", "params"):
+        single = {r.variant: r.config.model for r in ablate.make_plan(_base(match), *_sizes(both), seeds=1)}
+        for run in runs[1:]:
+            if run.match == match:
+                assert run.config.model == single[run.variant], run.label
+
+
+def test_scaling_report_fits_curves_and_compute_ratios(tmp_path):
+    base = config_lib.apply_overrides(_base(), ["ablate.sweep={'model.d': [32, 48, 64, 96]}",
+                                                "ablate.variants=['early', 'late:1']"])
+    runs = ablate.make_plan(base, *_sizes(base), seeds=2)
+    rows = []
+    for run in runs:  # early: L = 1 + 2 (C / 1e9)^-0.5; late:1 reaches each loss with half the compute
+        compute = 1e9 * {"d=32": 1, "d=48": 3, "d=64": 10, "d=96": 30}[run.size]
+        effective = compute * (2 if run.variant == "late:1" else 1) * (1 + 0.01 * run.seed)
+        loss = 1 + 2 * (effective / 1e9) ** -0.5
+        rows.append({**_row(run.variant, run.seed, loss, None, 100.0, 0.5), "label": run.label, "size": run.size,
+                     "train_flops": compute})
+    ablate.write_report(tmp_path, runs, rows, base)
+    report = (tmp_path / "ablation.md").read_text()
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")]
+             for line in report.split("## Scaling")[1].splitlines() if line.startswith("| ") and "---" not in line]
+    scaling_rows = {tuple(c[:2]): c[2:] for c in cells}
+    # sizes, E, A, alpha, fit, pooled ratio, per-seed ratio
+    assert scaling_rows[("early", "text")] == ["4", "1", "2", "0.5", "fitted", "1 (reference)", ""]
+    late = scaling_rows[("late:1", "text")]
+    assert late[:5] == ["4", "1", "1.41", "0.5", "fitted"]  # A / sqrt(2): the same curve at half the compute
+    assert float(late[5]) == pytest.approx(0.5, rel=1e-3)
+    assert float(late[6].split(" ± ")[0]) == pytest.approx(0.5, rel=1e-3)
+    assert ("early", "audio") not in scaling_rows  # no audio losses: no fit drawn at 0
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    few = [r for r in rows if r["size"] != "d=96"]  # 3 sizes: reported as unsupported, with the reason
+    ablate.write_report(tmp_path, runs, few, base)
+    assert "not supported: too few sizes (3 < 4)" in (tmp_path / "ablation.md").read_text()
+
+
+def test_a_sweep_survives_the_saved_config():
+    base = config_lib.apply_overrides(_base(), ["ablate.sweep={'model.d': [32, 48], 'model.layers': [2, 3]}"])
+    again = config_lib.from_dict(json.loads(json.dumps(config_lib.to_dict(base))))
+    assert again.ablate.sweep == {"model.d": [32, 48], "model.layers": [2, 3]}
+    assert [r.size for r in ablate.make_plan(again, *_sizes(base), seeds=1)][::3] == ["d=32 layers=2", "d=48 layers=3"]
+
+
+def test_cli_sweep_values():
+    from omni.cli import _sweep
+
+    assert _sweep(["model.d=64,96", "model.layers=2, 4"]) == {"model.d": [64, 96], "model.layers": [2, 4]}
+    with pytest.raises(ConfigError, match="KEY=V1,V2"):
+        _sweep(["model.d"])
 
 
 def _omni_ablate(config: Path, workdir: Path) -> subprocess.Popen:

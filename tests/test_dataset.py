@@ -164,7 +164,7 @@ def test_an_example_over_the_position_limit_is_refused(tmp_path, monkeypatch):
     _media(tmp_path)  # codes.npy: 10 frames x 2 codebooks = 20 positions, the text 2 more
     monkeypatch.setattr(dataset, "MAX_EXAMPLE_POSITIONS", 21)
     line = {"segments": [{"text": "hi", "target": False}, {"codes": "codes.npy"}], "targets": ["audio"], "codec": TONE}
-    with pytest.raises(ManifestError, match=r"manifest.jsonl:2: example has 22 text bytes and audio codes, more "
+    with pytest.raises(ManifestError, match=r"manifest.jsonl:2: example has 22 text bytes, audio and image codes, more "
                                             r"than the limit of 21 per example"):
         _build(_write(tmp_path, GOOD[:1] + [line]), tmp_path / "ds")
 
@@ -228,3 +228,81 @@ def test_a_build_clears_what_killed_builds_of_the_same_out_left_on_this_host(tmp
     assert not any(folder.exists() for folder in dead)
     assert alive.exists() and elsewhere.exists() and user.exists()
     assert dataset.open_dataset(tmp_path / "ds").codebook_sizes
+
+
+# ------------------------------------------------------------------------------------------------ image codes
+
+VQ = {"name": "vqgan-f16", "codebook_sizes": [1024, 16]}
+
+
+def _image_code_files(tmp_path):
+    _media(tmp_path)
+    np.save(tmp_path / "vq.npy", np.array([[[1, 2], [1023, 15]], [[0, 0], [5, 6]]]))  # [rows, cols, K]
+    np.save(tmp_path / "vq_range.npy", np.array([[[1, 2], [1024, 3]]]))
+    np.save(tmp_path / "vq_2d.npy", np.zeros((4, 2), np.int64))
+    np.save(tmp_path / "vq_float.npy", np.zeros((1, 1, 2), np.float32))
+
+
+def test_precomputed_image_codes_define_the_image_tokenizer_and_read_back(tmp_path):
+    _image_code_files(tmp_path)
+    lines = [{"segments": [{"text": "a cat", "target": False}, {"image_codes": "vq.npy"}], "targets": ["image"],
+              "image_tokenizer": VQ},
+             {"segments": [{"image_codes": "vq.npy"}, {"text": "a cat"}], "targets": ["text"]},
+             GOOD[0]]
+    report = _build(_write(tmp_path, lines), tmp_path / "ds")
+    assert report.counts == {"train": 3}
+    ds = dataset.open_dataset(tmp_path / "ds")
+    assert ds.meta["format_version"] == dataset.IMAGE_FORMAT_VERSION
+    assert ds.image_codebook_sizes == (1024, 16) and ds.meta["image_tokenizer"]["name"] == "vqgan-f16"
+    source = ds.source("train")
+    by_id = {e["id"]: e for e in (dataset.decode_record(source[i], 2, 2) for i in range(len(source)))}
+    learned = by_id["line1"]["segments"][1]
+    assert learned["image_codes"].tolist() == np.load(tmp_path / "vq.npy").tolist() and learned["target"] is True
+    assert by_id["line2"]["segments"][0]["image_codes"].shape == (2, 2, 2)
+    assert by_id["cap"]["segments"][0]["as"] == "patches"  # an image a line does not learn: patches, as before
+    with pytest.raises(ValueError, match="external: omni cannot decode"):
+        ds.image_tokenizer().decode(np.zeros((1, 1, 2), np.int32))
+
+
+def test_a_dataset_without_image_codes_keeps_format_1(tmp_path):
+    _media(tmp_path)
+    _build(_write(tmp_path, GOOD), tmp_path / "ds")
+    ds = dataset.open_dataset(tmp_path / "ds")
+    assert ds.meta["format_version"] == 1 and ds.image_codebook_sizes == () and ds.image_tokenizer() is None
+
+
+def test_bad_image_codes_and_image_targets_name_the_line_and_what_to_do(tmp_path):
+    _image_code_files(tmp_path)
+    cases = [
+        ({"segments": [{"image_codes": "vq_range.npy"}], "targets": ["image"], "image_tokenizer": VQ},
+         "image code 1024 at row 0, column 1, codebook 0 is outside [0, 1024)"),
+        ({"segments": [{"image_codes": "vq_2d.npy"}], "targets": ["image"], "image_tokenizer": VQ},
+         "must be an integer array [rows, cols, codebooks], got int64 [4, 2]"),
+        ({"segments": [{"image_codes": "vq_float.npy"}], "targets": ["image"], "image_tokenizer": VQ},
+         "must be an integer array [rows, cols, codebooks], got float32"),
+        ({"segments": [{"image_codes": "gone.npy"}], "targets": ["image"], "image_tokenizer": VQ},
+         "image codes file not found"),
+        ({"segments": [{"image_codes": "vq.npy"}], "targets": ["image"],
+          "image_tokenizer": {"name": "vq", "codebook_sizes": [16]}}, "one dataset holds one image tokenizer"),
+        ({"segments": [{"image_codes": "vq.npy"}], "targets": ["image"], "image_tokenizer": {"name": "vq"}},
+         "\"image_tokenizer\" must be {"),
+        ({"segments": [{"image": "wide.png", "as": "patches"}], "targets": ["image"]},
+         "an image entering as patches is input only"),
+        ({"segments": [{"image": "wide.png", "as": "pixels"}], "targets": ["text"]}, "\"as\" must be one of"),
+        ({"segments": [{"text": "x", "as": "codes"}], "targets": ["text"]}, "\"as\" goes on image segments only"),
+        ({"segments": [{"text": "draw", "target": False}, {"image": "wide.png"}], "targets": ["image"]},
+         "image tokenizer 'vqgan-f16' is external and cannot encode pixels; give this image's codes as an "
+         "\"image_codes\" segment"),
+    ]
+    good = {"segments": [{"image_codes": "vq.npy"}], "targets": ["image"], "image_tokenizer": VQ}
+    for line, message in cases:
+        manifest = _write(tmp_path, [good, line], name="bad.jsonl")
+        with pytest.raises(ManifestError) as error:
+            _build(manifest, tmp_path / "out")
+        assert "bad.jsonl:2: " in str(error.value) and message in str(error.value), str(error.value)
+    draw = {"segments": [{"text": "draw", "target": False}, {"image": "wide.png"}], "targets": ["image"]}
+    with pytest.raises(ManifestError, match=r"manifest.jsonl:1: segment 1: an image entering as codes needs an "
+                                            r"image tokenizer: pass --image-tokenizer"):
+        _build(_write(tmp_path, [draw]), tmp_path / "o")
+    with pytest.raises(ManifestError, match=r"manifest.jsonl:1: image_codes need the image tokenizer's identity"):
+        _build(_write(tmp_path, [{"segments": [{"image_codes": "vq.npy"}], "targets": ["image"]}]), tmp_path / "o")

@@ -323,7 +323,7 @@ def test_init_from_an_omni_export(run, omni_model, tmp_path):
     graphdef, params = nnx.split(build_model(cfg, omni_model.vocab), nnx.Param)
     fresh = nnx.to_pure_dict(params)
     loaded = init_from.load(cfg, omni_model.vocab, omni_model.tokenizer, fresh)
-    assert all(got == total for got, total in (loaded.counts[k] for k in ("text", "special", "audio", "padding")))
+    assert all(got == total for got, total in (loaded.counts[k] for k in init_from.ROW_KINDS))
     model = nnx.merge(graphdef, init_from.place(fresh, loaded))
     prompt = prompt_of(omni_model, [{"image": an_image(4)}, {"text": "a"}])
     batch = generate.prompt_batch([prompt], 1, len(prompt["tokens"]))
@@ -434,7 +434,7 @@ def _tokenizer_json(kind: str, folder: Path) -> Path:
 @pytest.mark.parametrize("kind", ["BPE", "Unigram", "WordLevel", "WordPiece"])
 def test_a_tokenizer_json_run_gets_a_whole_vocabulary_tokenizer(tmp_path, kind):
     text = load_tokenizer(str(_tokenizer_json(kind, tmp_path / kind)))
-    vocab = Vocab(text_size=text.vocab_size, codebook_sizes=(4, 4))
+    vocab = Vocab(text_size=text.vocab_size, codebook_sizes=(4, 4), image_codebook_sizes=(3,))
     whole = hf.vocabulary_tokenizer(text, vocab)
     assert whole.get_vocab_size(with_added_tokens=True) == vocab.size
     for sentence in ("the red fox", "a blue <|x|> dog jumps", "zebra!"):
@@ -442,6 +442,7 @@ def test_a_tokenizer_json_run_gets_a_whole_vocabulary_tokenizer(tmp_path, kind):
         assert whole.encode(sentence, add_special_tokens=False).ids == want, (kind, sentence)
         assert whole.encode(sentence).ids == [1] + want  # <bos> first
     assert whole.id_to_token(vocab.audio_offset(1) + 2) == "<audio_1_2>" and whole.id_to_token(4) == "<eoi>"
+    assert whole.id_to_token(vocab.image_offset(0) + 2) == "<image_0_2>"
 
 
 def test_a_sentencepiece_run_is_refused_by_name(tmp_path):

@@ -153,3 +153,40 @@ def test_mark_absent_and_the_summary_leave_out_a_modality_without_targets():
     nothing = mark_absent(dict(fetched, **{"tokens/target": 0.0, "tokens/text": 0.0}))
     assert nothing["loss"] is None and nothing["loss/text"] is None
     assert modality_summary(nothing) == "none (no target tokens)"
+
+
+def test_image_codes_are_scored_as_image_only_where_they_are_targets():
+    """A packed row: [text prompt | learned image codes] [image codes as input | text answer] [padding]."""
+    from omni.batch import IMAGE
+    from omni.loss import fused_loss_sums, loss_sums, metrics_from_sums
+
+    I = IMAGE
+    batch = dict(tokens=[0, 5, 9, 10, 11, 0, 12, 13, 6, 7, 0],
+                 segment_ids=[1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 0],
+                 is_target=[0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 0],
+                 modality=[T, T, I, I, I, T, I, I, T, T, PAD])
+    logits = jnp.array(np.random.default_rng(0).normal(size=(1, 11, 16)), jnp.float32)
+    loss, metrics = masked_next_token_loss(logits, _batch(**batch))
+    assert float(metrics["tokens/image"]) == 3 and float(metrics["tokens/text"]) == 2
+    log_p = jax.nn.log_softmax(logits[0], axis=-1)
+    image_ce = -np.mean([float(log_p[t, batch["tokens"][t + 1]]) for t in (1, 2, 3)])
+    assert float(metrics["loss/image"]) == pytest.approx(image_ce, rel=1e-5)
+    # label change: a code that is not a target (segment 2's input image) leaves every number as it was ...
+    for position in (6, 7):
+        changed = dict(batch, tokens=list(batch["tokens"]))
+        changed["tokens"][position] = 15
+        changed_metrics = masked_next_token_loss(logits, _batch(**changed))[1]
+        for key in ("loss", "loss/image", "loss/text"):
+            assert float(changed_metrics[key]) == float(metrics[key])
+    # ... and a learned one moves loss/image
+    changed = dict(batch, tokens=list(batch["tokens"]))
+    changed["tokens"][3] = 15
+    assert float(masked_next_token_loss(logits, _batch(**changed))[1]["loss/image"]) != pytest.approx(
+        float(metrics["loss/image"]))
+    # the trainer's fused loss gives the same per-modality sums
+    full = _batch(**batch)
+    hidden, unembed = logits, jnp.eye(16, dtype=jnp.float32)
+    plain, fused = loss_sums(logits, full), fused_loss_sums(hidden, unembed, full, chunk=4)
+    for key in ("ce/image", "count/image", "correct/image"):
+        assert float(fused[key]) == pytest.approx(float(plain[key]), rel=1e-5)
+    assert set(metrics_from_sums(plain)) >= {"loss/image", "acc/image", "tokens/image"}

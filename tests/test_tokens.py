@@ -86,7 +86,7 @@ def test_bad_examples_are_refused(vocab):
     with pytest.raises(ValueError, match="segment 0 must have exactly one"):
         T.encode_example({"segments": [{"text": "a", "audio": 1}]}, vocab, tok, 8)
     with pytest.raises(ValueError, match="not learnable"):
-        T.encode_example({"segments": [{"text": "a"}], "targets": ["image"]}, vocab, tok, 8)
+        T.encode_example({"segments": [{"text": "a"}], "targets": ["video"]}, vocab, tok, 8)
 
 
 def test_delay_pattern_round_trip_and_layout():
@@ -119,3 +119,49 @@ def test_pieces_of_an_example_carry_exactly_their_own_patches(vocab):
     assert truncated["patch_positions"].tolist() == [4, 5, 6, 8] and len(truncated["patches"]) == 4
     with pytest.raises(ValueError, match="uint8"):
         T.patchify(image.astype(np.float32), 8)
+
+
+def test_a_vocab_without_image_codebooks_keeps_every_id_it_had():
+    """Old checkpoints and exports: no image codebooks, the same offsets and size as before image codes."""
+    old = T.Vocab(text_size=256, codebook_sizes=(64, 16))
+    assert (old.audio_offset(0), old.audio_offset(1), old.used_size, old.size) == (272, 336, 352, 384)
+    both = T.Vocab(text_size=256, codebook_sizes=(64, 16), image_codebook_sizes=(32, 8))
+    assert [both.audio_offset(k) for k in range(2)] == [272, 336]  # audio ids do not move
+    assert [both.image_offset(k) for k in range(2)] == [352, 384] and both.used_size == 392
+    assert both.image_codebook_of(352) == 0 and both.image_codebook_of(391) == 1 and both.image_codebook_of(351) is None
+    assert both.audio_codebook_of(352) is None
+
+
+def test_image_codes_enter_as_rows_of_cells_with_row_markers_and_are_targets_when_learned():
+    vocab = T.Vocab(text_size=256, codebook_sizes=(64,), image_codebook_sizes=(32, 8))
+    codes = np.array([[[1, 2], [3, 4]], [[5, 6], [7, 0]]])  # [rows 2, cols 2, K 2]
+    tok = ByteTokenizer()
+    image = np.zeros((8, 16, 3), np.uint8)
+    out = T.encode_example({"segments": [{"text": "a", "target": False}, {"image": image}, {"image_codes": codes}],
+                            "targets": ["image"]}, vocab, tok, 8)
+    i0, i1 = vocab.image_offset(0), vocab.image_offset(1)
+    expected_codes = [T.BOI, i0 + 1, i1 + 2, i0 + 3, i1 + 4, T.ROW, i0 + 5, i1 + 6, i0 + 7, i1 + 0, T.ROW, T.EOI]
+    patches = [T.BOI, T.IMAGE_PATCH, T.IMAGE_PATCH, T.ROW, T.EOI]
+    assert out["tokens"].tolist() == [T.BOS, 16 + ord("a")] + patches + expected_codes + [T.EOS]
+    assert out["modality"].tolist() == [T.TEXT, T.TEXT] + [T.IMAGE] * 17 + [T.TEXT]
+    # patches are never targets; the code span (markers and rows included) and <eos> after it are
+    assert out["is_target"].tolist() == [False] * 7 + [True] * 12 + [True]
+    assert out["patch_positions"].tolist() == [3, 4]  # only IMAGE_PATCH positions take pixels
+    np.testing.assert_array_equal(T.unflatten_image_codes(out["tokens"][8:18][[0, 1, 2, 3, 5, 6, 7, 8]], vocab, 2),
+                                  codes)
+    assert T.describe_tokens(out["tokens"][7:12], vocab, tok) == "<boi><i0:1><i1:2><i0:3><i1:4>"
+
+    not_learned = T.encode_example({"segments": [{"image_codes": codes}, {"text": "b"}], "targets": ["text"]},
+                                   vocab, tok, 8)
+    assert not not_learned["is_target"][:13].any() and not_learned["is_target"][13]  # only "b" (and <eos>)
+
+
+def test_bad_image_codes_name_row_column_and_codebook():
+    vocab = T.Vocab(text_size=256, codebook_sizes=(), image_codebook_sizes=(32, 8))
+    with pytest.raises(ValueError, match=r"image code 8 at row 1, column 0, codebook 1 is outside \[0, 8\)"):
+        T.flatten_image_codes(np.array([[[0, 0]], [[0, 8]]]), vocab)
+    with pytest.raises(ValueError, match=r"do not match the image tokenizer's 2 codebooks \(expected integers "
+                                         r"\[rows, cols, 2\]\)"):
+        T.flatten_image_codes(np.zeros((2, 2)), vocab)
+    with pytest.raises(ValueError, match="have no cells"):
+        T.check_image_codes(np.zeros((0, 3, 2), int), (32, 8))

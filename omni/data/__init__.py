@@ -8,6 +8,7 @@
     images.py          decode and fit images to the patch budget
     text_tokenizer.py  bytes, BPE (tokenizers) and SentencePiece text tokenizers
     codec.py, audio.py audio codecs (tone, mel residual VQ, precomputed codes) and WAV reading / resampling
+    image_tokenizer.py image tokenizers (patch residual VQ, precomputed image codes): pixels <-> codes [R, C, K]
 
 Importing this package imports nothing: inference (omni.tools.generate) uses images, audio and codecs on hosts
 without grain or tensorflow-datasets. The data pipeline knows no model and no trainer (tests/test_layering.py).

@@ -5,6 +5,7 @@
     OUT/omni_dataset.json    what the dataset holds: codec identity, tokenizer, split sizes, skipped lines, the
                              split rule the build applied and the ids (and manifest lines) of the eval examples
     OUT/codec/               the codec's files when it has any (a fitted MelRVQCodec)
+    OUT/image_tokenizer/     the image tokenizer's files when it has any (`--image-tokenizer`, omni imagetok fit)
     OUT/tokenizer/           the text tokenizer's files when one was given (`--tokenizer`)
     OUT/tfds/omni_dataset/1.0.0/omni_dataset-{train,eval}.array_record-*   the examples
 
@@ -12,13 +13,19 @@ One stored example (TFDS features; no TensorFlow needed to write or read them):
 
     id            text
     layout        text, JSON {"targets": [...], "meta": {...}, "segments": [
-                      {"kind": "text", "text": str} | {"kind": "image"} | {"kind": "audio", "frames": T}
+                      {"kind": "text", "text": str} | {"kind": "image", "as": "patches"|"codes"|"both"}
+                      | {"kind": "image_codes", "rows": R, "cols": C} | {"kind": "audio", "frames": T}
                       each with "target": bool]}
     images        sequence of encoded image bytes (PNG/JPEG as given), one per image segment, in order
     audio_codes   int32 [sum of T * K], every audio segment's codes [T, K] flattened frame-major, in order
+    image_codes   int32 [sum of R * C * K], every image_codes segment's codes [R, C, K] flattened, in order
+                  (absent from datasets built before image codes: read as empty)
 
-Images stay encoded so the patch budget is a training choice; audio is stored as codes of the dataset's codec
-(one codec per dataset, since the codebook layout is part of the model's vocabulary).
+Images stay encoded so the patch budget is a training choice: an image entering as codes is encoded by the
+dataset's image tokenizer when it is read, after it is fitted to data.max_image_patches cells. Audio is stored
+as codes of the dataset's codec, precomputed image codes as they came (one codec and one image tokenizer per
+dataset, since their codebook layouts are part of the model's vocabulary). A dataset with an image tokenizer has
+format 2 (older omni refuses it by name); one without has format 1, readable by older omni as before.
 """
 
 from __future__ import annotations
@@ -39,15 +46,18 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from omni.data import image_tokenizer as image_tokenizer_lib
 from omni.data import manifest as manifest_lib
 from omni.data.audio import resample
 from omni.data.codec import PrecomputedCodec, codec_from_identity, codec_identity, load_codec
 from omni.data.text_tokenizer import save_tokenizer
 from omni.errors import DatasetError, ManifestError
 from omni.progress import silent
-from omni.tokens import check_codes
+from omni.tokens import check_codes, check_image_codes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1             # written by a build without an image tokenizer
+IMAGE_FORMAT_VERSION = 2       # with one: older omni, which cannot read image codes, refuses it by its format
+READABLE_FORMATS = (FORMAT_VERSION, IMAGE_FORMAT_VERSION)
 DATASET_FILE = "omni_dataset.json"
 TFDS_NAME = "omni_dataset"
 TFDS_VERSION = "1.0.0"
@@ -90,6 +100,7 @@ def _builder_class():
                 "layout": tfds.features.Text(),
                 "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
                 "audio_codes": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                "image_codes": tfds.features.Tensor(shape=(None,), dtype=np.int32),
             }))
 
         def _split_generators(self, dl_manager):
@@ -127,13 +138,33 @@ def _text_bytes(text: str, what: str = "text") -> int:
                          f"{e.start + 1}") from None
 
 
-def encode_record(raw: dict, codec) -> dict:
-    """A raw example (omni.data.manifest) -> the stored example; audio goes through `codec`. ValueError on bad data."""
-    layout, images, codes = [], [], []
+def _image_layout(segment: dict, targets, image_tokenizer, target: bool) -> dict:
+    """The stored layout of an image segment: how it enters ("as"), checked against the dataset's tokenizer."""
+    enters = manifest_lib.image_as(segment, targets)
+    if enters not in manifest_lib.IMAGE_AS:
+        raise ValueError(f"\"as\" must be one of {list(manifest_lib.IMAGE_AS)}, got {manifest_lib.short_repr(enters)}")
+    if enters != "patches":
+        if image_tokenizer is None:
+            raise ValueError(f"an image entering as {enters} needs an image tokenizer: pass --image-tokenizer (a folder "
+                             f"from `omni imagetok fit`), or give the image \"as\": \"patches\"")
+        if image_tokenizer.patch_size is None:
+            raise ValueError(f"image tokenizer {image_tokenizer.name!r} is external and cannot encode pixels; give "
+                             f"this image's codes as an \"image_codes\" segment, or pass --image-tokenizer")
+    return {"kind": "image", "as": enters, "target": target and enters != "patches"}
+
+
+def encode_record(raw: dict, codec, image_tokenizer=None) -> dict:
+    """A raw example (omni.data.manifest) -> the stored example; audio goes through `codec`, precomputed image codes
+    are checked against `image_tokenizer`. ValueError on bad data."""
+    layout, images, codes, image_codes = [], [], [], []
     positions = 0
     if raw.get("codec") is not None and codec is not None and not codec_matches(raw["codec"], codec):
         raise ValueError(f"precomputed codes come from codec {raw['codec']} but this dataset's codec is "
                          f"{codec.name} with codebooks {list(codec.codebook_sizes)}; one dataset holds one codec")
+    stated = raw.get("image_tokenizer")
+    if stated is not None and image_tokenizer is not None and not image_tokenizer_lib.matches(stated, image_tokenizer):
+        raise ValueError(f"image codes come from image tokenizer {stated} but this dataset's is {image_tokenizer.name} "
+                         f"with codebooks {list(image_tokenizer.codebook_sizes)}; one dataset holds one image tokenizer")
     for i, segment in enumerate(raw["segments"]):
         target = bool(segment.get("target", True))
         try:
@@ -147,8 +178,18 @@ def encode_record(raw: dict, codec) -> dict:
                 positions += size
                 layout.append({"kind": "text", "text": segment["text"], "target": target})
             elif "image_bytes" in segment or "image" in segment:
+                layout.append(_image_layout(segment, raw.get("targets", ()), image_tokenizer, target))
                 images.append(segment["image_bytes"] if "image_bytes" in segment else _png(segment["image"]))
-                layout.append({"kind": "image", "target": False})
+            elif "image_codes" in segment:
+                if image_tokenizer is None:
+                    raise ValueError("image codes need the image tokenizer's identity: add \"image_tokenizer\": "
+                                     "{\"name\", \"codebook_sizes\"} to the line or pass --image-tokenizer")
+                c = np.asarray(segment["image_codes"])
+                check_image_codes(c, image_tokenizer.codebook_sizes)
+                positions += c.size + len(c)
+                image_codes.append(c.astype(np.int32).reshape(-1))
+                layout.append({"kind": "image_codes", "rows": int(c.shape[0]), "cols": int(c.shape[1]),
+                               "target": target})
             elif "audio" in segment or "codes" in segment:
                 if codec is None:
                     raise ValueError("audio needs a codec: pass --codec (tone, or a folder from `omni codec fit`)")
@@ -170,7 +211,7 @@ def encode_record(raw: dict, codec) -> dict:
     if not layout:
         raise ValueError("empty example: no segments")
     if positions > MAX_EXAMPLE_POSITIONS:
-        raise ValueError(f"example has {positions:,} text bytes and audio codes, more than the limit of "
+        raise ValueError(f"example has {positions:,} text bytes, audio and image codes, more than the limit of "
                          f"{MAX_EXAMPLE_POSITIONS:,} per example (omni.data.dataset.MAX_EXAMPLE_POSITIONS); "
                          "split it over several lines")
     example_id = str(raw.get("id", ""))
@@ -178,15 +219,18 @@ def encode_record(raw: dict, codec) -> dict:
     return {"id": example_id,
             "layout": json.dumps({"targets": list(raw["targets"]), "meta": raw.get("meta", {}), "segments": layout}),
             "images": images,
-            "audio_codes": np.concatenate(codes) if codes else np.zeros((0,), np.int32)}
+            "audio_codes": np.concatenate(codes) if codes else np.zeros((0,), np.int32),
+            "image_codes": np.concatenate(image_codes) if image_codes else np.zeros((0,), np.int32)}
 
 
-def decode_record(record: dict, codebook_count: int) -> dict:
-    """A stored example -> {"id", "targets", "meta", "segments"} with image bytes and audio codes [T, K]."""
+def decode_record(record: dict, codebook_count: int, image_codebook_count: int = 0) -> dict:
+    """A stored example -> {"id", "targets", "meta", "segments"} with image bytes (and "as"), image codes
+    [R, C, K] and audio codes [T, K]."""
     layout = json.loads(record["layout"])
     images = iter(record["images"])
     flat = np.asarray(record["audio_codes"])
-    at = 0
+    image_flat = np.asarray(record.get("image_codes", np.zeros((0,), np.int32)))
+    at = image_at = 0
     segments = []
     for segment in layout["segments"]:
         out = {"target": segment["target"]}
@@ -194,6 +238,12 @@ def decode_record(record: dict, codebook_count: int) -> dict:
             out["text"] = segment["text"]
         elif segment["kind"] == "image":
             out["image_bytes"] = next(images)
+            out["as"] = segment.get("as", "patches")  # datasets built before image codes: patches
+        elif segment["kind"] == "image_codes":
+            shape = (segment["rows"], segment["cols"], image_codebook_count)
+            n = int(np.prod(shape))
+            out["image_codes"] = image_flat[image_at:image_at + n].reshape(shape)
+            image_at += n
         else:
             n = segment["frames"] * codebook_count
             out["audio"] = flat[at:at + n].reshape(segment["frames"], codebook_count)
@@ -216,6 +266,7 @@ class BuildReport:
     split_rule: str = ""                             # how lines were put in train or eval, in words
     eval_ids: list = field(default_factory=list)     # ids of the eval examples written, in source order
     eval_lines: list | None = None                   # their manifest line numbers (manifest builds only)
+    image_tokenizer: object = None                   # the one the manifest's lines name, when none was given
 
     def summary(self) -> str:
         parts = [f"{split}: {n} examples" for split, n in self.counts.items()]
@@ -250,6 +301,26 @@ def codec_for_manifest(lines, path, codec):
     return codec
 
 
+def image_tokenizer_for_manifest(lines, path, image_tokenizer):
+    """The dataset's image tokenizer: the one given, else the external one the lines' "image_tokenizer" names;
+    a line with image_codes and no tokenizer to check them against is an error naming it. A malformed identity
+    is left to check_line, so --skip-bad can skip its line."""
+    for number, line in lines:
+        if isinstance(line, ManifestError) or not isinstance(line.get("segments"), list):
+            continue
+        kinds = {k for s in line["segments"] if isinstance(s, dict) for k in s}
+        if "image_tokenizer" in line:
+            if manifest_lib.image_tokenizer_problem(line["image_tokenizer"]):
+                continue
+            if image_tokenizer is None:
+                image_tokenizer = image_tokenizer_lib.from_identity(line["image_tokenizer"])
+        elif "image_codes" in kinds and image_tokenizer is None:
+            raise ManifestError(path, number, "image_codes need the image tokenizer's identity: add "
+                                              "\"image_tokenizer\": {\"name\", \"codebook_sizes\"} to the line or "
+                                              "pass --image-tokenizer")
+    return image_tokenizer
+
+
 def manifest_inputs(lines, path) -> list:
     """(path, what it is) for the manifest and every file its lines name (BuildReport.inputs)."""
     path = Path(path)
@@ -261,7 +332,7 @@ def manifest_inputs(lines, path) -> list:
         for segment in line["segments"]:
             if not isinstance(segment, dict):
                 continue
-            for kind in ("image", "audio", "codes"):
+            for kind in ("image", "image_codes", "audio", "codes"):
                 value = segment.get(kind)
                 if isinstance(value, str) and value:
                     inputs.append((base / value, f"line {number} of {path} names"))
@@ -309,12 +380,14 @@ def split_rule(lines: int, named: int, eval_fraction: float | None) -> tuple[flo
 
 
 def manifest_examples(path, codec, eval_fraction: float | None, report: BuildReport, skip_bad: bool,
-                      progress=silent):
+                      progress=silent, image_tokenizer=None):
     """{split: generator factory} over a manifest's lines, for build(); report.split_rule says how lines were split
     (split_rule; `eval_fraction` None: --eval-fraction was not given). progress (omni.progress) counts the lines
-    of each split as they are encoded."""
+    of each split as they are encoded. report.image_tokenizer is the dataset's image tokenizer: the one given, or
+    the external one the lines name (build() records it)."""
     lines = manifest_lib.read_lines(path)
     codec = codec_for_manifest(lines, path, codec)
+    image_tokenizer = report.image_tokenizer = image_tokenizer_for_manifest(lines, path, image_tokenizer)
     report.inputs.extend(manifest_inputs(lines, path))
     duplicates = _duplicate_ids(lines)
     named = sum(1 for _, line in lines if isinstance(line, dict) and "split" in line)
@@ -345,7 +418,7 @@ def manifest_examples(path, codec, eval_fraction: float | None, report: BuildRep
                                                       f"line {duplicates[number]}; ids must be unique")
                 raw = manifest_lib.load_line(line, path, number)
                 try:
-                    record = encode_record(raw, codec)
+                    record = encode_record(raw, codec, image_tokenizer)
                 except ValueError as e:
                     raise ManifestError(path, number, str(e)) from None
             except ManifestError as e:
@@ -365,9 +438,10 @@ def manifest_examples(path, codec, eval_fraction: float | None, report: BuildRep
 
 
 def raw_examples(examples_by_split: dict, codec, report: BuildReport, skip_bad: bool, source: str,
-                 progress=silent):
+                 progress=silent, image_tokenizer=None):
     """{split: generator factory} over in-memory raw examples (adapters, the demo corpus); progress
     (omni.progress) counts the examples of each split as they are encoded."""
+    report.image_tokenizer = image_tokenizer
     def generate(split):
         with progress(f"data build: {split}", unit="example") as bar:
             yield from encode(split, bar)
@@ -376,7 +450,7 @@ def raw_examples(examples_by_split: dict, codec, report: BuildReport, skip_bad: 
         for number, raw in enumerate(examples_by_split[split](), start=1):
             bar.update(1)
             try:
-                record = encode_record(raw, codec)
+                record = encode_record(raw, codec, image_tokenizer)
             except ValueError as e:
                 if not skip_bad:
                     raise ManifestError(source, number, str(e)) from None
@@ -392,7 +466,7 @@ def raw_examples(examples_by_split: dict, codec, report: BuildReport, skip_bad: 
 
 
 # What a build writes in its folder (module docstring); a folder holding only these is omni's to replace.
-OWN_ENTRIES = {DATASET_FILE, "tfds", "tfds.incomplete", "codec", "tokenizer"}
+OWN_ENTRIES = {DATASET_FILE, "tfds", "tfds.incomplete", "codec", "tokenizer", "image_tokenizer"}
 
 
 def _real(path: Path) -> Path:
@@ -449,8 +523,9 @@ def check_out(out, overwrite: bool, inputs=()) -> None:
 
 
 def build(examples: dict, out, codec, tokenizer=None, report: BuildReport | None = None,
-          overwrite: bool = False, source: str = "") -> BuildReport:
-    """Write the examples ({split: generator factory of (key, stored example)}) as a dataset in `out`.
+          overwrite: bool = False, source: str = "", image_tokenizer=None) -> BuildReport:
+    """Write the examples ({split: generator factory of (key, stored example)}) as a dataset in `out`, recording
+    `image_tokenizer` (default: report.image_tokenizer, the one manifest_examples / raw_examples used).
 
     The dataset is written into a temporary folder beside `out` (`.OUT.omni-build-HOST-PID`) and swapped in only
     when it is complete, so a failed build leaves `out` as it was; check_out says which folders `out` may replace.
@@ -469,7 +544,8 @@ def build(examples: dict, out, codec, tokenizer=None, report: BuildReport | None
         raise DatasetError(f"cannot create a folder beside {out} to build in ({e.strerror or e}); choose another "
                            "--out") from None
     try:
-        _write(examples, work, codec, tokenizer, report, source, label=source or str(out))
+        _write(examples, work, codec, tokenizer, report, source, label=source or str(out),
+               image_tokenizer=image_tokenizer if image_tokenizer is not None else report.image_tokenizer)
         _swap(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -515,7 +591,8 @@ def _swap(new: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write(examples: dict, out: Path, codec, tokenizer, report: BuildReport, source: str, label: str) -> None:
+def _write(examples: dict, out: Path, codec, tokenizer, report: BuildReport, source: str, label: str,
+           image_tokenizer=None) -> None:
     tmp = out / "tfds.incomplete"
     first_error: list[Exception] = []
 
@@ -552,6 +629,12 @@ def _write(examples: dict, out: Path, codec, tokenizer, report: BuildReport, sou
     if codec is not None and hasattr(codec, "save"):
         codec.save(out / "codec")
         meta["codec"]["path"] = "codec"
+    if image_tokenizer is not None:
+        meta["format_version"] = IMAGE_FORMAT_VERSION
+        meta["image_tokenizer"] = image_tokenizer_lib.identity(image_tokenizer)
+        if hasattr(image_tokenizer, "save"):
+            image_tokenizer.save(out / "image_tokenizer")
+            meta["image_tokenizer"]["path"] = "image_tokenizer"
     if tokenizer is not None:
         save_tokenizer(tokenizer, out / "tokenizer")
         meta["tokenizer"] = "tokenizer" if tokenizer.files() else "bytes"
@@ -570,6 +653,20 @@ class Dataset:
     @property
     def codebook_sizes(self) -> tuple[int, ...]:
         return tuple(self.meta["codec"]["codebook_sizes"]) if self.meta.get("codec") else ()
+
+    @property
+    def image_codebook_sizes(self) -> tuple[int, ...]:
+        identity = self.meta.get("image_tokenizer")
+        return tuple(identity["codebook_sizes"]) if identity else ()
+
+    def image_tokenizer(self):
+        """The dataset's image tokenizer: the fitted one saved with it, an external one's identity, or None."""
+        identity = self.meta.get("image_tokenizer")
+        if identity is None:
+            return None
+        if identity.get("path"):
+            return image_tokenizer_lib.load_image_tokenizer(str(self.path / identity["path"]))
+        return image_tokenizer_lib.from_identity(identity)
 
     def codec(self):
 
@@ -635,7 +732,7 @@ def open_dataset(path) -> Dataset:
         hint = " (the build did not finish; run `omni data build` again)" if path.exists() else ""
         raise DatasetError(f"{path} is not a built omni dataset: {DATASET_FILE} is missing{hint}")
     meta = json.loads(meta_file.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_FORMATS:
         raise DatasetError(f"{path} has dataset format {meta.get('format_version')}, this omni reads "
-                           f"{FORMAT_VERSION}; rebuild it with `omni data build`")
+                           f"{' and '.join(map(str, READABLE_FORMATS))}; rebuild it with `omni data build`")
     return Dataset(path, meta)

@@ -6,11 +6,23 @@ One example per line, an ordered list of segments and the modalities the loss le
     {"segments": [{"audio": "wav/q1.wav"}, {"text": "what time is it"}], "targets": ["text"], "split": "eval"}
     {"segments": [{"text": "say hello", "target": false}, {"codes": "codes/hello.npy"}], "targets": ["audio"],
      "codec": {"name": "mimi", "frame_rate": 12.5, "codebook_sizes": [2048, 2048, 2048, 2048]}}
+    {"segments": [{"text": "draw a red circle", "target": false}, {"image": "img/red_circle.png"}],
+     "targets": ["image"]}
+    {"segments": [{"text": "a cat"}, {"image_codes": "vq/cat.npy"}], "targets": ["image"],
+     "image_tokenizer": {"name": "vqgan-f16", "codebook_sizes": [16384]}}
 
 Segments
     text    a string
     image   a path to an image Pillow decodes (PNG, JPEG, ...); stored as the original encoded bytes and resized to
-            the patch budget when read (data.max_image_patches), so one dataset serves several resolutions
+            the patch budget when read (data.max_image_patches), so one dataset serves several resolutions.
+            "as" says how it enters the sequence (omni.batch): "patches" (input only), "codes" (the dataset's
+            image tokenizer's codes, `--image-tokenizer`: input, and a target when the line learns "image") or
+            "both" (patches, then the codes as the target). Default: "codes" for an image the line learns (its
+            targets hold "image" and the segment is not "target": false), "patches" otherwise
+    image_codes
+            a path to a .npy int array [rows, cols, codebooks] of precomputed codes from any image tokenizer
+            (a VQGAN, Chameleon's...); the line (or an earlier one) names it in "image_tokenizer": {name,
+            codebook_sizes[, patch_size]}, and every image code of a dataset must come from the same tokenizer
     audio   a path to a WAV file; encoded at build time by the dataset's codec (`--codec`), after resampling
     codes   a path to a .npy int array [frames, codebooks] of precomputed codes from any codec (EnCodec, Mimi,
             DAC, SNAC...); the line (or an earlier one) names the codec in "codec": {name, frame_rate,
@@ -20,21 +32,25 @@ answer); a line must keep at least one segment of its targets in the loss.
 
 Line fields
     segments  required, non-empty
-    targets   modalities learned from this example: a subset of ["text", "audio"] present in its segments
+    targets   modalities learned from this example: a subset of ["text", "audio", "image"] present in its segments
+              (an image is learned only as codes)
     split     optional "train" or "eval". A line without one goes to train when any line of the manifest names a
               split (unless --eval-fraction is given: then a stable hash of its id, or its content, picks); when
               no line names one, the hash puts --eval-fraction of the lines (default 0.05) in eval
     id        optional, kept with the example (defaults to the line number); no two lines may share one
     meta      optional free JSON kept with the example (the demo corpus stores each task's answer there)
     codec     the identity of the codec that made the line's precomputed codes
+    image_tokenizer  the identity of the image tokenizer that made the line's image_codes
 Relative paths are relative to the manifest's folder.
 
 Reading a line gives a *raw example*, the same in-memory form the catalog adapters (omni.data.adapters) produce:
 
     {"id": str, "targets": [...], "meta": {...}, "segments": [
-        {"text": str} | {"image_bytes": bytes} | {"image": uint8[H, W, 3]}
+        {"text": str} | {"image_bytes": bytes, "as": str} | {"image": uint8[H, W, 3]}
+        | {"image_codes": int[rows, cols, codebooks]}
         | {"audio": float32[samples], "sample_rate": int} | {"codes": int32[frames, codebooks]},
         each optionally with "target": False]}
+(an in-memory image without "as" enters as image_as() says.)
 
 Every problem is a `ManifestError` naming the file, the line and the reason.
 """
@@ -53,8 +69,10 @@ from omni.data.audio import read_wav
 from omni.data.images import decode_image
 from omni.errors import ManifestError
 
-SEGMENT_KINDS = ("text", "image", "audio", "codes")
-LINE_KEYS = {"segments", "targets", "split", "id", "meta", "codec"}
+SEGMENT_KINDS = ("text", "image", "image_codes", "audio", "codes")
+MODALITY_OF_KIND = {"text": "text", "image": "image", "image_codes": "image", "audio": "audio", "codes": "audio"}
+IMAGE_AS = ("patches", "codes", "both")  # how an image segment enters the sequence ("as")
+LINE_KEYS = {"segments", "targets", "split", "id", "meta", "codec", "image_tokenizer"}
 SPLITS = ("train", "eval")
 MAX_CODEBOOK_SIZE = 2**31 - 1  # codes are stored as int32
 MAX_FRAME_RATE = 1e6  # frames per second a "codec" identity may give
@@ -129,6 +147,33 @@ def codec_problem(identity) -> "str | None":
     return None
 
 
+def image_tokenizer_problem(identity) -> "str | None":
+    """Why a line's "image_tokenizer" field is not an identity {name, codebook_sizes[, patch_size]}, or None."""
+    shape = ("\"image_tokenizer\" must be {\"name\": str, \"codebook_sizes\": [int > 0, ...]} (optionally "
+             "\"patch_size\": int > 0)")
+    if not isinstance(identity, dict) or not {"name", "codebook_sizes"} <= set(identity):
+        return shape
+    if set(identity) - {"name", "codebook_sizes", "patch_size"}:
+        return f"{shape}; unknown field(s) {sorted(set(identity) - {'name', 'codebook_sizes', 'patch_size'})}"
+    name, sizes, patch = identity["name"], identity["codebook_sizes"], identity.get("patch_size")
+    if not isinstance(name, str) or not name or not _encodable(name):
+        return f"{shape}; name is {short_repr(name)}"
+    if (not isinstance(sizes, list) or not sizes
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_CODEBOOK_SIZE for n in sizes)):
+        return f"{shape} with sizes up to {MAX_CODEBOOK_SIZE}; codebook_sizes is {short_repr(sizes)}"
+    if patch is not None and (isinstance(patch, bool) or not isinstance(patch, int) or patch < 1):
+        return f"{shape}; patch_size is {short_repr(patch)}"
+    return None
+
+
+def image_as(segment: dict, targets) -> str:
+    """How an image segment enters the sequence: its "as", else "codes" when the example learns images and the
+    segment is not "target": false, else "patches" (input only, as before image codes existed)."""
+    if "as" in segment:
+        return segment["as"]
+    return "codes" if "image" in targets and segment.get("target", True) else "patches"
+
+
 def short_repr(value, limit: int = 80) -> str:
     """repr(value) cut to `limit` characters, for messages that quote what a line holds (one line, any size)."""
     text = repr(value)
@@ -165,21 +210,27 @@ def check_line(line: dict, path, number: int) -> None:
     targets = line.get("targets", [])
     if (not isinstance(targets, list) or not targets
             or not all(isinstance(t, str) and t in TARGET_MODALITIES for t in targets)):
-        fail(f"\"targets\" must be a non-empty subset of [\"text\", \"audio\"], got {short_repr(targets)}")
+        fail(f"\"targets\" must be a non-empty subset of {json.dumps(list(TARGET_MODALITIES))}, got "
+             f"{short_repr(targets)}")
     if "codec" in line and codec_problem(line["codec"]):
         fail(codec_problem(line["codec"]))
+    if "image_tokenizer" in line and image_tokenizer_problem(line["image_tokenizer"]):
+        fail(image_tokenizer_problem(line["image_tokenizer"]))
     if "id" in line and isinstance(line["id"], str) and not _encodable(line["id"]):
         fail(f"id {short_repr(line['id'])} is not valid Unicode (it holds a lone surrogate escape)")
-    present, learned = set(), set()
+    present, learned, patch_only = set(), set(), False
     for i, segment in enumerate(segments):
         if not isinstance(segment, dict):
             fail(f"segment {i} must be an object like {{\"text\": ...}}, got {short_repr(segment)}")
         kinds = [k for k in SEGMENT_KINDS if k in segment]
         if len(kinds) != 1:
             fail(f"segment {i} must have exactly one of {list(SEGMENT_KINDS)}, has {kinds or 'none'}")
-        extra = set(segment) - {kinds[0], "target"}
+        extra = set(segment) - {kinds[0], "target"} - ({"as"} if kinds[0] == "image" else set())
         if extra:
-            fail(f"segment {i} has unknown field(s) {sorted(extra)}")
+            hint = " (\"as\" goes on image segments only)" if "as" in extra else ""
+            fail(f"segment {i} has unknown field(s) {sorted(extra)}{hint}")
+        if kinds[0] == "image" and segment.get("as", "patches") not in IMAGE_AS:
+            fail(f"segment {i}: \"as\" must be one of {list(IMAGE_AS)}, got {short_repr(segment['as'])}")
         value = segment[kinds[0]]
         if not isinstance(value, str) or (kinds[0] != "text" and not value):
             what = "string" if kinds[0] == "text" else "string path"
@@ -191,13 +242,18 @@ def check_line(line: dict, path, number: int) -> None:
         target = segment.get("target", True)
         if not isinstance(target, bool):
             fail(f"segment {i}: \"target\" must be the JSON boolean true or false, got {short_repr(target)}")
-        modality = "audio" if kinds[0] in ("audio", "codes") else kinds[0]
+        modality = MODALITY_OF_KIND[kinds[0]]
+        if kinds[0] == "image" and image_as(segment, targets) == "patches":
+            patch_only = True  # patches are inputs only: no image to learn here
+            continue
         present.add(modality)
         if target:
             learned.add(modality)
     missing = set(targets) - present
     if missing:
-        fail(f"targets {sorted(missing)} name modalities this example does not contain; nothing to learn")
+        hint = ("; an image entering as patches is input only: give it \"as\": \"codes\" (or \"both\")"
+                if "image" in missing and patch_only else "")
+        fail(f"targets {sorted(missing)} name modalities this example does not contain; nothing to learn{hint}")
     if not learned & set(targets):
         fail(f"every {' or '.join(sorted(set(targets)))} segment has \"target\": false; nothing to learn (drop "
              f"\"target\": false from the answer segment)")
@@ -233,6 +289,23 @@ def load_codes(file: Path) -> np.ndarray:
     return codes.astype(np.int64) if codes.dtype != np.uint64 else codes
 
 
+def load_image_codes(file: Path) -> np.ndarray:
+    """A .npy integer array [rows >= 1, cols >= 1, codebooks], as stored (the tokenizer's range check comes at
+    encoding)."""
+    try:
+        codes = np.load(file, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"cannot read image codes {show_path(file)} as a .npy array: {e}") from None
+    if not isinstance(codes, np.ndarray):
+        raise ValueError(f"image codes {show_path(file)} must be one .npy array, not an .npz archive")
+    if codes.ndim != 3 or not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"image codes {show_path(file)} must be an integer array [rows, cols, codebooks], got "
+                         f"{codes.dtype} {list(codes.shape)}")
+    if codes.shape[0] == 0 or codes.shape[1] == 0:
+        raise ValueError(f"image codes {show_path(file)} have no cells (shape {list(codes.shape)})")
+    return codes.astype(np.int64) if codes.dtype != np.uint64 else codes
+
+
 def load_line(line: dict, path, number: int) -> dict:
     """A checked manifest line -> raw example (module docstring), reading its files."""
     check_line(line, path, number)
@@ -246,6 +319,10 @@ def load_line(line: dict, path, number: int) -> dict:
                 out["text"] = segment["text"]
             elif kind == "image":
                 out["image_bytes"] = load_image_bytes(_resolve_path(base, segment["image"], path, number, "image"))
+                out["as"] = image_as(segment, line["targets"])
+            elif kind == "image_codes":
+                out["image_codes"] = load_image_codes(_resolve_path(base, segment["image_codes"], path, number,
+                                                                    "image codes"))
             elif kind == "audio":
                 wave, rate = read_wav(_resolve_path(base, segment["audio"], path, number, "audio"))
                 out.update(audio=wave, sample_rate=rate)
@@ -258,6 +335,7 @@ def load_line(line: dict, path, number: int) -> dict:
         segments.append(out)
     raw = {"id": str(line.get("id", f"line{number}")), "targets": list(line["targets"]),
            "meta": line.get("meta", {}), "segments": segments}
-    if "codec" in line:
-        raw["codec"] = line["codec"]
+    for key in ("codec", "image_tokenizer"):
+        if key in line:
+            raw[key] = line[key]
     return raw

@@ -3,8 +3,9 @@
     dataset (omni.data.dataset, TFDS array_record, random access)
       -> reading shard s of S: examples [s::S]; process p of P reads shards p*S/P .. (p+1)*S/P - 1
       -> seeded shuffle, new order every epoch, endless repeat           (train only)
-      -> Tokenize (worker_threads threads): decode images and resize them to the patch budget, text through
-         the tokenizer, audio codes to tokens; an over-long example is split or truncated (data.overlong)
+      -> Tokenize (worker_threads threads): decode images and resize them to the patch budget (an image entering
+         as codes: to as many cells of the dataset's image tokenizer, then encoded), text through the tokenizer,
+         audio and image codes to tokens; an over-long example is split or truncated (data.overlong)
       -> first-fit packing into seq_len rows (segment ids, positions restart per example, target masks kept)
       -> batches of [batch_size / S, seq_len, ...] per shard in the layout of omni.batch; a process's batch is
          its shards' batches in shard order, i.e. rows of the global batch that its devices hold
@@ -30,6 +31,7 @@ from grain import experimental as grain_experimental
 from omni.batch import FIELDS, padding_rows, row_patches
 from omni.config import Config, DataConfig
 from omni.data import dataset as dataset_lib
+from omni.data.image_tokenizer import encode_fitted
 from omni.data.images import decode_image, fit_image
 from omni.data.text_tokenizer import load_tokenizer
 from omni.errors import ConfigError, DatasetError
@@ -67,19 +69,46 @@ def tokenizer_for(cfg: Config):
 
 
 def vocab_for(cfg: Config) -> Vocab:
-    return Vocab(text_size=tokenizer_for(cfg).vocab_size, codebook_sizes=dataset_for(cfg).codebook_sizes)
+    ds = dataset_for(cfg)
+    return Vocab(text_size=tokenizer_for(cfg).vocab_size, codebook_sizes=ds.codebook_sizes,
+                 image_codebook_sizes=ds.image_codebook_sizes)
+
+
+@functools.lru_cache(maxsize=8)
+def _image_tokenizer(dataset_path: str):
+    return _open(dataset_path).image_tokenizer()
+
+
+def image_tokenizer_for(cfg: Config):
+    """The dataset's image tokenizer (None when it has none), loaded once per process."""
+    return _image_tokenizer(str(dataset_for(cfg).path))
 
 
 # ----------------------------------------------------------------------------------------------- examples
 
 
-def prepare(record: dict, cfg: DataConfig, codebook_count: int) -> dict:
-    """A stored example -> the example dict encode_example takes (images decoded and fitted to the budget)."""
-    example = dataset_lib.decode_record(record, codebook_count)
+def prepare(record: dict, cfg: DataConfig, codebook_count: int, image_tokenizer=None) -> dict:
+    """A stored example -> the example dict encode_example takes: images decoded and fitted to the budget, as
+    patches ({"image"}), codes of the image tokenizer ({"image_codes"}) or both (patches, input only, then the
+    codes), as the dataset says (omni.batch)."""
+    image_codebooks = len(image_tokenizer.codebook_sizes) if image_tokenizer is not None else 0
+    example = dataset_lib.decode_record(record, codebook_count, image_codebooks)
+    segments = []
     for segment in example["segments"]:
-        if "image_bytes" in segment:
-            segment["image"] = fit_image(decode_image(segment.pop("image_bytes")), cfg.patch_size,
-                                         cfg.max_image_patches)
+        if "image_bytes" not in segment:
+            segments.append(segment)
+            continue
+        enters, target = segment.pop("as"), segment["target"]
+        pixels = decode_image(segment.pop("image_bytes"))
+        if enters in ("patches", "both"):
+            segments.append({"image": fit_image(pixels, cfg.patch_size, cfg.max_image_patches), "target": False})
+        if enters in ("codes", "both"):
+            if image_tokenizer is None:
+                raise DatasetError(f"example {example['id']} has an image entering as {enters} but the dataset has "
+                                   "no image tokenizer; rebuild it with --image-tokenizer")
+            segments.append({"image_codes": encode_fitted(image_tokenizer, pixels, cfg.max_image_patches),
+                             "target": target})
+    example["segments"] = segments
     return example
 
 
@@ -93,11 +122,15 @@ class Tokenize(grain.transforms.Map):
         self.cfg = cfg.data
         self.tokenizer_spec = tokenizer_spec(cfg)
         self.codebook_sizes = dataset_for(cfg).codebook_sizes
+        self.image_codebook_sizes = dataset_for(cfg).image_codebook_sizes
+        self.dataset_path = str(dataset_for(cfg).path)
 
     def map(self, record: dict) -> list[dict]:
         tokenizer = _tokenizer(self.tokenizer_spec)
-        vocab = Vocab(text_size=tokenizer.vocab_size, codebook_sizes=self.codebook_sizes)
-        example = prepare(record, self.cfg, len(self.codebook_sizes))
+        vocab = Vocab(text_size=tokenizer.vocab_size, codebook_sizes=self.codebook_sizes,
+                      image_codebook_sizes=self.image_codebook_sizes)
+        image_tokenizer = _image_tokenizer(self.dataset_path) if self.image_codebook_sizes else None
+        example = prepare(record, self.cfg, len(self.codebook_sizes), image_tokenizer)
         encoded = encode_example(example, vocab, tokenizer, self.cfg.patch_size, self.cfg.audio_layout)
         try:  # a user's data or settings, not a bug: an OmniError, which the CLI reports in one line (exit 2)
             pieces = fit_to_length(encoded, self.cfg.seq_len, self.cfg.overlong, example["id"])
@@ -256,4 +289,4 @@ def examples(cfg: Config, split: str, limit: int | None = None) -> list[dict]:
     source = dataset_for(cfg).source(split)
     count = len(dataset_for(cfg).codebook_sizes)
     n = len(source) if limit is None else min(limit, len(source))
-    return [prepare(source[i], cfg.data, count) for i in range(n)]
+    return [prepare(source[i], cfg.data, count, image_tokenizer_for(cfg)) for i in range(n)]

@@ -36,25 +36,33 @@ import copy
 import csv
 import dataclasses
 import json
+import math
 import statistics
 import time
 from pathlib import Path
 
 from omni import batch
 from omni import config as config_lib
-from omni.batch import TARGET_MODALITIES  # images are inputs, never targets: no image loss to report
+from omni.batch import TARGET_MODALITIES
 from omni.config import Config, ConfigError, derived_mlp, parse_variant
 from omni.model.counting import flops_per_token, matmul_params, param_total
+from omni.tools import scaling
 from omni.train import workdir as workdir_lib
 from omni.train.metrics import read_metrics
 
 
 @dataclasses.dataclass
 class Run:
-    name: str       # folder under <workdir>/runs, e.g. "late2-s0"
+    name: str       # folder under <workdir>/runs, e.g. "late2-s0", "late1-flops-d96-s1"
     variant: str    # as in ablate.variants, e.g. "late:2"
     seed: int       # index into the plan's seeds (train.seed = base seed + this)
     config: Config
+    match: str = "none"  # how its width was matched to the reference's ("none" for the reference itself)
+    label: str = ""      # the variant as the report names it: "late:1", or "late:1 @flops" under ablate.match=both
+    size: str = ""       # the sweep point, e.g. "d=96" ("" without a sweep)
+
+    def __post_init__(self):
+        self.label = self.label or self.variant
 
 
 def variant_name(variant: str) -> str:
@@ -98,8 +106,49 @@ def match_width(cfg: Config, reference: Config, match: str, vocab_size: int, pat
     return best
 
 
+PLANNED_KEYS = ("name", "model.fusion", "model.late_layers", "train.seed")  # the plan sets these per run
+
+
+def sweep_points(base: Config) -> list[dict]:
+    """[{key: value, ...}] for each point of ablate.sweep ([{}] without one). Raises ConfigError for a key that
+    does not exist, a value of the wrong type, lists of different lengths, or a key the plan itself sets."""
+    sweep = base.ablate.sweep
+    if not sweep:
+        return [{}]
+    if not isinstance(sweep, dict):
+        raise ConfigError(f"'ablate.sweep' must map config keys to lists of values, got {sweep!r}")
+    lengths = set()
+    for key, values in sweep.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ConfigError(f"'ablate.sweep' key {key!r} needs a non-empty list of values, got {values!r}")
+        if key in PLANNED_KEYS or key.startswith("ablate.") or (key == "train.steps" and
+                                                                base.ablate.budget == "tokens_per_param"):
+            raise ConfigError(f"'ablate.sweep' cannot move {key!r}: the ablation plan sets it for every run")
+        lengths.add(len(values))
+    if len(lengths) > 1:
+        raise ConfigError(f"'ablate.sweep' lists have different lengths ({sorted(lengths)}); several keys move "
+                          f"together, one value of each per point")
+    points = [{key: values[i] for key, values in sweep.items()} for i in range(lengths.pop())]
+    for point in points:
+        trial = copy.deepcopy(base)
+        for key, value in point.items():
+            config_lib.set_value(trial, key, value, source="ablate.sweep")
+    if len({repr(sorted(p.items())) for p in points}) != len(points):
+        raise ConfigError(f"'ablate.sweep' lists a point twice: {sweep}")
+    return points
+
+
+def point_label(point: dict) -> str:
+    """{'model.d': 96, 'model.layers': 4} -> 'd=96 layers=4' (the last part of each key)."""
+    return " ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in point.items())
+
+
 def make_plan(base: Config, vocab_size: int, patch_dim: int, seeds: int | None = None) -> list[Run]:
-    """Every variant x seed of base.ablate, widths matched as base.ablate.match asks."""
+    """Every sweep point x variant (x matching, under match=both) x seed of base.ablate, widths matched as asked.
+
+    At each point the reference (the first variant) has the point's sizes; the others are matched to it. Every
+    run sees the same data (data.* untouched, so the same batches in the same order) and, at one point, the same
+    number of tokens (ablate.budget)."""
     config_lib.validate(base)
     seeds = base.ablate.seeds if seeds is None else seeds
     if seeds <= 0:
@@ -107,32 +156,59 @@ def make_plan(base: Config, vocab_size: int, patch_dim: int, seeds: int | None =
     names = [variant_name(v) for v in base.ablate.variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"'ablate.variants' lists a variant twice: {base.ablate.variants}")
-    reference = variant_config(base, base.ablate.variants[0])
+    matches = ["flops", "params"] if base.ablate.match == "both" else [base.ablate.match]
     runs = []
-    for variant, name in zip(base.ablate.variants, names):
-        cfg = match_width(variant_config(base, variant), reference, base.ablate.match, vocab_size, patch_dim)
-        for seed in range(seeds):
-            run_cfg = copy.deepcopy(cfg)
-            run_cfg.train.seed = base.train.seed + seed
-            run_cfg.name = f"{base.name}/{name}-s{seed}"
-            config_lib.validate(run_cfg)
-            runs.append(Run(f"{name}-s{seed}", variant, seed, run_cfg))
+    for point in sweep_points(base):
+        at_point = copy.deepcopy(base)
+        for key, value in point.items():
+            config_lib.set_value(at_point, key, value, source="ablate.sweep")
+        reference = variant_config(at_point, base.ablate.variants[0])
+        steps = _budget_steps(at_point, reference, vocab_size, patch_dim)
+        size = point_label(point)
+        for i, (variant, name) in enumerate(zip(base.ablate.variants, names)):
+            for match in (["none"] if i == 0 else matches):
+                cfg = match_width(variant_config(at_point, variant), reference, match, vocab_size, patch_dim)
+                cfg.train.steps = steps
+                labelled = base.ablate.match == "both" and i > 0
+                stem = "-".join([name] + ([match] if labelled else []) + ([size.replace(" ", "-").replace("=", "")]
+                                                                            if size else []))
+                for seed in range(seeds):
+                    run_cfg = copy.deepcopy(cfg)
+                    run_cfg.train.seed = base.train.seed + seed
+                    run_cfg.name = f"{base.name}/{stem}-s{seed}"
+                    config_lib.validate(run_cfg)
+                    runs.append(Run(f"{stem}-s{seed}", variant, seed, run_cfg, match=match,
+                                    label=f"{variant} @{match}" if labelled else variant, size=size))
     return runs
+
+
+def _budget_steps(at_point: Config, reference: Config, vocab_size: int, patch_dim: int) -> int:
+    """train.steps of every run at this sweep point, by ablate.budget."""
+    if at_point.ablate.budget == "fixed":
+        return at_point.train.steps
+    tokens_per_step = at_point.train.batch_size * at_point.data.seq_len
+    tokens = at_point.ablate.tokens_per_param * param_total(reference.model, vocab_size, patch_dim)
+    return max(1, math.ceil(tokens / tokens_per_step))
 
 
 def describe_plan(runs: list[Run], base: Config, vocab_size: int, patch_dim: int) -> str:
     tc, seq = base.train, base.data.seq_len
-    lines = [f"ablation plan: {len({r.variant for r in runs})} variants x {len({r.seed for r in runs})} seeds, "
-             f"{tc.steps} steps x {tc.batch_size} x {seq} = {tc.steps * tc.batch_size * seq:,} tokens per run, "
-             f"match: {base.ablate.match} (reference: {base.ablate.variants[0]})"]
-    reference = _measures(runs[0].config, vocab_size, patch_dim)
-    for run in runs:
-        if run.seed:
-            continue
-        m, meas = run.config.model, _measures(run.config, vocab_size, patch_dim)
-        lines.append(f"  {run.variant:8s} d={m.d:<5d} mlp={derived_mlp(m):<5d} "
-                     f"params={meas['params'] / 1e6:.3f}M ({meas['params'] / reference['params'] - 1:+.1%})  "
-                     f"FLOPs/token={meas['flops'] / 1e6:.2f}M ({meas['flops'] / reference['flops'] - 1:+.1%})")
+    points = list(dict.fromkeys(r.size for r in runs))
+    budget = (f"{tc.steps} steps x {tc.batch_size} x {seq} = {tc.steps * tc.batch_size * seq:,} tokens per run"
+              if base.ablate.budget == "fixed" else
+              f"{base.ablate.tokens_per_param:g} tokens per reference parameter at each size")
+    lines = [f"ablation plan: {len({r.label for r in runs})} variants x {len({r.seed for r in runs})} seeds"
+             + (f" x {len(points)} sizes ({', '.join(points)})" if points != [""] else "")
+             + f", {budget}, match: {base.ablate.match} (reference: {base.ablate.variants[0]})"]
+    for size in points:
+        at_size = [r for r in runs if r.size == size and r.seed == 0]
+        reference = _measures(at_size[0].config, vocab_size, patch_dim)
+        for run in at_size:
+            m, meas = run.config.model, _measures(run.config, vocab_size, patch_dim)
+            lines.append(f"  {(size + '  ') if size else ''}{run.label:15s} d={m.d:<5d} mlp={derived_mlp(m):<5d} "
+                         f"params={meas['params'] / 1e6:.3f}M ({meas['params'] / reference['params'] - 1:+.1%})  "
+                         f"FLOPs/token={meas['flops'] / 1e6:.2f}M ({meas['flops'] / reference['flops'] - 1:+.1%})"
+                         + (f"  steps={run.config.train.steps}" if base.ablate.budget != "fixed" else ""))
     return "\n".join(lines)
 
 
@@ -189,7 +265,9 @@ def _check_and_save_plan(workdir: Path, runs: list[Run], base: Config) -> None:
     if path.exists():
         earlier = json.loads(path.read_text())["runs"]
         for name, cfg in planned.items():
-            keys = config_lib.changed_keys(earlier[name], cfg) if name in earlier else []
+            # ablate.* describes the plan, not how a run trains: a plan may grow variants, seeds or sizes
+            keys = [k for k in (config_lib.changed_keys(earlier[name], cfg) if name in earlier else [])
+                    if not k.startswith("ablate.")]
             if keys:
                 raise ConfigError(f"{workdir} holds an ablation planned with another config: run {name} differs in "
                                   f"{', '.join(keys)}; use a new --workdir, or delete {workdir}")
@@ -213,10 +291,12 @@ def collect(workdir: Path, runs: list[Run], vocab_size: int, patch_dim: int) -> 
         cfg, tokens_per_step = run.config, run.config.train.batch_size * run.config.data.seq_len
         meas = _measures(cfg, vocab_size, patch_dim)
         speeds = [r["tokens_per_s"] for r in metrics if "tokens_per_s" in r]
-        row = {"variant": run.variant, "fusion": cfg.model.fusion, "k": cfg.model.late_layers, "seed": run.seed,
-               "train_seed": cfg.train.seed, "d": cfg.model.d, "mlp": derived_mlp(cfg.model),
+        row = {"variant": run.variant, "label": run.label, "match": run.match, "size": run.size,
+               "fusion": cfg.model.fusion, "k": cfg.model.late_layers, "seed": run.seed,
+               "train_seed": cfg.train.seed, "d": cfg.model.d, "layers": cfg.model.layers, "mlp": derived_mlp(cfg.model),
                "params": meas["params"], "matmul_params": meas["matmul_params"], "flops_per_token": meas["flops"],
                "tokens": result["step"] * tokens_per_step,
+               "train_flops": meas["flops"] * result["step"] * tokens_per_step,  # flops_per_token counts training
                "tokens_per_s": statistics.median(speeds) if speeds else float("nan")}
         for modality in TARGET_MODALITIES:  # None where the eval split has no target of it (absent, not 0)
             row[f"eval_loss_{modality}"] = result["eval"].get(f"loss/{modality}")
@@ -263,44 +343,61 @@ def write_report(workdir: Path, runs: list[Run], rows: list[dict], base: Config)
         writer.writerows([{k: row.get(k, "") for k in columns} for row in rows])
     (workdir / "ablation.md").write_text(_markdown(runs, rows, columns, base))
     _plot(workdir / "ablation.png", runs, rows)
+    if any(r.size for r in runs):
+        _plot_scaling(workdir / "scaling.png", runs, rows)
 
 
-def _by_variant(runs: list[Run], rows: list[dict]) -> dict[str, list[dict]]:
-    grouped = {run.variant: [] for run in runs}
+def _by_variant(runs: list[Run], rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """{(label, size): its finished rows}, in plan order."""
+    grouped = {(run.label, run.size): [] for run in runs}
     for row in rows:
-        grouped[row["variant"]].append(row)
-    return {variant: group for variant, group in grouped.items() if group}
+        grouped[(row["label"], row["size"])].append(row)
+    return {key: group for key, group in grouped.items() if group}
+
+
+def _reported_modalities(rows: list[dict]) -> list[str]:
+    """The eval-loss columns of the table: text and audio always (absent shows as such), image only when some run
+    learned image codes (most datasets take images as patches, never targets)."""
+    return [m for m in TARGET_MODALITIES
+            if m in ("text", "audio") or any(r.get(f"eval_loss_{m}") is not None for r in rows)]
 
 
 def _markdown(runs: list[Run], rows: list[dict], columns: list[str], base: Config) -> str:
     tc = base.train
+    modalities = _reported_modalities(rows)
     demo_columns = [c for c in columns if c.startswith(("demo_", "task_"))]
-    header = ["variant", "k", "d", "params", "FLOPs/token", "tokens/s"]
-    header += [f"eval loss {m}" for m in TARGET_MODALITIES] + [
+    swept = any(r.size for r in runs)
+    header = ["variant"] + (["size"] if swept else []) + ["k", "d", "params", "FLOPs/token", "tokens/s"]
+    header += [f"eval loss {m}" for m in modalities] + [
         c.split("_", 1)[1].replace("_acc_mean", " acc").replace("_", " ") for c in demo_columns]
     lines = [
         "# Fusion ablation", "",
-        f"{len({r.variant for r in runs})} variants x {len({r.seed for r in runs})} seeds (train.seed "
-        f"{base.train.seed}..{base.train.seed + max(r.seed for r in runs)}); every run {tc.steps} steps x "
-        f"{tc.batch_size} x {base.data.seq_len} = {tc.steps * tc.batch_size * base.data.seq_len:,} tokens on "
-        f"dataset '{base.data.dataset}' in the same order (data.shuffle_seed {base.data.shuffle_seed}); widths "
+        f"{len({r.label for r in runs})} variants x {len({r.seed for r in runs})} seeds (train.seed "
+        f"{base.train.seed}..{base.train.seed + max(r.seed for r in runs)})"
+        + (f" x {len({r.size for r in runs})} sizes" if swept else "") + "; every run "
+        + (f"{tc.steps} steps x {tc.batch_size} x {base.data.seq_len} = "
+           f"{tc.steps * tc.batch_size * base.data.seq_len:,} tokens" if base.ablate.budget == "fixed" else
+           f"{base.ablate.tokens_per_param:g} tokens per reference parameter of its size")
+        + f" on dataset '{base.data.dataset}' in the same order (data.shuffle_seed {base.data.shuffle_seed}); widths "
         f"matched on: {base.ablate.match} (reference {base.ablate.variants[0]}). Values are mean ± std over "
         f"seeds; eval losses are the final held-out loss per target modality; task scores (after the losses) are "
         f"of greedy answers to held-out examples at the end of each run; tokens/s is the median logged "
         f"training speed.", "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for variant, group in _by_variant(runs, rows).items():
+    for (label, size), group in _by_variant(runs, rows).items():
         first = group[0]
-        cells = [variant, str(first["k"]), str(first["d"]), f"{first['params'] / 1e6:.3f}M",
+        cells = [label] + ([size] if swept else []) + [str(first["k"]), str(first["d"]), f"{first['params'] / 1e6:.3f}M",
                  f"{first['flops_per_token'] / 1e6:.2f}M", _mean_std([r["tokens_per_s"] for r in group])]
-        cells += [_mean_std([r[f"eval_loss_{m}"] for r in group if r[f"eval_loss_{m}"] is not None]) or "absent"
-                  for m in TARGET_MODALITIES]
+        cells += [_mean_std([r[f"eval_loss_{m}"] for r in group if r.get(f"eval_loss_{m}") is not None]) or "absent"
+                  for m in modalities]
         cells += [_mean_std([r[c] for r in group if c in r], percent=True) if any(c in r for r in group) else ""
                   for c in demo_columns]
         planned = len({r.seed for r in runs})
         seeds_done = f" ({len(group)} of {planned} seeds)" if len(group) != planned else ""
         lines.append("| " + " | ".join([cells[0] + seeds_done] + cells[1:]) + " |")
     lines += ["", "Per-run figures: ablation.csv. Curves: ablation.png.", ""]
+    if swept:
+        lines += scaling_section(runs, rows)
     return "\n".join(lines)
 
 
@@ -314,15 +411,19 @@ def _plot(path: Path, runs: list[Run], rows: list[dict]) -> None:
     # a modality no eval measured (absent: no target tokens) gets no panel rather than a line at 0
     present = [m for m in TARGET_MODALITIES if any(losses.get(m) is not None for r in rows for _, losses in r["curve"])]
     present = present or list(TARGET_MODALITIES[:1])
+    order = [r.size for r in runs]
+    largest = max((row["size"] for row in rows), key=order.index)
     fig, axes = plt.subplots(1, len(present), figsize=(6 * len(present), 4.2), squeeze=False)
     for ax, modality in zip(axes[0], present):
-        for variant, group in _by_variant(runs, rows).items():
+        for (label, size), group in _by_variant(runs, rows).items():
+            if size != largest:
+                continue  # a sweep's curves: the largest finished size here, every size in scaling.png
             curves = [{tokens: losses[modality] for tokens, losses in r["curve"] if losses.get(modality) is not None}
                       for r in group]
             shared = sorted(set.intersection(*(set(c) for c in curves)))
             losses = np.array([[c[t] for t in shared] for c in curves])
             tokens = np.array(shared, dtype=float)
-            line, = ax.plot(tokens, losses.mean(axis=0), label=f"{variant} ({len(group)} seeds)")
+            line, = ax.plot(tokens, losses.mean(axis=0), label=f"{label} ({len(group)} seeds)")
             if len(group) > 1:
                 ax.fill_between(tokens, losses.min(axis=0), losses.max(axis=0), color=line.get_color(), alpha=0.2)
         ax.set_yscale("log")
@@ -331,6 +432,108 @@ def _plot(path: Path, runs: list[Run], rows: list[dict]) -> None:
         ax.set_title(f"{modality}: mean over seeds, shaded min-max")
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scaling (ablate.sweep).
+
+
+def scaling_points(runs: list[Run], rows: list[dict], modality: str) -> dict[str, dict[int, tuple[list, list]]]:
+    """{label: {seed: (training FLOPs of each size, final held-out loss of `modality` there)}}."""
+    points: dict[str, dict[int, tuple[list, list]]] = {run.label: {} for run in runs}
+    for row in rows:
+        loss = row.get(f"eval_loss_{modality}")
+        if loss is None:
+            continue
+        compute, losses = points[row["label"]].setdefault(row["seed"], ([], []))
+        compute.append(row["train_flops"])
+        losses.append(loss)
+    return {label: by_seed for label, by_seed in points.items() if by_seed}
+
+
+def scaling_fits(runs: list[Run], rows: list[dict]) -> list[dict]:
+    """Per variant and modality: the fit over all seeds' points and the compute ratio against the reference
+    (the first variant) at the loss the reference reached at its largest size, from the pooled fits and per seed."""
+    reference = runs[0].label
+    results = []
+    for modality in TARGET_MODALITIES:
+        points = scaling_points(runs, rows, modality)
+        if reference not in points:
+            continue
+        ref_c, ref_l = (sum((list(v[i]) for v in points[reference].values()), []) for i in (0, 1))
+        ref_fit = scaling.fit_power_law(ref_c, ref_l)
+        largest = max(ref_c)
+        target = statistics.mean(loss for c, loss in zip(ref_c, ref_l) if c == largest)
+        for label, by_seed in points.items():
+            compute, losses = (sum((list(v[i]) for v in by_seed.values()), []) for i in (0, 1))
+            fit = scaling.fit_power_law(compute, losses)
+            pooled = scaling.compute_ratio(fit, ref_fit, target)
+            seed_ratios, missing = scaling.ratio_over_seeds(by_seed, points[reference])
+            results.append({"label": label, "modality": modality, "fit": fit, "ratio": pooled,
+                            "seed_ratios": seed_ratios, "missing": missing, "target_loss": target,
+                            "compute": compute, "losses": losses})
+    return results
+
+
+def scaling_section(runs: list[Run], rows: list[dict]) -> list[str]:
+    reference = runs[0].label
+    lines = ["## Scaling", "",
+             f"Final held-out loss per modality against training FLOPs (scaling.png), fitted per variant with "
+             f"L = E + A * (C / C0)^-alpha (C0 = the variant's smallest compute; omni.tools.scaling). The compute ratio "
+             f"is C_variant / C_{reference} at equal loss, read on the fitted curves at the loss {reference} reached at "
+             f"its largest size: below 1 the variant needs less compute. 'pooled' fits every seed's points at once; "
+             f"'per seed' fits each seed alone (mean ± std). A fit the points do not support is named, not drawn.", "",
+             "| variant | modality | sizes | E | A | alpha | fit | compute ratio, pooled | per seed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for result in scaling_fits(runs, rows):
+        fit, ratio = result["fit"], result["ratio"]
+        params = [_fmt(fit.E), _fmt(fit.A), _fmt(fit.alpha)] if fit.supported else ["", "", ""]
+        if result["label"] == reference:
+            pooled, per_seed = "1 (reference)", ""
+        else:
+            pooled = (f"{ratio.ratio:.3g}" + (" (extrapolated)" if ratio.extrapolated else "")
+                      if math.isfinite(ratio.ratio) else f"none: {ratio.why}")
+            per_seed = _mean_std(result["seed_ratios"]) + (f" ({len(result['seed_ratios'])} seeds; "
+                                                            f"{'; '.join(result['missing'])})" if result["missing"] else "")
+        lines.append(f"| {result['label']} | {result['modality']} | {fit.points} | " + " | ".join(params)
+                     + f" | {'fitted' if fit.supported else 'not supported: ' + fit.why} | {pooled} | {per_seed} |")
+    lines.append("")
+    return lines
+
+
+def _plot_scaling(path: Path, runs: list[Run], rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fits = scaling_fits(runs, rows)
+    modalities = list(dict.fromkeys(r["modality"] for r in fits)) or list(TARGET_MODALITIES[:1])
+    fig, axes = plt.subplots(1, len(modalities), figsize=(6 * len(modalities), 4.4), squeeze=False)
+    for ax, modality in zip(axes[0], modalities):
+        for result in (r for r in fits if r["modality"] == modality):
+            compute, losses = np.array(result["compute"]), np.array(result["losses"])
+            sizes = np.unique(compute)
+            means = np.array([losses[compute == c].mean() for c in sizes])
+            spread = np.array([[means[i] - losses[compute == c].min(), losses[compute == c].max() - means[i]]
+                               for i, c in enumerate(sizes)]).T
+            line = ax.errorbar(sizes, means, yerr=spread, fmt="o", capsize=3, label=result["label"])
+            fit = result["fit"]
+            if fit.supported:
+                grid = np.geomspace(sizes[0], sizes[-1], 64)
+                ax.plot(grid, fit.loss_at(grid), color=line[0].get_color(), alpha=0.8,
+                        label=f"{result['label']} fit: alpha {fit.alpha:.2f}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel(f"final held-out {modality} loss")
+        ax.set_title(f"{modality}: mean over seeds (bars: min-max)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

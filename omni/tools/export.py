@@ -206,6 +206,8 @@ def vocab_block(vocab: Vocab, audio_layout: str) -> dict:
         "codebook_sizes": list(vocab.codebook_sizes),
         "audio_offsets": [vocab.audio_offset(k) for k in range(len(vocab.codebook_sizes))],
         "audio_layout": audio_layout,
+        "image_codebook_sizes": list(vocab.image_codebook_sizes),
+        "image_offsets": [vocab.image_offset(k) for k in range(len(vocab.image_codebook_sizes))],
         "num_special": tokens.NUM_SPECIAL,
         "special_tokens": {name: token_id for token_id, name in sorted(tokens.SPECIAL_NAMES.items())},
     }
@@ -213,7 +215,8 @@ def vocab_block(vocab: Vocab, audio_layout: str) -> dict:
 
 def vocab_from_block(block: dict) -> Vocab:
     vocab = Vocab(text_size=int(block["text_size"]), codebook_sizes=tuple(int(s) for s in block["codebook_sizes"]),
-                  pad_to=int(block.get("pad_to", 128)))
+                  pad_to=int(block.get("pad_to", 128)),
+                  image_codebook_sizes=tuple(int(s) for s in block.get("image_codebook_sizes", ())))
     if vocab.size != block["size"]:
         raise ExportError(f"vocab block says size {block['size']} but text_size {vocab.text_size} and codebook "
                           f"sizes {list(vocab.codebook_sizes)} give {vocab.size}; the export is inconsistent")

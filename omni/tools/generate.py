@@ -53,7 +53,7 @@ import numpy as np
 from flax import nnx
 
 from omni import sharding
-from omni.batch import AUDIO, TARGET_MODALITIES, TEXT
+from omni.batch import AUDIO, TEXT
 from omni.data import manifest
 from omni.data.audio import load_audio
 from omni.data.images import decode_image, fit_image
@@ -62,6 +62,7 @@ from omni.model.transformer import init_cache
 from omni.tokens import (AUDIO_DELAY, BOA, BOI, BOS, EOA, EOS, PAD_ID, Vocab, check_codes, encode_example,
                          slice_positions, unflatten_codes)
 
+GENERATED_MODALITIES = ("text", "audio")  # image codes are learned (omni.batch) but not generated yet
 TAGS = {"image": "<image:PATH>", "audio": "<audio:PATH.wav>", "codes": "<codes:PATH.npy>"}
 TAG = re.compile(r"<([A-Za-z][\w-]*):([^<>]*)>")  # the tag shape: any word; unknown words are errors
 TAG_HELP = ", ".join(TAGS.values())
@@ -184,8 +185,8 @@ def prompt_arrays(segments: list[dict], vocab: Vocab, tokenizer, patch_size: int
 
 
 def _check_target(target: str) -> None:
-    if target not in TARGET_MODALITIES:
-        raise GenerateError(f"target {target!r} is not one of {TARGET_MODALITIES}")
+    if target not in GENERATED_MODALITIES:
+        raise GenerateError(f"target {target!r} is not one of {GENERATED_MODALITIES}")
 
 
 # ----------------------------------------------------------------------------------------------- decoding
@@ -636,8 +637,8 @@ def read_prompts(path, *, patch_size: int, max_image_patches: int, codec=None, t
                      f"{TAG_HELP} tags\", \"id\", \"target\", \"audio\"}}"
                      + (f"; unknown field(s) {sorted(unknown)}" if unknown else ""))
             kind = line.get("target", target)
-            if kind not in TARGET_MODALITIES:
-                fail(f"target {manifest.short_repr(kind)} is not one of {TARGET_MODALITIES}")
+            if kind not in GENERATED_MODALITIES:
+                fail(f"target {manifest.short_repr(kind)} is not one of {GENERATED_MODALITIES}")
             audio = line.get("audio", [])
             if not isinstance(line["prompt"], str) or not isinstance(audio, list):
                 fail("\"prompt\" must be a string and \"audio\" a list of WAV paths")
@@ -658,6 +659,9 @@ def read_prompts(path, *, patch_size: int, max_image_patches: int, codec=None, t
         for i, segment in enumerate(raw["segments"]):
             out = {"target": segment.get("target", True)}
             try:
+                if "image_codes" in segment or segment.get("as", "patches") != "patches":
+                    fail(f"segment {i}: images as codes are not in prompts yet (only \"as\": \"patches\"); "
+                         f"generation with image codes is later work")
                 if "image_bytes" in segment:
                     out["image"] = fit_image(decode_image(segment["image_bytes"]), patch_size, max_image_patches)
                 elif "text" in segment:

@@ -10,9 +10,10 @@ writes
                                       shard size, model-0000i-of-0000n.safetensors + model.safetensors.index.json
     OUT/generation_config.json        bos/eos/pad ids (eos: <eos> and <eoa>), greedy
     OUT/tokenizer.json                a `tokenizers` file over omni's WHOLE id space: HF id == omni id. Specials,
-    OUT/tokenizer_config.json         audio codes (<audio_K_C>) and padding rows (<unused_ID>) are added special
-    OUT/special_tokens_map.json       tokens; text tokens are the trained tokenizer's, shifted past the specials;
-                                      encoding puts <bos> first, as omni's prompts start
+    OUT/tokenizer_config.json         audio codes (<audio_K_C>), image codes (<image_K_C>) and padding rows
+    OUT/special_tokens_map.json       (<unused_ID>) are added special tokens; text tokens are the trained
+                                      tokenizer's, shifted past the specials; encoding puts <bos> first, as omni's
+                                      prompts start
     OUT/patch_projection.safetensors  the image patch projection as an nn.Linear(P, d): weight [d, P], bias [d]
     OUT/codec/                        the audio codec (as omni export writes it), absent without audio
     OUT/README.md                     what is where, and the inputs_embeds recipe for images (INPUTS_EMBEDS_SNIPPET)
@@ -321,9 +322,9 @@ The model: {m.layers} layers, d={m.d}, {m.heads} query / {m.kv_heads} key-value 
 The tokenizer covers all {vocab.size} ids of omni's vocabulary, id for id: specials below {tokens.NUM_SPECIAL}
 (`<bos>` {tokens.BOS}, `<eos>` {tokens.EOS}, `<boa>` {tokens.BOA}, `<eoa>` {tokens.EOA}, `<patch>` {tokens.IMAGE_PATCH}, ...),
 text from {vocab.text_offset}, audio code C of codebook K as `<audio_K_C>` (layout `{cfg.data.audio_layout}`),
-padding rows as `<unused_ID>`. `tokenizer(text)` starts with `<bos>`, as omni's prompts do. omni restricts each
-generated token to the answer's modality; to do the same, pass `suppress_tokens` = every id that is not text
-(or `<eos>`) to `model.generate`.
+image code C of image codebook K as `<image_K_C>`, padding rows as `<unused_ID>`. `tokenizer(text)` starts
+with `<bos>`, as omni's prompts do. omni restricts each generated token to the answer's modality; to do the
+same, pass `suppress_tokens` = every id that is not text (or `<eos>`) to `model.generate`.
 
 Images: `<patch>` positions take `{hf_llama.PATCH_FILE}` (an `nn.Linear({cfg.data.patch_size ** 2 * 3}, {m.d})`)
 of their pixels scaled to [-1, 1] instead of an embedding row; patch size {cfg.data.patch_size}, at most

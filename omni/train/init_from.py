@@ -14,7 +14,8 @@ What is read, with `safetensors` and `tokenizers` only (no torch, no transformer
 The vocabulary is matched by token string (omni.tokens.token_names): omni id r takes row HF id s of the embedding
 and of lm_head when the folder's tokenizer spells a token exactly as omni names id r. Text tokens are named by
 omni's text tokenizer (so with the folder's own tokenizer as data.tokenizer every text row is found), specials
-<bos>..., audio codes <audio_K_C> and padding rows <unused_ID> are found only in folders omni wrote; whatever is
+<bos>..., audio codes <audio_K_C>, image codes <image_K_C> and padding rows <unused_ID> are found only in folders
+omni wrote; whatever is
 not found keeps the model's normal init, as does the patch projection of a folder without one. A folder with
 tied embeddings (tie_word_embeddings, no lm_head.weight) gives its embedding to omni's unembedding too.
 
@@ -45,6 +46,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 OMNI_EXPORT_FORMAT = "omni-export"  # omni.tools.export.FORMAT (the trainer may not import omni.tools)
+ROW_KINDS = ("text", "special", "audio", "image", "padding")  # the vocabulary ranges the log counts
 
 
 @dataclass
@@ -167,7 +169,8 @@ def _omni_export_source(folder: Path, raw: dict) -> Source:
     cfg = config_lib.from_dict(raw, source=str(folder / CONFIG_FILE))
     block = info["vocab"]
     vocab = Vocab(text_size=int(block["text_size"]), codebook_sizes=tuple(block["codebook_sizes"]),
-                  pad_to=int(block.get("pad_to", 128)))
+                  pad_to=int(block.get("pad_to", 128)),
+                  image_codebook_sizes=tuple(block.get("image_codebook_sizes", ())))
     try:
         text = load_tokenizer("bytes" if info["tokenizer"]["kind"] == "bytes" else str(folder / "tokenizer"))
     except TokenizerError as e:
@@ -341,18 +344,18 @@ def _set(tree: dict, path: tuple, value) -> None:
 
 
 def _counts(vocab: Vocab, found: np.ndarray) -> dict:
-    text = slice(vocab.text_offset, vocab.text_offset + vocab.text_size)
-    audio = slice(vocab.audio_offset(0), vocab.used_size)
-    return {"special": (int(found[:tokens.NUM_SPECIAL].sum()), tokens.NUM_SPECIAL),
-            "text": (int(found[text].sum()), vocab.text_size),
-            "audio": (int(found[audio].sum()), vocab.used_size - vocab.audio_offset(0)),
-            "padding": (int(found[vocab.used_size:].sum()), vocab.size - vocab.used_size)}
+    ranges = {"special": (0, tokens.NUM_SPECIAL),
+              "text": (vocab.text_offset, vocab.text_offset + vocab.text_size),
+              "audio": (vocab.audio_offset(0), vocab.image_offset(0)),
+              "image": (vocab.image_offset(0), vocab.used_size),
+              "padding": (vocab.used_size, vocab.size)}
+    return {name: (int(found[start:stop].sum()), stop - start) for name, (start, stop) in ranges.items()}
 
 
 def describe(counts: dict) -> str:
-    rows = ", ".join(f"{name} {got}/{total}" for name in ("text", "special", "audio", "padding")
+    rows = ", ".join(f"{name} {got}/{total}" for name in ROW_KINDS
                      for got, total in [counts[name]] if total)
-    new = sum(total - got for got, total in (counts[k] for k in ("text", "special", "audio", "padding")))
+    new = sum(total - got for got, total in (counts[k] for k in ROW_KINDS))
     patch = "loaded" if counts["patch_projection"] else "newly initialised"
     line = (f"omni: model.init_from={counts['folder']} ({counts['kind']}): {counts['tensors']} tensors loaded; "
             f"vocabulary rows matched by token string: {rows}; {new} rows newly initialised; patch projection "

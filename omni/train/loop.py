@@ -26,7 +26,8 @@ from omni.data import pipeline
 from omni.data.prefetch import Prefetched
 from omni.loss import mark_absent
 from omni.model.counting import flops_per_token, param_count
-from omni.train import checkpoint, compile_cache, distributed, init_from, preemption, workdir as workdir_lib
+from omni.train import checkpoint, compile_cache, distributed, init_from, preemption, trainable
+from omni.train import workdir as workdir_lib
 from omni.train.metrics import MetricWriter
 from omni.train.perf import datasheet_peak, measure_matmul_peak, utilisation
 from omni.train.step import (build_optimizer, check_host_batch, evaluate, init_state, make_eval_step, make_train_step,
@@ -66,6 +67,8 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
     flops_tok = flops_per_token(cfg.model, vocab.size, cfg.data.seq_len)
     log(f"omni: {cfg.name}: {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOP/token, mesh "
         f"{dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} devices")
+    if trainable.freezes_anything(cfg.train):
+        log(f"omni: {trainable.summary(trainable.trainable_mask(cfg.train, state['params']), state['params'])}")
 
     def put(host_batch):  # checked on the host, then placed on the devices
         check_host_batch(cfg, host_batch)
@@ -107,7 +110,9 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
     dataset = pipeline.dataset_for(cfg)
     meta = {"config": config_lib.to_dict(cfg), "dataset": str(dataset.path),
             "tokenizer": pipeline.tokenizer_for(cfg).identity(), "codec": dataset.meta.get("codec"),
-            "vocab": {"size": vocab.size, "text_size": vocab.text_size, "codebook_sizes": list(vocab.codebook_sizes)}}
+            "image_tokenizer": dataset.meta.get("image_tokenizer"),
+            "vocab": {"size": vocab.size, "text_size": vocab.text_size, "codebook_sizes": list(vocab.codebook_sizes),
+                      "image_codebook_sizes": list(vocab.image_codebook_sizes)}}
 
     bound = cfg.train.phase_timeout_s
     if start_step == 0:

@@ -24,6 +24,7 @@ from omni.loss import LOSS_MODALITIES, fused_loss_sums, loss_sums, mark_absent, 
 from omni.model.attention import attention_implementation
 from omni.model.transformer import OmniTransformer
 from omni.tokens import Vocab
+from omni.train import trainable
 
 
 def build_model(cfg: Config, vocab: Vocab, seed: int | None = None) -> OmniTransformer:
@@ -43,6 +44,9 @@ def build_optimizer(cfg: Config):
         # The train step clips with the norm it logs (one pass over the gradients, not two). identity() holds the
         # place (and the empty state) optax.clip_by_global_norm had, so checkpoints keep their optimizer layout.
         tx = optax.chain(optax.identity(), tx)
+    if trainable.freezes_anything(tc):
+        labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable.trainable_mask(tc, params))
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule
 
 
@@ -86,9 +90,18 @@ def make_train_step(cfg: Config, graphdef, tx, schedule, mesh, shardings):
     accum = cfg.train.grad_accum
     rules = cfg.mesh.rules
 
+    trains, treedef = jax.tree.flatten(trainable.trainable_mask(cfg.train, shardings["params"]))
+
     def sums_and_grads(params, batch, count):
-        """The gradient of the mean loss over the step's `count` target tokens, and this batch's sums."""
-        def mean_ce(p):
+        """The gradient of the mean loss over the step's `count` target tokens with respect to the trainable
+        parameters (a list, in tree order), and this batch's sums. Frozen parameters enter as constants, so no
+        gradient is ever computed for them."""
+        leaves = jax.tree.leaves(params)
+        frozen = [leaf for leaf, t in zip(leaves, trains) if not t]
+
+        def mean_ce(trained):
+            it_trained, it_frozen = iter(trained), iter(frozen)
+            p = treedef.unflatten([next(it_trained) if t else next(it_frozen) for t in trains])
             model = nnx.merge(graphdef, p)
             if cfg.train.loss_chunk:
                 sums = fused_loss_sums(model.hidden(batch), model.unembed[...], batch, cfg.train.loss_chunk)
@@ -96,7 +109,7 @@ def make_train_step(cfg: Config, graphdef, tx, schedule, mesh, shardings):
                 sums = loss_sums(model(batch), batch)
             return sums["ce"] / count, sums
 
-        return jax.grad(mean_ce, has_aux=True)(params)
+        return jax.grad(mean_ce, has_aux=True)([leaf for leaf, t in zip(leaves, trains) if t])
 
     def step_fn(state, batch):
         params = state["params"]
@@ -104,7 +117,7 @@ def make_train_step(cfg: Config, graphdef, tx, schedule, mesh, shardings):
         # batch before the model runs: the gradient comes out divided, also summed over micro-batches.
         count = jnp.maximum(target_count(batch), 1.0)
         if accum == 1:
-            grads, sums = sums_and_grads(params, batch, count)
+            trained_grads, sums = sums_and_grads(params, batch, count)
         else:
             # Row i of micro-batch j is global row i * accum + j: every data shard holds part of every micro-batch.
             micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((-1, accum) + x.shape[1:]), 0, 1), batch)
@@ -115,12 +128,18 @@ def make_train_step(cfg: Config, graphdef, tx, schedule, mesh, shardings):
 
             zeros = jax.eval_shape(sums_and_grads, params, jax.tree.map(lambda x: x[0], micro), count)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-            (grads, sums), _ = jax.lax.scan(body, zeros, micro)
-        grad_norm = optax.tree.norm(grads)
-        grads = clip_by_norm(grads, grad_norm, cfg.train.clip_norm)
+            (trained_grads, sums), _ = jax.lax.scan(body, zeros, micro)
+        grad_norm = optax.tree.norm(trained_grads)  # of what trains: frozen tensors have no gradient
+        trained_grads = clip_by_norm(trained_grads, grad_norm, cfg.train.clip_norm)
+        # Zeros stand in for the frozen gradients: optax.multi_transform's set_to_zero never reads them.
+        it = iter(trained_grads)
+        grads = treedef.unflatten([next(it) if t else jnp.zeros_like(leaf)
+                                   for leaf, t in zip(jax.tree.leaves(params), trains)])
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
+        new_params = optax.apply_updates(params, updates)
+        new_params = treedef.unflatten([new if t else old for new, old, t in  # frozen: the very same array
+                                        zip(jax.tree.leaves(new_params), jax.tree.leaves(params), trains)])
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         metrics = metrics_from_sums(sums)
         metrics["grad_norm"] = grad_norm  # before clipping
         metrics["lr"] = schedule(state["step"])
