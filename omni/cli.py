@@ -4,6 +4,7 @@
     omni eval --workdir runs/demo [--step N]               # per-modality eval loss/accuracy + demo task scores
     omni eval --workdir runs/my --generate [--max-examples N]   # + generated answers scored: exact, CER, ...
     omni export --workdir runs/demo [--step N] --out exported/demo [--dtype bfloat16]
+    omni export --format hf --workdir runs/demo --out exported/demo-hf [--max-shard-size 5GB]   # a HF Llama folder
     omni generate --model exported/demo --prompt "<image:cat.png>" --target text|audio [--audio a.wav]
     omni generate --model exported/demo --prompts prompts.jsonl --out preds.jsonl [--wav-dir wavs/]   # batched
     omni ablate --config configs/ablate_fusion.py --workdir runs/ablate [--seeds 3]   # early vs late vs cross
@@ -76,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     exp.add_argument("--out", required=True, help="a new folder")
     exp.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
+    exp.add_argument("--format", default="omni", choices=("omni", "hf"),
+                     help="omni (default): omni's own tensors, config, tokenizer and codec; hf: a Hugging Face "
+                          "Llama folder (early fusion only) that transformers loads with no custom code")
+    exp.add_argument("--max-shard-size", default="5GB", help="--format hf: the largest weight file, e.g. 5GB "
+                                                               "(default) or 500MB; bigger models are sharded")
     exp.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     gen = verbs.add_parser("generate", help="text or audio from a model after an interleaved prompt, or after "
@@ -548,6 +554,14 @@ def _run(args) -> int:
                                      max_examples=args.max_examples, prompts=args.prompts,
                                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                      progress=_progress(args))
+    elif args.verb == "export" and args.format == "hf":
+        from omni.tools import hf
+
+        out = hf.export_hf(args.workdir, args.out, args.step, args.dtype, args.max_shard_size,
+                           progress=_progress(args))
+        info = json.loads((out / "config.json").read_text())["omni"]
+        print(f"omni: exported step {info['step']} of {args.workdir} as {info['dtype']} to {out} (a Hugging Face "
+              f"Llama folder; images go through {hf.hf_llama.PATCH_FILE}, see its README.md)")
     elif args.verb == "export":
         from omni.tools import export
 

@@ -60,6 +60,12 @@ class ModelConfig:
     late_layers: int = doc(0, "late fusion: how many of the model.layers layers are modality-specific (0 = early)")
     encoder_layers: int = doc(2, "cross fusion: depth of the image encoder (bidirectional within each image)")
     cross_every: int = doc(1, "cross fusion: a gated cross-attention block before every N-th decoder layer")
+    init_from: str = doc(
+        "", "start a new run from these weights instead of random ones: a Hugging Face Llama folder (config.json, "
+            "*.safetensors, tokenizer.json) or an omni export. Tensors are matched by name and must fit model.* "
+            "(d, layers, heads, ...); vocabulary rows are matched by token string, the rest (specials, audio codes, "
+            "and the patch projection unless the folder has one) keep their normal init. With data.tokenizer='' a "
+            "Llama folder's tokenizer.json becomes the text tokenizer. Ignored when the workdir has a checkpoint")
 
 
 @dataclass

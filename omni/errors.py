@@ -66,6 +66,10 @@ class ExportError(OmniError, ValueError):
     """An export that cannot be written or read as asked; the message says what to do instead."""
 
 
+class InitFromError(OmniError, ValueError):
+    """model.init_from names weights that cannot start this model; the message names the file or tensor."""
+
+
 class GenerateError(OmniError, ValueError):
     """A prompt or setting that cannot be generated from; the message names the file or value at fault."""
 

@@ -96,6 +96,29 @@ class Vocab:
         return None
 
 
+def token_names(vocab: Vocab, text_names) -> list[str]:
+    """A readable name for every id of the vocabulary, as a tokenizer.json spells its tokens (omni export
+    --format hf writes them; model.init_from matches vocabularies by them). A text token spelt like one of the
+    other names would clash; callers that need unique names check:
+
+        specials      SPECIAL_NAMES (<pad>, <bos>, ...), the unnamed reserved ids <special_10> .. <special_15>
+        text          text_names[t] (the text tokenizer's own strings, omni.data.text_tokenizer.token_strings)
+        audio         <audio_K_C>: code C of audio codebook K
+        image codes   <image_K_C>: code C of image codebook K
+        the rest      <unused_ID>: padding rows, and text ids the tokenizer has no token at (None in text_names)
+    """
+    if len(text_names) != vocab.text_size:
+        raise ValueError(f"{len(text_names)} text names for a vocabulary of {vocab.text_size} text ids")
+    names = [SPECIAL_NAMES.get(i, f"<special_{i}>") for i in range(NUM_SPECIAL)]
+    names += list(text_names)
+    for k, size in enumerate(vocab.codebook_sizes):
+        names += [f"<audio_{k}_{c}>" for c in range(size)]
+    for k, size in enumerate(vocab.image_codebook_sizes):
+        names += [f"<image_{k}_{c}>" for c in range(size)]
+    names += [None] * (vocab.size - len(names))
+    return [name if name is not None else f"<unused_{i}>" for i, name in enumerate(names)]
+
+
 def patchify(image_HxWx3: np.ndarray, patch_size: int) -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [H/P, W/P, P*P*3], the raw pixels of each patch (the model scales them)."""
     image_HxWx3 = np.asarray(image_HxWx3)

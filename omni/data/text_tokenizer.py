@@ -169,6 +169,32 @@ def _name_from_path(path: Path) -> str:
     return path.stem
 
 
+def byte_level_chars() -> list[str]:
+    """The printable character GPT-2's byte-level BPE (and `tokenizers`' ByteLevel) writes for each byte 0..255:
+    printable Latin-1 bytes stand for themselves, the others for chr(256 + n) in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for b in range(BYTE_ALPHABET):
+        if b in kept:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(BYTE_ALPHABET + extra)
+            extra += 1
+    return [chars[b] for b in range(BYTE_ALPHABET)]
+
+
+def token_strings(tok: TextTokenizer) -> list[str | None]:
+    """The string of every id in [0, vocab_size) (None for an id the tokenizer has no token at): what a token
+    is called in a tokenizer.json, so vocabularies can be matched by string (model.init_from, export --format hf).
+    Bytes are named by the byte-level alphabet (byte_level_chars), as a byte-level BPE names its first 256 tokens."""
+    if tok.kind == ByteTokenizer.kind:
+        return byte_level_chars()
+    if tok.kind == HFTokenizer.kind:
+        return [tok.tokenizer.id_to_token(i) for i in range(tok.vocab_size)]
+    return [tok.processor.id_to_piece(i) for i in range(tok.vocab_size)]
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike) -> HFTokenizer:
     """Trains a byte-level BPE on `texts` and saves it as out_dir/tokenizer.json (+ tokenizer_meta.json).
 

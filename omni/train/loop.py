@@ -26,7 +26,7 @@ from omni.data import pipeline
 from omni.data.prefetch import Prefetched
 from omni.loss import mark_absent
 from omni.model.counting import flops_per_token, param_count
-from omni.train import checkpoint, compile_cache, distributed, preemption, trainable
+from omni.train import checkpoint, compile_cache, distributed, init_from, preemption, trainable
 from omni.train import workdir as workdir_lib
 from omni.train.metrics import MetricWriter
 from omni.train.perf import datasheet_peak, measure_matmul_peak, utilisation
@@ -56,6 +56,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, end_of_run: E
 def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | None, is_main: bool, log) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
 
+    cfg = init_from.with_source_tokenizer(cfg, log)  # a Llama folder's tokenizer.json, before the vocabulary
     mesh = sharding.make_mesh(cfg.mesh)
     rules = cfg.mesh.rules
     sharding.check_batch_fits_mesh(cfg, mesh)
@@ -84,6 +85,9 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
     try:
         restored = checkpoint.restore_latest(manager, checkpoint.abstract_like(state), train_iter,
                                              config=config_lib.to_dict(cfg), log=log)
+        # A new run starts from model.init_from's weights; a checkpoint of the workdir always wins.
+        loaded = (init_from.load(cfg, vocab, pipeline.tokenizer_for(cfg), state["params"])
+                  if restored is None and cfg.model.init_from else None)
     except Exception:
         manager.close()  # let Orbax's background threads end before the error reaches the user
         train_iter.close()
@@ -92,6 +96,9 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
     if restored is not None:
         start_step, state, _ = restored
         log(f"omni: resumed from {checkpoint.step_path(manager, start_step)} (step {start_step})")
+    elif loaded is not None:
+        state = dict(state, params=init_from.place(state["params"], loaded))
+        log(init_from.describe(loaded.counts))
     if start_step >= cfg.train.steps:
         log(f"omni: the run already reached train.steps={cfg.train.steps}; raise it to train further")
 

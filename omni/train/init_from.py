@@ -1,0 +1,402 @@
+"""model.init_from: a new run starts from a Hugging Face Llama folder (or an omni export) instead of random weights.
+
+    omni train --config configs/demo.py --workdir runs/x --set model.init_from=/models/tiny-llama \\
+        --set model.d=... --set model.layers=...      # the folder's sizes: a mismatch is an error listing them
+
+What is read, with `safetensors` and `tokenizers` only (no torch, no transformers):
+
+    config.json                          model_type "llama", the sizes (checked against model.*: a size that
+                                         differs is an error naming the tensor and the settings to use)
+    model.safetensors, or the shards of model.safetensors.index.json    the weights (omni.model.hf_llama names)
+    tokenizer.json                       the token string of every embedding row
+    patch_projection.safetensors         the image patch projection, when the folder has one (omni export --format hf)
+
+The vocabulary is matched by token string (omni.tokens.token_names): omni id r takes row HF id s of the embedding
+and of lm_head when the folder's tokenizer spells a token exactly as omni names id r. Text tokens are named by
+omni's text tokenizer (so with the folder's own tokenizer as data.tokenizer every text row is found), specials
+<bos>..., audio codes <audio_K_C>, image codes <image_K_C> and padding rows <unused_ID> are found only in folders
+omni wrote; whatever is
+not found keeps the model's normal init, as does the patch projection of a folder without one. A folder with
+tied embeddings (tie_word_embeddings, no lm_head.weight) gives its embedding to omni's unembedding too.
+
+An omni export (the `omni export` format) is read the same way after its tensors are put in HF names and
+layouts. The trainer calls `load` only when the workdir has no checkpoint: resuming always wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from omni import config as config_lib
+from omni import tokens
+from omni.config import Config
+from omni.data.text_tokenizer import HF_FILE, load_tokenizer, token_strings
+from omni.errors import InitFromError, TokenizerError
+from omni.model import hf_llama
+from omni.tokens import Vocab
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+OMNI_EXPORT_FORMAT = "omni-export"  # omni.tools.export.FORMAT (the trainer may not import omni.tools)
+ROW_KINDS = ("text", "special", "audio", "image", "padding")  # the vocabulary ranges the log counts
+
+
+@dataclass
+class Source:
+    """What model.init_from names, in HF terms whatever the folder's format."""
+
+    folder: Path
+    kind: str                    # "Hugging Face Llama", "omni export --format hf" or "omni export"
+    config: dict                 # a Llama config.json (for an omni export: the one it stands for)
+    tensors: Tensors             # by HF name
+    rows: dict[str, int]         # token string -> row of the embedding / lm_head
+    patch: dict | None           # {"weight": [d, P], "bias": [d]} or None
+    has_tokenizer_for_text: bool  # a plain Llama folder's tokenizer.json, fit to be omni's text tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading a folder.
+
+
+def read_source(path) -> Source:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        what = "a file, not a folder" if folder.exists() else "no such folder"
+        raise InitFromError(f"model.init_from={path}: {what}; give a Hugging Face Llama folder "
+                            f"(config.json, model.safetensors, tokenizer.json) or an omni export")
+    config = _json(folder / CONFIG_FILE, f"model.init_from={path}")
+    if (config.get("export") or {}).get("format") == OMNI_EXPORT_FORMAT:
+        return _omni_export_source(folder, config)
+    if config.get("model_type") != "llama":
+        raise InitFromError(f"{folder / CONFIG_FILE} has model_type {config.get('model_type')!r}; model.init_from "
+                            f"reads Llama models (model_type 'llama') and omni exports only")
+    for key, ok, want in (("hidden_act", config.get("hidden_act", "silu") == "silu", "silu"),
+                          ("attention_bias", not config.get("attention_bias", False), "false"),
+                          ("mlp_bias", not config.get("mlp_bias", False), "false"),
+                          ("rope_parameters.rope_type", hf_llama.rope_type_of(config) == "default", "default")):
+        if not ok:
+            raise InitFromError(f"{folder / CONFIG_FILE}: {key} must be {want} for omni's blocks (SwiGLU, no "
+                                f"biases, plain RoPE); this Llama variant cannot start an omni model")
+    omni = config.get("omni") or {}
+    rows = _token_rows(folder)
+    patch = None
+    if (folder / hf_llama.PATCH_FILE).is_file():
+        from safetensors.numpy import load_file
+        patch = load_file(folder / hf_llama.PATCH_FILE)
+    kind = "omni export --format hf" if omni else "Hugging Face Llama"
+    return Source(folder, kind, config, _tensors_of(folder), rows, patch,
+                  has_tokenizer_for_text=not omni and (folder / HF_FILE).is_file())
+
+
+def _json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise InitFromError(f"{what}: {path} is missing; the folder must hold a model's config.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InitFromError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InitFromError(f"{path}: holds a {type(data).__name__}, not a config object")
+    return data
+
+
+def _token_rows(folder: Path) -> dict[str, int]:
+    if not (folder / HF_FILE).is_file():
+        return {}  # no tokenizer: no row can be matched, all of them keep their init (reported)
+    try:
+        import tokenizers
+        return tokenizers.Tokenizer.from_file(str(folder / HF_FILE)).get_vocab(with_added_tokens=True)
+    except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception for a bad file
+        raise InitFromError(f"{folder / HF_FILE} cannot be read by `tokenizers`: {e}") from None
+
+
+class Tensors:
+    """A folder's tensors by HF name, read one at a time: names, shape(name), read(name) -> numpy array."""
+
+    def __init__(self, files: dict[str, Path] | None = None, arrays: dict[str, np.ndarray] | None = None):
+        self.files, self.arrays = files or {}, arrays or {}
+        self.names = set(self.files) | set(self.arrays)
+
+    def shape(self, name: str) -> tuple:
+        if name in self.arrays:
+            return tuple(self.arrays[name].shape)
+        from safetensors import safe_open
+        with safe_open(str(self.files[name]), framework="numpy") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def read(self, name: str) -> np.ndarray | None:
+        if name in self.arrays:
+            return self.arrays[name]
+        if name not in self.files:
+            return None
+        from safetensors import safe_open
+        with safe_open(str(self.files[name]), framework="numpy") as f:
+            return f.get_tensor(name)
+
+
+def _tensors_of(folder: Path) -> Tensors:
+    """model.safetensors, or the shards model.safetensors.index.json names."""
+    from safetensors import safe_open
+
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = _json(index, "model.init_from").get("weight_map") or {}
+        files = {name: folder / file for name, file in weight_map.items()}
+    elif (folder / WEIGHTS_FILE).is_file():
+        with safe_open(str(folder / WEIGHTS_FILE), framework="numpy") as f:
+            files = {name: folder / WEIGHTS_FILE for name in f.keys()}
+    else:
+        raise InitFromError(f"model.init_from={folder}: neither {WEIGHTS_FILE} nor {INDEX_FILE} is there")
+    for file in sorted(set(files.values())):
+        if not file.is_file():
+            raise InitFromError(f"{index} names {file.name}, which is missing from {folder}")
+    return Tensors(files=files)
+
+
+def _omni_export_source(folder: Path, raw: dict) -> Source:
+    """An `omni export` folder seen as a Llama: its tensors renamed and laid out as HF's, its vocabulary named."""
+    from safetensors.numpy import load_file
+
+    info = raw.pop("export")
+    cfg = config_lib.from_dict(raw, source=str(folder / CONFIG_FILE))
+    block = info["vocab"]
+    vocab = Vocab(text_size=int(block["text_size"]), codebook_sizes=tuple(block["codebook_sizes"]),
+                  pad_to=int(block.get("pad_to", 128)),
+                  image_codebook_sizes=tuple(block.get("image_codebook_sizes", ())))
+    try:
+        text = load_tokenizer("bytes" if info["tokenizer"]["kind"] == "bytes" else str(folder / "tokenizer"))
+    except TokenizerError as e:
+        raise InitFromError(f"the tokenizer of omni export {folder} cannot be loaded: {e}") from e
+    tensors = load_file(folder / WEIGHTS_FILE)
+    hf = {hf_llama.hf_name(n): hf_llama.to_hf(n, x) for n, x in tensors.items()}
+    patch = {hf_llama.PATCH_NAMES[n]: hf.pop(hf_llama.hf_name(n)) for n in hf_llama.PATCH_NAMES if n in tensors}
+    special = {"bos": tokens.BOS, "eos": tokens.EOS, "pad": tokens.PAD_ID}
+    config = hf_llama.llama_config(cfg.model, vocab.size, cfg.data.seq_len, info.get("dtype", "float32"), special)
+    names = tokens.token_names(vocab, token_strings(text))
+    return Source(folder, "omni export", config, Tensors(arrays=hf), {n: i for i, n in enumerate(names)},
+                  patch or None, False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The text tokenizer.
+
+
+def with_source_tokenizer(cfg: Config, log=print) -> Config:
+    """cfg, with data.tokenizer set to the init_from folder when that is a plain Llama folder with a tokenizer.json
+    and data.tokenizer is '' (the dataset's own): the text vocabulary then is the checkpoint's."""
+    if not cfg.model.init_from or cfg.data.tokenizer:
+        return cfg
+    source = read_source(cfg.model.init_from)
+    if not source.has_tokenizer_for_text:
+        return cfg
+    log(f"omni: model.init_from: the text tokenizer is {source.folder / HF_FILE} (data.tokenizer was '')")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(source.folder)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the params.
+
+
+@dataclass
+class Loaded:
+    """The params init_from gives (numpy, the model's param tree layout; None = keep the fresh init) and counts."""
+
+    params: dict
+    from_source_rows: np.ndarray  # bool [V]: the embedding/unembedding rows that came from the source
+    counts: dict
+
+
+def _param_paths(tree: dict, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _param_paths(value, prefix + (str(key),))
+        else:
+            yield prefix + (str(key),), value
+
+
+def _export_names(path: tuple, shape, scan_layers: bool) -> list[tuple[str, tuple]]:
+    """(omni export name, per-layer shape) of the tensors one param leaf holds (a scanned block leaf: all layers)."""
+    if path[0] != "blocks":
+        return [(".".join(path), tuple(shape))]
+    if scan_layers:
+        return [(".".join(("blocks", str(i)) + path[1:]), tuple(shape[1:])) for i in range(shape[0])]
+    return [(".".join(path), tuple(shape))]
+
+
+def _fix(source: Source, m) -> str:
+    differ = hf_llama.settings_that_differ(m, source.config)
+    if not differ:
+        return "the folder's config.json and its tensors disagree"
+    return "set " + " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in differ.items()) + \
+        f" (the sizes of {source.folder / CONFIG_FILE})"
+
+
+def load(cfg: Config, vocab: Vocab, text_tokenizer, abstract_params: dict) -> Loaded:
+    """The source's weights in the layout of `abstract_params` (nnx.to_pure_dict of the model, anything with
+    .shape): every block tensor, the final norm, and the embedding / unembedding rows matched by token string."""
+    m = cfg.model
+    if m.fusion != "early":
+        raise InitFromError(f"model.init_from starts early-fusion models only (model.fusion is '{m.fusion}': its "
+                            f"per-modality or cross-attention layers have no Llama counterpart)")
+    source = read_source(m.init_from)
+    wanted = {}
+    for path, leaf in _param_paths(abstract_params):
+        for name, shape in _export_names(path, leaf.shape, m.scan_layers):
+            wanted[name] = shape
+    wanted = dict(sorted(wanted.items(), key=lambda item: _file_order(item[0])))  # errors name the first in HF order
+    for name, shape in wanted.items():  # every size first: the error names the first tensor that does not fit
+        if name in hf_llama.PATCH_NAMES:
+            continue
+        hf = hf_llama.hf_name(name)
+        if hf not in source.tensors.names:
+            if name == "unembed" and source.config.get("tie_word_embeddings"):
+                continue
+            raise InitFromError(f"{source.folder} has no tensor '{hf}' (omni's {name}); {_fix(source, m)}")
+        got = _shape_of(source, hf)
+        need = hf_llama.hf_shape(name, shape)
+        if name in ("embed", "unembed"):
+            got, need = got[1:], need[1:]  # rows are matched by token string, the width must match
+        if got != need:
+            raise InitFromError(f"tensor '{hf}' in {source.folder} has shape {list(_shape_of(source, hf))} but this "
+                                f"model needs {list(hf_llama.hf_shape(name, shape))}; {_fix(source, m)}")
+    layers = {n.split(".")[2] for n in source.tensors.names if n.startswith("model.layers.")}
+    if len(layers) != m.layers:
+        raise InitFromError(f"{source.folder} holds {len(layers)} layers, model.layers is {m.layers}; "
+                            f"{_fix(source, m)}")
+    for key, theirs, ours in (("rope_theta", hf_llama.rope_theta_of(source.config) or 10_000.0, m.rope_theta),
+                              ("rms_norm_eps", float(source.config.get("rms_norm_eps", 1e-6)), m.norm_eps)):
+        if theirs != ours:
+            omni_key = {"rope_theta": "model.rope_theta", "rms_norm_eps": "model.norm_eps"}[key]
+            raise InitFromError(f"{source.folder / CONFIG_FILE} has {key} {theirs:g} but {omni_key} is {ours:g}; "
+                                f"set {omni_key}={theirs:g}")
+
+    names = tokens.token_names(vocab, token_strings(text_tokenizer))
+    source_rows = _shape_of(source, "model.embed_tokens.weight")[0]
+    row_of = np.array([source.rows.get(name, -1) for name in names])
+    row_of[row_of >= source_rows] = -1
+    found = row_of >= 0
+    embed = source.tensors.read("model.embed_tokens.weight")
+    lm_head = source.tensors.read("lm_head.weight")
+    if lm_head is None:  # tied embeddings
+        lm_head = embed
+    by_name = {}
+    for name, shape in wanted.items():
+        if name == "embed":
+            by_name[name] = _rows(embed, row_of, shape)
+        elif name == "unembed":
+            by_name[name] = _rows(lm_head, row_of, shape[::-1]).T
+        elif name in hf_llama.PATCH_NAMES:
+            x = (source.patch or {}).get(hf_llama.PATCH_NAMES[name])
+            if x is not None and hf_llama.hf_shape(name, shape) != tuple(x.shape):
+                raise InitFromError(f"tensor '{hf_llama.PATCH_NAMES[name]}' in {source.folder / hf_llama.PATCH_FILE} "
+                                    f"has shape {list(x.shape)} but this model needs "
+                                    f"{list(hf_llama.hf_shape(name, shape))} (data.patch_size, model.d)")
+            by_name[name] = None if x is None else hf_llama.from_hf(name, x, shape)
+        else:
+            by_name[name] = hf_llama.from_hf(name, source.tensors.read(hf_llama.hf_name(name)), shape)
+
+    params = {}
+    for path, leaf in _param_paths(abstract_params):
+        parts = [by_name[name] for name, _ in _export_names(path, leaf.shape, m.scan_layers)]
+        value = None if parts[0] is None else (np.stack(parts) if m.scan_layers and path[0] == "blocks" else parts[0])
+        _set(params, path, value)
+    counts = _counts(vocab, found)
+    counts.update(kind=source.kind, folder=str(source.folder), tensors=sum(v is not None for v in by_name.values()),
+                  patch_projection=source.patch is not None)
+    return Loaded(params=params, from_source_rows=found, counts=counts)
+
+
+def _file_order(name: str) -> tuple:
+    """The embedding, then layer by layer, then the head (the patch projection last)."""
+    generic = hf_llama.generic_name(name)
+    if generic in hf_llama.PATCH_NAMES:
+        return (3, 0, 0)
+    order = list(hf_llama.HF_NAMES).index(generic)
+    if generic == name:
+        return (0 if name == "embed" else 2, 0, order)
+    return (1, int(name.split(".")[1]), order)
+
+
+def _shape_of(source: Source, name: str) -> tuple:
+    return source.tensors.shape(name)
+
+
+def _rows(table_SxD: np.ndarray, row_of_V: np.ndarray, shape_VxD) -> np.ndarray:
+    """[V, d]: row r = table[row_of[r]] where row_of[r] >= 0, zeros elsewhere (those rows keep the fresh init)."""
+    out = np.zeros(shape_VxD, table_SxD.dtype)
+    found = row_of_V >= 0
+    out[found] = table_SxD[row_of_V[found]]
+    return out
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _counts(vocab: Vocab, found: np.ndarray) -> dict:
+    ranges = {"special": (0, tokens.NUM_SPECIAL),
+              "text": (vocab.text_offset, vocab.text_offset + vocab.text_size),
+              "audio": (vocab.audio_offset(0), vocab.image_offset(0)),
+              "image": (vocab.image_offset(0), vocab.used_size),
+              "padding": (vocab.used_size, vocab.size)}
+    return {name: (int(found[start:stop].sum()), stop - start) for name, (start, stop) in ranges.items()}
+
+
+def describe(counts: dict) -> str:
+    rows = ", ".join(f"{name} {got}/{total}" for name in ROW_KINDS
+                     for got, total in [counts[name]] if total)
+    new = sum(total - got for got, total in (counts[k] for k in ROW_KINDS))
+    patch = "loaded" if counts["patch_projection"] else "newly initialised"
+    line = (f"omni: model.init_from={counts['folder']} ({counts['kind']}): {counts['tensors']} tensors loaded; "
+            f"vocabulary rows matched by token string: {rows}; {new} rows newly initialised; patch projection "
+            f"{patch}")
+    found, total = counts["text"]
+    if found < total / 2:  # most text rows random: almost surely the wrong tokenizer (or a folder without one)
+        line += (f"\nomni: warning: only {found} of the {total} text tokens of data.tokenizer are in "
+                 f"{counts['folder']}/tokenizer.json; set data.tokenizer to the tokenizer that checkpoint was "
+                 f"trained with")
+    return line
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Into the train state.
+
+
+def place(fresh_params: dict, loaded: Loaded) -> dict:
+    """The fresh (sharded) params with the loaded values put in, in the same shardings and dtypes. Embedding and
+    unembedding rows the source did not have keep their fresh values; so does any leaf loaded as None."""
+    found_V = loaded.from_source_rows
+
+    def merge(path, fresh):
+        keys = tuple(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+        value = _get(loaded.params, keys)
+        if value is None:
+            return fresh
+        value = np.asarray(value)
+        array = jax.make_array_from_callback(fresh.shape, fresh.sharding,
+                                             lambda index: value[index].astype(fresh.dtype))
+        if keys == ("embed",):
+            keep = found_V[:, None]
+        elif keys == ("unembed",):
+            keep = found_V[None, :]
+        else:
+            return array
+        return jax.jit(lambda f, a: jnp.where(keep, a, f), out_shardings=fresh.sharding)(fresh, array)
+
+    return jax.tree_util.tree_map_with_path(merge, fresh_params)
+
+
+def _get(tree: dict, keys: tuple):
+    for key in keys:
+        tree = tree[key] if key in tree else tree[int(key)]
+    return tree
