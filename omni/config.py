@@ -122,6 +122,10 @@ class TrainConfig:
                                   "train; the others get no update and no optimizer state (omni.train.trainable)")
     frozen: list = doc([], "regular expressions of parameter paths that never train, even when 'trainable' "
                            "matches them")
+    freeze_loaded_rows: bool = doc(False, "with model.init_from: the embedding and unembedding rows it filled (the "
+                                          "pretrained vocabulary) get no update, while the new rows (specials, "
+                                          "audio and image codes) train: LLaVA-style stage 1 "
+                                          "(configs/llava_stage1.py)")
     log_every: int = doc(10, "steps between metric lines (metrics.jsonl, TensorBoard, progress bar)")
     eval_every: int = doc(100, "steps between held-out evals; 0 only evaluates at the end")
     eval_batches: int = doc(0, "eval batches per eval; 0 means the whole eval split")

@@ -454,3 +454,55 @@ def test_a_sentencepiece_run_is_refused_by_name(tmp_path):
 
     with pytest.raises(ExportError, match="text tokenizer is a sentencepiece model \\(spm8k\\)"):
         hf.vocabulary_tokenizer(SentencePieceLike(), Vocab(text_size=4, codebook_sizes=()))
+
+
+def test_llava_two_stage_recipe(tmp_path, capsys):
+    """configs/llava_stage1.py then llava_stage2.py on a transformers-made Llama: stage 1 leaves every Llama tensor
+    and row bitwise as loaded while the patch projection and the new rows learn; stage 2 starts from stage 1's
+    checkpoint and trains everything."""
+    from omni import config as config_lib
+    from omni.data import pipeline
+    from omni.train import checkpoint
+
+    folder = make_llama(tmp_path / "llama", tie=False)
+    tiny = ["model.d=32", "model.layers=2", "model.heads=4", "model.kv_heads=2", "model.mlp=64", "data.seq_len=128",
+            "train.batch_size=8", "train.eval_every=0", "train.eval_batches=1", "demo.train_examples=300",
+            "demo.eval_examples=48", "demo.scored_examples=0", "train.async_checkpoint=False"]
+    root = Path(__file__).resolve().parents[1] / "configs"
+    stage1 = config_lib.apply_overrides(config_lib.load_config(root / "llava_stage1.py"),
+                                        tiny + ["train.steps=3", "train.checkpoint_every=3",
+                                                f"model.init_from={folder}"])
+    loop.train(stage1, tmp_path / "stage1", progress=False)
+    out = capsys.readouterr().out
+    assert "parameters train (4 of 14 tensors; frozen: blocks/" in out
+    assert re.search(r"freeze_loaded_rows: 300 of \d+ vocabulary rows of embed and unembed stay", out)
+
+    resolved = init_from.with_source_tokenizer(stage1)
+    vocab = pipeline.vocab_for(resolved)
+    after1 = checkpoint.restore_params(tmp_path / "stage1", 3)
+    loaded = init_from.load(resolved, vocab, pipeline.tokenizer_for(resolved), after1)
+    rows = loaded.from_source_rows
+    for path, value in init_from._param_paths(after1):
+        name = "/".join(path)
+        if path[0] in ("blocks", "final_norm"):
+            assert np.array_equal(value, init_from._get(loaded.params, path)), name
+    assert np.array_equal(after1["embed"][rows], loaded.params["embed"][rows])
+    assert np.array_equal(after1["unembed"][:, rows], loaded.params["unembed"][:, rows])
+    new_rows = ~rows & (np.arange(vocab.size) < vocab.used_size)
+    assert not np.array_equal(after1["embed"][new_rows], np.asarray(build_model(resolved, vocab).embed[...])[new_rows])
+
+    stage2 = config_lib.apply_overrides(config_lib.load_config(root / "llava_stage2.py"),
+                                        tiny + ["train.steps=2", "train.checkpoint_every=2",
+                                                f"model.init_from={tmp_path / 'stage1'}"])
+    loop.train(stage2, tmp_path / "stage2", progress=False)
+    out = capsys.readouterr().out
+    assert f"model.init_from={tmp_path / 'stage1'} (omni run, step 3): all 14 tensors loaded as saved" in out
+    assert f"the text tokenizer is {folder}" in out
+    after2 = checkpoint.restore_params(tmp_path / "stage2", 2)
+    assert not np.array_equal(after2["blocks"]["attn"]["wq"], after1["blocks"]["attn"]["wq"])  # everything trains
+
+    wider = config_lib.apply_overrides(stage2, ["model.d=48", "model.mlp=96"])
+    abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: build_model(wider, vocab)), nnx.Param)[1])
+    with pytest.raises(InitFromError, match=r"parameter 'blocks/attn/wk' of its step 3 checkpoint has shape "
+                                            r"\[2, 32, 2, 8\] but this model needs \[2, 48, 2, 12\]"):
+        init_from.load(wider, vocab, pipeline.tokenizer_for(resolved), abstract)

@@ -20,7 +20,10 @@ not found keeps the model's normal init, as does the patch projection of a folde
 tied embeddings (tie_word_embeddings, no lm_head.weight) gives its embedding to omni's unembedding too.
 
 An omni export (the `omni export` format) is read the same way after its tensors are put in HF names and
-layouts. The trainer calls `load` only when the workdir has no checkpoint: resuming always wins.
+layouts. An omni run's workdir (a folder with checkpoints/) gives the parameters of its latest checkpoint as they
+are, no optimizer state: the next stage of a staged recipe (configs/llava_stage2.py) starts from the one before;
+every tensor must have this model's shape (same sizes, same vocabulary), else the error names the first that
+differs. The trainer calls `load` only when the workdir has no checkpoint: resuming always wins.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from omni.data.text_tokenizer import HF_FILE, load_tokenizer, token_strings
 from omni.errors import InitFromError, TokenizerError
 from omni.model import hf_llama
 from omni.tokens import Vocab
+from omni.train import checkpoint
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -189,11 +193,23 @@ def _omni_export_source(folder: Path, raw: dict) -> Source:
 # The text tokenizer.
 
 
+def is_run(path) -> bool:
+    """Whether model.init_from names an omni run's workdir (its checkpoints) rather than a model folder."""
+    return bool(checkpoint.checkpoint_steps(Path(path).expanduser())) if Path(path).expanduser().is_dir() else False
+
+
 def with_source_tokenizer(cfg: Config, log=print) -> Config:
     """cfg, with data.tokenizer set to the init_from folder when that is a plain Llama folder with a tokenizer.json
-    and data.tokenizer is '' (the dataset's own): the text vocabulary then is the checkpoint's."""
+    and data.tokenizer is '' (the dataset's own): the text vocabulary then is the checkpoint's. From a run's
+    workdir, its own data.tokenizer (the tokenizer its rows were trained with)."""
     if not cfg.model.init_from or cfg.data.tokenizer:
         return cfg
+    if is_run(cfg.model.init_from):
+        earlier = config_lib.from_dict(_json(Path(cfg.model.init_from).expanduser() / CONFIG_FILE,
+                                             f"model.init_from={cfg.model.init_from}"))
+        if earlier.data.tokenizer:
+            log(f"omni: model.init_from: the text tokenizer is {earlier.data.tokenizer}, as in that run")
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=earlier.data.tokenizer))
     source = read_source(cfg.model.init_from)
     if not source.has_tokenizer_for_text:
         return cfg
@@ -243,6 +259,8 @@ def load(cfg: Config, vocab: Vocab, text_tokenizer, abstract_params: dict) -> Lo
     """The source's weights in the layout of `abstract_params` (nnx.to_pure_dict of the model, anything with
     .shape): every block tensor, the final norm, and the embedding / unembedding rows matched by token string."""
     m = cfg.model
+    if is_run(m.init_from):
+        return _load_run(Path(m.init_from).expanduser(), vocab, abstract_params)
     if m.fusion != "early":
         raise InitFromError(f"model.init_from starts early-fusion models only (model.fusion is '{m.fusion}': its "
                             f"per-modality or cross-attention layers have no Llama counterpart)")
@@ -278,10 +296,7 @@ def load(cfg: Config, vocab: Vocab, text_tokenizer, abstract_params: dict) -> Lo
             raise InitFromError(f"{source.folder / CONFIG_FILE} has {key} {theirs:g} but {omni_key} is {ours:g}; "
                                 f"set {omni_key}={theirs:g}")
 
-    names = tokens.token_names(vocab, token_strings(text_tokenizer))
-    source_rows = _shape_of(source, "model.embed_tokens.weight")[0]
-    row_of = np.array([source.rows.get(name, -1) for name in names])
-    row_of[row_of >= source_rows] = -1
+    row_of = _source_row_of(source, vocab, text_tokenizer)
     found = row_of >= 0
     embed = source.tensors.read("model.embed_tokens.weight")
     lm_head = source.tensors.read("lm_head.weight")
@@ -312,6 +327,42 @@ def load(cfg: Config, vocab: Vocab, text_tokenizer, abstract_params: dict) -> Lo
     counts.update(kind=source.kind, folder=str(source.folder), tensors=sum(v is not None for v in by_name.values()),
                   patch_projection=source.patch is not None)
     return Loaded(params=params, from_source_rows=found, counts=counts)
+
+
+def _load_run(workdir: Path, vocab: Vocab, abstract_params: dict) -> Loaded:
+    """The latest checkpoint's parameters of an omni run, every tensor of this model's shape."""
+    step = max(checkpoint.checkpoint_steps(workdir))
+    params = checkpoint.restore_params(workdir, step)
+    saved = dict(_param_paths(params))
+    for path, leaf in _param_paths(abstract_params):
+        name = "/".join(path)
+        if path not in saved:
+            raise InitFromError(f"model.init_from={workdir}: its step {step} checkpoint has no parameter '{name}' "
+                                f"(another model.fusion?); start from a run of the same model")
+        if tuple(saved[path].shape) != tuple(leaf.shape):
+            raise InitFromError(f"model.init_from={workdir}: parameter '{name}' of its step {step} checkpoint has "
+                                f"shape {list(saved[path].shape)} but this model needs {list(leaf.shape)}; the "
+                                f"sizes (model.*) and the vocabulary (dataset, tokenizer) must be that run's")
+    counts = _counts(vocab, np.ones(vocab.size, bool))
+    counts.update(kind=f"omni run, step {step}", folder=str(workdir), tensors=len(saved), patch_projection=True)
+    return Loaded(params=params, from_source_rows=np.ones(vocab.size, bool), counts=counts)
+
+
+def _source_row_of(source: Source, vocab: Vocab, text_tokenizer) -> np.ndarray:
+    """int [V]: for each row of this model's vocabulary, the source's row of the same token string, or -1."""
+    names = tokens.token_names(vocab, token_strings(text_tokenizer))
+    source_rows = _shape_of(source, "model.embed_tokens.weight")[0]
+    row_of = np.array([source.rows.get(name, -1) for name in names])
+    row_of[row_of >= source_rows] = -1
+    return row_of
+
+
+def rows_from_source(cfg: Config, vocab: Vocab, text_tokenizer) -> np.ndarray:
+    """bool [V]: the embedding / unembedding rows model.init_from fills from its folder (what `load` matches),
+    known without reading the weights: train.freeze_loaded_rows keeps them fixed, also after a resume."""
+    if is_run(cfg.model.init_from):
+        return np.ones(vocab.size, bool)
+    return _source_row_of(read_source(cfg.model.init_from), vocab, text_tokenizer) >= 0
 
 
 def _file_order(name: str) -> tuple:
@@ -357,6 +408,9 @@ def describe(counts: dict) -> str:
                      for got, total in [counts[name]] if total)
     new = sum(total - got for got, total in (counts[k] for k in ROW_KINDS))
     patch = "loaded" if counts["patch_projection"] else "newly initialised"
+    if counts["kind"].startswith("omni run"):
+        return (f"omni: model.init_from={counts['folder']} ({counts['kind']}): all {counts['tensors']} tensors "
+                f"loaded as saved (no optimizer state)")
     line = (f"omni: model.init_from={counts['folder']} ({counts['kind']}): {counts['tensors']} tensors loaded; "
             f"vocabulary rows matched by token string: {rows}; {new} rows newly initialised; patch projection "
             f"{patch}")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from omni import config as config_lib
 from omni import sharding
-from omni.config import Config
+from omni.config import Config, ConfigError
 from omni.data import pipeline
 from omni.data.prefetch import Prefetched
 from omni.loss import mark_absent
@@ -41,6 +41,10 @@ EndOfRun = Callable[..., dict]
 def train(cfg: Config, workdir: str | Path, progress: bool = True, end_of_run: EndOfRun | None = None) -> dict:
     """Trains (or resumes) in `workdir`; returns the final eval metrics (and end_of_run's scores)."""
     workdir = Path(workdir)
+    # Not in config.validate: a recipe file sets freeze_loaded_rows and --set gives init_from after it is loaded.
+    if cfg.train.freeze_loaded_rows and not cfg.model.init_from:
+        raise ConfigError("'train.freeze_loaded_rows' keeps the rows model.init_from loaded; set 'model.init_from' "
+                          "to a Llama folder, an omni export or an earlier run, or train.freeze_loaded_rows=false")
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
     compile_cache.enable(cfg.compile_cache, log)  # before the first compile
@@ -55,7 +59,6 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, end_of_run: E
 
 def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | None, is_main: bool, log) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
-
     cfg = init_from.with_source_tokenizer(cfg, log)  # a Llama folder's tokenizer.json, before the vocabulary
     mesh = sharding.make_mesh(cfg.mesh)
     rules = cfg.mesh.rules
@@ -102,7 +105,8 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
     if start_step >= cfg.train.steps:
         log(f"omni: the run already reached train.steps={cfg.train.steps}; raise it to train further")
 
-    train_step = make_train_step(cfg, graphdef, tx, schedule, mesh, shardings)
+    train_step = make_train_step(cfg, graphdef, tx, schedule, mesh, shardings,
+                                 frozen_rows=_frozen_rows(cfg, vocab, state["params"], log))
     eval_step = make_eval_step(cfg, graphdef, mesh)
     writer = MetricWriter(workdir, resume_step=start_step)
     peak = measure_matmul_peak(mesh, cfg.model.dtype)
@@ -218,6 +222,20 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
     writer.close()
     manager.close()
     return result
+
+
+def _frozen_rows(cfg: Config, vocab, params, log) -> dict | None:
+    """train.freeze_loaded_rows: {"embed": rows [V, 1], "unembed": rows [1, V]} that model.init_from filled, for
+    the tables that train (computed again on every start, so a resumed stage 1 keeps them fixed too)."""
+    if not cfg.train.freeze_loaded_rows:
+        return None
+    rows = init_from.rows_from_source(cfg, vocab, pipeline.tokenizer_for(cfg))
+    trains = trainable.trainable_mask(cfg.train, params)
+    frozen = {name: rows[:, None] if name == "embed" else rows[None, :]
+              for name in ("embed", "unembed") if trains.get(name)}
+    log(f"omni: train.freeze_loaded_rows: {int(rows.sum())} of {vocab.size} vocabulary rows of "
+        f"{' and '.join(frozen) or 'no trainable table'} stay as model.init_from loaded them")
+    return frozen
 
 
 def _checkpoint_due(cfg: Config, done: int, log_step: bool, last_save_time: float) -> bool:
