@@ -496,8 +496,10 @@ def scaling_section(runs: list[Run], rows: list[dict]) -> list[str]:
         else:
             pooled = (f"{ratio.ratio:.3g}" + (" (extrapolated)" if ratio.extrapolated else "")
                       if math.isfinite(ratio.ratio) else f"none: {ratio.why}")
-            per_seed = _mean_std(result["seed_ratios"]) + (f" ({len(result['seed_ratios'])} seeds; "
-                                                            f"{'; '.join(result['missing'])})" if result["missing"] else "")
+            ratios, missing = result["seed_ratios"], result["missing"]
+            per_seed = (_mean_std(ratios) + (f" ({len(ratios)} of {len(ratios) + len(missing)} seeds; "
+                                             f"{'; '.join(missing)})" if missing else "")
+                        if ratios else "none: " + "; ".join(missing))
         lines.append(f"| {result['label']} | {result['modality']} | {fit.points} | " + " | ".join(params)
                      + f" | {'fitted' if fit.supported else 'not supported: ' + fit.why} | {pooled} | {per_seed} |")
     lines.append("")
