@@ -13,7 +13,7 @@ from flax import nnx
 
 from omni import sharding
 from omni.config import ModelConfig, derived_mlp
-from omni.model.routing import Route, routed_einsum, routed_scale
+from omni.model.routing import Route, from_slots, grouped_matmul, routed_einsum, routed_scale, to_slots
 
 # Logical names are resolved against the mesh rules by the trainer, not when a variable is created.
 nnx.use_eager_sharding(False)
@@ -96,7 +96,21 @@ class SwiGLU(nnx.Module):
         # One matmul for gate and up: the two weights (kept apart in checkpoints and exports) are stacked on an
         # axis of 2 that no mesh axis shards, so the stack is local to every device.
         w_Dx2xF = jnp.stack([self.w_gate[...], self.w_up[...]], axis=-2)
+        if route is not None and route.method != "masked":
+            return self._grouped(x_BxLxD, w_Dx2xF, route)
         gate_up_BxLx2xF = dense("bld,dtf->bltf", x_BxLxD, w_Dx2xF, self.dtype, route)
         gate_BxLxF, up_BxLxF = gate_up_BxLx2xF[:, :, 0], gate_up_BxLx2xF[:, :, 1]
         hidden_BxLxF = sharding.constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, "batch", "length", "mlp")
         return dense("blf,fd->bld", hidden_BxLxF, self.w_down[...], self.dtype, route)
+
+    def _grouped(self, x_BxLxD, w_MxDx2xF, route: Route):
+        """Per-modality SwiGLU with the tokens kept in the route's slot buffer between the two matmuls: one gather
+        in and one out instead of one around each matmul (empty slots stay zero: silu(0) * 0 = 0)."""
+        batch, length, d = x_BxLxD.shape
+        modalities, f = w_MxDx2xF.shape[0], w_MxDx2xF.shape[-1]
+        x_CxD = to_slots(x_BxLxD.reshape(batch * length, d).astype(self.dtype), route)
+        gate_up_CxF2 = grouped_matmul(x_CxD, w_MxDx2xF.reshape(modalities, d, 2 * f).astype(self.dtype), route)
+        gate_up_Cx2xF = gate_up_CxF2.reshape(-1, 2, f)
+        hidden_CxF = jax.nn.silu(gate_up_Cx2xF[:, 0]) * gate_up_Cx2xF[:, 1]
+        y_CxD = grouped_matmul(hidden_CxF, self.w_down[...].astype(self.dtype), route)
+        return from_slots(y_CxD, route).reshape(batch, length, d)
