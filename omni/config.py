@@ -53,11 +53,18 @@ class ModelConfig:
         64, "cuDNN attention: the most runs one row of a batch may hold (packed examples, trailing padding counting "
             "as one; with late fusion every modality span counts). A batch with a longer row is refused, naming it")
     init_std: float = doc(0.02, "std of the normal init of embeddings and projections")
-    fusion: Literal["early", "late", "cross"] = doc(
+    fusion: Literal["early", "late", "mot", "cross"] = doc(
         "early", "early: every token shares every layer; late: the first model.late_layers layers are "
-                 "modality-specific (own weights per modality, attention within the token's own span); cross: "
-                 "a text/audio decoder with gated cross-attention into a separate image encoder (Flamingo-style)")
+                 "modality-specific (own weights per modality, attention within the token's own span); mot: "
+                 "Mixture-of-Transformers, every layer's weights per modality, attention global over the example "
+                 "as early; cross: a text/audio decoder with gated cross-attention into a separate image encoder "
+                 "(Flamingo-style)")
     late_layers: int = doc(0, "late fusion: how many of the model.layers layers are modality-specific (0 = early)")
+    modality_matmul: Literal["tiles", "ragged_dot", "masked"] = doc(
+        "tiles", "late and mot: how per-modality weights are applied (omni.model.routing): tiles = tokens grouped "
+                 "by modality into tiles, one slice per token (pure XLA, any backend); ragged_dot = "
+                 "jax.lax.ragged_dot (a grouped matmul on TPU; dense over every slice on CPU and, by default, GPU); "
+                 "masked = every slice for every token, two masked away (3x FLOPs; the reference)")
     encoder_layers: int = doc(2, "cross fusion: depth of the image encoder (bidirectional within each image)")
     cross_every: int = doc(1, "cross fusion: a gated cross-attention block before every N-th decoder layer")
     init_from: str = doc(
@@ -184,7 +191,8 @@ class MeshConfig:
 class AblateConfig:
     variants: list = doc(["early", "late:1", "late:2", "cross"],
                          "fusion variants `omni ablate` trains: 'early', 'late:K' (K modality-specific layers), "
-                         "'cross'; the first one is the reference that 'match' adjusts the others to")
+                         "'mot' (every layer modality-specific, global attention), 'cross'; the first one is the "
+                         "reference that 'match' adjusts the others to")
     seeds: int = doc(1, "runs per variant, with train.seed, train.seed+1, ... (data order is the same for all)")
     match: Literal["none", "params", "flops", "both"] = doc(
         "none", "adjust each variant's width (model.d, SwiGLU size in proportion) to the reference's total "
@@ -564,14 +572,15 @@ def validate(config: Config) -> None:
 
 
 def parse_variant(variant) -> tuple[str, int]:
-    """'early' -> ("early", 0); 'late:2' -> ("late", 2); 'cross' -> ("cross", 0). Raises ConfigError otherwise."""
+    """'early' -> ("early", 0); 'late:2' -> ("late", 2); 'mot' -> ("mot", 0); 'cross' -> ("cross", 0).
+    Raises ConfigError otherwise."""
     text = str(variant)
     fusion, _, k = text.partition(":")
-    if fusion in ("early", "cross") and not k:
+    if fusion in ("early", "mot", "cross") and not k:
         return fusion, 0
     if fusion == "late" and k.isdigit():
         return fusion, int(k)
-    raise ConfigError(f"'ablate.variants' entry {variant!r} is not 'early', 'late:K' (K an integer) or 'cross'")
+    raise ConfigError(f"'ablate.variants' entry {variant!r} is not 'early', 'late:K' (K an integer), 'mot' or 'cross'")
 
 
 def derived_head_dim(m: ModelConfig) -> int:

@@ -21,12 +21,13 @@ from omni.tools import ablate
 from tests.conftest import tiny_config
 
 VARIANTS = ["early", "late:1", "cross"]
+PLAN_VARIANTS = ["early", "late:1", "mot", "cross"]  # planned only, never trained here
 
 
-def _base(match="none"):
+def _base(match="none", variants=VARIANTS):
     cfg = tiny_config()
     cfg.model.encoder_layers = 1
-    cfg.ablate.variants = list(VARIANTS)
+    cfg.ablate.variants = list(variants)
     cfg.ablate.match = match
     return cfg
 
@@ -36,21 +37,22 @@ def _sizes(cfg):
 
 
 def test_plan_changes_only_fusion_width_and_seed():
-    base = _base("flops")
+    base = _base("flops", PLAN_VARIANTS)
     runs = ablate.make_plan(base, *_sizes(base), seeds=2)
-    assert [r.name for r in runs] == ["early-s0", "early-s1", "late1-s0", "late1-s1", "cross-s0", "cross-s1"]
+    assert [r.name for r in runs] == ["early-s0", "early-s1", "late1-s0", "late1-s1", "mot-s0", "mot-s1", "cross-s0",
+                                      "cross-s1"]
     for run in runs:
         changed = config_lib.changed_keys(config_lib.to_dict(base), config_lib.to_dict(run.config))
         allowed = {"name", "model.fusion", "model.late_layers", "model.d", "model.mlp", "train.seed"}
         assert set(changed) <= allowed, changed  # same data, order, steps, batch, eval, optimizer
         assert run.config.train.seed == base.train.seed + run.seed
     assert {(r.config.model.fusion, r.config.model.late_layers) for r in runs} == {("early", 0), ("late", 1),
-                                                                                   ("cross", 0)}
+                                                                                   ("mot", 0), ("cross", 0)}
 
 
 @pytest.mark.parametrize("match", ["flops", "params"])
 def test_matched_width_is_the_closest_candidate(match):
-    base = _base(match)
+    base = _base(match, PLAN_VARIANTS)
     vocab_size, patch_dim = _sizes(base)
     runs = {r.variant: r.config for r in ablate.make_plan(base, vocab_size, patch_dim, seeds=1)}
     assert runs["early"].model.d == base.model.d  # the reference keeps its width
@@ -61,17 +63,17 @@ def test_matched_width_is_the_closest_candidate(match):
             m, vocab_size, cfg.data.seq_len)
 
     target = measure(runs["early"])
-    for variant in ("late:1", "cross"):
+    for variant in ("late:1", "mot", "cross"):
         chosen = runs[variant]
         error = abs(measure(chosen) - target)
         for d in range(8, 4 * base.model.d + 1, 8):  # every other width (MLP in proportion) is no closer
             trial = ablate.variant_config(base, variant)
             trial.model.d, trial.model.mlp = d, max(8, round(64 * d / 32 / 8) * 8)
             assert abs(measure(trial) - target) >= error
-    if match == "params":  # late:1 has 3 copies of its first layer: it must get narrower to match params
-        assert runs["late:1"].model.d < base.model.d
+    if match == "params":  # late:1 has 3 copies of its first layer, mot of every layer: they must get narrower
+        assert runs["mot"].model.d <= runs["late:1"].model.d < base.model.d  # (the same step of 8 at this size)
     else:  # same FLOPs per token at the same width
-        assert runs["late:1"].model.d == base.model.d
+        assert runs["late:1"].model.d == runs["mot"].model.d == base.model.d
 
 
 def test_plan_from_another_config_is_refused(tmp_path):

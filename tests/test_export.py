@@ -256,6 +256,39 @@ def test_sharded_unscanned_bf16_checkpoint_exports_under_the_same_names(run, tmp
     assert reloaded.params["unembed"].dtype == jnp.bfloat16  # back in the run's param_dtype
 
 
+def test_mot_checkpoint_exports_per_modality_blocks_and_reloads_to_the_same_logits(tmp_path):
+    """A model.fusion=mot checkpoint (random values, saved by checkpoint.save): the export names of early, every
+    block tensor with a leading [3] axis of modality slices, and load_export runs the same function."""
+    cfg = tiny_config(data=1, fsdp=1, tensor=1)
+    cfg.model.fusion = "mot"
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    tx, _ = build_optimizer(cfg)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, data.vocab_for(cfg))), nnx.Param)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(0.05 * rng.normal(size=s.shape), s.dtype), nnx.to_pure_dict(abstract))
+    state = {"step": jnp.int32(3), "params": params, "opt_state": tx.init(params)}
+    dataset, vocab = data.dataset_for(cfg), data.vocab_for(cfg)
+    meta = {"config": config_lib.to_dict(cfg), "dataset": str(dataset.path), "step": 3,
+            "tokenizer": data.tokenizer_for(cfg).identity(), "codec": dataset.meta.get("codec"),
+            "vocab": {"size": vocab.size, "text_size": vocab.text_size, "codebook_sizes": list(vocab.codebook_sizes)}}
+    manager = checkpoint.make_manager(tmp_path / "run", cfg.train)
+    checkpoint.save(manager, 3, state, iter(data.train_dataset(cfg)), meta)
+    manager.wait_until_finished()
+    manager.close()
+
+    folder = export.export(tmp_path / "run", tmp_path / "out", dtype="float32")
+    out = load_file(folder / "model.safetensors")
+    generic = {re.sub(r"^blocks\.\d+\.", "blocks.{i}.", name) for name in out}
+    assert generic == set(export.TENSOR_DOCS)
+    assert out["blocks.1.attn.wq"].shape == (3, cfg.model.d, cfg.model.heads, cfg.model.d // cfg.model.heads)
+    assert np.array_equal(out["blocks.1.mlp.w_up"], np.asarray(params["blocks"]["mlp"]["w_up"][1]))
+    assert "[M, d, N, H] = [3, 32, 4, 8]" in (folder / "README.md").read_text()
+    reloaded = export.load_export(folder)
+    batch = data.eval_batches(cfg)[0]
+    np.testing.assert_allclose(logits_of(reloaded.graphdef, reloaded.params, batch),
+                               logits_of(graphdef, params, batch, mesh, cfg.mesh.rules), atol=1e-6, rtol=1e-6)
+
+
 def test_step_picks_that_checkpoint(run, trainer, tmp_path):
     cfg, root, exports = run
     out = export.export(root / "run", tmp_path / "step2", step=EVERY, dtype="float32")

@@ -34,9 +34,14 @@ def setup():
 
 
 def _variant(setup, **changes):
-    """The setup model with other layer settings, same weights (unstacked for scan_layers=False)."""
+    """The setup model with other layer settings, same weights (unstacked for scan_layers=False); mot, whose
+    weights have other shapes, newly initialised."""
     cfg, vocab, *_ = setup
     model_cfg = dataclasses.replace(cfg.model, **changes)
+    if model_cfg.fusion == "mot":
+        graphdef, params = nnx.split(OmniTransformer(model_cfg, vocab.size, patch_dim(cfg.data), rngs=nnx.Rngs(1)),
+                                     nnx.Param)
+        return model_cfg, graphdef, params
     abstract = nnx.eval_shape(lambda: OmniTransformer(model_cfg, vocab.size, patch_dim(cfg.data),
                                                       rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(abstract, nnx.Param)
@@ -49,7 +54,7 @@ def _variant(setup, **changes):
 
 # ----------------------------------------------------------------------------------------------- the cache path
 
-@pytest.mark.parametrize("changes", [{}, {"scan_layers": False}, {"remat": "full"}])
+@pytest.mark.parametrize("changes", [{}, {"scan_layers": False}, {"remat": "full"}, {"fusion": "mot"}])
 def test_prefill_then_decode_gives_the_full_forward_logits(setup, changes):
     model_cfg, graphdef, params = _variant(setup, **changes)
     pdim, length = patch_dim(setup[0].data), 12
@@ -162,9 +167,11 @@ def test_cached_greedy_equals_recomputing_the_prefix(setup, target):
     assert again.tokens == result.tokens and again.compile_s == 0.0  # compiled once per shapes
 
 
-@pytest.mark.parametrize("fusion", [{"fusion": "late", "late_layers": 1}, {"fusion": "cross", "encoder_layers": 1}])
-def test_late_and_cross_fusion_generate_by_recomputing_the_prefix(setup, fusion):
-    """No KV cache for these variants: each step reruns the sequence so far, and must equal the reference."""
+@pytest.mark.parametrize("fusion", [{"fusion": "late", "late_layers": 1}, {"fusion": "cross", "encoder_layers": 1},
+                                    {"fusion": "mot"}])
+def test_late_cross_and_mot_fusion_generate_the_reference_tokens(setup, fusion):
+    """late and cross have no KV cache (each step reruns the sequence so far), mot has one (each decoded token
+    through its modality's slice): all must equal the reference."""
     cfg, vocab, tokenizer, *_, examples = setup
     model_cfg = dataclasses.replace(cfg.model, **fusion)
     model = OmniTransformer(model_cfg, vocab.size, patch_dim(cfg.data), rngs=nnx.Rngs(1))

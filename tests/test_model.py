@@ -258,7 +258,11 @@ def test_fused_projections_equal_the_per_weight_textbook_block(kv_heads, modalit
     x = jnp.asarray(rng.normal(size=(2, 12, 32)), jnp.float32)
     positions = jnp.asarray(np.concatenate([np.arange(7), np.arange(5)])[None].repeat(2, 0), jnp.int32)
     ids = jnp.asarray([[1] * 7 + [2] * 5] * 2, jnp.int32)
-    route = (jax.nn.one_hot(jnp.asarray(rng.integers(0, 3, size=(2, 12))), 3) if modalities else None)
+    from omni.model.routing import make_route
+
+    slice_ids = jnp.asarray(rng.integers(0, 3, size=(2, 12)))
+    onehot = jax.nn.one_hot(slice_ids, 3)
+    route = make_route(slice_ids + 1) if modalities else None  # modality ids: TEXT 1, IMAGE 2, AUDIO 3
 
     def w(param, m):  # token-wise weight: per-modality slice or the shared weight
         return param[...] if not modalities else param[...][m]
@@ -273,14 +277,14 @@ def test_fused_projections_equal_the_per_weight_textbook_block(kv_heads, modalit
     def per_token(fn):  # with modalities: each token through its own modality's weights
         if not modalities:
             return fn(0)
-        return sum(fn(m) * route[..., m].reshape(route.shape[:2] + (1,) * (fn(m).ndim - 2)) for m in range(3))
+        return sum(fn(m) * onehot[..., m].reshape(onehot.shape[:2] + (1,) * (fn(m).ndim - 2)) for m in range(3))
 
     q = per_token(lambda m: jnp.einsum("bld,dnh->blnh", x, w(attn.wq, m)))
     k = per_token(lambda m: jnp.einsum("bld,dkh->blkh", x, w(attn.wk, m)))
     v = per_token(lambda m: jnp.einsum("bld,dkh->blkh", x, w(attn.wv, m)))
     out = attend(textbook_rope(q), textbook_rope(k), v, ids, True, cfg)
     expected = per_token(lambda m: jnp.einsum("blnh,nhd->bld", out, w(attn.wo, m)))
-    got = attn(x, ids, rope_tables(positions, cfg.d // cfg.heads, cfg.rope_theta), route_BxLxM=route)
+    got = attn(x, ids, rope_tables(positions, cfg.d // cfg.heads, cfg.rope_theta), route=route)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(apply_rope(q, rope_tables(positions, 8, cfg.rope_theta)), textbook_rope(q),
                                rtol=1e-6, atol=1e-6)

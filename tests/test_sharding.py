@@ -75,11 +75,11 @@ def test_batch_that_does_not_split_over_the_mesh_is_refused():
         sharding.check_batch_fits_mesh(cfg, sharding.make_mesh(cfg.mesh))
 
 
-@pytest.mark.parametrize("fusion", [["model.fusion=late", "model.late_layers=1"],
+@pytest.mark.parametrize("fusion", [["model.fusion=late", "model.late_layers=1"], ["model.fusion=mot"],
                                     ["model.fusion=cross", "model.encoder_layers=1"]])
-def test_late_and_cross_fusion_shard_like_early(fusion):
+def test_late_mot_and_cross_fusion_shard_like_early(fusion):
     """The per-modality weights ([modality] axis unsharded) and the cross blocks split over fsdp and tensor, and
-    one step on 8 devices equals one step on 1."""
+    one step on 8 devices equals one step on 1 (the per-modality layers' tokens grouped over the whole batch)."""
     from omni.config import apply_overrides
 
     one = apply_overrides(tiny_config(data=1, fsdp=1, tensor=1), fusion)
@@ -90,7 +90,7 @@ def test_late_and_cross_fusion_shard_like_early(fusion):
         assert metrics[key] == pytest.approx(ref_metrics[key], rel=2e-5), key
     for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref_update)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
-    stack = state["params"]["modality_blocks" if "late" in fusion[0] else "cross_blocks"]
+    stack = state["params"][{"late": "modality_blocks", "mot": "blocks"}.get(fusion[0].split("=")[1], "cross_blocks")]
     wq = stack["attn"]["wq"]  # [layers, (modality,) d, heads, head_dim]: d over fsdp, heads over tensor
     assert wq.sharding.shard_shape(wq.shape)[-3:] == (wq.shape[-3] // 2, wq.shape[-2] // 2, wq.shape[-1])
 

@@ -28,7 +28,7 @@ class Attention(nnx.Module):
         self.cfg, self.causal, self.rotary = cfg, causal, rotary
 
     def __call__(self, x_BxLxD, visible, rope_tables=None, cache=None, layer=None, decode_slot_B=None,
-                 route_BxLxM=None, context_BxSxD=None):
+                 route=None, context_BxSxD=None):
         """Attention output [B, L, D]; with a cache (module docstring) returns (output, updated cache).
 
         visible says which keys each query sees (causal attention also requires s <= t): run ids int [B, L]
@@ -40,23 +40,23 @@ class Attention(nnx.Module):
         """
         dt = jnp.dtype(self.cfg.dtype)
         if context_BxSxD is None:
-            q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self._project_qkv(x_BxLxD, rope_tables, route_BxLxM)
+            q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self._project_qkv(x_BxLxD, rope_tables, route)
         else:
-            q_BxLxNxH = dense("bld,dnh->blnh", x_BxLxD, self.wq[...], dt, route_BxLxM)
-            k_BxLxKxH = dense("bld,dkh->blkh", context_BxSxD, self.wk[...], dt, route_BxLxM)
-            v_BxLxKxH = dense("bld,dkh->blkh", context_BxSxD, self.wv[...], dt, route_BxLxM)
+            q_BxLxNxH = dense("bld,dnh->blnh", x_BxLxD, self.wq[...], dt, route)
+            k_BxLxKxH = dense("bld,dkh->blkh", context_BxSxD, self.wk[...], dt, route)
+            v_BxLxKxH = dense("bld,dkh->blkh", context_BxSxD, self.wv[...], dt, route)
         q_BxLxNxH = sharding.constrain(q_BxLxNxH, "batch", "length", "heads", "head_dim")
         if decode_slot_B is not None:
-            return self._decode(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, decode_slot_B, cache, layer)
+            return self._decode(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, decode_slot_B, cache, layer, route)
         if cache is not None:  # prefill: the block attends as in training; its keys/values fill slots 0..L-1
             cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype),
                                                         (layer, 0, 0, 0, 0))
                      for name, new in (("k", k_BxLxKxH), ("v", v_BxLxKxH))}
         out_BxLxNxH = attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, visible, self.causal, self.cfg)
-        out_BxLxD = dense("blnh,nhd->bld", out_BxLxNxH, self.wo[...], dt, route_BxLxM)
+        out_BxLxD = dense("blnh,nhd->bld", out_BxLxNxH, self.wo[...], dt, route)
         return out_BxLxD if cache is None else (out_BxLxD, cache)
 
-    def _project_qkv(self, x_BxLxD, rope_tables, route_BxLxM):
+    def _project_qkv(self, x_BxLxD, rope_tables, route):
         """q [B, L, N, H], k and v [B, L, K, H] from one matmul, RoPE applied to q and k in one pass.
 
         The weights stay three parameters (checkpoints and exports name them wq, wk, wv); for the matmul they are
@@ -69,7 +69,7 @@ class Attention(nnx.Module):
         groups = self.wq.shape[-2] // k
         w_DxKx_G2_xH = jnp.concatenate([self.wq[...].reshape(lead + (-1, k, groups, h)),
                                         self.wk[...][..., None, :], self.wv[...][..., None, :]], axis=-2)
-        qkv_BxLxKx_G2_xH = dense("bld,dkgh->blkgh", x_BxLxD, w_DxKx_G2_xH, jnp.dtype(self.cfg.dtype), route_BxLxM)
+        qkv_BxLxKx_G2_xH = dense("bld,dkgh->blkgh", x_BxLxD, w_DxKx_G2_xH, jnp.dtype(self.cfg.dtype), route)
         qk_BxLxKx_G1_xH, v_BxLxKxH = qkv_BxLxKx_G2_xH[:, :, :, :groups + 1], qkv_BxLxKx_G2_xH[:, :, :, groups + 1]
         if self.rotary:
             qk_BxLxKx_G1_xH = apply_rope(qk_BxLxKx_G1_xH, rope_tables)
@@ -77,7 +77,7 @@ class Attention(nnx.Module):
         q_BxLxNxH = qk_BxLxKx_G1_xH[:, :, :, :groups].reshape(batch, length, k * groups, h)
         return q_BxLxNxH, qk_BxLxKx_G1_xH[:, :, :, groups], v_BxLxKxH
 
-    def _decode(self, q_Bx1xNxH, k_Bx1xKxH, v_Bx1xKxH, slot_B, cache, layer):
+    def _decode(self, q_Bx1xNxH, k_Bx1xKxH, v_Bx1xKxH, slot_B, cache, layer, route=None):
         """One new token per row: write its key/value at the row's slot, attend to slots 0..slot."""
         rows_B = jnp.arange(slot_B.shape[0])
         cache = {name: cache[name].at[layer, rows_B, slot_B].set(new[:, 0].astype(cache[name].dtype))
@@ -86,7 +86,7 @@ class Attention(nnx.Module):
         out_Bx1xNxH = jax.nn.dot_product_attention(q_Bx1xNxH, keys_BxSxKxH.astype(q_Bx1xNxH.dtype),
                                                    values_BxSxKxH.astype(q_Bx1xNxH.dtype),
                                                    key_value_seq_lengths=(slot_B + 1).astype(jnp.int32))
-        out_Bx1xD = jnp.einsum("blnh,nhd->bld", out_Bx1xNxH, self.wo[...].astype(jnp.dtype(self.cfg.dtype)))
+        out_Bx1xD = dense("blnh,nhd->bld", out_Bx1xNxH, self.wo[...], jnp.dtype(self.cfg.dtype), route)
         return out_Bx1xD, cache
 
 

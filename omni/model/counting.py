@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 
 from omni.config import ModelConfig, derived_head_dim, derived_mlp
-from omni.model.layers import MODALITIES
+from omni.model.routing import MODALITIES
 
 
 def param_count(params) -> int:
@@ -20,8 +20,9 @@ def _layer_matmul_params(cfg: ModelConfig) -> int:
 
 
 def _layer_counts(cfg: ModelConfig) -> dict:
-    """Blocks of each kind: shared/decoder, late fusion's modality-specific, encoder, gated cross."""
-    late = cfg.late_layers if cfg.fusion == "late" else 0
+    """Blocks of each kind: shared/decoder, modality-specific (late fusion's first k, every mot layer), encoder,
+    gated cross."""
+    late = {"late": cfg.late_layers, "mot": cfg.layers}.get(cfg.fusion, 0)
     cross = cfg.fusion == "cross"
     return {"shared": cfg.layers - late, "modality": late, "encoder": cfg.encoder_layers if cross else 0,
             "cross": cfg.layers // cfg.cross_every if cross else 0}
@@ -32,8 +33,9 @@ def matmul_params(cfg: ModelConfig, vocab_size: int) -> int:
     its way plus the unembedding.
 
     The input embedding (a lookup) and the patch projection (an input embedding for image positions) are left
-    out, as MaxText and the shared plain-JAX benchmark count. early and late: model.layers blocks (late's
-    first k use one modality's slice each). cross: the decoder, the gated cross blocks and the image encoder,
+    out, as MaxText and the shared plain-JAX benchmark count. early, late and mot: model.layers blocks (late's
+    first k and every mot block use one modality's slice per token, and omni.model.routing computes just
+    that slice, up to its tile padding). cross: the decoder, the gated cross blocks and the image encoder,
     which this implementation runs over every position of the sequence.
     """
     n = _layer_counts(cfg)
@@ -44,8 +46,8 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul params + attention, 6 x seq x (heads x head_dim) per causal layer.
 
     A causal layer's attention is 6 x seq^2 x heads x head_dim per sequence (forward + backward of QK^T and
-    AV with the causal half skipped), divided by seq for a per-token figure; the decoder's and late fusion's
-    layers are causal (late's are masked to spans, but the kernel runs the whole causal square), so are the
+    AV with the causal half skipped), divided by seq for a per-token figure; the decoder's, late fusion's and
+    mot's layers are causal (late's are masked to spans, but the kernel runs the whole causal square), so are the
     gated cross blocks (keys up to the query), and the cross variant's bidirectional encoder counts twice.
     """
     n = _layer_counts(cfg)

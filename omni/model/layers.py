@@ -2,7 +2,7 @@
 
 Every parameter carries logical axis names (see omni.sharding) so the same code shards on any mesh; with
 `modalities > 0` a weight has a leading [modality] axis and each token uses its own modality's slice (late
-fusion's first layers).
+fusion's first layers, every layer of mot), as an omni.model.routing.Route says.
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ from flax import nnx
 
 from omni import sharding
 from omni.config import ModelConfig, derived_mlp
+from omni.model.routing import Route, from_slots, grouped_matmul, routed_einsum, routed_scale, to_slots
 
 # Logical names are resolved against the mesh rules by the trainer, not when a variable is created.
 nnx.use_eager_sharding(False)
-
-MODALITIES = 3  # late fusion's weight slices: text (and padding), image, audio
-
 
 def _param(rngs: nnx.Rngs, shape, names, std: float, dtype) -> nnx.Param:
     init = nnx.with_partitioning(nnx.initializers.normal(std), names)
@@ -35,12 +33,12 @@ class RMSNorm(nnx.Module):
                       else _ones((d,), ("embed",), param_dtype))
         self.eps = eps
 
-    def __call__(self, x_BxLxD, route_BxLxM=None):
+    def __call__(self, x_BxLxD, route: Route | None = None):
         x = x_BxLxD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
         scale = self.scale[...].astype(jnp.float32)
-        if route_BxLxM is not None:  # each token's own modality's scale
-            scale = jnp.einsum("blm,md->bld", route_BxLxM.astype(jnp.float32), scale)
+        if route is not None:  # each token's own modality's scale
+            scale = routed_scale(scale, route)
         return (x * scale).astype(x_BxLxD.dtype)
 
 
@@ -77,16 +75,13 @@ def _modality_param(rngs, shape, names, std, dtype, modalities: int) -> nnx.Para
     return _param(rngs, shape, names, std, dtype)
 
 
-def dense(spec: str, x, w, dtype, route_BxLxM=None):
-    """einsum(spec, x, w) in `dtype`; with route_BxLxM (one-hot [B, L, M]) w has a leading [modality] axis
-    and each token is multiplied by its own modality's slice. Specs have the form 'bl..,...->bl..'."""
+def dense(spec: str, x, w, dtype, route: Route | None = None):
+    """einsum(spec, x, w) in `dtype`; with a route w has a leading [modality] axis and each token is multiplied
+    by its own modality's slice (omni.model.routing). Specs have the form 'bl..,...->bl..'."""
     w = w.astype(dtype)
-    if route_BxLxM is None:
+    if route is None:
         return jnp.einsum(spec, x, w)
-    inputs, out = spec.split("->")
-    x_axes, w_axes = inputs.split(",")
-    per_modality = jnp.einsum(f"{x_axes},m{w_axes}->blm{out[2:]}", x, w)
-    return jnp.einsum(f"blm{out[2:]},blm->{out}", per_modality, route_BxLxM.astype(dtype))
+    return routed_einsum(spec, x.astype(dtype), w, route)
 
 
 class SwiGLU(nnx.Module):
@@ -97,11 +92,25 @@ class SwiGLU(nnx.Module):
         self.w_down = _modality_param(rngs, (f, d), ("mlp", "embed"), cfg.init_std / (2 * cfg.layers) ** 0.5, pd, m)
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(self, x_BxLxD, route_BxLxM=None):
+    def __call__(self, x_BxLxD, route: Route | None = None):
         # One matmul for gate and up: the two weights (kept apart in checkpoints and exports) are stacked on an
         # axis of 2 that no mesh axis shards, so the stack is local to every device.
         w_Dx2xF = jnp.stack([self.w_gate[...], self.w_up[...]], axis=-2)
-        gate_up_BxLx2xF = dense("bld,dtf->bltf", x_BxLxD, w_Dx2xF, self.dtype, route_BxLxM)
+        if route is not None and route.method != "masked":
+            return self._grouped(x_BxLxD, w_Dx2xF, route)
+        gate_up_BxLx2xF = dense("bld,dtf->bltf", x_BxLxD, w_Dx2xF, self.dtype, route)
         gate_BxLxF, up_BxLxF = gate_up_BxLx2xF[:, :, 0], gate_up_BxLx2xF[:, :, 1]
         hidden_BxLxF = sharding.constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, "batch", "length", "mlp")
-        return dense("blf,fd->bld", hidden_BxLxF, self.w_down[...], self.dtype, route_BxLxM)
+        return dense("blf,fd->bld", hidden_BxLxF, self.w_down[...], self.dtype, route)
+
+    def _grouped(self, x_BxLxD, w_MxDx2xF, route: Route):
+        """Per-modality SwiGLU with the tokens kept in the route's slot buffer between the two matmuls: one gather
+        in and one out instead of one around each matmul (empty slots stay zero: silu(0) * 0 = 0)."""
+        batch, length, d = x_BxLxD.shape
+        modalities, f = w_MxDx2xF.shape[0], w_MxDx2xF.shape[-1]
+        x_CxD = to_slots(x_BxLxD.reshape(batch * length, d).astype(self.dtype), route)
+        gate_up_CxF2 = grouped_matmul(x_CxD, w_MxDx2xF.reshape(modalities, d, 2 * f).astype(self.dtype), route)
+        gate_up_Cx2xF = gate_up_CxF2.reshape(-1, 2, f)
+        hidden_CxF = jax.nn.silu(gate_up_Cx2xF[:, 0]) * gate_up_Cx2xF[:, 1]
+        y_CxD = grouped_matmul(hidden_CxF, self.w_down[...].astype(self.dtype), route)
+        return from_slots(y_CxD, route).reshape(batch, length, d)

@@ -15,8 +15,10 @@ Fusion variants (model.fusion; the same embedding, final norm and unembedding, o
             axis (text, image, audio; padding takes text's), every token is multiplied by its own modality's
             slice, and attention stays inside the token's span (a run of one modality inside one segment).
             The remaining layers - k are shared over the fused sequence. k = 0 is exactly early.
-            (On XLA each token's product with the other modalities' weights is computed and masked away:
-            those k layers cost 3x their FLOPs in time; flops_per_token counts the model's FLOPs, one slice.)
+    mot     Mixture-of-Transformers (Liang et al. 2024): every layer is modality-specific as late's first k are
+            (attention q/k/v/o, SwiGLU and both norms, per modality), but attention is global over the packed
+            example, causal, as early. With every modality slice equal it is exactly early. The embedding,
+            the final norm and the unembedding stay shared (the final norm is no layer's; MoT unties it too).
     cross   Flamingo-style: an image encoder (model.encoder_layers blocks, bidirectional inside each image)
             reads the image spans; the decoder blocks never attend to image positions, but before every
             model.cross_every-th decoder layer a gated cross-attention block lets every position attend to the
@@ -25,8 +27,14 @@ Fusion variants (model.fusion; the same embedding, final norm and unembedding, o
             with both gates initialised to 0, so at init the model is its decoder alone. The encoder runs over
             every position and the decoder too (image positions see only themselves), to keep one layout.
 
-Inference with a KV cache (omni.tools.generate) calls the same model with `cache=init_cache(...)`, one example per
-row starting at slot 0, so a token's cache slot is also its RoPE position:
+Per-modality layers compute one weight slice per token, as flops_per_token counts: omni.model.routing lays the
+batch's tokens out by modality in tiles and multiplies each tile by its modality's slice (model.modality_matmul:
+tiles, the default; ragged_dot; or masked, every slice for every token with two masked away, 3x FLOPs). The
+Route that says where each token goes is built once per call (OmniTransformer.route) and read by every layer.
+
+Inference with a KV cache (omni.tools.generate; early and mot) calls the same model with `cache=init_cache(...)`,
+one example per row starting at slot 0, so a token's cache slot is also its RoPE position (mot: a decode step routes
+each row's one token through its modality's slice):
 
     model(prompt_batch, cache=cache)                -> logits [B, P, V], cache with slots 0..P-1 written
         prefill: the right-padded prompt block runs as in training (segment_ids 1 on tokens, 0 on padding)
@@ -49,7 +57,8 @@ from omni import sharding
 from omni.batch import IMAGE
 from omni.config import ModelConfig, derived_head_dim
 from omni.model.attention import FUSED_ATTENTION_PRIMITIVES, Attention, same_ids_mask
-from omni.model.layers import MODALITIES, RMSNorm, SwiGLU, _param, rope_tables
+from omni.model.layers import RMSNorm, SwiGLU, _param, rope_tables
+from omni.model.routing import MODALITIES, Route, make_route
 from omni.tokens import IMAGE_PATCH, scale_pixels
 
 
@@ -69,7 +78,8 @@ REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block; with modalities > 0 every weight is per modality (late fusion's first layers)."""
+    """Pre-norm transformer block; with modalities > 0 every weight is per modality (late fusion's first layers,
+    every mot layer) and the block needs a Route (omni.model.routing) to say which slice each token uses."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, modalities: int = 0, causal: bool = True):
         self.attn_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype, modalities)
@@ -78,13 +88,12 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(cfg, rngs, modalities)
 
     def __call__(self, x_BxLxD, visible, rope_tables, cache=None, layer=None, decode_slot_B=None,
-                 route_BxLxM=None):
-        attended = self.attn(self.attn_norm(x_BxLxD, route_BxLxM), visible, rope_tables, cache, layer,
-                             decode_slot_B, route_BxLxM)
+                 route: Route | None = None):
+        attended = self.attn(self.attn_norm(x_BxLxD, route), visible, rope_tables, cache, layer, decode_slot_B, route)
         if cache is not None:
             attended, cache = attended
         x_BxLxD = x_BxLxD + attended
-        x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD, route_BxLxM), route_BxLxM)
+        x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD, route), route)
         x_BxLxD = sharding.constrain(x_BxLxD, "batch", "length", "act_embed")
         return x_BxLxD if cache is None else (x_BxLxD, cache)
 
@@ -110,11 +119,6 @@ class GatedCrossBlock(nnx.Module):
         x_BxLxD = x_BxLxD + jnp.tanh(self.attn_gate[...]).astype(dt) * attended
         x_BxLxD = x_BxLxD + jnp.tanh(self.mlp_gate[...]).astype(dt) * self.mlp(self.mlp_norm(x_BxLxD))
         return sharding.constrain(x_BxLxD, "batch", "length", "act_embed")
-
-def route_index(modality_BxL):
-    """Which modality slice a position uses: TEXT and PAD -> 0, IMAGE -> 1, AUDIO -> 2."""
-    return jnp.clip(modality_BxL - 1, 0, MODALITIES - 1)
-
 
 def span_ids(segment_ids_BxL, modality_BxL):
     """1, 2, ... for each run of one modality inside one segment (a new span wherever either changes)."""
@@ -154,7 +158,9 @@ class OmniTransformer(nnx.Module):
         self.patch_bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("embed",))(
             rngs.params(), (cfg.d,), jnp.dtype(cfg.param_dtype)))
         late = cfg.late_layers if cfg.fusion == "late" else 0
-        self.blocks = _stack(cfg, cfg.layers - late, rngs, lambda r: Block(cfg, r))  # shared (the decoder for cross)
+        per_modality = MODALITIES if cfg.fusion == "mot" else 0
+        # shared (the decoder for cross; per modality for mot)
+        self.blocks = _stack(cfg, cfg.layers - late, rngs, lambda r: Block(cfg, r, modalities=per_modality))
         self.final_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype)
         self.unembed = _param(rngs, (cfg.d, vocab_size), ("embed", "vocab"), cfg.d**-0.5, cfg.param_dtype)
         if late:
@@ -202,19 +208,27 @@ class OmniTransformer(nnx.Module):
         tables = self.rope_tables(batch["positions"])
         if self.cfg.fusion == "cross":
             return self.final_norm(self._cross_decoder(x_BxLxD, batch, tables))
+        route = self.route(batch)
         if self.cfg.fusion == "late" and self.cfg.late_layers:
             spans_BxL = span_ids(segment_ids_BxL, batch["modality"])
-            route_BxLxM = jax.nn.one_hot(route_index(batch["modality"]), MODALITIES, dtype=x_BxLxD.dtype)
-            x_BxLxD = self._run_stack(self.modality_blocks, x_BxLxD, lambda: spans_BxL, tables, route_BxLxM)
-        x_BxLxD = self._run_stack(self.blocks, x_BxLxD, lambda: segment_ids_BxL, tables)
+            x_BxLxD = self._run_stack(self.modality_blocks, x_BxLxD, lambda: spans_BxL, tables, route)
+        x_BxLxD = self._run_stack(self.blocks, x_BxLxD, lambda: segment_ids_BxL, tables,
+                                  route if self.cfg.fusion == "mot" else None)
         return self.final_norm(x_BxLxD)
+
+    def route(self, batch) -> Route | None:
+        """Which weight slice each position uses, built once per call for every per-modality layer (None when
+        no layer has per-modality weights)."""
+        if self.cfg.fusion == "mot" or (self.cfg.fusion == "late" and self.cfg.late_layers):
+            return make_route(batch["modality"], self.cfg.modality_matmul)
+        return None
 
     def rope_tables(self, positions_BxL):
         """RoPE's cos/sin for these positions (omni.model.layers.rope_tables), computed once per call and read
         by every layer, so no layer (nor its backward pass) recomputes them."""
         return rope_tables(positions_BxL, derived_head_dim(self.cfg), self.cfg.rope_theta)
 
-    def _run_stack(self, stack, x_BxLxD, visible_fn, tables, route_BxLxM=None):
+    def _run_stack(self, stack, x_BxLxD, visible_fn, tables, route=None):
         """x through every block of a stack (scanned or a list), each under the configured remat policy.
 
         visible_fn() gives each block what its attention sees (run ids [B, L] or a mask, see attend), inside
@@ -226,7 +240,7 @@ class OmniTransformer(nnx.Module):
             return x_BxLxD
 
         def run_block(block, x):
-            return block(x, visible_fn(), tables, route_BxLxM=route_BxLxM)
+            return block(x, visible_fn(), tables, route=route)
 
         if self.cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.cfg.remat])
@@ -269,18 +283,19 @@ class OmniTransformer(nnx.Module):
 
     def _cached_call(self, batch, cache, decode: bool, logits_at=None):
         """The KV-cache path: the stacked cache rides in the layer carry; layer i reads/writes cache[:, i]."""
-        if self.cfg.fusion != "early":
-            raise ValueError(f"the KV cache serves model.fusion='early', not '{self.cfg.fusion}' "
+        if self.cfg.fusion not in ("early", "mot"):
+            raise ValueError(f"the KV cache serves model.fusion='early' and 'mot', not '{self.cfg.fusion}' "
                              "(omni.tools.generate recomputes the prefix for the other variants)")
         segment_ids_BxL, positions_BxL = batch["segment_ids"], batch["positions"]
         visible = None if decode else segment_ids_BxL
         slot_B = positions_BxL[:, 0] if decode else None  # a token's cache slot is its position
         x_BxLxD = self.embed_inputs(batch)
         tables = self.rope_tables(positions_BxL)
+        route = self.route(batch)  # mot: a decode step routes each row's one token by its modality
 
         def run_block(carry, block):
             x, cache, layer = carry
-            x, cache = block(x, visible, tables, cache, layer, slot_B)
+            x, cache = block(x, visible, tables, cache, layer, slot_B, route)
             return x, cache, layer + 1
 
         x_BxLxD, cache, _ = _over_blocks(self.blocks, run_block, (x_BxLxD, cache, jnp.zeros((), jnp.int32)))

@@ -35,7 +35,8 @@ block parameter with a leading [layers] axis; a list of blocks stores them under
     unembed                      [d, V]      logits = final_norm(x) @ unembed
 
 d = model.d, V = the vocabulary size (padded to a multiple of 128), N = model.heads, K = model.kv_heads,
-H = the head size, F = the SwiGLU hidden size. `load_export` turns the folder back into a runnable model, a
+H = the head size, F = the SwiGLU hidden size. A model.fusion=mot export has the same names, every blocks.{i}.*
+tensor with a leading [3] axis of modality slices (text, image, audio). `load_export` turns the folder back into a runnable model, a
 Vocab, the tokenizer and the codec without the training dataset. Export runs in one process: it reads every
 parameter in full onto the host, whatever mesh the checkpoint was saved on.
 """
@@ -64,6 +65,7 @@ from omni.data import pipeline
 from omni.data.codec import ToneCodec, codec_from_identity, codec_identity, load_codec
 from omni.data.text_tokenizer import ByteTokenizer, load_tokenizer, save_tokenizer
 from omni.errors import CodecError, DatasetError, ExportError, TokenizerError
+from omni.model.routing import MODALITIES
 from omni.progress import silent
 from omni.tokens import Vocab
 from omni.train import checkpoint
@@ -289,9 +291,9 @@ def export(workdir, out, step: int | None = None, dtype: str = "bfloat16", progr
     step_dir = workdir / "checkpoints" / str(step)
     meta = checkpoint.read_meta(workdir, step)
     cfg = config_lib.from_dict(meta["config"], source=f"{step_dir}/meta")
-    if cfg.model.fusion != "early":
+    if cfg.model.fusion not in ("early", "mot"):
         raise ExportError(f"{step_dir} is a model.fusion='{cfg.model.fusion}' run; omni export writes early-fusion "
-                          "models only (late and cross are ablation variants: score them with `omni eval`)")
+                          "and mot models only (late and cross are ablation variants: score them with `omni eval`)")
     tokenizer = _tokenizer_of(cfg, meta)
     codec = _codec_of(meta)
     vocab = _vocab_of(meta, tokenizer, codec)
@@ -423,13 +425,21 @@ config = json.load(open("config.json"))
 '''
 
 
+_MOT_NOTE = """
+Fusion mot (Mixture-of-Transformers): every `blocks.{i}.*` tensor has a leading axis of M = 3 modality slices,
+0 text, 1 image, 2 audio (the positions of modality id 1, 2, 3 in omni/batch.py; padding, id 0, takes text's). Each
+position goes through its own modality's slice; attention runs over all positions as above."""
+
+
 def readme(cfg: Config, info: dict) -> str:
 
     m = cfg.model
     symbols = {"V": info["vocab"]["size"], "d": m.d, "P": cfg.data.patch_size ** 2 * 3, "N": m.heads,
-               "K": m.kv_heads, "H": derived_head_dim(m), "F": derived_mlp(m)}
+               "K": m.kv_heads, "H": derived_head_dim(m), "F": derived_mlp(m), "M": MODALITIES}
     rows = []
     for generic, (shape, what) in TENSOR_DOCS.items():
+        if m.fusion == "mot" and generic.startswith("blocks."):  # one slice per modality: text, image, audio
+            shape = "[M, " + shape[1:]
         concrete = re.sub(r"[A-Za-z]", lambda s: str(symbols[s.group()]), shape)
         rows.append(f"| `{generic}` | {shape} = {concrete} | {what} |")
     vocab = info["vocab"]
@@ -453,7 +463,7 @@ Exported by `omni export` from `{info['checkpoint']}` (format {FORMAT} v{FORMAT_
 
 Model: {m.layers} layers, width d={m.d}, {m.heads} query heads and {m.kv_heads} key/value heads of size
 {derived_head_dim(m)}, SwiGLU hidden size {derived_mlp(m)}, RMSNorm eps {m.norm_eps:g}, RoPE (rotate-half, theta
-{m.rope_theta:g}) at each token's position inside its packed segment, causal attention, compute dtype {m.dtype}.
+{m.rope_theta:g}) at each token's position inside its packed segment, causal attention, compute dtype {m.dtype}.{_MOT_NOTE if m.fusion == "mot" else ""}
 
 Vocabulary ({vocab['size']} ids, the first {vocab['used_size']} used; omni/tokens.py): special ids below
 {vocab['num_special']} ({specials}); text id = {vocab['text_offset']} + tokenizer id; audio code c of codebook k

@@ -267,7 +267,7 @@ def _make_fns(graphdef, model_cfg, spec: _Spec, total_len: int, patch_dim: int):
         allowed_PxV = jnp.asarray(allowed)
         return _sample(logits_BxV, allowed_PxV[step % phases], key, spec, *sampling)
 
-    if model_cfg.fusion == "early":
+    if model_cfg.fusion in ("early", "mot"):  # global causal attention: a KV cache holds all a step needs
         first_logits, next_logits = _cached_steps(model_cfg, spec, total_len, patch_dim)
     else:
         first_logits, next_logits = _recompute_steps(spec, total_len)
@@ -304,7 +304,8 @@ def _make_fns(graphdef, model_cfg, spec: _Spec, total_len: int, patch_dim: int):
 
 
 def _cached_steps(model_cfg, spec: _Spec, total_len: int, patch_dim: int):
-    """Early fusion: the prompt fills a KV cache, then each step runs one token per row against it."""
+    """Early fusion and mot: the prompt fills a KV cache, then each step runs one token per row against it (mot
+    routes it through its modality's slice)."""
     def first_logits(model, batch, lengths_B):
         cache = init_cache(model_cfg, lengths_B.shape[0], total_len)
         logits_Bx1xV, cache = model(batch, cache=cache, logits_at=lengths_B - 1)
