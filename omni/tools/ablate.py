@@ -266,8 +266,9 @@ def _check_and_save_plan(workdir: Path, runs: list[Run], base: Config) -> None:
         earlier = json.loads(path.read_text())["runs"]
         for name, cfg in planned.items():
             # ablate.* describes the plan, not how a run trains: a plan may grow variants, seeds or sizes
-            keys = [k for k in (config_lib.changed_keys(earlier[name], cfg) if name in earlier else [])
-                    if not k.startswith("ablate.")]
+            # an earlier plan is read through today's schema: a key added since then holds its default there
+            before = config_lib.to_dict(config_lib.from_dict(earlier[name])) if name in earlier else cfg
+            keys = [k for k in config_lib.changed_keys(before, cfg) if not k.startswith("ablate.")]
             if keys:
                 raise ConfigError(f"{workdir} holds an ablation planned with another config: run {name} differs in "
                                   f"{', '.join(keys)}; use a new --workdir, or delete {workdir}")
