@@ -30,7 +30,7 @@ def run(cfg: Config, graphdef, params, num_examples: int, log=print) -> dict:
     for task in corpus.TASKS + corpus.SPEECH_TASKS:
         examples += [e for e in held_out if e["meta"].get("task") == task][:num_examples]
     model = tasks_lib.model_of(cfg, graphdef, params, pipeline.vocab_for(cfg), pipeline.tokenizer_for(cfg),
-                               pipeline.dataset_for(cfg).codec())
+                               pipeline.dataset_for(cfg).codec(), pipeline.image_tokenizer_for(cfg))
     predictions, scores = tasks_lib.run(model, [task_of(e) for e in examples], max_new_by_group=MAX_NEW_TOKENS,
                                         log=lambda *a: None)
     return demo_scores(predictions, scores, log)

@@ -103,8 +103,9 @@ def _generate_and_score(cfg, graphdef, params, max_examples, prompts, max_new_to
     """({"dataset", "split", "examples", "max_new_tokens", "scores"}, predictions) of the eval split or a
     prompts file (omni.tools.tasks)."""
     vocab, tokenizer, codec = pipeline.vocab_for(cfg), pipeline.tokenizer_for(cfg), pipeline.dataset_for(cfg).codec()
-    tasks, split = tasks_lib.eval_tasks(cfg, max_examples, prompts, codec)
-    model = tasks_lib.model_of(cfg, graphdef, params, vocab, tokenizer, codec)
+    image_tokenizer = pipeline.image_tokenizer_for(cfg)
+    tasks, split = tasks_lib.eval_tasks(cfg, max_examples, prompts, codec, image_tokenizer)
+    model = tasks_lib.model_of(cfg, graphdef, params, vocab, tokenizer, codec, image_tokenizer)
     demo_caps = scorer.MAX_NEW_TOKENS if cfg.data.dataset in corpus.NAMES and max_new_tokens is None else None
     predictions, scores = tasks_lib.run(model, tasks, max_new_tokens=max_new_tokens, max_new_by_group=demo_caps,
                                         batch_size=batch_size, log=log)

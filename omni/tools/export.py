@@ -61,6 +61,7 @@ from omni import config as config_lib
 from omni import tokens
 from omni.config import Config, derived_head_dim, derived_mlp
 from omni.data import pipeline
+from omni.data import image_tokenizer as image_tokenizer_lib
 from omni.data.codec import ToneCodec, codec_from_identity, codec_identity, load_codec
 from omni.data.text_tokenizer import ByteTokenizer, load_tokenizer, save_tokenizer
 from omni.errors import CodecError, DatasetError, ExportError, TokenizerError
@@ -268,6 +269,21 @@ def _codec_of(meta: dict):
     return codec_from_identity(identity)
 
 
+def _image_tokenizer_of(meta: dict):
+    """The image tokenizer the dataset was built with, from the checkpoint meta; None without one."""
+    identity = meta.get("image_tokenizer")
+    if not identity:
+        return None
+    if identity.get("path"):  # a fitted tokenizer saved inside the dataset folder
+        where = Path(meta.get("dataset") or ".") / identity["path"]
+        try:
+            return image_tokenizer_lib.load_image_tokenizer(where)
+        except CodecError as e:
+            raise ExportError(f"cannot load image tokenizer {identity['name']} from the dataset folder {where}: {e}. "
+                              f"The dataset folder must still exist; restore it there") from e
+    return image_tokenizer_lib.from_identity(identity)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Writing.
 
@@ -294,7 +310,7 @@ def export(workdir, out, step: int | None = None, dtype: str = "bfloat16", progr
                           "models only (late and cross are ablation variants: score them with `omni eval`)")
     tokenizer = _tokenizer_of(cfg, meta)
     codec = _codec_of(meta)
-    vocab = _vocab_of(meta, tokenizer, codec)
+    vocab = _vocab_of(meta, tokenizer, codec, _image_tokenizer_of(meta))
     checked = _checked_tensors(workdir, step, cfg, vocab)
     with progress("export", total=len(checked) + 1, unit="tensor") as bar:
         return _write_export(workdir, out, step, dtype, cfg, tokenizer, codec, vocab, checked, bar)
@@ -333,16 +349,20 @@ def _write_export(workdir: Path, out: Path, step: int, dtype: str, cfg, tokenize
     return out
 
 
-def _vocab_of(meta: dict, tokenizer, codec) -> Vocab:
-    """The vocabulary the checkpoint recorded (rebuilt from its tokenizer and codec for a meta without one)."""
+def _vocab_of(meta: dict, tokenizer, codec, image_tokenizer=None) -> Vocab:
+    """The vocabulary the checkpoint recorded (rebuilt from its tokenizer and codecs for a meta without one)."""
     codebook_sizes = tuple(codec.codebook_sizes) if codec is not None else ()
+    image_sizes = tuple(image_tokenizer.codebook_sizes) if image_tokenizer is not None else ()
     if "vocab" not in meta:
-        return Vocab(text_size=tokenizer.vocab_size, codebook_sizes=codebook_sizes)
+        return Vocab(text_size=tokenizer.vocab_size, codebook_sizes=codebook_sizes, image_codebook_sizes=image_sizes)
     vocab = vocab_from_block(meta["vocab"])
-    if (vocab.text_size, vocab.codebook_sizes) != (tokenizer.vocab_size, codebook_sizes):
+    if (vocab.text_size, vocab.codebook_sizes, vocab.image_codebook_sizes) != (tokenizer.vocab_size, codebook_sizes,
+                                                                               image_sizes):
         raise ExportError(f"the checkpoint's vocabulary (text {vocab.text_size}, codebooks "
-                          f"{list(vocab.codebook_sizes)}) does not fit its tokenizer ({tokenizer.vocab_size} ids) "
-                          f"and codec (codebooks {list(codebook_sizes)}); the dataset changed after training")
+                          f"{list(vocab.codebook_sizes)}, image codebooks {list(vocab.image_codebook_sizes)}) does "
+                          f"not fit its tokenizer ({tokenizer.vocab_size} ids), codec (codebooks "
+                          f"{list(codebook_sizes)}) and image tokenizer (codebooks {list(image_sizes)}); the dataset "
+                          f"changed after training")
     return vocab
 
 
@@ -493,6 +513,7 @@ class Exported:
     tokenizer: Any
     codec: Any | None   # None when the model was trained without audio
     info: dict          # the "export" block of config.json
+    image_tokenizer: Any | None = None  # None when the model was trained without image codes
 
     def model(self):
         return model_from_export(self)
@@ -548,13 +569,14 @@ def load_workdir(workdir, step: int | None = None) -> Exported:
     cfg = config_lib.from_dict(meta["config"], source=f"{workdir / 'checkpoints' / str(step)}/meta")
     tokenizer = _tokenizer_of(cfg, meta)
     codec = _codec_of(meta)
-    vocab = _vocab_of(meta, tokenizer, codec)
+    image_tokenizer = _image_tokenizer_of(meta)
+    vocab = _vocab_of(meta, tokenizer, codec, image_tokenizer)
     graphdef, abstract = abstract_model(cfg, vocab)
     params = params_from_tensors(_checked_tensors(workdir, step, cfg, vocab), abstract, cfg.model.scan_layers,
                                  jnp.dtype(cfg.model.param_dtype))
     info = {"step": step, "dtype": cfg.model.param_dtype, "checkpoint": str(workdir / "checkpoints" / str(step))}
     return Exported(folder=workdir, config=cfg, vocab=vocab, graphdef=graphdef, params=params, tokenizer=tokenizer,
-                    codec=codec, info=info)
+                    codec=codec, info=info, image_tokenizer=image_tokenizer)
 
 
 def load_model(path, step: int | None = None) -> Exported:
