@@ -12,13 +12,17 @@ writes
     OUT/codec/              the audio codec: a fitted MelRVQCodec's codec.json + codec.npz, or for the tone
                             codec and precomputed (external) codecs a codec.json holding just the identity;
                             absent when the dataset had no audio
+    OUT/image_tokenizer/    the image tokenizer: a fitted PatchRVQTokenizer's image_tokenizer.json + .npz, or for
+                            an external one an image_tokenizer.json holding just its identity; absent when the
+                            dataset had none (image codes in the vocabulary come with it)
     OUT/README.md           what the folder holds, where it came from, the tensor table, how to read it with numpy
 
 Tensor names are the dotted paths of the model's nnx parameter tree (omni/model/transformer.py) with the layer stack
 unstacked, so they are the same whether the run used model.scan_layers or not (a scanned run stores every
 block parameter with a leading [layers] axis; a list of blocks stores them under 0, 1, ...):
 
-    embed                        [V, d]      token embedding table (special, text and audio-code ids; omni.tokens)
+    embed                        [V, d]      token embedding table (special, text, audio- and image-code ids;
+                                             omni.tokens)
     patch_proj                   [P, d]      image patch projection: P = patch_size * patch_size * 3 pixels in
                                              [-1, 1] (omni.tokens.patchify order) -> width d
     patch_bias                   [d]         bias of the patch projection
@@ -36,7 +40,7 @@ block parameter with a leading [layers] axis; a list of blocks stores them under
 
 d = model.d, V = the vocabulary size (padded to a multiple of 128), N = model.heads, K = model.kv_heads,
 H = the head size, F = the SwiGLU hidden size. `load_export` turns the folder back into a runnable model, a
-Vocab, the tokenizer and the codec without the training dataset. Export runs in one process: it reads every
+Vocab, the tokenizer, the codec and the image tokenizer without the training dataset. Export runs in one process: it reads every
 parameter in full onto the host, whatever mesh the checkpoint was saved on.
 """
 
@@ -77,11 +81,12 @@ CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 CODEC_DIR = "codec"
 CODEC_FILE = "codec.json"
+IMAGE_TOKENIZER_DIR = "image_tokenizer"
 DTYPES = {"bfloat16": np.dtype(jnp.bfloat16), "float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 
 # Generic tensor name -> (shape in the symbols of the module docstring, what it is). Order = file order.
 TENSOR_DOCS = {
-    "embed": ("[V, d]", "token embedding table: special, text and audio-code ids (vocab block of config.json)"),
+    "embed": ("[V, d]", "token embedding table: special, text, audio- and image-code ids (vocab block of config.json)"),
     "patch_proj": ("[P, d]", "image patch projection: a patch's P = patch_size² × 3 pixels in [-1, 1] -> width d"),
     "patch_bias": ("[d]", "bias of the patch projection"),
     "blocks.{i}.attn_norm.scale": ("[d]", "RMSNorm scale before attention"),
@@ -310,17 +315,20 @@ def export(workdir, out, step: int | None = None, dtype: str = "bfloat16", progr
                           "models only (late and cross are ablation variants: score them with `omni eval`)")
     tokenizer = _tokenizer_of(cfg, meta)
     codec = _codec_of(meta)
-    vocab = _vocab_of(meta, tokenizer, codec, _image_tokenizer_of(meta))
+    image_tokenizer = _image_tokenizer_of(meta)
+    vocab = _vocab_of(meta, tokenizer, codec, image_tokenizer)
     checked = _checked_tensors(workdir, step, cfg, vocab)
     with progress("export", total=len(checked) + 1, unit="tensor") as bar:
-        return _write_export(workdir, out, step, dtype, cfg, tokenizer, codec, vocab, checked, bar)
+        return _write_export(workdir, out, step, dtype, cfg, tokenizer, (codec, image_tokenizer), vocab, checked,
+                             bar)
 
 
-def _write_export(workdir: Path, out: Path, step: int, dtype: str, cfg, tokenizer, codec, vocab, checked,
+def _write_export(workdir: Path, out: Path, step: int, dtype: str, cfg, tokenizer, codecs, vocab, checked,
                   bar) -> Path:
     """The rest of export(): cast the checked tensors, write everything into a temporary folder, rename it."""
     step_dir = workdir / "checkpoints" / str(step)
     tensors = cast_tensors(checked, dtype, bar)
+    codec, image_tokenizer = codecs
 
     info = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "dtype": dtype,
@@ -328,6 +336,7 @@ def _write_export(workdir: Path, out: Path, step: int, dtype: str, cfg, tokenize
         "vocab": vocab_block(vocab, cfg.data.audio_layout),
         "tokenizer": tokenizer.identity(),
         "codec": None if codec is None else codec_identity(codec),
+        "image_tokenizer": None if image_tokenizer is None else image_tokenizer_lib.identity(image_tokenizer),
         "tensors": {name: list(t.shape) for name, t in tensors.items()},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -340,6 +349,8 @@ def _write_export(workdir: Path, out: Path, step: int, dtype: str, cfg, tokenize
         save_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
         if codec is not None:
             _save_codec(codec, tmp / CODEC_DIR)
+        if image_tokenizer is not None:
+            _save_image_tokenizer(image_tokenizer, tmp / IMAGE_TOKENIZER_DIR)
         (tmp / "README.md").write_text(readme(cfg, info))
         (tmp / CONFIG_FILE).write_text(json.dumps(dict(config_lib.to_dict(cfg), export=info), indent=2) + "\n")
         tmp.rename(out)  # rename(2) also replaces an empty folder the user made, in one step
@@ -409,6 +420,29 @@ def _save_codec(codec, folder: Path) -> None:
     (folder / CODEC_FILE).write_text(json.dumps(dict(codec_identity(codec), kind=kind), indent=2) + "\n")
 
 
+def _save_image_tokenizer(image_tokenizer, folder: Path) -> None:
+    """A fitted image tokenizer saves its files; an external one is its identity alone."""
+    if hasattr(image_tokenizer, "save"):
+        image_tokenizer.save(folder)
+        return
+    folder.mkdir(parents=True)
+    identity = dict(image_tokenizer_lib.identity(image_tokenizer), kind="precomputed")
+    (folder / image_tokenizer_lib.CONFIG_FILE).write_text(json.dumps(identity, indent=2) + "\n")
+
+
+def load_image_tokenizer_folder(folder: Path):
+    """The image tokenizer an export's image_tokenizer/ folder holds (None when there is none)."""
+    if not (folder / image_tokenizer_lib.CONFIG_FILE).is_file():
+        return None
+    try:
+        if (folder / image_tokenizer_lib.ARRAYS_FILE).is_file():
+            return image_tokenizer_lib.load_image_tokenizer(folder)
+        return image_tokenizer_lib.from_identity(json.loads((folder / image_tokenizer_lib.CONFIG_FILE).read_text()))
+    except (CodecError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"the image tokenizer of export {folder.parent} cannot be loaded ({e}); export the "
+                          f"checkpoint again") from None
+
+
 def load_codec_folder(folder: Path):
     """The codec an export's codec/ folder holds (None when there is none)."""
     if not (folder / CODEC_FILE).is_file():
@@ -457,6 +491,14 @@ def readme(cfg: Config, info: dict) -> str:
     codec_line = (f"the audio codec {codec['name']} ({codec['frame_rate']:g} frames/s, codebook sizes "
                   f"{codec['codebook_sizes']}); omni.tools.export.load_codec_folder reads it" if codec else
                   "no codec folder: the model was trained without audio")
+    image_tok = info.get("image_tokenizer")
+    image_line = (f"the image tokenizer {image_tok['name']} ({image_tok['patch_size'] or '?'} x "
+                  f"{image_tok['patch_size'] or '?'} pixels a cell, codebook sizes {image_tok['codebook_sizes']}); "
+                  f"omni.tools.export.load_image_tokenizer_folder reads it" if image_tok else
+                  "no image tokenizer folder: the model was trained without image codes")
+    image_ids = (f" Image code c of codebook k = image_offsets[k] + c with image_offsets = {vocab['image_offsets']}; "
+                 f"an image is `<boi>` then each row's cells (cell-major, then codebook) and `<row>`, then `<eoi>`."
+                 if vocab["image_offsets"] else "")
     specials = ", ".join(f"`{name}` {token_id}" for name, token_id in vocab["special_tokens"].items())
     return f"""# {cfg.name}: omni export, step {info['step']}
 
@@ -468,6 +510,7 @@ Exported by `omni export` from `{info['checkpoint']}` (format {FORMAT} v{FORMAT_
 | `config.json` | the run's omni config + `"export"`: step, dtype, vocabulary layout, tokenizer, codec, tensor shapes |
 | `tokenizer/` | the text tokenizer ({info['tokenizer']['kind']}, {info['tokenizer']['vocab_size']} ids) |
 | {'`codec/`' if codec else '-'} | {codec_line} |
+| {'`image_tokenizer/`' if image_tok else '-'} | {image_line} |
 
 `config.json` without its `"export"` key is the config that trained this checkpoint, as `omni train --config` reads it.
 
@@ -477,7 +520,7 @@ Model: {m.layers} layers, width d={m.d}, {m.heads} query heads and {m.kv_heads} 
 
 Vocabulary ({vocab['size']} ids, the first {vocab['used_size']} used; omni/tokens.py): special ids below
 {vocab['num_special']} ({specials}); text id = {vocab['text_offset']} + tokenizer id; audio code c of codebook k
-= audio_offsets[k] + c with audio_offsets = {vocab['audio_offsets']}, laid out `{vocab['audio_layout']}`.
+= audio_offsets[k] + c with audio_offsets = {vocab['audio_offsets']}, laid out `{vocab['audio_layout']}`.{image_ids}
 
 ## Tensors
 
@@ -495,7 +538,7 @@ Layer i runs 0..{m.layers - 1}. Layouts are those of omni/model/transformer.py (
 `safetensors.numpy.load_file("model.safetensors")` reads float32 and float16 exports directly; it reads a
 bfloat16 export only when `ml_dtypes` is installed (it comes with jax) and then returns `ml_dtypes.bfloat16`
 arrays. In omni, `omni.tools.export.load_export(this_folder)` gives back the config, the vocabulary, the tokenizer,
-the codec and a runnable model (`.model()`: batch -> logits), without the checkpoint or the training data.
+the codec, the image tokenizer and a runnable model (`.model()`: batch -> logits), without the checkpoint or the training data.
 """
 
 
@@ -556,8 +599,9 @@ def load_export(folder, scan_layers: bool | None = None) -> Exported:
         tokenizer = load_tokenizer("bytes" if info["tokenizer"]["kind"] == "bytes" else str(folder / TOKENIZER_DIR))
     except TokenizerError as e:
         raise ExportError(f"the tokenizer of export {folder} cannot be loaded: {e}") from e
+    image_tokenizer = load_image_tokenizer_folder(folder / IMAGE_TOKENIZER_DIR)  # generating images needs it
     return Exported(folder=folder, config=cfg, vocab=vocab, graphdef=graphdef, params=params, tokenizer=tokenizer,
-                    codec=load_codec_folder(folder / CODEC_DIR), info=info)
+                    codec=load_codec_folder(folder / CODEC_DIR), info=info, image_tokenizer=image_tokenizer)
 
 
 def load_workdir(workdir, step: int | None = None) -> Exported:
