@@ -536,7 +536,7 @@ def _run(args) -> int:
 
         distributed.initialize()  # joins a multi-process job when the environment describes one
     if args.verb in ("train", "eval", "ablate", "data"):
-        import omni.demo  # noqa: F401  (registers data.dataset=demo / demo-speech: built on first use)
+        import omni.demo  # noqa: F401  (registers data.dataset=demo / demo-speech / demo-draw: built on first use)
     if args.verb == "data":
         {"build": _data_build, "show": _data_show, "bench": _data_bench, "split": _data_split}[args.action](args)
     elif args.verb == "tokenizer":

@@ -719,7 +719,7 @@ def dataset_folder(cfg) -> Path:
     if name in GENERATED:
         return GENERATED[name](cfg)
     path = Path(name).expanduser()
-    if not path.exists() and name in ("demo", "demo-speech"):
+    if not path.exists() and name in ("demo", "demo-speech", "demo-draw"):
         raise DatasetError(f"data.dataset={name!r} is the generated demo corpus, and omni.demo (which builds it) is "
                            "not imported; the omni command imports it, in Python `import omni.demo` first")
     return path

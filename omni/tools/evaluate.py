@@ -75,7 +75,8 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides:
                                                          max_new_tokens, batch_size, log)
         generated["predictions"] = str(predictions_path(out))
         if cfg.data.dataset in corpus.NAMES:  # the demo scores come from the same answers
-            tasks = scorer.demo_scores(predictions, generated["scores"], log=lambda *a: None)
+            tasks = scorer.demo_scores(predictions, generated["scores"], log=lambda *a: None,
+                                       image_tokenizer=pipeline.image_tokenizer_for(cfg))
     elif examples and cfg.data.dataset in corpus.NAMES:
         with sharding.activate(mesh, cfg.mesh.rules):
             tasks = scorer.run(cfg, graphdef, params, examples, log=log)
