@@ -95,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--target", choices=("text", "audio", "image"), default="text", help="what to generate")
     gen.add_argument("--image-size", help="--target image: HEIGHTxWIDTH pixels (e.g. 32x32), fitted to the model's "
                                           "cell budget (data.max_image_patches) as training fits images; default: "
+                                          "the size its training images mostly had (recorded by data build), else "
                                           "the largest square grid of that budget. A manifest line's answer keeps "
                                           "its own image's grid")
     gen.add_argument("--max-new-tokens", type=int, default=200,
@@ -625,7 +626,8 @@ def _generate(args) -> None:
     grid = None
     if args.target == "image":
         image_generate.check_can_generate(model.vocab, model.image_tokenizer)
-        grid = image_generate.grid_for(model.image_tokenizer, cfg.data.max_image_patches, image_size)
+        grid = image_generate.grid_for(model.image_tokenizer, cfg.data.max_image_patches,
+                                       image_size or model.image_size)
     segments = generate.parse_prompt(args.prompt, args.audio, patch_size=cfg.data.patch_size,
                                      max_image_patches=cfg.data.max_image_patches, codec=model.codec)
     prompt = generate.prompt_arrays(segments, model.vocab, model.tokenizer, cfg.data.patch_size,

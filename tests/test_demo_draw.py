@@ -30,6 +30,7 @@ def test_scene_attributes_read_the_colour_and_place_of_drawn_scenes():
 def test_the_corpus_is_built_with_its_own_image_tokenizer_and_held_out_prompts_are_image_tasks(cfg):
     dataset = pipeline.dataset_for(cfg)
     assert dataset.meta["image_tokenizer"]["name"] == "patch-rvq-v1" and dataset.meta["codec"] is None
+    assert dataset.meta["image_tokenizer"]["image_size"] == [32, 32]
     assert pipeline.vocab_for(cfg).image_codebook_sizes == (64, 64)
     tasks = [task_of(e) for e in pipeline.examples(cfg, "eval")]
     assert len(tasks) == 8 and all(t.target == "image" and t.group == "draw" for t in tasks)

@@ -51,7 +51,8 @@ def exported(tmp_path_factory):
     assert run.returncode == 0, run.stderr[-2000:]
 
     cfg = tiny_config()
-    cfg.data.dataset, cfg.data.patch_size, cfg.data.max_image_patches, cfg.data.seq_len = str(root / "ds"), 4, 4, 64
+    # a budget of 16 cells: its largest square (4 x 4) is not the 2 x 2 grid the recorded 8 x 8 images have
+    cfg.data.dataset, cfg.data.patch_size, cfg.data.max_image_patches, cfg.data.seq_len = str(root / "ds"), 4, 16, 64
     cfg.train.steps, cfg.train.lr, cfg.train.warmup_steps, cfg.train.weight_decay = 150, 1e-2, 10, 0.0
     cfg.train.log_every, cfg.train.checkpoint_every = 50, 150
     loop.train(cfg, root / "run", progress=False)
@@ -67,6 +68,7 @@ def test_the_export_carries_the_image_tokenizer_and_the_image_code_ids(exported)
     info = json.loads((folder / "config.json").read_text())["export"]
     assert info["vocab"]["image_codebook_sizes"] == [8, 8]
     assert info["image_tokenizer"]["name"] == PatchRVQTokenizer.name
+    assert info["image_tokenizer"]["image_size"] == [8, 8]  # recorded by data build, the size generation draws
     readme = (folder / "README.md").read_text()
     assert "`image_tokenizer/`" in readme and "image_offsets = [" in readme
     model = export_lib.load_export(folder)

@@ -274,6 +274,12 @@ def _codec_of(meta: dict):
     return codec_from_identity(identity)
 
 
+def _image_size_of(meta: dict) -> list[int] | None:
+    """[H, W]: the most common size of the images the model learned as codes, as its dataset recorded it (the
+    size `omni generate --target image` draws by default); None when not recorded."""
+    return (meta.get("image_tokenizer") or {}).get("image_size")
+
+
 def _image_tokenizer_of(meta: dict):
     """The image tokenizer the dataset was built with, from the checkpoint meta; None without one."""
     identity = meta.get("image_tokenizer")
@@ -320,11 +326,11 @@ def export(workdir, out, step: int | None = None, dtype: str = "bfloat16", progr
     checked = _checked_tensors(workdir, step, cfg, vocab)
     with progress("export", total=len(checked) + 1, unit="tensor") as bar:
         return _write_export(workdir, out, step, dtype, cfg, tokenizer, (codec, image_tokenizer), vocab, checked,
-                             bar)
+                             bar, meta)
 
 
 def _write_export(workdir: Path, out: Path, step: int, dtype: str, cfg, tokenizer, codecs, vocab, checked,
-                  bar) -> Path:
+                  bar, meta: dict) -> Path:
     """The rest of export(): cast the checked tensors, write everything into a temporary folder, rename it."""
     step_dir = workdir / "checkpoints" / str(step)
     tensors = cast_tensors(checked, dtype, bar)
@@ -336,7 +342,8 @@ def _write_export(workdir: Path, out: Path, step: int, dtype: str, cfg, tokenize
         "vocab": vocab_block(vocab, cfg.data.audio_layout),
         "tokenizer": tokenizer.identity(),
         "codec": None if codec is None else codec_identity(codec),
-        "image_tokenizer": None if image_tokenizer is None else image_tokenizer_lib.identity(image_tokenizer),
+        "image_tokenizer": None if image_tokenizer is None else dict(
+            image_tokenizer_lib.identity(image_tokenizer), image_size=_image_size_of(meta)),
         "tensors": {name: list(t.shape) for name, t in tensors.items()},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -557,6 +564,7 @@ class Exported:
     codec: Any | None   # None when the model was trained without audio
     info: dict          # the "export" block of config.json
     image_tokenizer: Any | None = None  # None when the model was trained without image codes
+    image_size: tuple[int, int] | None = None  # (H, W) the images it learned as codes mostly had (None: unknown)
 
     def model(self):
         return model_from_export(self)
@@ -600,8 +608,10 @@ def load_export(folder, scan_layers: bool | None = None) -> Exported:
     except TokenizerError as e:
         raise ExportError(f"the tokenizer of export {folder} cannot be loaded: {e}") from e
     image_tokenizer = load_image_tokenizer_folder(folder / IMAGE_TOKENIZER_DIR)  # generating images needs it
+    size = (info.get("image_tokenizer") or {}).get("image_size")
     return Exported(folder=folder, config=cfg, vocab=vocab, graphdef=graphdef, params=params, tokenizer=tokenizer,
-                    codec=load_codec_folder(folder / CODEC_DIR), info=info, image_tokenizer=image_tokenizer)
+                    codec=load_codec_folder(folder / CODEC_DIR), info=info, image_tokenizer=image_tokenizer,
+                    image_size=tuple(size) if size else None)
 
 
 def load_workdir(workdir, step: int | None = None) -> Exported:
@@ -619,8 +629,9 @@ def load_workdir(workdir, step: int | None = None) -> Exported:
     params = params_from_tensors(_checked_tensors(workdir, step, cfg, vocab), abstract, cfg.model.scan_layers,
                                  jnp.dtype(cfg.model.param_dtype))
     info = {"step": step, "dtype": cfg.model.param_dtype, "checkpoint": str(workdir / "checkpoints" / str(step))}
+    size = _image_size_of(meta)
     return Exported(folder=workdir, config=cfg, vocab=vocab, graphdef=graphdef, params=params, tokenizer=tokenizer,
-                    codec=codec, info=info, image_tokenizer=image_tokenizer)
+                    codec=codec, info=info, image_tokenizer=image_tokenizer, image_size=tuple(size) if size else None)
 
 
 def load_model(path, step: int | None = None) -> Exported:

@@ -861,7 +861,8 @@ def generate_file(model_path, prompts, out, *, step: int | None = None, target: 
                   log=None) -> list[dict]:
     """`omni generate --prompts`: every prompt of the file `prompts` (read_prompts) continued by the model at
     `model_path` (an export or a workdir) in batches; one JSON line per prompt, in file order, to `out`
-    (run_tasks for the fields). Prints a summary line on stderr."""
+    (run_tasks for the fields). Inline image prompts are image_size (H, W) pixels, default the size the model's
+    images mostly had. Prints a summary line on stderr."""
     import sys
 
     from omni.tools import export
@@ -871,7 +872,8 @@ def generate_file(model_path, prompts, out, *, step: int | None = None, target: 
     model = export.load_model(model_path, step)
     cfg = model.config
     tasks = read_prompts(prompts, patch_size=cfg.data.patch_size, max_image_patches=cfg.data.max_image_patches,
-                         codec=model.codec, target=target, image_tokenizer=model.image_tokenizer, image_size=image_size)
+                         codec=model.codec, target=target, image_tokenizer=model.image_tokenizer,
+                         image_size=image_size or model.image_size)
     predictions, result = run_tasks(model, tasks, max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_k=top_k, seed=seed, batch_size=batch_size, wav_dir=wav_dir,
                                     source=str(prompts), image_dir=image_dir)

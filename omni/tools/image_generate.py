@@ -7,8 +7,9 @@ out as training lays out image codes (omni.tokens):
 
 The grid (R rows x C cols of cells, K codebooks) is fixed before generation starts (ImageGrid): the truth's
 grid when there is one to score against, else the grid an image of --image-size pixels is fitted to when it
-enters the model (omni.data.images.fitted_grid, the data.max_image_patches budget), by default the largest
-square the budget holds. So every position has exactly one legal kind, and allowed_table restricts its logits
+enters the model (omni.data.images.fitted_grid, the data.max_image_patches budget); by default the size the
+model's training images learned as codes mostly had (`omni data build` records it with the image tokenizer, an
+export carries it), else the largest square the budget holds. So every position has exactly one legal kind, and allowed_table restricts its logits
 to it:
 
     phase p = n % (C*K + 1) of generated position n     codebook p % K      (p < C*K)

@@ -23,10 +23,11 @@ from omni.tools import generate as generate_lib
 from omni.tools import scores as scores_lib
 
 
-def model_of(cfg, graphdef, params, vocab, tokenizer, codec, image_tokenizer=None):
-    """What omni.tools.generate.run_tasks needs of a model, from a config and its (sharded) parameters."""
+def model_of(cfg, graphdef, params, vocab, tokenizer, codec, image_tokenizer=None, image_size=None):
+    """What omni.tools.generate.run_tasks needs of a model, from a config and its (sharded) parameters
+    (image_size: the (H, W) its image answers have by default; omni.tools.export.Exported)."""
     return types.SimpleNamespace(config=cfg, graphdef=graphdef, params=params, vocab=vocab, tokenizer=tokenizer,
-                                 codec=codec, image_tokenizer=image_tokenizer)
+                                 codec=codec, image_tokenizer=image_tokenizer, image_size=image_size)
 
 
 def eval_tasks(cfg, max_examples: int | None = None, prompts=None, codec=None,
