@@ -6,6 +6,7 @@
     omni export --workdir runs/demo [--step N] --out exported/demo [--dtype bfloat16]
     omni export --format hf --workdir runs/demo --out exported/demo-hf [--max-shard-size 5GB]   # a HF Llama folder
     omni generate --model exported/demo --prompt "<image:cat.png>" --target text|audio [--audio a.wav]
+    omni generate --model exported/draw --prompt "draw a red circle" --target image --out img.png [--image-size 32x32]
     omni generate --model exported/demo --prompts prompts.jsonl --out preds.jsonl [--wav-dir wavs/]   # batched
     omni ablate --config configs/ablate_fusion.py --workdir runs/ablate [--seeds 3]   # early vs late vs cross
     omni bench --config configs/bench/omni_1b.py [--text-only]   # step time, tokens/s, TFLOP/s, MFU: one JSON line
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from omni.errors import ConfigError, GenerateError, OmniError
@@ -84,8 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                                                                "(default) or 500MB; bigger models are sharded")
     exp.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
-    gen = verbs.add_parser("generate", help="text or audio from a model after an interleaved prompt, or after "
-                                            "every prompt of a file, in batches")
+    gen = verbs.add_parser("generate", help="text, audio or an image from a model after an interleaved prompt, or "
+                                            "after every prompt of a file, in batches")
     gen.add_argument("--model", required=True, help="a folder written by `omni export`, or a training workdir")
     gen.add_argument("--step", type=int, help="with a workdir: its checkpoint step (default: the latest)")
     prompt = gen.add_mutually_exclusive_group(required=True)
@@ -94,15 +96,23 @@ def _parser() -> argparse.ArgumentParser:
                                           "or {\"prompt\": ..., \"id\": ..., \"target\": ...} lines; results go to --out")
     gen.add_argument("--batch-size", type=int, default=64, help="with --prompts: prompts per batch (default 64)")
     gen.add_argument("--wav-dir", help="with --prompts: write each audio answer as <id>.wav here")
+    gen.add_argument("--image-dir", help="with --prompts: write each image answer as <id>.png here")
     gen.add_argument("--audio", action="append", default=[], help="a WAV file appended to the prompt (repeatable)")
-    gen.add_argument("--target", choices=("text", "audio"), default="text", help="what to generate")
+    gen.add_argument("--target", choices=("text", "audio", "image"), default="text", help="what to generate")
+    gen.add_argument("--image-size", help="--target image: HEIGHTxWIDTH pixels (e.g. 32x32), fitted to the model's "
+                                          "cell budget (data.max_image_patches) as training fits images; default: "
+                                          "the size its training images mostly had (recorded by data build), else "
+                                          "the largest square grid of that budget. A manifest line's answer keeps "
+                                          "its own image's grid")
     gen.add_argument("--max-new-tokens", type=int, default=200,
-                     help="at most this many tokens (capped to what the model's trained context leaves)")
+                     help="at most this many tokens (capped to what the model's trained context leaves); an image "
+                          "answer is always its whole grid")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--out", help="--prompt: where audio goes (default generated.wav; a WAV when the codec "
-                                   "decodes, else codes as .npy); --prompts: the results, one JSON line per prompt")
+    gen.add_argument("--out", help="--prompt: where audio or an image goes (default generated.wav / generated.png; "
+                                   "codes as .npy when the codec or image tokenizer cannot decode); --prompts: the "
+                                   "results, one JSON line per prompt")
 
     abl = verbs.add_parser("ablate", help="train every fusion variant x seed of the config's ablate plan alike, "
                                           "then write ablation.csv/.md/.png (re-run to resume)")
@@ -533,7 +543,7 @@ def _run(args) -> int:
 
         distributed.initialize()  # joins a multi-process job when the environment describes one
     if args.verb in ("train", "eval", "ablate", "data"):
-        import omni.demo  # noqa: F401  (registers data.dataset=demo / demo-speech: built on first use)
+        import omni.demo  # noqa: F401  (registers data.dataset=demo / demo-speech / demo-draw: built on first use)
     if args.verb == "data":
         {"build": _data_build, "show": _data_show, "bench": _data_bench, "split": _data_split}[args.action](args)
     elif args.verb == "tokenizer":
@@ -604,10 +614,11 @@ def _generate(args) -> None:
     import numpy as np
 
     from omni.data import audio
-    from omni.tools import export, generate
+    from omni.tools import export, generate, image_generate
 
     if args.max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}")
+    image_size = _image_size(args.image_size) if args.image_size is not None else None
     # the export's compile_cache setting (a workdir has no export config: the default), before anything compiles
     _enable_compile_cache_of_export(Path(args.model) / export.CONFIG_FILE)
     if args.prompts is not None:
@@ -616,31 +627,51 @@ def _generate(args) -> None:
                                 "prompts' lines)")
         generate.generate_file(args.model, args.prompts, args.out, step=args.step, target=args.target,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                               seed=args.seed, batch_size=args.batch_size, wav_dir=args.wav_dir)
+                               seed=args.seed, batch_size=args.batch_size, wav_dir=args.wav_dir,
+                               image_dir=args.image_dir, image_size=image_size)
         return
-    if args.wav_dir:
-        raise GenerateError("--wav-dir goes with --prompts; with --prompt, --out names the WAV")
-    args.out = args.out or "generated.wav"
+    if args.wav_dir or args.image_dir:
+        raise GenerateError("--wav-dir and --image-dir go with --prompts; with --prompt, --out names the file")
+    if image_size is not None and args.target != "image":
+        raise GenerateError(f"--image-size goes with --target image (this asks for --target {args.target})")
+    args.out = args.out or ("generated.png" if args.target == "image" else "generated.wav")
     model = export.load_model(args.model, args.step)
     cfg = model.config
+    grid = None
+    if args.target == "image":
+        image_generate.check_can_generate(model.vocab, model.image_tokenizer)
+        grid = image_generate.grid_for(model.image_tokenizer, cfg.data.max_image_patches,
+                                       image_size or model.image_size)
     segments = generate.parse_prompt(args.prompt, args.audio, patch_size=cfg.data.patch_size,
                                      max_image_patches=cfg.data.max_image_patches, codec=model.codec)
     prompt = generate.prompt_arrays(segments, model.vocab, model.tokenizer, cfg.data.patch_size,
                                     cfg.data.audio_layout, args.target)
     prompt_len, context = len(prompt["tokens"]), cfg.data.seq_len
-    max_new = generate.fit_to_context(args.max_new_tokens, prompt_len, context)
-    if max_new < args.max_new_tokens:
-        print(f"omni: --max-new-tokens {args.max_new_tokens} capped to {max_new}: the model was trained on "
-              f"{context}-token sequences and the prompt has {prompt_len}", file=sys.stderr, flush=True)
+    if grid is not None:
+        max_new = image_generate.fit_to_context(grid, prompt_len, context)
+    else:
+        max_new = generate.fit_to_context(args.max_new_tokens, prompt_len, context)
+        if max_new < args.max_new_tokens:
+            print(f"omni: --max-new-tokens {args.max_new_tokens} capped to {max_new}: the model was trained on "
+                  f"{context}-token sequences and the prompt has {prompt_len}", file=sys.stderr, flush=True)
     result = generate.generate(model.graphdef, model.params, cfg.model, model.vocab, [prompt],
                                target=args.target, max_new_tokens=max_new, temperature=args.temperature,
-                               top_k=args.top_k, seed=args.seed, audio_layout=cfg.data.audio_layout)
+                               top_k=args.top_k, seed=args.seed, audio_layout=cfg.data.audio_layout, image_grid=grid)
     output = generate.decode_output(result.tokens[0], args.target, model.vocab, model.tokenizer, model.codec,
-                                    cfg.data.audio_layout)
+                                    cfg.data.audio_layout, image_grid=grid, image_tokenizer=model.image_tokenizer)
     ending = ("a stop token" if result.stopped[0] is not None else f"--max-new-tokens={max_new}"
               if max_new == args.max_new_tokens else f"the {context}-token context was full")
     if args.target == "text":
         print(output)
+    elif args.target == "image" and output["image"] is not None:
+        image_generate.write_png(args.out, output["image"])
+        height, width = output["image"].shape[:2]
+        print(f"omni: an image of {grid.rows} x {grid.cols} cells -> {args.out} ({height} x {width} pixels)")
+    elif args.target == "image":
+        out = Path(args.out).with_suffix(".npy")
+        np.save(out, output["codes"])
+        print(f"omni: {grid.rows} x {grid.cols} cells of {model.image_tokenizer.name} codes -> {out} (this image "
+              f"tokenizer cannot decode to pixels here)")
     elif output["wave"] is not None:
         audio.write_wav(args.out, output["wave"], output["sample_rate"])
         print(f"omni: {len(output['codes'])} audio frames -> {args.out} "
@@ -656,6 +687,14 @@ def _generate(args) -> None:
     from omni.train import compile_cache
 
     print(f"omni: {compile_cache.summary()}", file=sys.stderr)
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """--image-size HEIGHTxWIDTH -> (height, width) pixels."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match or min(int(match.group(1)), int(match.group(2))) < 1:
+        raise GenerateError(f"--image-size {text!r} is not HEIGHTxWIDTH in pixels, e.g. 32x32")
+    return int(match.group(1)), int(match.group(2))
 
 
 def _enable_compile_cache_of_export(config_file) -> None:

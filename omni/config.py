@@ -149,7 +149,7 @@ class TrainConfig:
 
 @dataclass
 class DemoConfig:
-    """The generated demo corpora (data.dataset = 'demo' or 'demo-speech'); ignored for any other dataset."""
+    """The generated demo corpora (data.dataset = 'demo', 'demo-speech' or 'demo-draw'); ignored for any other dataset."""
 
     image_size: int = doc(32, "side of the demo corpus images, pixels (multiple of data.patch_size)")
     train_examples: int = doc(6000, "examples in the generated demo train split")

@@ -5,7 +5,9 @@
     OUT/omni_dataset.json    what the dataset holds: codec identity, tokenizer, split sizes, skipped lines, the
                              split rule the build applied and the ids (and manifest lines) of the eval examples
     OUT/codec/               the codec's files when it has any (a fitted MelRVQCodec)
-    OUT/image_tokenizer/     the image tokenizer's files when it has any (`--image-tokenizer`, omni imagetok fit)
+    OUT/image_tokenizer/     the image tokenizer's files when it has any (`--image-tokenizer`, omni imagetok fit);
+                             its identity in omni_dataset.json also records "image_size" [H, W], the most common
+                             size of the images learned as codes (the size image generation draws by default)
     OUT/tokenizer/           the text tokenizer's files when one was given (`--tokenizer`)
     OUT/tfds/omni_dataset/1.0.0/omni_dataset-{train,eval}.array_record-*   the examples
 
@@ -267,6 +269,7 @@ class BuildReport:
     eval_ids: list = field(default_factory=list)     # ids of the eval examples written, in source order
     eval_lines: list | None = None                   # their manifest line numbers (manifest builds only)
     image_tokenizer: object = None                   # the one the manifest's lines name, when none was given
+    image_sizes: collections.Counter = field(default_factory=collections.Counter)  # (H, W) of images learned as codes
 
     def summary(self) -> str:
         parts = [f"{split}: {n} examples" for split, n in self.counts.items()]
@@ -275,6 +278,19 @@ class BuildReport:
             text += f"; skipped {len(self.skipped)} bad line(s):\n" + "\n".join(
                 f"  {s['source']}:{s['line']}: {s['reason']}" for s in self.skipped)
         return text
+
+
+def learned_image_sizes(record: dict) -> list[tuple[int, int]]:
+    """(height, width) in pixels of a stored example's images that are learned as codes (read from their headers)."""
+    sizes, images = [], iter(record["images"])
+    for segment in json.loads(record["layout"])["segments"]:
+        if segment["kind"] != "image":
+            continue
+        data = next(images)
+        if segment["target"]:
+            with Image.open(io.BytesIO(data)) as image:
+                sizes.append((image.height, image.width))
+    return sizes
 
 
 def codec_for_manifest(lines, path, codec):
@@ -427,6 +443,7 @@ def manifest_examples(path, codec, eval_fraction: float | None, report: BuildRep
                 _skip(report, path, number, e.reason)
                 continue
             report.counts[split] = report.counts.get(split, 0) + 1
+            report.image_sizes.update(learned_image_sizes(record))
             if split == "eval":
                 report.eval_ids.append(record["id"])
                 report.eval_lines.append(number)
@@ -457,6 +474,7 @@ def raw_examples(examples_by_split: dict, codec, report: BuildReport, skip_bad: 
                 _skip(report, source, number, str(e))
                 continue
             report.counts[split] = report.counts.get(split, 0) + 1
+            report.image_sizes.update(learned_image_sizes(record))
             if split == "eval":
                 report.eval_ids.append(record["id"])
             yield number, record
@@ -632,6 +650,8 @@ def _write(examples: dict, out: Path, codec, tokenizer, report: BuildReport, sou
     if image_tokenizer is not None:
         meta["format_version"] = IMAGE_FORMAT_VERSION
         meta["image_tokenizer"] = image_tokenizer_lib.identity(image_tokenizer)
+        if report.image_sizes:  # what image generation draws by default (omni.tools.image_generate.grid_for)
+            meta["image_tokenizer"]["image_size"] = list(report.image_sizes.most_common(1)[0][0])
         if hasattr(image_tokenizer, "save"):
             image_tokenizer.save(out / "image_tokenizer")
             meta["image_tokenizer"]["path"] = "image_tokenizer"
@@ -719,7 +739,7 @@ def dataset_folder(cfg) -> Path:
     if name in GENERATED:
         return GENERATED[name](cfg)
     path = Path(name).expanduser()
-    if not path.exists() and name in ("demo", "demo-speech"):
+    if not path.exists() and name in ("demo", "demo-speech", "demo-draw"):
         raise DatasetError(f"data.dataset={name!r} is the generated demo corpus, and omni.demo (which builds it) is "
                            "not imported; the omni command imports it, in Python `import omni.demo` first")
     return path

@@ -18,15 +18,25 @@ def fit_image(image_HxWx3: np.ndarray, patch_size: int, max_patches: int) -> np.
     p = patch_size
     if h % p == 0 and w % p == 0 and (h // p) * (w // p) <= max_patches:
         return image_HxWx3
-    scale = min(1.0, (max_patches * p * p / (h * w)) ** 0.5)
-    rows, cols = max(1, round(h * scale / p)), max(1, round(w * scale / p))
+    rows, cols = fitted_grid(h, w, p, max_patches)
+    resized = Image.fromarray(image_HxWx3).resize((cols * p, rows * p), Image.Resampling.BICUBIC)
+    return np.asarray(resized)
+
+
+def fitted_grid(height: int, width: int, patch_size: int, max_patches: int) -> tuple[int, int]:
+    """(rows, cols) of P x P patches an image of height x width pixels has after fit_image: the grid an image
+    of that size enters a model as (and the grid image generation produces for it)."""
+    p = patch_size
+    if height % p == 0 and width % p == 0 and (height // p) * (width // p) <= max_patches:
+        return height // p, width // p
+    scale = min(1.0, (max_patches * p * p / (height * width)) ** 0.5)
+    rows, cols = max(1, round(height * scale / p)), max(1, round(width * scale / p))
     while rows * cols > max_patches:  # rounding up can overshoot the budget by a row or a column
         if rows >= cols:
             rows -= 1
         else:
             cols -= 1
-    resized = Image.fromarray(image_HxWx3).resize((cols * p, rows * p), Image.Resampling.BICUBIC)
-    return np.asarray(resized)
+    return rows, cols
 
 
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:

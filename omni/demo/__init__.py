@@ -1,5 +1,5 @@
 """The generated demo corpora and their task scorer: used by configs/demo*.py, the CLI and the tools, never by
-the trainer. Importing this package registers 'demo' and 'demo-speech' as generated datasets, so
+the trainer. Importing this package registers 'demo', 'demo-speech' and 'demo-draw' as generated datasets, so
 `data.dataset=demo` builds the corpus on first use."""
 
 from omni.data.dataset import register_generated

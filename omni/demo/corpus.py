@@ -8,6 +8,8 @@ Three tasks, a third of the examples each, so the demo run shows real cross-moda
 
 With espeak-ng installed, `data.dataset=demo-speech` builds spoken captions instead (write_speech_manifest):
 image + caption + the caption spoken, encoded by a MelRVQCodec fitted on the clips at build time.
+`data.dataset=demo-draw` builds text -> image examples ("draw a red circle at the top left" -> the scene's image
+codes) with an image tokenizer fitted on its images at build time (omni.demo.draw).
 
 The corpus goes through the same path as a user's data: `write_manifest` writes PNGs, WAVs and a manifest,
 which `build` makes into a TFDS dataset (once, into data.cache_dir) for the grain pipeline to read.
@@ -195,7 +197,7 @@ def write_speech_manifest(out_dir, train_examples: int, eval_examples: int, imag
 # ------------------------------------------------------------------------------------------ built once, cached
 
 VERSION = 1  # bump when the generator changes: a new folder name, so a stale cache is never read
-NAMES = ("demo", "demo-speech")
+NAMES = ("demo", "demo-speech", "demo-draw")
 log = logging.getLogger("omni.demo")
 
 
@@ -216,6 +218,7 @@ def build(cfg: Config) -> Path:
 
     demo          tone melodies through ToneCodec
     demo-speech   spoken captions (espeak-ng) through a MelRVQCodec fitted on the train clips
+    demo-draw     text -> image codes of a PatchRVQTokenizer fitted on the train images (omni.demo.draw)
     """
     path = built_path(cfg)
     if (path / dataset_lib.DATASET_FILE).exists():
@@ -227,15 +230,23 @@ def build(cfg: Config) -> Path:
             log.info("building the %s corpus into %s", cfg.data.dataset, path)
             source = Path(str(path) + ".source")
             d = cfg.demo
-            write = write_manifest if cfg.data.dataset == "demo" else write_speech_manifest
-            manifest = write(source, d.train_examples, d.eval_examples, d.image_size, d.seed)
+            image_tokenizer = None
+            if cfg.data.dataset == "demo-draw":
+                from omni.demo import draw
+
+                manifest = draw.write_manifest(source, d.train_examples, d.eval_examples, d.image_size, d.seed)
+                codec, image_tokenizer = None, draw.fit_tokenizer(source, d.seed)
+            else:
+                write = write_manifest if cfg.data.dataset == "demo" else write_speech_manifest
+                manifest = write(source, d.train_examples, d.eval_examples, d.image_size, d.seed)
             if cfg.data.dataset == "demo":
                 codec = ToneCodec()
-            else:
+            elif cfg.data.dataset == "demo-speech":
                 clips = sorted((source / "speech").glob("train-*.wav"))
                 codec = fit_codec_on_files(clips, Path(str(path) + ".codec"), codebooks=4, codebook_size=64,
                                            seed=d.seed)
             report = dataset_lib.BuildReport()
-            examples, codec = dataset_lib.manifest_examples(manifest, codec, 0.0, report, skip_bad=False)
+            examples, codec = dataset_lib.manifest_examples(manifest, codec, 0.0, report, skip_bad=False,
+                                                            image_tokenizer=image_tokenizer)
             dataset_lib.build(examples, path, codec, report=report, overwrite=True, source=str(manifest))
     return path

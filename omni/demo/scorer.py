@@ -3,6 +3,9 @@
     caption    generated caption vs truth: exact match, and shape / colour / place accuracy (chance 1/3, 1/6, 1/5)
     describe   generated melody description: exact match, and the volume word (chance 1/2)
     synth      generated audio codes: pitch code accuracy per frame against the reference codes
+    draw       generated image codes, decoded: the shape's colour and place read from the pixels
+               (omni.demo.draw.scene_attributes) against the prompt's (chance 1/6, 1/5), beside the same reading
+               of the truth images (what a perfect model would score)
 
 These are one use of the general task scoring (omni.tools.tasks, `omni eval --generate`): the first
 `num_examples` held-out examples of each task go through it (generation with omni.tools.generate's batched KV
@@ -12,39 +15,46 @@ and the demo adds its attribute checks on top. `pitch_acc` is the code accuracy 
 
 from __future__ import annotations
 
+import numpy as np
+
 from omni.config import Config
 from omni.data import pipeline
-from omni.demo import corpus
+from omni.demo import corpus, draw
 from omni.tools import tasks as tasks_lib
 from omni.tools.generate import task_of
 
 # synth: up to 16 frames of 2 codes, then <eoa> (its <boa> ends the prompt)
 MAX_NEW_TOKENS = {"caption": 40, "describe": 24, "synth": 1 + 2 * 16, "spoken_caption": 40, "transcribe": 40}
 CAPTION_TASKS = ("caption", "spoken_caption", "transcribe")
+DEMO_TASKS = corpus.TASKS + corpus.SPEECH_TASKS + draw.TASKS
 
 
 def run(cfg: Config, graphdef, params, num_examples: int, log=print) -> dict:
     """Scores greedy answers on the first `num_examples` held-out examples of each task; logs a few samples."""
     held_out = pipeline.examples(cfg, "eval")
     examples = []
-    for task in corpus.TASKS + corpus.SPEECH_TASKS:
+    for task in DEMO_TASKS:
         examples += [e for e in held_out if e["meta"].get("task") == task][:num_examples]
+    image_tokenizer = pipeline.image_tokenizer_for(cfg)
     model = tasks_lib.model_of(cfg, graphdef, params, pipeline.vocab_for(cfg), pipeline.tokenizer_for(cfg),
-                               pipeline.dataset_for(cfg).codec())
+                               pipeline.dataset_for(cfg).codec(), image_tokenizer)
     predictions, scores = tasks_lib.run(model, [task_of(e) for e in examples], max_new_by_group=MAX_NEW_TOKENS,
                                         log=lambda *a: None)
-    return demo_scores(predictions, scores, log)
+    return demo_scores(predictions, scores, log, image_tokenizer)
 
 
-def demo_scores(predictions: list[dict], scores: dict, log=print) -> dict:
+def demo_scores(predictions: list[dict], scores: dict, log=print, image_tokenizer=None) -> dict:
     """The demo tasks' scores from general predictions and scores (omni.tools.tasks): each demo task's general
     scores plus its attribute checks, logged as the demo run prints them. Other groups are left out."""
     results = {}
-    for task in corpus.TASKS + corpus.SPEECH_TASKS:
+    for task in DEMO_TASKS:
         rows = [r for r in predictions if r["group"] == task and "truth" in r]
         if not rows:
             continue
         score = dict(scores[task])
+        if task == "draw":
+            results[task] = draw_scores(rows, score, image_tokenizer, log)
+            continue
         if task == "synth":
             score["pitch_acc"] = score["code_acc"][0]
             log(f"demo synth: pitch code accuracy per frame {score['pitch_acc']:.1%} over {len(rows)} held-out prompts")
@@ -65,6 +75,24 @@ def demo_scores(predictions: list[dict], scores: dict, log=print) -> dict:
             log(f"    truth {a!r:38} model {t!r}")
         results[task] = score
     return results
+
+
+def draw_scores(rows: list[dict], score: dict, image_tokenizer, log=print) -> dict:
+    """The draw task's general scores (code accuracy, PSNR) plus the colour and place read from each decoded
+    answer against its prompt's (meta), and the same reading of the truth images."""
+    hits = {"colour": 0, "place": 0, "truth_colour": 0, "truth_place": 0}
+    for row in rows:
+        wanted = row.get("meta") or {}
+        drawn = draw.scene_attributes(image_tokenizer.decode(np.asarray(row["codes"])))
+        truth = draw.scene_attributes(image_tokenizer.decode(np.asarray(row["truth"])))
+        for attr in ("colour", "place"):
+            hits[attr] += drawn[attr] == wanted.get(attr)
+            hits[f"truth_{attr}"] += truth[attr] == wanted.get(attr)
+    score.update({name: count / len(rows) for name, count in hits.items()})
+    log(f"demo draw: colour {score['colour']:.1%} (chance 17%), place {score['place']:.1%} (chance 20%) on "
+        f"{len(rows)} held-out prompts (the truth images read: {score['truth_colour']:.1%}, "
+        f"{score['truth_place']:.1%}); code accuracy {score['code_acc_mean']:.1%}, PSNR {score['psnr_db']:.1f} dB")
+    return score
 
 
 def end_of_run_for(cfg: Config):

@@ -75,7 +75,8 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides:
                                                          max_new_tokens, batch_size, log)
         generated["predictions"] = str(predictions_path(out))
         if cfg.data.dataset in corpus.NAMES:  # the demo scores come from the same answers
-            tasks = scorer.demo_scores(predictions, generated["scores"], log=lambda *a: None)
+            tasks = scorer.demo_scores(predictions, generated["scores"], log=lambda *a: None,
+                                       image_tokenizer=pipeline.image_tokenizer_for(cfg))
     elif examples and cfg.data.dataset in corpus.NAMES:
         with sharding.activate(mesh, cfg.mesh.rules):
             tasks = scorer.run(cfg, graphdef, params, examples, log=log)
@@ -103,8 +104,9 @@ def _generate_and_score(cfg, graphdef, params, max_examples, prompts, max_new_to
     """({"dataset", "split", "examples", "max_new_tokens", "scores"}, predictions) of the eval split or a
     prompts file (omni.tools.tasks)."""
     vocab, tokenizer, codec = pipeline.vocab_for(cfg), pipeline.tokenizer_for(cfg), pipeline.dataset_for(cfg).codec()
-    tasks, split = tasks_lib.eval_tasks(cfg, max_examples, prompts, codec)
-    model = tasks_lib.model_of(cfg, graphdef, params, vocab, tokenizer, codec)
+    image_tokenizer = pipeline.image_tokenizer_for(cfg)
+    tasks, split = tasks_lib.eval_tasks(cfg, max_examples, prompts, codec, image_tokenizer)
+    model = tasks_lib.model_of(cfg, graphdef, params, vocab, tokenizer, codec, image_tokenizer)
     demo_caps = scorer.MAX_NEW_TOKENS if cfg.data.dataset in corpus.NAMES and max_new_tokens is None else None
     predictions, scores = tasks_lib.run(model, tasks, max_new_tokens=max_new_tokens, max_new_by_group=demo_caps,
                                         batch_size=batch_size, log=log)

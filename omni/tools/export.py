@@ -12,13 +12,17 @@ writes
     OUT/codec/              the audio codec: a fitted MelRVQCodec's codec.json + codec.npz, or for the tone
                             codec and precomputed (external) codecs a codec.json holding just the identity;
                             absent when the dataset had no audio
+    OUT/image_tokenizer/    the image tokenizer: a fitted PatchRVQTokenizer's image_tokenizer.json + .npz, or for
+                            an external one an image_tokenizer.json holding just its identity; absent when the
+                            dataset had none (image codes in the vocabulary come with it)
     OUT/README.md           what the folder holds, where it came from, the tensor table, how to read it with numpy
 
 Tensor names are the dotted paths of the model's nnx parameter tree (omni/model/transformer.py) with the layer stack
 unstacked, so they are the same whether the run used model.scan_layers or not (a scanned run stores every
 block parameter with a leading [layers] axis; a list of blocks stores them under 0, 1, ...):
 
-    embed                        [V, d]      token embedding table (special, text and audio-code ids; omni.tokens)
+    embed                        [V, d]      token embedding table (special, text, audio- and image-code ids;
+                                             omni.tokens)
     patch_proj                   [P, d]      image patch projection: P = patch_size * patch_size * 3 pixels in
                                              [-1, 1] (omni.tokens.patchify order) -> width d
     patch_bias                   [d]         bias of the patch projection
@@ -36,8 +40,9 @@ block parameter with a leading [layers] axis; a list of blocks stores them under
 
 d = model.d, V = the vocabulary size (padded to a multiple of 128), N = model.heads, K = model.kv_heads,
 H = the head size, F = the SwiGLU hidden size. A model.fusion=mot export has the same names, every blocks.{i}.*
-tensor with a leading [3] axis of modality slices (text, image, audio). `load_export` turns the folder back into a runnable model, a
-Vocab, the tokenizer and the codec without the training dataset. Export runs in one process: it reads every
+tensor with a leading [3] axis of modality slices (text, image, audio). `load_export` turns the folder back into a
+runnable model, a Vocab, the tokenizer, the codec and the image tokenizer without the training dataset. Export
+runs in one process: it reads every
 parameter in full onto the host, whatever mesh the checkpoint was saved on.
 """
 
@@ -62,6 +67,7 @@ from omni import config as config_lib
 from omni import tokens
 from omni.config import Config, derived_head_dim, derived_mlp
 from omni.data import pipeline
+from omni.data import image_tokenizer as image_tokenizer_lib
 from omni.data.codec import ToneCodec, codec_from_identity, codec_identity, load_codec
 from omni.data.text_tokenizer import ByteTokenizer, load_tokenizer, save_tokenizer
 from omni.errors import CodecError, DatasetError, ExportError, TokenizerError
@@ -78,11 +84,12 @@ CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 CODEC_DIR = "codec"
 CODEC_FILE = "codec.json"
+IMAGE_TOKENIZER_DIR = "image_tokenizer"
 DTYPES = {"bfloat16": np.dtype(jnp.bfloat16), "float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 
 # Generic tensor name -> (shape in the symbols of the module docstring, what it is). Order = file order.
 TENSOR_DOCS = {
-    "embed": ("[V, d]", "token embedding table: special, text and audio-code ids (vocab block of config.json)"),
+    "embed": ("[V, d]", "token embedding table: special, text, audio- and image-code ids (vocab block of config.json)"),
     "patch_proj": ("[P, d]", "image patch projection: a patch's P = patch_size² × 3 pixels in [-1, 1] -> width d"),
     "patch_bias": ("[d]", "bias of the patch projection"),
     "blocks.{i}.attn_norm.scale": ("[d]", "RMSNorm scale before attention"),
@@ -270,6 +277,27 @@ def _codec_of(meta: dict):
     return codec_from_identity(identity)
 
 
+def _image_size_of(meta: dict) -> list[int] | None:
+    """[H, W]: the most common size of the images the model learned as codes, as its dataset recorded it (the
+    size `omni generate --target image` draws by default); None when not recorded."""
+    return (meta.get("image_tokenizer") or {}).get("image_size")
+
+
+def _image_tokenizer_of(meta: dict):
+    """The image tokenizer the dataset was built with, from the checkpoint meta; None without one."""
+    identity = meta.get("image_tokenizer")
+    if not identity:
+        return None
+    if identity.get("path"):  # a fitted tokenizer saved inside the dataset folder
+        where = Path(meta.get("dataset") or ".") / identity["path"]
+        try:
+            return image_tokenizer_lib.load_image_tokenizer(where)
+        except CodecError as e:
+            raise ExportError(f"cannot load image tokenizer {identity['name']} from the dataset folder {where}: {e}. "
+                              f"The dataset folder must still exist; restore it there") from e
+    return image_tokenizer_lib.from_identity(identity)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Writing.
 
@@ -296,17 +324,20 @@ def export(workdir, out, step: int | None = None, dtype: str = "bfloat16", progr
                           "and mot models only (late and cross are ablation variants: score them with `omni eval`)")
     tokenizer = _tokenizer_of(cfg, meta)
     codec = _codec_of(meta)
-    vocab = _vocab_of(meta, tokenizer, codec)
+    image_tokenizer = _image_tokenizer_of(meta)
+    vocab = _vocab_of(meta, tokenizer, codec, image_tokenizer)
     checked = _checked_tensors(workdir, step, cfg, vocab)
     with progress("export", total=len(checked) + 1, unit="tensor") as bar:
-        return _write_export(workdir, out, step, dtype, cfg, tokenizer, codec, vocab, checked, bar)
+        return _write_export(workdir, out, step, dtype, cfg, tokenizer, (codec, image_tokenizer), vocab, checked,
+                             bar, meta)
 
 
-def _write_export(workdir: Path, out: Path, step: int, dtype: str, cfg, tokenizer, codec, vocab, checked,
-                  bar) -> Path:
+def _write_export(workdir: Path, out: Path, step: int, dtype: str, cfg, tokenizer, codecs, vocab, checked,
+                  bar, meta: dict) -> Path:
     """The rest of export(): cast the checked tensors, write everything into a temporary folder, rename it."""
     step_dir = workdir / "checkpoints" / str(step)
     tensors = cast_tensors(checked, dtype, bar)
+    codec, image_tokenizer = codecs
 
     info = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "dtype": dtype,
@@ -314,6 +345,8 @@ def _write_export(workdir: Path, out: Path, step: int, dtype: str, cfg, tokenize
         "vocab": vocab_block(vocab, cfg.data.audio_layout),
         "tokenizer": tokenizer.identity(),
         "codec": None if codec is None else codec_identity(codec),
+        "image_tokenizer": None if image_tokenizer is None else dict(
+            image_tokenizer_lib.identity(image_tokenizer), image_size=_image_size_of(meta)),
         "tensors": {name: list(t.shape) for name, t in tensors.items()},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -326,6 +359,8 @@ def _write_export(workdir: Path, out: Path, step: int, dtype: str, cfg, tokenize
         save_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
         if codec is not None:
             _save_codec(codec, tmp / CODEC_DIR)
+        if image_tokenizer is not None:
+            _save_image_tokenizer(image_tokenizer, tmp / IMAGE_TOKENIZER_DIR)
         (tmp / "README.md").write_text(readme(cfg, info))
         (tmp / CONFIG_FILE).write_text(json.dumps(dict(config_lib.to_dict(cfg), export=info), indent=2) + "\n")
         tmp.rename(out)  # rename(2) also replaces an empty folder the user made, in one step
@@ -335,16 +370,20 @@ def _write_export(workdir: Path, out: Path, step: int, dtype: str, cfg, tokenize
     return out
 
 
-def _vocab_of(meta: dict, tokenizer, codec) -> Vocab:
-    """The vocabulary the checkpoint recorded (rebuilt from its tokenizer and codec for a meta without one)."""
+def _vocab_of(meta: dict, tokenizer, codec, image_tokenizer=None) -> Vocab:
+    """The vocabulary the checkpoint recorded (rebuilt from its tokenizer and codecs for a meta without one)."""
     codebook_sizes = tuple(codec.codebook_sizes) if codec is not None else ()
+    image_sizes = tuple(image_tokenizer.codebook_sizes) if image_tokenizer is not None else ()
     if "vocab" not in meta:
-        return Vocab(text_size=tokenizer.vocab_size, codebook_sizes=codebook_sizes)
+        return Vocab(text_size=tokenizer.vocab_size, codebook_sizes=codebook_sizes, image_codebook_sizes=image_sizes)
     vocab = vocab_from_block(meta["vocab"])
-    if (vocab.text_size, vocab.codebook_sizes) != (tokenizer.vocab_size, codebook_sizes):
+    if (vocab.text_size, vocab.codebook_sizes, vocab.image_codebook_sizes) != (tokenizer.vocab_size, codebook_sizes,
+                                                                               image_sizes):
         raise ExportError(f"the checkpoint's vocabulary (text {vocab.text_size}, codebooks "
-                          f"{list(vocab.codebook_sizes)}) does not fit its tokenizer ({tokenizer.vocab_size} ids) "
-                          f"and codec (codebooks {list(codebook_sizes)}); the dataset changed after training")
+                          f"{list(vocab.codebook_sizes)}, image codebooks {list(vocab.image_codebook_sizes)}) does "
+                          f"not fit its tokenizer ({tokenizer.vocab_size} ids), codec (codebooks "
+                          f"{list(codebook_sizes)}) and image tokenizer (codebooks {list(image_sizes)}); the dataset "
+                          f"changed after training")
     return vocab
 
 
@@ -389,6 +428,29 @@ def _save_codec(codec, folder: Path) -> None:
     folder.mkdir(parents=True)
     kind = "builtin" if isinstance(codec, ToneCodec) else "precomputed"
     (folder / CODEC_FILE).write_text(json.dumps(dict(codec_identity(codec), kind=kind), indent=2) + "\n")
+
+
+def _save_image_tokenizer(image_tokenizer, folder: Path) -> None:
+    """A fitted image tokenizer saves its files; an external one is its identity alone."""
+    if hasattr(image_tokenizer, "save"):
+        image_tokenizer.save(folder)
+        return
+    folder.mkdir(parents=True)
+    identity = dict(image_tokenizer_lib.identity(image_tokenizer), kind="precomputed")
+    (folder / image_tokenizer_lib.CONFIG_FILE).write_text(json.dumps(identity, indent=2) + "\n")
+
+
+def load_image_tokenizer_folder(folder: Path):
+    """The image tokenizer an export's image_tokenizer/ folder holds (None when there is none)."""
+    if not (folder / image_tokenizer_lib.CONFIG_FILE).is_file():
+        return None
+    try:
+        if (folder / image_tokenizer_lib.ARRAYS_FILE).is_file():
+            return image_tokenizer_lib.load_image_tokenizer(folder)
+        return image_tokenizer_lib.from_identity(json.loads((folder / image_tokenizer_lib.CONFIG_FILE).read_text()))
+    except (CodecError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"the image tokenizer of export {folder.parent} cannot be loaded ({e}); export the "
+                          f"checkpoint again") from None
 
 
 def load_codec_folder(folder: Path):
@@ -447,6 +509,14 @@ def readme(cfg: Config, info: dict) -> str:
     codec_line = (f"the audio codec {codec['name']} ({codec['frame_rate']:g} frames/s, codebook sizes "
                   f"{codec['codebook_sizes']}); omni.tools.export.load_codec_folder reads it" if codec else
                   "no codec folder: the model was trained without audio")
+    image_tok = info.get("image_tokenizer")
+    image_line = (f"the image tokenizer {image_tok['name']} ({image_tok['patch_size'] or '?'} x "
+                  f"{image_tok['patch_size'] or '?'} pixels a cell, codebook sizes {image_tok['codebook_sizes']}); "
+                  f"omni.tools.export.load_image_tokenizer_folder reads it" if image_tok else
+                  "no image tokenizer folder: the model was trained without image codes")
+    image_ids = (f" Image code c of codebook k = image_offsets[k] + c with image_offsets = {vocab['image_offsets']}; "
+                 f"an image is `<boi>` then each row's cells (cell-major, then codebook) and `<row>`, then `<eoi>`."
+                 if vocab["image_offsets"] else "")
     specials = ", ".join(f"`{name}` {token_id}" for name, token_id in vocab["special_tokens"].items())
     return f"""# {cfg.name}: omni export, step {info['step']}
 
@@ -458,6 +528,7 @@ Exported by `omni export` from `{info['checkpoint']}` (format {FORMAT} v{FORMAT_
 | `config.json` | the run's omni config + `"export"`: step, dtype, vocabulary layout, tokenizer, codec, tensor shapes |
 | `tokenizer/` | the text tokenizer ({info['tokenizer']['kind']}, {info['tokenizer']['vocab_size']} ids) |
 | {'`codec/`' if codec else '-'} | {codec_line} |
+| {'`image_tokenizer/`' if image_tok else '-'} | {image_line} |
 
 `config.json` without its `"export"` key is the config that trained this checkpoint, as `omni train --config` reads it.
 
@@ -467,7 +538,7 @@ Model: {m.layers} layers, width d={m.d}, {m.heads} query heads and {m.kv_heads} 
 
 Vocabulary ({vocab['size']} ids, the first {vocab['used_size']} used; omni/tokens.py): special ids below
 {vocab['num_special']} ({specials}); text id = {vocab['text_offset']} + tokenizer id; audio code c of codebook k
-= audio_offsets[k] + c with audio_offsets = {vocab['audio_offsets']}, laid out `{vocab['audio_layout']}`.
+= audio_offsets[k] + c with audio_offsets = {vocab['audio_offsets']}, laid out `{vocab['audio_layout']}`.{image_ids}
 
 ## Tensors
 
@@ -485,7 +556,7 @@ Layer i runs 0..{m.layers - 1}. Layouts are those of omni/model/transformer.py (
 `safetensors.numpy.load_file("model.safetensors")` reads float32 and float16 exports directly; it reads a
 bfloat16 export only when `ml_dtypes` is installed (it comes with jax) and then returns `ml_dtypes.bfloat16`
 arrays. In omni, `omni.tools.export.load_export(this_folder)` gives back the config, the vocabulary, the tokenizer,
-the codec and a runnable model (`.model()`: batch -> logits), without the checkpoint or the training data.
+the codec, the image tokenizer and a runnable model (`.model()`: batch -> logits), without the checkpoint or the training data.
 """
 
 
@@ -503,6 +574,8 @@ class Exported:
     tokenizer: Any
     codec: Any | None   # None when the model was trained without audio
     info: dict          # the "export" block of config.json
+    image_tokenizer: Any | None = None  # None when the model was trained without image codes
+    image_size: tuple[int, int] | None = None  # (H, W) the images it learned as codes mostly had (None: unknown)
 
     def model(self):
         return model_from_export(self)
@@ -545,8 +618,11 @@ def load_export(folder, scan_layers: bool | None = None) -> Exported:
         tokenizer = load_tokenizer("bytes" if info["tokenizer"]["kind"] == "bytes" else str(folder / TOKENIZER_DIR))
     except TokenizerError as e:
         raise ExportError(f"the tokenizer of export {folder} cannot be loaded: {e}") from e
+    image_tokenizer = load_image_tokenizer_folder(folder / IMAGE_TOKENIZER_DIR)  # generating images needs it
+    size = (info.get("image_tokenizer") or {}).get("image_size")
     return Exported(folder=folder, config=cfg, vocab=vocab, graphdef=graphdef, params=params, tokenizer=tokenizer,
-                    codec=load_codec_folder(folder / CODEC_DIR), info=info)
+                    codec=load_codec_folder(folder / CODEC_DIR), info=info, image_tokenizer=image_tokenizer,
+                    image_size=tuple(size) if size else None)
 
 
 def load_workdir(workdir, step: int | None = None) -> Exported:
@@ -558,13 +634,15 @@ def load_workdir(workdir, step: int | None = None) -> Exported:
     cfg = config_lib.from_dict(meta["config"], source=f"{workdir / 'checkpoints' / str(step)}/meta")
     tokenizer = _tokenizer_of(cfg, meta)
     codec = _codec_of(meta)
-    vocab = _vocab_of(meta, tokenizer, codec)
+    image_tokenizer = _image_tokenizer_of(meta)
+    vocab = _vocab_of(meta, tokenizer, codec, image_tokenizer)
     graphdef, abstract = abstract_model(cfg, vocab)
     params = params_from_tensors(_checked_tensors(workdir, step, cfg, vocab), abstract, cfg.model.scan_layers,
                                  jnp.dtype(cfg.model.param_dtype))
     info = {"step": step, "dtype": cfg.model.param_dtype, "checkpoint": str(workdir / "checkpoints" / str(step))}
+    size = _image_size_of(meta)
     return Exported(folder=workdir, config=cfg, vocab=vocab, graphdef=graphdef, params=params, tokenizer=tokenizer,
-                    codec=codec, info=info)
+                    codec=codec, info=info, image_tokenizer=image_tokenizer, image_size=tuple(size) if size else None)
 
 
 def load_model(path, step: int | None = None) -> Exported:

@@ -1,4 +1,5 @@
-"""Generation with a KV cache: prompts with inline images and audio -> text, or audio codes (and a waveform).
+"""Generation with a KV cache: prompts with inline images and audio -> text, audio codes (and a waveform), or image
+codes (and pixels).
 
 Prompt syntax (parse_prompt): plain text with inline tags, each becoming one segment in order:
 
@@ -11,7 +12,7 @@ follow the text as audio segments. Anything of the tag shape `<word:...>` is rea
 (`<video:x.mp4>`) or an empty path (`<image:>`) is an error, never prompt text; `<` and `>` in any other
 shape (`a < b > c`) are text. A prompt with nothing in it (no text, tag or audio file) is an error.
 prompt_arrays turns the segments into exactly the token prefix the model saw in training (`<bos>` spans ...,
-no `<eos>`), plus `<boa>` when the answer is audio. fit_to_context caps the new tokens to what the model's
+no `<eos>`), plus `<boa>` when the answer is audio, `<boi>` when it is an image. fit_to_context caps the new tokens to what the model's
 training sequence length leaves after the prompt (omni generate does; generate itself takes any count).
 
 Decoding (generate): one jitted prefill of the right-padded prompt batch fills the cache (omni.model), then a
@@ -25,6 +26,8 @@ target modality:
     text    text ids, and the stop ids (default <eos>)
     audio   flat layout: position n of the span must be codebook n % K; delay layout: codebook n % K or
             <delay>; the stop ids (default <eoa>) only at a frame boundary (n % K == 0)
+    image   the codebook, <row> or <eoi> the answer's grid puts at position n (omni.tools.image_generate): an
+            image answer is always its whole grid of R x C cells, with the markers forced, so it always decodes
 
 Many prompts (generate_many, `omni generate --prompts FILE`): requests with the same target and stop ids are
 sorted by prompt length and cut into batches of at most batch_size; read_prompts reads a prompts file of
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
 import time
 from pathlib import Path
@@ -53,20 +57,23 @@ import numpy as np
 from flax import nnx
 
 from omni import sharding
-from omni.batch import AUDIO, TEXT
+from omni.batch import AUDIO, IMAGE, TEXT
 from omni.data import manifest
 from omni.data.audio import load_audio
 from omni.data.images import decode_image, fit_image
+from omni.data.image_tokenizer import encode_fitted
 from omni.errors import AudioError, GenerateError
 from omni.model.transformer import init_cache
-from omni.tokens import (AUDIO_DELAY, BOA, BOI, BOS, EOA, EOS, PAD_ID, Vocab, check_codes, encode_example,
-                         slice_positions, unflatten_codes)
+from omni.tokens import (AUDIO_DELAY, BOA, BOI, BOS, EOA, EOI, EOS, PAD_ID, ROW, Vocab, check_codes,
+                         check_image_codes, encode_example, slice_positions, unflatten_codes)
+from omni.tools import image_generate
+from omni.tools.image_generate import ImageGrid
 
-GENERATED_MODALITIES = ("text", "audio")  # image codes are learned (omni.batch) but not generated yet
+GENERATED_MODALITIES = ("text", "audio", "image")
 TAGS = {"image": "<image:PATH>", "audio": "<audio:PATH.wav>", "codes": "<codes:PATH.npy>"}
 TAG = re.compile(r"<([A-Za-z][\w-]*):([^<>]*)>")  # the tag shape: any word; unknown words are errors
 TAG_HELP = ", ".join(TAGS.values())
-DEFAULT_STOP = {"text": (EOS,), "audio": (EOA,)}
+DEFAULT_STOP = {"text": (EOS,), "audio": (EOA,), "image": (EOI,)}
 DECODE_CHUNK_S = 0.1  # seconds of decoding between two host checks (how soon an interrupt lands)
 
 
@@ -174,13 +181,14 @@ def prompt_arrays(segments: list[dict], vocab: Vocab, tokenizer, patch_size: int
                   target: str = "text") -> dict:
     """Segments -> {"tokens", "modality", "patches", "patch_positions"} of the training-time prefix (per
     position, then the image patches and their positions, as encode_example gives them): `<bos>` spans (no
-    `<eos>`), then `<boa>` when the target is audio (the model goes on with codes)."""
+    `<eos>`), then `<boa>` when the target is audio, `<boi>` when it is an image (the model goes on with codes)."""
     _check_target(target)
     encoded = encode_example({"segments": segments, "targets": []}, vocab, tokenizer, patch_size, audio_layout)
     prompt = slice_positions(encoded, 0, len(encoded["tokens"]) - 1)  # drop <eos>
-    if target == "audio":
-        prompt = dict(prompt, tokens=np.append(prompt["tokens"], np.int32(BOA)),
-                      modality=np.append(prompt["modality"], np.int32(AUDIO)))
+    opening = {"audio": (BOA, AUDIO), "image": (BOI, IMAGE)}.get(target)
+    if opening is not None:
+        prompt = dict(prompt, tokens=np.append(prompt["tokens"], np.int32(opening[0])),
+                      modality=np.append(prompt["modality"], np.int32(opening[1])))
     return prompt
 
 
@@ -217,6 +225,7 @@ class _Spec:
     use_top_k: bool  # top_k > 0; temperature and top_k themselves are arguments: changing them compiles nothing
     stop_ids: tuple[int, ...]
     model: str  # repr of the ModelConfig
+    image_grid: ImageGrid | None = None  # the answer's grid (target image)
 
 
 def allowed_table(vocab: Vocab, target: str, audio_layout: str, stop_ids) -> np.ndarray:
@@ -240,9 +249,12 @@ def allowed_table(vocab: Vocab, target: str, audio_layout: str, stop_ids) -> np.
 
 
 def _modality_of(tokens_B, vocab: Vocab):
-    is_audio = ((tokens_B >= vocab.audio_offset(0)) & (tokens_B < vocab.used_size)) | jnp.isin(
+    """The modality training gave each id: audio codes and markers AUDIO, image codes and markers IMAGE."""
+    image_start = vocab.image_offset(0)  # = the end of the audio ranges, with or without image codebooks
+    is_audio = ((tokens_B >= vocab.audio_offset(0)) & (tokens_B < image_start)) | jnp.isin(
         tokens_B, jnp.array([BOA, EOA, AUDIO_DELAY]))
-    return jnp.where(is_audio, AUDIO, TEXT).astype(jnp.int32)
+    is_image = ((tokens_B >= image_start) & (tokens_B < vocab.used_size)) | jnp.isin(tokens_B, jnp.array([BOI, EOI, ROW]))
+    return jnp.where(is_audio, AUDIO, jnp.where(is_image, IMAGE, TEXT)).astype(jnp.int32)
 
 
 def _sample(logits_BxV, allowed_V, key, spec: _Spec, temperature, top_k):
@@ -259,13 +271,20 @@ def _sample(logits_BxV, allowed_V, key, spec: _Spec, temperature, top_k):
 
 def _make_fns(graphdef, model_cfg, spec: _Spec, total_len: int, patch_dim: int):
     """The jittable prefill (prompt -> loop state) and decode loop (state -> final state)."""
-    allowed = allowed_table(spec.vocab, spec.target, spec.audio_layout, spec.stop_ids)
-    phases = allowed.shape[0]
+    if spec.target == "image":
+        allowed = image_generate.allowed_table(spec.vocab, spec.image_grid)
+        row_of = functools.partial(image_generate.phase, grid=spec.image_grid, xp=jnp)
+    else:
+        allowed = allowed_table(spec.vocab, spec.target, spec.audio_layout, spec.stop_ids)
+        phases = allowed.shape[0]
+
+        def row_of(step):
+            return step % phases
     stops = np.asarray(spec.stop_ids, np.int32)
 
     def pick(logits_BxV, step, key, sampling):
         allowed_PxV = jnp.asarray(allowed)
-        return _sample(logits_BxV, allowed_PxV[step % phases], key, spec, *sampling)
+        return _sample(logits_BxV, allowed_PxV[row_of(step)], key, spec, *sampling)
 
     if model_cfg.fusion in ("early", "mot"):  # global causal attention: a KV cache holds all a step needs
         first_logits, next_logits = _cached_steps(model_cfg, spec, total_len, patch_dim)
@@ -411,17 +430,22 @@ def step_batch(token_B, modality_B, slot_B, patch_dim: int) -> dict:
 
 def generate(graphdef, params, model_cfg, vocab: Vocab, prompts: list[dict], *, target: str, max_new_tokens,
              temperature: float = 0.0, top_k: int = 0, seed: int = 0, stop_ids=None,
-             audio_layout: str = "flat", buckets: bool = True) -> GenerationResult:
+             audio_layout: str = "flat", buckets: bool = True, image_grid: ImageGrid | None = None) -> GenerationResult:
     """Continues each prompt (arrays as prompt_arrays gives them) in one batch.
 
     Rows stop at their first stop id (default <eos> for text, <eoa> for audio) or after max_new_tokens (one
-    count for all, or one per prompt). With `buckets` the batch is padded to bucket(rows) rows of
+    count for all, or one per prompt). An image answer (target "image") is always the whole `image_grid`, its
+    markers forced, ending at <eoi>: max_new_tokens is not used (a cut image would not decode). With `buckets` the batch is padded to bucket(rows) rows of
     bucket(width, 16) positions and the loop sized for bucket(max_new_tokens, 16) steps, so calls with similar
     shapes reuse one compiled program; padding changes no row's tokens (each row stops at its own count).
     """
     _check_target(target)
     if not prompts:
         raise GenerateError("no prompts to generate from")
+    if target == "image":
+        if image_grid is None:
+            raise GenerateError("target 'image' needs the grid of the image to generate (image_grid)")
+        max_new_tokens = image_grid.span_tokens
     limits = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (len(prompts),))
     if limits.min() < 1:
         raise GenerateError(f"max_new_tokens must be >= 1; got {int(limits.min())}")
@@ -436,7 +460,8 @@ def generate(graphdef, params, model_cfg, vocab: Vocab, prompts: list[dict], *, 
         rows, width, steps = bucket(n), bucket(width, 16), bucket(steps, 16)
     else:
         rows = n
-    spec = _Spec(vocab, target, audio_layout, steps, temperature == 0, top_k > 0, stop_ids, repr(model_cfg))
+    spec = _Spec(vocab, target, audio_layout, steps, temperature == 0, top_k > 0, stop_ids, repr(model_cfg),
+                 image_grid if target == "image" else None)
     batch = prompt_batch(prompts, rows, width)
     lengths_B = np.ones(rows, np.int32)
     lengths_B[:n] = lengths
@@ -507,6 +532,7 @@ class Request:
     target: str
     max_new_tokens: int
     stop_ids: tuple[int, ...] | None = None  # None: DEFAULT_STOP[target]
+    image_grid: ImageGrid | None = None  # target image: the answer's grid (it fixes the answer's length)
 
 
 @dataclasses.dataclass
@@ -529,8 +555,8 @@ class ManyResult:
 def generate_many(graphdef, params, model_cfg, vocab: Vocab, requests: list[Request], *, batch_size: int = 64,
                   temperature: float = 0.0, top_k: int = 0, seed: int = 0, audio_layout: str = "flat",
                   ) -> ManyResult:
-    """Any number of requests in batches of at most `batch_size`: requests with the same target and stop ids
-    are sorted by prompt length (so a batch holds similar lengths), cut into batches and run through generate,
+    """Any number of requests in batches of at most `batch_size`: requests with the same target, stop ids (and
+    image grid) are sorted by prompt length (so a batch holds similar lengths), cut into batches and run through generate,
     whose buckets let every batch of similar shape reuse one compiled program. Results come back in order."""
     if batch_size < 1:
         raise GenerateError(f"the batch size must be at least 1; got {batch_size}")
@@ -538,17 +564,17 @@ def generate_many(graphdef, params, model_cfg, vocab: Vocab, requests: list[Requ
     for i, r in enumerate(requests):
         _check_target(r.target)
         stop = tuple(DEFAULT_STOP[r.target] if r.stop_ids is None else r.stop_ids)
-        groups.setdefault((r.target, stop), []).append(i)
+        groups.setdefault((r.target, stop, r.image_grid if r.target == "image" else None), []).append(i)
     tokens, stopped = [None] * len(requests), [None] * len(requests)
     out = ManyResult(tokens, stopped, [], 0, 0.0, 0.0, 0.0)
-    for (target, stop), members in groups.items():
+    for (target, stop, grid), members in groups.items():
         members.sort(key=lambda i: len(requests[i].prompt["tokens"]))
         for start in range(0, len(members), batch_size):
             chunk = members[start:start + batch_size]
             result = generate(graphdef, params, model_cfg, vocab, [requests[i].prompt for i in chunk],
                               target=target, max_new_tokens=[requests[i].max_new_tokens for i in chunk],
                               temperature=temperature, top_k=top_k, seed=seed, stop_ids=stop,
-                              audio_layout=audio_layout)
+                              audio_layout=audio_layout, image_grid=grid)
             for i, t, s in zip(chunk, result.tokens, result.stopped):
                 tokens[i], stopped[i] = t, s
             width = max(len(requests[i].prompt["tokens"]) for i in chunk)
@@ -568,55 +594,67 @@ class Task:
     the line is an example with its answer, the truth to score against."""
     id: str
     segments: list[dict]            # the prompt, as parse_prompt gives them
-    target: str                     # "text" or "audio"
+    target: str                     # "text", "audio" or "image"
     stop_ids: tuple[int, ...]       # what ends the answer (the marker of the segment that follows it)
-    truth: "str | np.ndarray | None" = None  # the answer: text, or codes [T, K]
+    truth: "str | np.ndarray | None" = None  # the answer: text, audio codes [T, K] or image codes [R, C, K]
     group: str = ""                 # what scores are grouped by: the example's meta "task", else its target
     line: int = 0                   # line number in the prompts file (0: not from a file)
     meta: dict = dataclasses.field(default_factory=dict)
+    image_grid: ImageGrid | None = None  # target image: the grid to generate (the truth's, when there is one)
 
 
 def task_of(example: dict, line: int = 0) -> Task:
     """An example ({"id", "targets", "meta", "segments"} with images decoded and audio as codes) -> its Task.
 
-    The answer is the first segment of a target modality that is in the loss ("target" not false); the prompt
-    is every segment before it. A text answer ends where the next segment's marker would come (<boa> before
-    audio, <boi> before an image) or at <eos>; an audio answer at <eoa>. Later segments are not generated.
+    The answer is the first segment of a target modality that is in the loss ("target" not false; an image as
+    patches never is, its codes are); the prompt is every segment before it. A text answer ends where the next
+    segment's marker would come (<boa> before audio, <boi> before an image) or at <eos>; an audio answer at
+    <eoa>, an image answer (of the truth's grid) at <eoi>. Later segments are not generated.
     """
     targets = set(example.get("targets", ()))
     segments = example["segments"]
     for i, segment in enumerate(segments):
-        kind = "text" if "text" in segment else "audio" if "audio" in segment else "image"
+        kind = ("text" if "text" in segment else "audio" if "audio" in segment else
+                "image" if "image_codes" in segment else None)  # image patches are inputs only
         if kind in targets and segment.get("target", True):
             break
     else:
         raise GenerateError(f"example {example.get('id')} has no segment of its targets {sorted(targets)} to "
                             f"generate")
+    grid = None
     if kind == "audio":
-        stop = (EOA,)
+        stop, truth = (EOA,), np.asarray(segments[i]["audio"])
+    elif kind == "image":
+        truth = np.asarray(segments[i]["image_codes"])
+        stop, grid = (EOI,), image_generate.grid_of_codes(truth)
     else:
         following = segments[i + 1] if i + 1 < len(segments) else {}
-        stop = (BOA,) if "audio" in following else (BOI,) if "image" in following else (EOS,)
+        stop = (BOA,) if "audio" in following else (BOI,) if {"image", "image_codes"} & set(following) else (EOS,)
+        truth = segments[i]["text"]
     prompt = [{k: v for k, v in s.items() if k != "target"} for s in segments[:i]]
-    truth = segments[i]["text"] if kind == "text" else np.asarray(segments[i]["audio"])
     meta = example.get("meta") or {}
     return Task(id=str(example.get("id", f"line{line}")), segments=prompt, target=kind, stop_ids=stop,
-                truth=truth, group=str(meta.get("task", kind)), line=line, meta=meta)
+                truth=truth, group=str(meta.get("task", kind)), line=line, meta=meta, image_grid=grid)
 
 
-PROMPT_KEYS = {"prompt", "id", "target", "audio"}
+PROMPT_KEYS = {"prompt", "id", "target", "audio", "image_size"}
 
 
-def read_prompts(path, *, patch_size: int, max_image_patches: int, codec=None, target: str = "text") -> list[Task]:
+def read_prompts(path, *, patch_size: int, max_image_patches: int, codec=None, target: str = "text",
+                 image_tokenizer=None, image_size: tuple[int, int] | None = None) -> list[Task]:
     """A prompts file -> Tasks. Each non-blank line is a JSON object, either
 
         a manifest line (omni.data.manifest; "segments", "targets", ...): the prompt is every segment before
-            its first target segment, which is the answer (kept as the truth to score against);
-        {"prompt": "text with <image:PATH> ... tags", "id": ..., "target": "text"|"audio", "audio": [PATH, ...]}:
-            an inline-tag prompt as `omni generate --prompt` takes it ("target" defaults to `target`).
+            its first target segment, which is the answer (kept as the truth to score against); images enter
+            as the line says ("as"; codes through `image_tokenizer`, fitted to max_image_patches cells);
+        {"prompt": "text with <image:PATH> ... tags", "id": ..., "target": "text"|"audio"|"image",
+         "audio": [PATH, ...], "image_size": [HEIGHT, WIDTH]}: an inline-tag prompt as `omni generate --prompt`
+            takes it ("target" defaults to `target`; an image answer has the grid of "image_size" pixels, default
+            `image_size`, else the largest square of max_image_patches cells: image_generate.grid_for).
 
     Relative paths in either are relative to the file's folder. A bad line is a GenerateError naming the file
-    and line: not JSON, an unknown field, tag or target, a missing file, codes out of range.
+    and line: not JSON, an unknown field, tag or target, a missing file, codes out of range, an image target
+    without an image tokenizer.
     """
     from omni.data.audio import resample
 
@@ -643,14 +681,20 @@ def read_prompts(path, *, patch_size: int, max_image_patches: int, codec=None, t
             audio = line.get("audio", [])
             if not isinstance(line["prompt"], str) or not isinstance(audio, list):
                 fail("\"prompt\" must be a string and \"audio\" a list of WAV paths")
+            size = line.get("image_size", image_size)
+            if "image_size" in line and not (kind == "image" and _is_size(size)):
+                fail(f"\"image_size\" is [HEIGHT, WIDTH] in pixels, for a \"target\": \"image\" line; got "
+                     f"{manifest.short_repr(size)} with target {kind!r}")
             try:
                 segments = parse_prompt(line["prompt"], [_relative(a, path.parent) for a in audio],
                                         patch_size=patch_size, max_image_patches=max_image_patches, codec=codec,
                                         base=path.parent)
+                grid = (image_generate.grid_for(image_tokenizer, max_image_patches, size) if kind == "image"
+                        else None)
             except GenerateError as e:
                 fail(str(e))
             tasks.append(Task(id=str(line.get("id", f"line{number}")), segments=segments, target=kind,
-                              stop_ids=DEFAULT_STOP[kind], group=kind, line=number))
+                              stop_ids=DEFAULT_STOP[kind], group=kind, line=number, image_grid=grid))
             continue
         try:
             raw = manifest.load_line(line, path, number)
@@ -660,12 +704,11 @@ def read_prompts(path, *, patch_size: int, max_image_patches: int, codec=None, t
         for i, segment in enumerate(raw["segments"]):
             out = {"target": segment.get("target", True)}
             try:
-                if "image_codes" in segment or segment.get("as", "patches") != "patches":
-                    fail(f"segment {i}: images as codes are not in prompts yet (only \"as\": \"patches\"); "
-                         f"generation with image codes is later work")
-                if "image_bytes" in segment:
-                    out["image"] = fit_image(decode_image(segment["image_bytes"]), patch_size, max_image_patches)
-                elif "text" in segment:
+                if "image_bytes" in segment or "image_codes" in segment:
+                    segments += _image_segments(segment, out["target"], patch_size, max_image_patches,
+                                                image_tokenizer)
+                    continue
+                if "text" in segment:
                     out["text"] = segment["text"]
                 else:
                     if codec is None:
@@ -691,6 +734,31 @@ def read_prompts(path, *, patch_size: int, max_image_patches: int, codec=None, t
     return tasks
 
 
+def _image_segments(segment: dict, target: bool, patch_size: int, max_image_patches: int, image_tokenizer) -> list:
+    """A manifest line's image segment as training reads it (omni.data.pipeline.prepare): patches fitted to the
+    budget, codes of the image tokenizer, or both (patches in, codes out); precomputed codes as they are."""
+    needs = "an image tokenizer (its dataset had none): give the image \"as\": \"patches\""
+    if "image_codes" in segment:
+        if image_tokenizer is None:
+            raise ValueError(f"image codes need {needs}")
+        check_image_codes(segment["image_codes"], image_tokenizer.codebook_sizes)
+        return [{"image_codes": np.asarray(segment["image_codes"]), "target": target}]
+    enters, pixels = segment.get("as", "patches"), decode_image(segment["image_bytes"])
+    out = []
+    if enters in ("patches", "both"):
+        out.append({"image": fit_image(pixels, patch_size, max_image_patches), "target": False})
+    if enters in ("codes", "both"):
+        if image_tokenizer is None:
+            raise ValueError(f"an image entering as {enters} needs {needs}")
+        out.append({"image_codes": encode_fitted(image_tokenizer, pixels, max_image_patches), "target": target})
+    return out
+
+
+def _is_size(value) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value))
+
+
 def _relative(value, base: Path | None) -> str:
     if base is None or Path(value).is_absolute():
         return str(value)
@@ -700,17 +768,21 @@ def _relative(value, base: Path | None) -> str:
 def requests_for(tasks: list[Task], vocab: Vocab, tokenizer, patch_size: int, audio_layout: str, context: int,
                  max_new_tokens: int | None = None, source: str = "") -> list[Request]:
     """Tasks -> Requests: each prompt encoded as in training, its new tokens capped to what the context leaves
-    (fit_to_context; None: all of it). A prompt that fills the context is a GenerateError naming its line."""
+    (fit_to_context; None: all of it), an image answer's set by its grid. A prompt that fills the context (or
+    leaves too little for its image) is a GenerateError naming its line."""
     requests = []
     for task in tasks:
         prompt = prompt_arrays(task.segments, vocab, tokenizer, patch_size, audio_layout, task.target)
         try:
-            limit = fit_to_context(context if max_new_tokens is None else max_new_tokens, len(prompt["tokens"]),
-                                   context)
+            if task.target == "image":
+                limit = image_generate.fit_to_context(task.image_grid, len(prompt["tokens"]), context)
+            else:
+                limit = fit_to_context(context if max_new_tokens is None else max_new_tokens, len(prompt["tokens"]),
+                                       context)
         except GenerateError as e:
             where = f"{source}:{task.line}" if task.line else f"example {task.id}"
             raise GenerateError(f"{where}: {e}") from None
-        requests.append(Request(prompt, task.target, limit, task.stop_ids))
+        requests.append(Request(prompt, task.target, limit, task.stop_ids, task.image_grid))
     return requests
 
 
@@ -726,18 +798,23 @@ def stop_reason(stopped, tokens: list[int], limit: int, asked: int | None) -> st
 
 def run_tasks(model, tasks: list[Task], *, max_new_tokens: int | None = None, temperature: float = 0.0,
               top_k: int = 0, seed: int = 0, batch_size: int = 64, wav_dir=None, source: str = "",
-              max_new_by_group: dict | None = None) -> tuple[list[dict], ManyResult]:
+              max_new_by_group: dict | None = None, image_dir=None) -> tuple[list[dict], ManyResult]:
     """Generates every task with `model` (an omni.tools.export.Exported, or anything with its config, vocab,
-    tokenizer, codec, graphdef and params) in batches; returns one prediction dict per task, in order:
+    tokenizer, codec, image_tokenizer, graphdef and params) in batches; returns one prediction dict per task, in
+    order:
 
-        {"id", "line" (prompts files), "group", "target", "text" | "codes" [[...], ...] (+ "wav" with wav_dir),
+        {"id", "line" (prompts files), "group", "target", "text" | "codes" (audio [T][K], image [R][C][K])
+         (+ "wav" with wav_dir, "png" with image_dir when the tokenizer decodes),
          "stop": "stop token" | "max new tokens" | "context full", "tokens": generated count (stop id included),
-         "truth": the answer when the task has one}
+         "truth": the answer when the task has one, "meta": the example's meta when it has one}
 
     max_new_tokens None lets each answer run to the end of the trained context (data.seq_len);
-    max_new_by_group overrides it per task group (the demo tasks' own caps).
+    max_new_by_group overrides it per task group (the demo tasks' own caps). Image answers are their grid.
     """
     cfg = model.config
+    image_tokenizer = getattr(model, "image_tokenizer", None)
+    if any(task.target == "image" for task in tasks):
+        image_generate.check_can_generate(model.vocab, image_tokenizer)
     requests = []
     for task in tasks:
         limit = (max_new_by_group or {}).get(task.group, max_new_tokens)
@@ -745,16 +822,24 @@ def run_tasks(model, tasks: list[Task], *, max_new_tokens: int | None = None, te
                                  cfg.data.seq_len, limit, source)
     result = generate_many(model.graphdef, model.params, cfg.model, model.vocab, requests, batch_size=batch_size,
                            temperature=temperature, top_k=top_k, seed=seed, audio_layout=cfg.data.audio_layout)
-    if wav_dir is not None:
-        Path(wav_dir).mkdir(parents=True, exist_ok=True)
+    for folder in (wav_dir, image_dir):
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
     predictions = []
     for task, request, tokens, stopped in zip(tasks, requests, result.tokens, result.stopped):
         asked = (max_new_by_group or {}).get(task.group, max_new_tokens)
         row = {"id": task.id, **({"line": task.line} if task.line else {}), "group": task.group,
-               "target": task.target}
-        output = decode_output(tokens, task.target, model.vocab, model.tokenizer, model.codec, cfg.data.audio_layout)
+               "target": task.target, **({"meta": task.meta} if task.meta else {})}
+        output = decode_output(tokens, task.target, model.vocab, model.tokenizer, model.codec, cfg.data.audio_layout,
+                               image_grid=request.image_grid, image_tokenizer=image_tokenizer)
         if task.target == "text":
             row["text"] = output
+        elif task.target == "image":
+            row["codes"] = output["codes"].tolist()
+            if image_dir is not None and output["image"] is not None:
+                png = Path(image_dir) / f"{_file_name(task.id)}.png"
+                image_generate.write_png(png, output["image"])
+                row["png"] = str(png)
         else:
             row["codes"] = np.asarray(output["codes"]).tolist()
             if wav_dir is not None and output["wave"] is not None:
@@ -773,10 +858,12 @@ def run_tasks(model, tasks: list[Task], *, max_new_tokens: int | None = None, te
 
 def generate_file(model_path, prompts, out, *, step: int | None = None, target: str = "text",
                   max_new_tokens: int | None = 200, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-                  batch_size: int = 64, wav_dir=None, log=None) -> list[dict]:
+                  batch_size: int = 64, wav_dir=None, image_dir=None, image_size: tuple[int, int] | None = None,
+                  log=None) -> list[dict]:
     """`omni generate --prompts`: every prompt of the file `prompts` (read_prompts) continued by the model at
     `model_path` (an export or a workdir) in batches; one JSON line per prompt, in file order, to `out`
-    (run_tasks for the fields). Prints a summary line on stderr."""
+    (run_tasks for the fields). Inline image prompts are image_size (H, W) pixels, default the size the model's
+    images mostly had. Prints a summary line on stderr."""
     import sys
 
     from omni.tools import export
@@ -786,10 +873,11 @@ def generate_file(model_path, prompts, out, *, step: int | None = None, target: 
     model = export.load_model(model_path, step)
     cfg = model.config
     tasks = read_prompts(prompts, patch_size=cfg.data.patch_size, max_image_patches=cfg.data.max_image_patches,
-                         codec=model.codec, target=target)
+                         codec=model.codec, target=target, image_tokenizer=model.image_tokenizer,
+                         image_size=image_size or model.image_size)
     predictions, result = run_tasks(model, tasks, max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_k=top_k, seed=seed, batch_size=batch_size, wav_dir=wav_dir,
-                                    source=str(prompts))
+                                    source=str(prompts), image_dir=image_dir)
     write_jsonl(out, predictions)
     shapes = ", ".join(f"{rows}x{width}" for rows, width in sorted({(r, w) for _, r, w in result.batches}))
     log(f"omni: {len(tasks)} prompts -> {out}: {result.generated} tokens in {len(result.batches)} batches "
@@ -820,10 +908,14 @@ def write_jsonl(path, rows: list[dict]) -> Path:
 
 # ----------------------------------------------------------------------------------------------- outputs
 
-def decode_output(tokens, target: str, vocab: Vocab, tokenizer, codec=None, audio_layout: str = "flat"):
-    """Generated ids -> a string (text), or {"codes": int [T, K], "wave": float32 [samples] or None,
-    "sample_rate": int or None} (audio; the wave when the codec can decode)."""
+def decode_output(tokens, target: str, vocab: Vocab, tokenizer, codec=None, audio_layout: str = "flat", *,
+                  image_grid: ImageGrid | None = None, image_tokenizer=None):
+    """Generated ids -> a string (text), {"codes": int [T, K], "wave": float32 [samples] or None,
+    "sample_rate": int or None} (audio; the wave when the codec can decode), or {"codes": int [R, C, K],
+    "image": uint8 [H, W, 3] or None} (image of `image_grid`; the pixels when the image tokenizer can decode)."""
     _check_target(target)
+    if target == "image":
+        return image_generate.decode_answer(tokens, vocab, image_grid, image_tokenizer)
     ids = np.asarray(tokens, np.int64)
     if target == "text":
         text_ids = ids[(ids >= vocab.text_offset) & (ids < vocab.text_offset + vocab.text_size)]

@@ -20,6 +20,16 @@ Audio answers (codes [T, K] of the model's codec):
                   mean absolute difference of their natural-log mel power (MEL_BINS bins, 25 ms windows every
                   10 ms) is taken over the truth's frames, the answer cut or padded with silence to that length;
                   0 for identical codes (the codec's own error is left out: both sides go through it)
+
+Image answers (codes [R, C, K] of the model's image tokenizer, generated on the truth's grid):
+
+    code_acc      per codebook k: cells (r, c) of the truth's grid where answer[r, c, k] == truth[r, c, k], over
+                  all truth cells (cells outside the answer's grid count as misses)
+    code_acc_mean the mean over codebooks
+    psnr_db       where the image tokenizer decodes: PSNR (dB, over all pixels of the group) of the decoded answer
+                  against the decoded truth, the answer cut or padded with black to the truth's size;
+                  PSNR_CAP_DB (99) for identical codes (the tokenizer's own error is left out: both sides go
+                  through it; `omni imagetok fit` reports that one)
 """
 
 from __future__ import annotations
@@ -127,6 +137,46 @@ def audio_scores(answers: list[np.ndarray], truths: list[np.ndarray], codec=None
             distances.append(mel_distance(answer_wave, truth_wave, rate))
         scores["mel_l1"] = float(np.mean(distances))
     return scores
+
+
+def image_code_accuracy(answers: list[np.ndarray], truths: list[np.ndarray]) -> list[float]:
+    """Per codebook: matching codes over the truths' cells, corpus-level (module docstring)."""
+    _check_pairs(answers, truths)
+    k = np.shape(truths[0])[2]
+    hits, cells = np.zeros(k), 0
+    for answer, truth in zip(answers, truths):
+        answer, truth = np.asarray(answer), np.asarray(truth)
+        rows, cols = min(len(answer), len(truth)), min(answer.shape[1], truth.shape[1])
+        hits += np.sum(answer[:rows, :cols] == truth[:rows, :cols], axis=(0, 1))
+        cells += truth.shape[0] * truth.shape[1]
+    return [float(h / max(cells, 1)) for h in hits]
+
+
+def image_scores(answers: list[np.ndarray], truths: list[np.ndarray], image_tokenizer=None) -> dict:
+    """{"n", "code_acc" [per codebook], "code_acc_mean"} and "psnr_db" when `image_tokenizer` decodes."""
+    from omni.data.image_tokenizer import ImageTokenizerError, psnr
+
+    per_codebook = image_code_accuracy(answers, truths)
+    scores = {"n": len(truths), "code_acc": per_codebook, "code_acc_mean": float(np.mean(per_codebook))}
+    if image_tokenizer is None:
+        return scores
+    try:
+        pairs = [(_fit_to(image_tokenizer.decode(np.asarray(a)), np.shape(t)[:2], image_tokenizer.patch_size),
+                  image_tokenizer.decode(np.asarray(t))) for a, t in zip(answers, truths)]
+    except ImageTokenizerError:  # an external tokenizer cannot decode here
+        return scores
+    scores["psnr_db"] = psnr(np.concatenate([t.reshape(-1, 3) for _, t in pairs]),
+                             np.concatenate([a.reshape(-1, 3) for a, _ in pairs]))
+    return scores
+
+
+def _fit_to(image_HxWx3: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.ndarray:
+    """The image cut or padded with black to grid cells of patch_size pixels."""
+    h, w = grid[0] * patch_size, grid[1] * patch_size
+    out = np.zeros((h, w, 3), np.uint8)
+    part = np.asarray(image_HxWx3)[:h, :w]
+    out[:part.shape[0], :part.shape[1]] = part
+    return out
 
 
 def _check_pairs(answers, truths) -> None:

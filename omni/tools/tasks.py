@@ -6,8 +6,9 @@ Each eval example (or each line of a prompts file that has an answer) becomes a 
 the prompt is every segment before its first target segment, which is generated (greedy, batched, KV cache)
 and scored against that segment (omni.tools.scores): text answers by exact match, CER and WER (and BLEU and
 chrF for sentences), audio answers by code accuracy per codebook and the log-mel distance of the decoded
-audio. Scores are grouped by the example's meta "task" when it has one (the demo corpus's caption / describe /
-synth), else by the answer's modality ("text", "audio"). The demo scores (omni.demo.scorer) are this path
+audio, image answers (generated on the truth's grid) by code accuracy per codebook and the PSNR of the decoded
+image. Scores are grouped by the example's meta "task" when it has one (the demo corpus's caption / describe /
+synth), else by the answer's modality ("text", "audio", "image"). The demo scores (omni.demo.scorer) are this path
 plus the demo's own attribute checks.
 """
 
@@ -22,20 +23,23 @@ from omni.tools import generate as generate_lib
 from omni.tools import scores as scores_lib
 
 
-def model_of(cfg, graphdef, params, vocab, tokenizer, codec):
-    """What omni.tools.generate.run_tasks needs of a model, from a config and its (sharded) parameters."""
+def model_of(cfg, graphdef, params, vocab, tokenizer, codec, image_tokenizer=None, image_size=None):
+    """What omni.tools.generate.run_tasks needs of a model, from a config and its (sharded) parameters
+    (image_size: the (H, W) its image answers have by default; omni.tools.export.Exported)."""
     return types.SimpleNamespace(config=cfg, graphdef=graphdef, params=params, vocab=vocab, tokenizer=tokenizer,
-                                 codec=codec)
+                                 codec=codec, image_tokenizer=image_tokenizer, image_size=image_size)
 
 
-def eval_tasks(cfg, max_examples: int | None = None, prompts=None, codec=None) -> tuple[list, str]:
+def eval_tasks(cfg, max_examples: int | None = None, prompts=None, codec=None,
+               image_tokenizer=None) -> tuple[list, str]:
     """(Tasks, split name): the first max_examples of the eval split (all when None), or a prompts file's lines
     that carry an answer (manifest lines; inline prompts have nothing to score and are left out)."""
     from omni.data import pipeline
 
     if prompts is not None:
         tasks = generate_lib.read_prompts(prompts, patch_size=cfg.data.patch_size,
-                                          max_image_patches=cfg.data.max_image_patches, codec=codec)
+                                          max_image_patches=cfg.data.max_image_patches, codec=codec,
+                                          image_tokenizer=image_tokenizer)
         tasks = [t for t in tasks if t.truth is not None]
         if not tasks:
             raise GenerateError(f"no line of {prompts} has an answer to score: give manifest lines "
@@ -45,7 +49,7 @@ def eval_tasks(cfg, max_examples: int | None = None, prompts=None, codec=None) -
     return [generate_lib.task_of(e) for e in examples], "eval"
 
 
-def score_predictions(predictions: list[dict], codec=None) -> dict:
+def score_predictions(predictions: list[dict], codec=None, image_tokenizer=None) -> dict:
     """{group: scores} over the predictions that carry a truth (omni.tools.scores for each modality)."""
     groups: dict = {}
     for row in predictions:
@@ -55,6 +59,9 @@ def score_predictions(predictions: list[dict], codec=None) -> dict:
     for group, rows in groups.items():
         if rows[0]["target"] == "text":
             out[group] = scores_lib.text_scores([r["text"] for r in rows], [r["truth"] for r in rows])
+        elif rows[0]["target"] == "image":
+            out[group] = scores_lib.image_scores([np.asarray(r["codes"]) for r in rows],
+                                                 [np.asarray(r["truth"]) for r in rows], image_tokenizer)
         else:
             k = len(rows[0]["truth"][0]) if len(rows[0]["truth"]) else 0
             answers = [np.asarray(r["codes"], np.int64).reshape(-1, k) for r in rows]
@@ -74,6 +81,8 @@ def describe(group: str, score: dict) -> str:
         text = "code accuracy per codebook " + " ".join(f"{a:.1%}" for a in score["code_acc"])
         if "mel_l1" in score:
             text += f", log-mel L1 {score['mel_l1']:.3f}"
+        if "psnr_db" in score:
+            text += f", PSNR {score['psnr_db']:.1f} dB"
     return f"task {group}: {text} on {score['n']} held-out examples"
 
 
@@ -82,7 +91,7 @@ def run(model, tasks: list, *, max_new_tokens: int | None = None, max_new_by_gro
     """Generates every task greedily and scores the answers: (predictions, {group: scores})."""
     predictions, result = generate_lib.run_tasks(model, tasks, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                                  max_new_by_group=max_new_by_group)
-    scores = score_predictions(predictions, model.codec)
+    scores = score_predictions(predictions, model.codec, getattr(model, "image_tokenizer", None))
     log(f"omni: generated {len(predictions)} answers ({result.generated} tokens, {result.tokens_per_s:,.0f} "
         f"tokens/s, compile {result.compile_s:.1f} s)")
     return predictions, scores
@@ -97,9 +106,10 @@ def end_of_run_for(cfg, num_examples: int):
     def end_of_run(cfg, graphdef, params, log=print):
         from omni.data import pipeline
 
-        codec = pipeline.dataset_for(cfg).codec()
-        model = model_of(cfg, graphdef, params, pipeline.vocab_for(cfg), pipeline.tokenizer_for(cfg), codec)
-        tasks, _ = eval_tasks(cfg, num_examples, codec=codec)
+        codec, image_tokenizer = pipeline.dataset_for(cfg).codec(), pipeline.image_tokenizer_for(cfg)
+        model = model_of(cfg, graphdef, params, pipeline.vocab_for(cfg), pipeline.tokenizer_for(cfg), codec,
+                         image_tokenizer)
+        tasks, _ = eval_tasks(cfg, num_examples, codec=codec, image_tokenizer=image_tokenizer)
         _, scores = run(model, tasks, log=log)
         for group, score in scores.items():
             log(f"omni: {describe(group, score)}")
