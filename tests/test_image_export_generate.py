@@ -111,3 +111,35 @@ def test_an_export_without_its_image_tokenizer_says_what_to_do(exported, tmp_pat
     shutil.rmtree(copy / "image_tokenizer")
     run = omni("generate", "--model", str(copy), "--prompt", "red top left", "--target", "image")
     assert run.returncode == 2 and "export the checkpoint again" in run.stderr, run.stderr
+
+
+def test_the_hf_export_carries_image_codes_and_their_tokenizer(exported, tmp_path):
+    """--format hf of an image-code run: the image tokenizer beside the Llama, <image_K_C> tokens at omni's ids,
+    and transformers' logits on a prompt with image codes equal omni's."""
+    torch = pytest.importorskip("torch", reason="the HF export check needs torch (pip install omni[hf])")
+    transformers = pytest.importorskip("transformers", reason="the HF export check needs transformers (omni[hf])")
+    from omni.tokens import BOI, ROW
+    from omni.tools import generate, hf
+
+    shutil.move(exported / "ds-moved", exported / "ds")  # the fitted tokenizer is read from the dataset folder
+    try:
+        out = hf.export_hf(exported / "run", tmp_path / "hf", dtype="float32")
+    finally:
+        shutil.move(exported / "ds", exported / "ds-moved")
+    saved = export_lib.load_image_tokenizer_folder(out / export_lib.IMAGE_TOKENIZER_DIR)
+    np.testing.assert_array_equal(saved.codewords, PatchRVQTokenizer.load(exported / "tok").codewords)
+    ours = export_lib.load_export(exported / "export")
+    vocab = ours.vocab
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.convert_ids_to_tokens(vocab.image_offset(1) + 3) == "<image_1_3>"
+    codes = np.array([[[1, 2], [3, 4]], [[5, 6], [7, 0]]])  # a whole 2 x 2 grid of 2 codebooks
+    prompt = generate.prompt_arrays([{"text": "red top left"}, {"image_codes": codes}, {"text": "and"}], vocab,
+                                    ours.tokenizer, 4, target="image")
+    ids = prompt["tokens"].tolist()
+    assert ids.count(ROW) == 2 and ids[-1] == BOI and vocab.image_offset(1) + 6 in ids
+    batch = generate.prompt_batch([prompt], 1, len(ids))
+    want = np.asarray(ours.model()({k: v for k, v in batch.items()}))[0]
+    llama = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = llama(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - want).max() <= 1e-4

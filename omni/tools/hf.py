@@ -16,6 +16,7 @@ writes
                                       prompts start
     OUT/patch_projection.safetensors  the image patch projection as an nn.Linear(P, d): weight [d, P], bias [d]
     OUT/codec/                        the audio codec (as omni export writes it), absent without audio
+    OUT/image_tokenizer/              the image tokenizer (as omni export writes it), absent without image codes
     OUT/README.md                     what is where, and the inputs_embeds recipe for images (INPUTS_EMBEDS_SNIPPET)
 
 AutoModelForCausalLM / AutoTokenizer load the folder as it is. Images have no place in LlamaForCausalLM: build
@@ -209,7 +210,8 @@ def export_hf(workdir, out, step: int | None = None, dtype: str = "bfloat16", ma
                           "models only (LlamaForCausalLM has no per-modality layers or cross-attention)")
     tokenizer = omni_export._tokenizer_of(cfg, meta)
     codec = omni_export._codec_of(meta)
-    vocab = omni_export._vocab_of(meta, tokenizer, codec)
+    image_tokenizer = omni_export._image_tokenizer_of(meta)
+    vocab = omni_export._vocab_of(meta, tokenizer, codec, image_tokenizer)
     checked = omni_export._checked_tensors(workdir, step, cfg, vocab)
     with progress("export", total=len(checked) + 1, unit="tensor") as bar:
         tensors = omni_export.cast_tensors(checked, dtype, bar)
@@ -221,12 +223,15 @@ def export_hf(workdir, out, step: int | None = None, dtype: str = "bfloat16", ma
                 "patch_file": hf_llama.PATCH_FILE,
                 "tokenizer": tokenizer.identity(),
                 "codec": None if codec is None else codec_identity(codec),
+                "image_tokenizer": meta.get("image_tokenizer"),
                 "config": config_lib.to_dict(cfg)}
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             _write(tmp, cfg, vocab, dtype, info, model_tensors, patch_tensors, tokenizer, codec, max_shard_bytes)
+            if image_tokenizer is not None:  # image code ids are in the vocabulary: their decoder goes beside it
+                omni_export._save_image_tokenizer(image_tokenizer, tmp / omni_export.IMAGE_TOKENIZER_DIR)
             bar.update(1, files=len(list(tmp.iterdir())))
             tmp.rename(out)  # rename(2) also replaces an empty folder the user made, in one step
         except BaseException:
