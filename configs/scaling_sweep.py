@@ -7,7 +7,7 @@ Every run is a 2-layer model trained 150 steps x 8 x 256 = 307,200 tokens in the
 training FLOPs per token at each width. The report (runs/sweep/ablation.md) adds a Scaling section: final held-out
 loss per modality against training FLOPs, a fit of L = E + A * C^-alpha per variant and modality, and each
 variant's compute ratio against early at early's best loss, over the two seeds; scaling.png draws the points and
-the fits the points support. 32 runs; about 35 minutes on 2 CPU cores (demo corpus cached). A measured result and
+the fits the points support. 32 runs: 53 minutes on a 2-core CPU shared with other jobs. A measured result and
 what it does and does not say: docs/ablation.md.
 """
 
