@@ -286,6 +286,7 @@ def test_late_and_mot_compile_to_the_matmul_flops_of_early():
     (the tile padding is at most 2 of 32 tiles in the per-modality layers); the masked path is ~3x there."""
     early = _compiled_matmul_flops()
     assert flops_per_token(_cfg(d=64, fusion="mot"), V, 64) == flops_per_token(_cfg(d=64), V, 64)
+    assert _compiled_matmul_flops(fusion="late", late_layers=1) / early <= 1.10
     assert _compiled_matmul_flops(fusion="late", late_layers=2) / early <= 1.10
     assert _compiled_matmul_flops(fusion="mot") / early <= 1.10
     assert _compiled_matmul_flops(fusion="mot", modality_matmul="masked") / early > 2.0
