@@ -230,10 +230,10 @@ def run_ablation(base: Config, workdir: str | Path, seeds: int | None = None, pr
     from omni.train import loop
 
     workdir = Path(workdir)
+    vocab_size, patch_dim = pipeline.vocab_for(base).size, batch.patch_dim(base.data)
+    runs = make_plan(base, vocab_size, patch_dim, seeds)  # a plan that cannot run leaves no workdir behind
     workdir_lib.check_writable(workdir)
     workdir_lib.hold(workdir, "omni ablate")  # one ablation per workdir; each run's own workdir is locked by train
-    vocab_size, patch_dim = pipeline.vocab_for(base).size, batch.patch_dim(base.data)
-    runs = make_plan(base, vocab_size, patch_dim, seeds)
     _check_and_save_plan(workdir, runs, base)
     log(describe_plan(runs, base, vocab_size, patch_dim))
     start = time.perf_counter()
