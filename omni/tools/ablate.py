@@ -176,7 +176,11 @@ def make_plan(base: Config, vocab_size: int, patch_dim: int, seeds: int | None =
                     run_cfg = copy.deepcopy(cfg)
                     run_cfg.train.seed = base.train.seed + seed
                     run_cfg.name = f"{base.name}/{stem}-s{seed}"
-                    config_lib.validate(run_cfg)
+                    try:
+                        config_lib.validate(run_cfg)
+                    except ConfigError as e:
+                        where = f"ablate.sweep point {size}, " if size else ""
+                        raise ConfigError(f"{where}variant {variant}: {e}") from None
                     runs.append(Run(f"{stem}-s{seed}", variant, seed, run_cfg, match=match,
                                     label=f"{variant} @{match}" if labelled else variant, size=size))
     return runs
