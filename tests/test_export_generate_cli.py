@@ -1,6 +1,7 @@
 """The whole road out of omni through the CLI: train -> `omni export` -> `omni generate` from an image file."""
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -129,13 +130,25 @@ def test_ctrl_c_stops_generation_at_once_with_exit_code_130(memorised, tmp_path)
     """A decode of ~65,000 steps over a 65,536-slot cache (minutes): SIGINT in the middle ends it in seconds."""
     out, _ = memorised
     endless = _endless(out, tmp_path / "endless", 65536)
+    cache = tmp_path / "compile-cache"  # its own: a compiled program lands here when its compile is done
     process = subprocess.Popen([sys.executable, "-m", "omni.cli", "generate", "--model", str(endless), "--prompt",
                                 "play c", "--max-new-tokens", "1000000"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMNI_COMPILE_CACHE": str(cache)})
     try:
         first = process.stderr.readline()  # printed once the prompt is built, just before compiling and decoding
         assert "capped to 65529" in first, first + process.stderr.read()
-        time.sleep(10)  # compiling takes a few seconds; decoding all the steps would take minutes
+        # Ctrl-C is promised between decode chunks, not inside an XLA compile (seconds alone, more on a loaded
+        # machine): wait until the programs are compiled (the cache stops growing), then decoding is under way.
+        seen, stable_since, deadline = -1, time.monotonic(), time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            count = len(list(cache.rglob("*"))) if cache.exists() else 0
+            if count != seen:
+                seen, stable_since = count, time.monotonic()
+            elif count > 0 and time.monotonic() - stable_since > 4:
+                break
+            time.sleep(0.5)
+        time.sleep(2)
         assert process.poll() is None, "generation ended before it was interrupted"
         sent = time.monotonic()
         process.send_signal(signal.SIGINT)
