@@ -126,6 +126,7 @@ def test_generate_rejects_a_prompt_that_fills_the_context_and_a_count_below_one(
     assert message in _one_error_line(result)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_generation_at_once_with_exit_code_130(memorised, tmp_path):
     """A decode of ~65,000 steps over a 65,536-slot cache (minutes): SIGINT in the middle ends it in seconds."""
     out, _ = memorised

@@ -167,6 +167,7 @@ def test_cached_greedy_equals_recomputing_the_prefix(setup, target):
     assert again.tokens == result.tokens and again.compile_s == 0.0  # compiled once per shapes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", [{"fusion": "late", "late_layers": 1}, {"fusion": "cross", "encoder_layers": 1},
                                     {"fusion": "mot"}])
 def test_late_cross_and_mot_fusion_generate_the_reference_tokens(setup, fusion):

@@ -456,6 +456,7 @@ def test_a_sentencepiece_run_is_refused_by_name(tmp_path):
         hf.vocabulary_tokenizer(SentencePieceLike(), Vocab(text_size=4, codebook_sizes=()))
 
 
+@pytest.mark.slow
 def test_llava_two_stage_recipe(tmp_path, capsys):
     """configs/llava_stage1.py then llava_stage2.py on a transformers-made Llama: stage 1 leaves every Llama tensor
     and row bitwise as loaded while the patch projection and the new rows learn; stage 2 starts from stage 1's

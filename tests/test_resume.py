@@ -58,6 +58,7 @@ def _losses(workdir: Path) -> dict[int, tuple]:
     return {r["step"]: tuple(r[k] for k in LOSS_KEYS) for r in rows}
 
 
+@pytest.mark.slow
 def test_sigkill_at_an_arbitrary_step_then_rerun_gives_the_same_losses_bitwise(tmp_path):
     steps = 60
     config = _run_config(tmp_path, steps)
@@ -82,6 +83,7 @@ def test_sigkill_at_an_arbitrary_step_then_rerun_gives_the_same_losses_bitwise(t
     assert got == want  # bitwise: same floats, step for step
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path):
     config = _run_config(tmp_path, 100_000, **{"train.checkpoint_every": 0})
     proc = _omni_train(config, tmp_path / "run")

@@ -75,6 +75,7 @@ def test_batch_that_does_not_split_over_the_mesh_is_refused():
         sharding.check_batch_fits_mesh(cfg, sharding.make_mesh(cfg.mesh))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", [["model.fusion=late", "model.late_layers=1"], ["model.fusion=mot"],
                                     ["model.fusion=cross", "model.encoder_layers=1"]])
 def test_late_mot_and_cross_fusion_shard_like_early(fusion):

@@ -108,6 +108,7 @@ def test_summary_counts_what_trains():
     assert trainable.summary(mask, params) == "4e-05M of 7.2e-05M parameters train (1 of 2 tensors; frozen: blocks/w)"
 
 
+@pytest.mark.slow
 def test_a_frozen_run_logs_what_trains_and_resumes(tmp_path, capsys):
     from omni.train import checkpoint, loop
 
