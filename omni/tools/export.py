@@ -264,17 +264,23 @@ def _tokenizer_of(cfg: Config, meta: dict):
 
 def _codec_of(meta: dict):
     """The codec the dataset was built with, from the identity in the checkpoint meta; None without audio."""
-    identity = meta.get("codec")
+    return _built_with(meta, "codec", "codec", lambda where: load_codec(str(where)), codec_from_identity)
+
+
+def _built_with(meta: dict, key: str, what: str, load, from_identity):
+    """The codec or image tokenizer meta[key] names: a fitted one loaded from the dataset folder (which must still
+    exist), an external one from its identity alone; None when the meta names none."""
+    identity = meta.get(key)
     if not identity:
         return None
-    if identity.get("path"):  # a fitted codec saved inside the dataset folder
+    if identity.get("path"):  # fitted, saved inside the dataset folder
         where = Path(meta.get("dataset") or ".") / identity["path"]
         try:
-            return load_codec(str(where))
+            return load(where)
         except CodecError as e:
-            raise ExportError(f"cannot load codec {identity['name']} from the dataset folder {where}: {e}. The "
+            raise ExportError(f"cannot load {what} {identity['name']} from the dataset folder {where}: {e}. The "
                               f"dataset folder must still exist to export; restore it there") from e
-    return codec_from_identity(identity)
+    return from_identity(identity)
 
 
 def _image_size_of(meta: dict) -> list[int] | None:
@@ -285,17 +291,8 @@ def _image_size_of(meta: dict) -> list[int] | None:
 
 def _image_tokenizer_of(meta: dict):
     """The image tokenizer the dataset was built with, from the checkpoint meta; None without one."""
-    identity = meta.get("image_tokenizer")
-    if not identity:
-        return None
-    if identity.get("path"):  # a fitted tokenizer saved inside the dataset folder
-        where = Path(meta.get("dataset") or ".") / identity["path"]
-        try:
-            return image_tokenizer_lib.load_image_tokenizer(where)
-        except CodecError as e:
-            raise ExportError(f"cannot load image tokenizer {identity['name']} from the dataset folder {where}: {e}. "
-                              f"The dataset folder must still exist; restore it there") from e
-    return image_tokenizer_lib.from_identity(identity)
+    return _built_with(meta, "image_tokenizer", "image tokenizer", image_tokenizer_lib.load_image_tokenizer,
+                       image_tokenizer_lib.from_identity)
 
 
 # ----------------------------------------------------------------------------------------------------------
