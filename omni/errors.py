@@ -76,3 +76,7 @@ class GenerateError(OmniError, ValueError):
 
 class WorkdirError(OmniError, RuntimeError):
     """A workdir that is in use by another run, not writable, or full; the message names it and what to do."""
+
+
+class StorageError(OmniError, OSError):
+    """A location that cannot be used: a mistyped URL, a missing bucket or credentials, storage not answering."""

@@ -9,7 +9,12 @@ What protects a run:
   half-way never looks like a checkpoint; leftovers are cleaned when the next run starts. Old checkpoints are
   deleted (keep-N) only after a newer one is finalised.
 - `restore_latest` walks back from the newest checkpoint: one that cannot be read (a file truncated, missing
-  or garbled) is reported, moved to `<workdir>/checkpoints.rejected/` and the previous one is tried.
+  or garbled) is reported, moved to `<workdir>/checkpoints.rejected/` and the previous one is tried. An error
+  that says the storage is not answering (a timeout, a refused connection, HTTP 429/5xx: omni.storage.is_transient)
+  is not damage: the read is tried again with backoff, and if the storage stays away the run stops with a
+  StorageError and every checkpoint stays where it is.
+- On a bucket (gs://) Orbax marks a finished step with `commit_success.txt` instead of renaming it; the same
+  rules hold, and only process 0 moves a rejected checkpoint (a copy of each object, then their deletion).
 - A checkpoint whose parameter shapes differ from the current config is not skipped: it fails with
   `CheckpointMismatchError` naming the first mismatching parameter and the config keys that changed.
 - Restoring onto the shardings of the current state means a run saved on one mesh resumes on another.
@@ -20,9 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 import time
-from pathlib import Path
 
 import grain
 import jax
@@ -30,8 +33,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from omni import storage
 from omni.config import TrainConfig, changed_keys, get_key
-from omni.errors import CheckpointMismatchError, NoUsableCheckpointError
+from omni.errors import CheckpointMismatchError, NoUsableCheckpointError, StorageError
 
 REJECTED_DIR = "checkpoints.rejected"
 
@@ -43,15 +47,16 @@ class DataStateHandler(grain.checkpoint.CheckpointHandler):
     def save(self, directory, item=None, args=None):
         state = (item or args.item).get_state()
         for shard, shard_state in state["shards"].items():
-            (Path(directory) / f"shard-{shard}-of-{state['num_shards']}.json").write_text(json.dumps(shard_state))
+            storage.write_text(storage.path(directory) / f"shard-{shard}-of-{state['num_shards']}.json",
+                               json.dumps(shard_state))
 
     def restore(self, directory, item=None, args=None):
         item = item or args.item
         shards = {}
         for s in item.shard_ids:
-            path = Path(directory) / f"shard-{s}-of-{item.num_shards}.json"
+            path = storage.path(directory) / f"shard-{s}-of-{item.num_shards}.json"
             if not path.exists():  # written before reading shards: grain's file of process s (one shard each)
-                path = Path(directory) / f"process_{s}-of-{item.num_shards}.json"
+                path = storage.path(directory) / f"process_{s}-of-{item.num_shards}.json"
             if not path.exists():
                 raise FileNotFoundError(f"{path.parent}/shard-{s}-of-{item.num_shards}.json is missing")
             shards[str(s)] = json.loads(path.read_text())
@@ -71,14 +76,16 @@ class DataRestore(ocp.args.CheckpointArgs):
     item: object
 
 
-def saved_shard_count(step_dir: Path) -> int | None:
+def saved_shard_count(step_dir) -> int | None:
     """S of the `shard-<s>-of-<S>.json` files in a checkpoint's data item (None when there are none)."""
-    counts = {int(m.group(1)) for f in (Path(step_dir) / "data").glob("*-of-*.json")
-              if (m := re.fullmatch(r"(?:shard-|process_)\d+-of-(\d+)\.json", f.name))}
+    data = storage.path(step_dir) / "data"
+    names = storage.listdir(data) if data.exists() else []
+    counts = {int(m.group(1)) for name in names
+              if (m := re.fullmatch(r"(?:shard-|process_)\d+-of-(\d+)\.json", name))}
     return counts.pop() if len(counts) == 1 else None
 
 
-def make_manager(workdir: str | Path, tc: TrainConfig) -> ocp.CheckpointManager:
+def make_manager(workdir, tc: TrainConfig) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=tc.keep_checkpoints, save_interval_steps=1, enable_async_checkpointing=tc.async_checkpoint,
         create=True, cleanup_tmp_directories=True)
@@ -90,7 +97,7 @@ def make_manager(workdir: str | Path, tc: TrainConfig) -> ocp.CheckpointManager:
     registry.add("data", DataRestore, DataStateHandler)
     registry.add("meta", ocp.args.JsonSave, ocp.JsonCheckpointHandler)
     registry.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
-    return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options,
+    return ocp.CheckpointManager(storage.absolute(workdir) / "checkpoints", options=options,
                                  handler_registry=registry)
 
 
@@ -119,9 +126,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
                    log=print):
     """Restores the newest readable checkpoint; returns (step, state, meta), or None when there is none.
 
-    Unreadable checkpoints are reported and moved aside; a shape mismatch raises CheckpointMismatchError.
+    Unreadable checkpoints are reported and moved aside; a shape mismatch raises CheckpointMismatchError; storage
+    that does not answer is waited for (with backoff), then a StorageError, with nothing moved.
     `config` (the current resolved config as a dict) only serves to name what changed in that error.
     """
+    storage.refresh(manager.directory)
     manager.reload()
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
@@ -129,11 +138,14 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
     for step in steps:
         path = step_path(manager, step)
         try:
-            saved = manager.item_metadata(step)["state"]
-        except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
+            saved = _patiently(lambda: manager.item_metadata(step)["state"], f"read the metadata of {path}", log)
+            has_metadata = _patiently(lambda: (path / "state" / "_METADATA").is_file(), f"read {path}", log)
+        except StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any other read failure means this checkpoint is unusable
             _reject(manager, step, f"its metadata cannot be read ({_short(e)})", log)
             continue
-        if not (path / "state" / "_METADATA").is_file() or not _leaves(_metadata_tree(saved)):
+        if not has_metadata or not _leaves(_metadata_tree(saved)):
             # Damage, not another model: only a checkpoint that reads fine can be compared with this config.
             _reject(manager, step, "its state metadata (state/_METADATA) is missing or empty", log)
             continue
@@ -145,22 +157,34 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
                 f"{reading} (data.shards, or one per process when it is 0). Resume with --set "
                 f"data.shards={saved_shards} (it must be a multiple of the process count) to keep the data order")
         try:
-            state, meta = restore(manager, step, abstract_state, data_iterator)
+            state, meta = _patiently(lambda: restore(manager, step, abstract_state, data_iterator),
+                                     f"restore {path}", log)
+        except StorageError:
+            raise
         except Exception as e:  # noqa: BLE001
             _reject(manager, step, _short(e), log)
             continue
         return step, state, meta
     raise NoUsableCheckpointError(
         f"none of the checkpoints in {manager.directory} ({', '.join(map(str, steps))}) could be read; they were "
-        f"moved to {Path(manager.directory).parent / REJECTED_DIR}. Start a new run with another --workdir, or "
-        f"move a good checkpoint back")
+        f"moved to {storage.path(manager.directory).parent / REJECTED_DIR}. Start a new run with another --workdir, "
+        f"or move a good checkpoint back")
 
 
-def step_path(manager: ocp.CheckpointManager, step: int) -> Path:
-    return Path(manager.directory) / str(step)
+# How long a restore waits for storage that does not answer before it gives up (and moves nothing).
+RESTORE_ATTEMPTS = 6
 
 
-def check_shapes(saved_tree, abstract_state, path: Path, config: dict | None, saved_config: dict | None) -> None:
+def _patiently(operation, what: str, log):
+    """operation(), retried on transient storage errors (omni.storage.retry): a timeout is not damage."""
+    return storage.retry(operation, what, attempts=RESTORE_ATTEMPTS, log=log)
+
+
+def step_path(manager: ocp.CheckpointManager, step: int):
+    return storage.path(manager.directory) / str(step)
+
+
+def check_shapes(saved_tree, abstract_state, path, config: dict | None, saved_config: dict | None) -> None:
     """Raises CheckpointMismatchError at the first parameter whose name or shape differs."""
     saved = {_name(p): tuple(getattr(leaf, "shape", ())) for p, leaf in _leaves(saved_tree)}
     # Parameters first: their names say more than the optimizer moments that mirror them.
@@ -200,7 +224,7 @@ def _metadata_tree(metadata):
 
 def _saved_config(manager, step) -> dict | None:
     try:
-        return read_meta(Path(manager.directory).parent, step).get("config")
+        return read_meta(storage.path(manager.directory).parent, step).get("config")
     except Exception:  # noqa: BLE001 - only used to make an error message better
         return None
 
@@ -221,13 +245,13 @@ def _short(e: Exception) -> str:
 def _reject(manager: ocp.CheckpointManager, step: int, why: str, log) -> None:
     """Moves an unreadable checkpoint out of the way (so the run can save that step again) and says so."""
     src = step_path(manager, step)
-    dst = Path(manager.directory).parent / REJECTED_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dst = storage.path(manager.directory).parent / REJECTED_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
     log(f"omni: checkpoint {src} is unreadable and is skipped: {why}. Moved to {dst}; trying the previous one")
     if jax.process_index() == 0:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(src), str(dst))
+        storage.move_tree(src, dst)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"omni_reject_checkpoint_{step}")
+    storage.refresh(manager.directory)
     manager.reload()
 
 
@@ -238,16 +262,18 @@ def agree(flag: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
 
-def checkpoint_steps(workdir: str | Path) -> list[int]:
-    """Steps of the complete checkpoints of a workdir, oldest first (never `*.orbax-checkpoint-tmp-*`)."""
-    root = Path(workdir) / "checkpoints"
+def checkpoint_steps(workdir) -> list[int]:
+    """Steps of the complete checkpoints of a workdir, oldest first (never `*.orbax-checkpoint-tmp-*`, nor on a
+    bucket a step folder without its `commit_success.txt`)."""
+    root = storage.absolute(workdir) / "checkpoints"
+    storage.refresh(root)
     return sorted(ocp.utils.checkpoint_steps(root)) if root.is_dir() else []
 
 
-def pick_step(workdir: str | Path, step: int | None) -> int:
+def pick_step(workdir, step: int | None) -> int:
     """`step`, or the latest one; a clear error when the workdir has none or not that one."""
     steps = checkpoint_steps(workdir)
-    root = Path(workdir) / "checkpoints"
+    root = storage.path(workdir) / "checkpoints"
     if not steps:
         raise NoUsableCheckpointError(f"no complete checkpoint in {root}; train first (omni train --workdir "
                                       f"{workdir} ...)")
@@ -259,21 +285,21 @@ def pick_step(workdir: str | Path, step: int | None) -> int:
     return step
 
 
-def read_meta(workdir: str | Path, step: int) -> dict:
+def read_meta(workdir, step: int) -> dict:
     """The run metadata saved with a checkpoint (resolved config, dataset, tokenizer, codec, vocab, step)."""
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-        return checkpointer.restore(Path(workdir).absolute() / "checkpoints" / str(step) / "meta",
+        return checkpointer.restore(storage.absolute(workdir) / "checkpoints" / str(step) / "meta",
                                     args=ocp.args.JsonRestore())
 
 
-def restore_params(workdir: str | Path, step: int, abstract_params=None):
+def restore_params(workdir, step: int, abstract_params=None):
     """Only the parameters of a checkpoint: the state item also holds the optimizer moments (2x the params),
     but a partial restore reads just what its target names.
 
     With `abstract_params` (ShapeDtypeStructs with shardings, shapes checked first) each process reads only its
     shards; without, every array comes back whole on the host as numpy, whatever mesh wrote it.
     """
-    step_dir = Path(workdir).absolute() / "checkpoints" / str(step)
+    step_dir = storage.absolute(workdir) / "checkpoints" / str(step)
     handler = ocp.PyTreeCheckpointHandler()
     saved = _metadata_tree(handler.metadata(step_dir / "state"))["params"]
     if abstract_params is None:

@@ -3,7 +3,7 @@ shapes loads its compiled programs from disk instead of compiling them again.
 
     compile_cache = "auto"    <$OMNI_CACHE or ~/.cache/omni>/jax-compile (the config's top-level key)
                     "off"     no cache
-                    FOLDER    that folder
+                    FOLDER    that folder (a local path or a gs:// URL: JAX reads and writes its cache through etils.epath)
     OMNI_COMPILE_CACHE=off|FOLDER in the environment overrides the config (`omni generate` has no --set).
 
 enable() is called once per command before its first compile (the trainer, omni eval, omni generate); omni bench
@@ -17,26 +17,27 @@ Entries are never deleted by omni: delete the folder to reclaim the space.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import jax
+
+from omni import storage
 
 FOLDER = "jax-compile"
 _counts = {"hits": 0, "misses": 0}
 _state: dict = {"folder": None, "listening": False}
 
 
-def folder_for(setting: str) -> Path | None:
+def folder_for(setting: str):
     """The cache folder a `compile_cache` setting names (OMNI_COMPILE_CACHE first), or None for off."""
     setting = os.environ.get("OMNI_COMPILE_CACHE") or setting or "auto"
     if setting == "off":
         return None
     if setting == "auto":
-        return Path(os.environ.get("OMNI_CACHE") or "~/.cache/omni").expanduser() / FOLDER
-    return Path(setting).expanduser()
+        return storage.path(os.environ.get("OMNI_CACHE") or "~/.cache/omni") / FOLDER
+    return storage.path(setting)
 
 
-def enable(setting: str, log=print) -> Path | None:
+def enable(setting: str, log=print):
     """Points JAX's persistent compilation cache at the folder `setting` names; returns it (None: off).
 
     JAX opens the cache at the first compile after a folder is set and keeps it for the process, so the first
@@ -46,7 +47,7 @@ def enable(setting: str, log=print) -> Path | None:
         return _state["folder"]
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    except OSError as e:  # (a StorageError too: a bucket that cannot be reached)
         log(f"omni: warning: compile cache folder {folder} cannot be made ({e.strerror or e}); compiling without "
             "a cache (set compile_cache=off, or another folder)")
         return None

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Callable
 
 import jax
 from tqdm.auto import tqdm
 
 from omni import config as config_lib
-from omni import sharding
+from omni import sharding, storage
 from omni.config import Config, ConfigError
 from omni.data import pipeline
 from omni.data.prefetch import Prefetched
@@ -38,9 +37,9 @@ from omni.train.step import (build_optimizer, check_host_batch, evaluate, init_s
 EndOfRun = Callable[..., dict]
 
 
-def train(cfg: Config, workdir: str | Path, progress: bool = True, end_of_run: EndOfRun | None = None) -> dict:
+def train(cfg: Config, workdir, progress: bool = True, end_of_run: EndOfRun | None = None) -> dict:
     """Trains (or resumes) in `workdir`; returns the final eval metrics (and end_of_run's scores)."""
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     # Not in config.validate: a recipe file sets freeze_loaded_rows and --set gives init_from after it is loaded.
     if cfg.train.freeze_loaded_rows and not cfg.model.init_from:
         raise ConfigError("'train.freeze_loaded_rows' keeps the rows model.init_from loaded; set 'model.init_from' "
@@ -57,7 +56,7 @@ def train(cfg: Config, workdir: str | Path, progress: bool = True, end_of_run: E
         workdir_lib.release(workdir)
 
 
-def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | None, is_main: bool, log) -> dict:
+def _train(cfg: Config, workdir, progress: bool, end_of_run: EndOfRun | None, is_main: bool, log) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = init_from.with_source_tokenizer(cfg, log)  # a Llama folder's tokenizer.json, before the vocabulary
     mesh = sharding.make_mesh(cfg.mesh)
@@ -183,6 +182,8 @@ def _train(cfg: Config, workdir: Path, progress: bool, end_of_run: EndOfRun | No
                 if is_main:
                     bar.write(f"step {done}: held-out loss {modality_summary(ev)}")
             if checkpointing:
+                if is_main:
+                    workdir_lib.check_held(workdir)  # a bucket lock taken over: another run writes here now
                 checkpoint.save(manager, done, state, train_iter, dict(meta, step=done))
                 last_save_time = time.monotonic()
             bar.update(1)
@@ -248,7 +249,7 @@ def _checkpoint_due(cfg: Config, done: int, log_step: bool, last_save_time: floa
     return False
 
 
-def _save_resolved_config(cfg: Config, workdir: Path, log) -> None:
+def _save_resolved_config(cfg: Config, workdir, log) -> None:
     path = workdir / "config.json"
     if path.exists():
         previous = json.loads(path.read_text())

@@ -1,36 +1,87 @@
-"""The workdir: one run at a time, writable before any compute, files replaced whole.
+"""The workdir: one run at a time, writable before any compute, files replaced whole; on disk or on a bucket.
 
-- `hold(workdir)` takes an exclusive lock on `<workdir>/.omni-lock` (fcntl.flock) for the life of the process:
-  a second `omni train` on the same workdir exits with WorkdirError naming the host and pid that hold it. The
-  OS releases the lock when the holder dies, SIGKILL included, so a stale lock never blocks a restart. In a
-  multi-process job only process 0 takes it. flock needs a filesystem that supports it (local disks, most NFS
-  v4 mounts); where it is not supported the lock is skipped with a warning.
-- `check_writable(workdir)` fails before any compute when the folder cannot take a file.
-- `write_atomic(path, text)` writes a sibling temp file and renames it over `path`: a failed write (a full disk)
-  never leaves a truncated file, and the previous content stays.
+- `hold(workdir)` takes the workdir's lock `<workdir>/.omni-lock` for the life of the process; a second
+  `omni train` on the same workdir exits with WorkdirError naming the host and pid that hold it. Only process 0
+  of a multi-process job takes it.
+  - On disk: an exclusive fcntl.flock. The OS releases it when the holder dies, SIGKILL included, so a stale lock
+    never blocks a restart. Where flock is not supported the lock is skipped with a warning.
+  - On gs://: an object created with the precondition `if_generation_match=0` (a second creator gets HTTP 412),
+    renewed every HEARTBEAT_S seconds by a background thread (a rewrite conditioned on its own generation). A
+    lock not renewed for STALE_AFTER_S (4 heartbeats: its holder was killed or lost the network) is stale: the
+    next run takes it over, conditioned on the stale generation (so of two runs taking over, one wins), and says
+    so in one line naming the old holder. A holder whose lock was taken over stops at its next checkpoint
+    (`check_held`) instead of writing beside the new holder. The age is the object's update time (the
+    server's clock) against this host's clock: hosts must keep their clocks synchronised (NTP, as cloud VMs do).
+  - On s3:// there is no lock (a warning says so).
+- `check_writable(workdir)` fails before any compute when the folder cannot take a file (a full disk, a
+  read-only mount, a bucket that does not exist, missing credentials).
+- `write_atomic(path, text)`: the file appears whole or not at all (omni.storage.write_text), the previous
+  content stays on failure.
 """
 
 from __future__ import annotations
 
+import datetime
 import errno
 import fcntl
+import json
 import os
 import socket
+import threading
 import time
-from pathlib import Path
 
-from omni.errors import WorkdirError
+from omni import storage
+from omni.errors import StorageError, WorkdirError
 
 LOCK_FILE = ".omni-lock"
-_held: dict[str, object] = {}  # resolved workdir -> its open lock file, kept open while the process runs
+HEARTBEAT_S = float(os.environ.get("OMNI_LOCK_HEARTBEAT_S", 30))
+STALE_AFTER_S = 4 * HEARTBEAT_S
+_held: dict[str, object] = {}  # workdir key -> its open lock file (disk) or _BucketLock (gs://)
 
 
-def hold(workdir: str | Path, what: str = "omni train") -> None:
+def _key(workdir) -> str:
+    return str(storage.absolute(workdir)).rstrip("/")
+
+
+def _holder(what: str) -> str:
+    return (f"{what} (pid {os.getpid()} on host {socket.gethostname()}, since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
+
+
+def hold(workdir, what: str = "omni train", log=print) -> None:
     """Locks `workdir` for this process (idempotent); WorkdirError if another process holds it."""
-    workdir = Path(workdir)
-    key = str(workdir.resolve())
+    key = _key(workdir)
     if key in _held:
         return
+    if storage.scheme(workdir) == "gs":
+        _held[key] = _BucketLock(storage.path(workdir) / LOCK_FILE, _holder(what), log)
+    elif storage.is_remote(workdir):
+        log(f"omni: warning: {workdir} is on {storage.scheme(workdir)}://, where omni takes no lock; nothing stops "
+            "a second run on this workdir")
+    else:
+        handle = _flock(storage.path(workdir), what, log)
+        if handle is not None:
+            _held[key] = handle
+
+
+def release(workdir) -> None:
+    """Gives the lock back before the process ends (a caller that trains several runs in one process)."""
+    held = _held.pop(_key(workdir), None)
+    if held is not None:
+        held.close()  # closing the file releases the flock; a bucket lock stops its heartbeat and deletes itself
+
+
+def check_held(workdir) -> None:
+    """WorkdirError when this process's lock on `workdir` was taken over (a bucket lock it could not renew for
+    STALE_AFTER_S): another run now writes there, so this one must stop before it writes a checkpoint."""
+    held = _held.get(_key(workdir))
+    lost = getattr(held, "lost", None)
+    if lost:
+        raise WorkdirError(f"workdir {workdir}: {lost}; this run stops here so the two runs do not write over "
+                           "each other (its last checkpoint is kept)")
+
+
+def _flock(workdir, what: str, log):
     path = workdir / LOCK_FILE
     try:
         handle = open(path, "a+")
@@ -41,8 +92,8 @@ def hold(workdir: str | Path, what: str = "omni train") -> None:
     except OSError as e:
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             handle.close()
-            print(f"omni: warning: cannot lock {path} ({e.strerror}); nothing stops a second run on this workdir")
-            return
+            log(f"omni: warning: cannot lock {path} ({e.strerror}); nothing stops a second run on this workdir")
+            return None
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
@@ -50,43 +101,125 @@ def hold(workdir: str | Path, what: str = "omni train") -> None:
                            "another --workdir") from None
     handle.seek(0)
     handle.truncate()
-    handle.write(f"{what} (pid {os.getpid()} on host {socket.gethostname()}, since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    handle.write(_holder(what) + "\n")
     handle.flush()
-    _held[key] = handle
+    return handle
 
 
-def release(workdir: str | Path) -> None:
-    """Gives the lock back before the process ends (a caller that trains several runs in one process)."""
-    handle = _held.pop(str(Path(workdir).resolve()), None)
-    if handle is not None:
-        handle.close()  # closing the file releases the flock
+class _BucketLock:
+    """The lock object of a gs:// workdir, held while this process runs (module docstring)."""
+
+    def __init__(self, location, holder: str, log):
+        from google.api_core import exceptions as gexc
+
+        self.location, self.holder, self.lost = location, holder, None
+        self._precondition = gexc.PreconditionFailed
+        try:
+            self.blob = _blob(location)
+            self.generation = self._create()
+            if self.generation is None:
+                self.generation = self._take_over(log)
+        except (StorageError, WorkdirError):
+            raise
+        except Exception as e:  # noqa: BLE001 - the client's own errors: one line naming what is missing
+            line = storage.describe_remote_error(location, e) or storage._short(e)
+            raise WorkdirError(f"cannot take the lock {location}: {line}") from None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="omni-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _body(self) -> str:
+        return json.dumps({"holder": self.holder, "heartbeat_s": HEARTBEAT_S, "stale_after_s": STALE_AFTER_S,
+                           "renewed": time.time()}) + "\n"
+
+    def _create(self) -> int | None:
+        """The new lock's generation, or None when another holder's lock is there."""
+        try:
+            storage.retry(lambda: self.blob.upload_from_string(self._body(), if_generation_match=0),
+                          f"create the lock {self.location}")
+        except self._precondition:
+            return None
+        return self.blob.generation
+
+    def _take_over(self, log) -> int:
+        """Takes a stale lock (one whose holder stopped renewing it); WorkdirError while it is alive."""
+        blob = self.blob.bucket.get_blob(self.blob.name)
+        if blob is None:  # released between our create and this read: create it again
+            generation = self._create()
+            if generation is None:
+                raise WorkdirError(f"workdir {self.location.parent} is being taken by another run; try again")
+            return generation
+        try:
+            old = json.loads(blob.download_as_bytes()).get("holder", "another process")
+        except ValueError:
+            old = "another process"
+        age = (datetime.datetime.now(datetime.timezone.utc) - blob.updated).total_seconds()
+        if age < STALE_AFTER_S:
+            raise WorkdirError(
+                f"workdir {self.location.parent} is in use by {old} (its lock {self.location} was renewed "
+                f"{max(age, 0):.0f} s ago); wait for it to finish (or stop it), or choose another --workdir. A lock "
+                f"not renewed for {STALE_AFTER_S:.0f} s is taken over")
+        try:
+            storage.retry(lambda: self.blob.upload_from_string(self._body(), if_generation_match=blob.generation),
+                          f"take over the lock {self.location}")
+        except self._precondition:
+            raise WorkdirError(f"workdir {self.location.parent}: another run took over its stale lock first; "
+                               "choose another --workdir or wait for that run") from None
+        log(f"omni: took over the lock of workdir {self.location.parent}: its holder {old} had not renewed it for "
+            f"{age:.0f} s (stale after {STALE_AFTER_S:.0f} s)")
+        return self.blob.generation
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.blob.upload_from_string(self._body(), if_generation_match=self.generation)
+                self.generation = self.blob.generation
+            except self._precondition:
+                self.lost = f"its lock {self.location} was taken over by another run"
+                return
+            except Exception:  # noqa: BLE001 - a missed beat is retried at the next one; stale only after 4
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if self.lost:
+            return
+        try:
+            self.blob.delete(if_generation_match=self.generation)
+        except Exception:  # noqa: BLE001 - a lock left behind goes stale and is taken over
+            pass
 
 
-def check_writable(workdir: str | Path) -> None:
+def _blob(location):
+    """The google-cloud-storage blob of a gs:// URL (the client reads STORAGE_EMULATOR_HOST in tests)."""
+    from google.cloud import storage as gcs
+
+    client = gcs.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT") or None)
+    bucket_name, _, name = str(location).split("://", 1)[1].partition("/")
+    return client.bucket(bucket_name).blob(name)
+
+
+def check_writable(workdir) -> None:
     """WorkdirError unless a file can be created, written and removed in `workdir` (created if missing)."""
-    workdir = Path(workdir)
-    probe = workdir / f".omni-write-test-{os.getpid()}"
+    workdir = storage.path(workdir)
+    probe = workdir / f".omni-write-test-{socket.gethostname()}-{os.getpid()}"
     try:
+        storage.check_reachable(workdir, "--workdir")
         workdir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"omni")
+        storage.write_bytes(probe, b"omni")
         probe.unlink()
+    except StorageError as e:
+        raise WorkdirError(str(e)) from None
     except OSError as e:
-        raise WorkdirError(f"cannot write to workdir {workdir}: {e.strerror}; free space there or choose another "
-                           "--workdir") from None
+        line = storage.describe_remote_error(workdir, e) or f"{e.strerror or e}; free space there"
+        raise WorkdirError(f"cannot write to workdir {workdir}: {line} or choose another --workdir") from None
 
 
-def write_atomic(path: str | Path, text: str) -> None:
+def write_atomic(path, text: str) -> None:
     """Replaces `path` with `text` whole, or leaves it as it was (WorkdirError naming it)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        storage.write_text(path, text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise WorkdirError(f"cannot write {path}: {e.strerror}; free space there or choose another --workdir") \
+        raise WorkdirError(f"cannot write {path}: {e.strerror or e}; free space there or choose another --workdir") \
             from None
