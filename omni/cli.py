@@ -424,15 +424,12 @@ def _tokenizer_train(args) -> None:
 
 
 def _codec(args) -> None:
-    from pathlib import Path
-
-    import numpy as np
-
+    from omni import storage
     from omni.data import audio
     from omni.data import codec as codec_lib
 
     if args.action == "fit":
-        base = Path(args.manifest).parent
+        base = storage.path(args.manifest).parent
         paths = [base / s["audio"] for _, line in _manifest_lines(args.manifest) for s in line["segments"]
                  if "audio" in s]
         if not paths:
@@ -448,13 +445,13 @@ def _codec(args) -> None:
     codec = codec_lib.load_codec(args.codec)
     if args.action == "encode":
         codes = codec.encode(audio.load_audio(args.wav, codec.sample_rate))
-        np.save(args.out, codes)
+        _save_npy(args.out, codes)
         print(f"omni: {args.wav} -> {args.out}: codes {list(codes.shape)} at {codec.frame_rate:g} frames/s")
     else:
         from omni.data.manifest import load_codes
 
         try:
-            codes = load_codes(Path(args.codes))
+            codes = load_codes(args.codes)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         wave = codec.decode(codes)
@@ -463,15 +460,12 @@ def _codec(args) -> None:
 
 
 def _imagetok(args) -> None:
-    from pathlib import Path
-
-    import numpy as np
-    from PIL import Image
-
+    from omni import storage
     from omni.data import image_tokenizer as image_tokenizer_lib
+    from omni.tools.image_generate import write_png
 
     if args.action == "fit":
-        base = Path(args.manifest).parent
+        base = storage.path(args.manifest).parent
         paths = [base / s["image"] for _, line in _manifest_lines(args.manifest) for s in line["segments"]
                  if "image" in s]
         if not paths:
@@ -493,13 +487,13 @@ def _imagetok(args) -> None:
         from omni.data.images import decode_image
 
         try:
-            pixels = decode_image(Path(args.image).read_bytes(), name=args.image)
+            pixels = decode_image(storage.path(args.image).read_bytes(), name=args.image)
         except OSError as e:
             raise ConfigError(f"cannot read --image {args.image}: {e.strerror or e}") from None
         except ValueError as e:
             raise ConfigError(str(e)) from None
         codes = image_tokenizer_lib.encode_fitted(tok, pixels, args.max_cells)
-        np.save(args.out, codes)
+        _save_npy(args.out, codes)
         rows, cols, _ = codes.shape
         back = tok.decode(codes)
         print(f"omni: {args.image} ({pixels.shape[1]} x {pixels.shape[0]} pixels) -> {args.out}: codes "
@@ -511,7 +505,7 @@ def _imagetok(args) -> None:
         from omni.tokens import check_image_codes
 
         try:
-            codes = load_image_codes(Path(args.codes))
+            codes = load_image_codes(args.codes)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         try:
@@ -519,7 +513,7 @@ def _imagetok(args) -> None:
         except ValueError as e:
             raise ConfigError(f"--codes {args.codes}: {e}; were they made by this tokenizer?") from None
         pixels = tok.decode(codes)
-        Image.fromarray(pixels).save(args.out)
+        write_png(args.out, pixels)
         print(f"omni: {args.codes} -> {args.out}: {pixels.shape[1]} x {pixels.shape[0]} pixels")
 
 
@@ -578,7 +572,7 @@ def _run(args) -> int:
         out = export.export(args.workdir, args.out, args.step, args.dtype, progress=_progress(args))
         info = json.loads((out / export.CONFIG_FILE).read_text())["export"]
         print(f"omni: exported step {info['step']} of {args.workdir} as {info['dtype']} to {out} "
-              f"({(out / export.WEIGHTS_FILE).stat().st_size / 2**20:.1f} MiB)")
+              f"({(out / export.WEIGHTS_FILE).stat().length / 2**20:.1f} MiB)")
     elif args.verb == "generate":
         _generate(args)
     elif args.verb == "ablate":
@@ -609,18 +603,16 @@ def _run(args) -> int:
 
 
 def _generate(args) -> None:
-    from pathlib import Path
-
-    import numpy as np
-
+    from omni import storage
     from omni.data import audio
-    from omni.tools import export, generate, image_generate
+    from omni.tools import generate, image_generate
+    from omni.train import artifact
 
     if args.max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}")
     image_size = _image_size(args.image_size) if args.image_size is not None else None
     # the export's compile_cache setting (a workdir has no export config: the default), before anything compiles
-    _enable_compile_cache_of_export(Path(args.model) / export.CONFIG_FILE)
+    _enable_compile_cache_of_export(storage.path(args.model) / artifact.CONFIG_FILE)
     if args.prompts is not None:
         if not args.out or args.audio:
             raise GenerateError("--prompts needs --out (the results file) and takes no --audio (name audio in the "
@@ -635,7 +627,7 @@ def _generate(args) -> None:
     if image_size is not None and args.target != "image":
         raise GenerateError(f"--image-size goes with --target image (this asks for --target {args.target})")
     args.out = args.out or ("generated.png" if args.target == "image" else "generated.wav")
-    model = export.load_model(args.model, args.step)
+    model = artifact.load(args.model, args.step)
     cfg = model.config
     grid = None
     if args.target == "image":
@@ -668,8 +660,7 @@ def _generate(args) -> None:
         height, width = output["image"].shape[:2]
         print(f"omni: an image of {grid.rows} x {grid.cols} cells -> {args.out} ({height} x {width} pixels)")
     elif args.target == "image":
-        out = Path(args.out).with_suffix(".npy")
-        np.save(out, output["codes"])
+        out = _save_npy(storage.path(args.out).with_suffix(".npy"), output["codes"])
         print(f"omni: {grid.rows} x {grid.cols} cells of {model.image_tokenizer.name} codes -> {out} (this image "
               f"tokenizer cannot decode to pixels here)")
     elif output["wave"] is not None:
@@ -677,8 +668,7 @@ def _generate(args) -> None:
         print(f"omni: {len(output['codes'])} audio frames -> {args.out} "
               f"({len(output['wave']) / output['sample_rate']:.2f} s at {output['sample_rate']} Hz)")
     else:
-        out = Path(args.out).with_suffix(".npy")
-        np.save(out, output["codes"])
+        out = _save_npy(storage.path(args.out).with_suffix(".npy"), output["codes"])
         print(f"omni: {len(output['codes'])} frames of {model.codec.name if model.codec else 'audio'} codes -> "
               f"{out} (this codec cannot decode to a waveform here)")
     print(f"omni: {result.decode_tokens + 1} tokens until {ending}; prompt {prompt_len} tokens, prefill "
@@ -687,6 +677,22 @@ def _generate(args) -> None:
     from omni.train import compile_cache
 
     print(f"omni: {compile_cache.summary()}", file=sys.stderr)
+
+
+def _save_npy(path, array):
+    """A .npy file at `path` (a local path or a URL; ".npy" added when missing, as numpy.save does), written
+    whole; returns the path."""
+    import io
+
+    import numpy as np
+
+    from omni import storage
+
+    path = storage.path(path if str(path).endswith(".npy") else f"{path}.npy")
+    data = io.BytesIO()
+    np.save(data, array)
+    storage.write_bytes(path, data.getvalue())
+    return path
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -704,7 +710,7 @@ def _enable_compile_cache_of_export(config_file) -> None:
 
     try:
         setting = json.loads(config_file.read_text()).get("compile_cache", "auto")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # (a StorageError is an OSError: the load that follows names it)
         setting = "auto"
     compile_cache.enable(setting if isinstance(setting, str) else "auto",
                          log=lambda line: print(line, file=sys.stderr))

@@ -16,7 +16,6 @@ import json
 import re
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from omni.errors import ConfigError  # noqa: F401  (raised below; callers import it from here too)
@@ -237,10 +236,16 @@ MOVED_KEYS = {"data.image_size": "demo.image_size", "data.train_examples": "demo
               "train.demo_eval_examples": "demo.scored_examples"}
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path) -> Config:
     """Reads a `configs/*.py` file (calls its `get_config()`) or a saved `config.json`, checked as `--set` is:
-    every mistake is a ConfigError naming the file (and line, where there is one) and the key."""
-    path = Path(path)
+    every mistake is a ConfigError naming the file (and line, where there is one) and the key. `path` may be a
+    gs:// URL (omni.storage), e.g. the config.json a run saved in its bucket workdir."""
+    import omni.storage as storage
+
+    try:
+        path = storage.path(path)
+    except storage.StorageError as e:
+        raise ConfigError(f"--config: {e}") from None
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     if not path.is_file():
@@ -279,7 +284,7 @@ def load_config(path: str | Path) -> Config:
     return config
 
 
-def _where_in(path: Path, error: BaseException) -> str:
+def _where_in(path, error: BaseException) -> str:
     """path:line of the innermost frame of `error` inside the config file."""
     line = None
     tb = error.__traceback__
@@ -290,7 +295,7 @@ def _where_in(path: Path, error: BaseException) -> str:
     return f"{path}:{line}" if line else str(path)
 
 
-def check_tree(config: Config, path: Path | str = "config", text: str = "") -> None:
+def check_tree(config: Config, path="config", text: str = "") -> None:
     """Checks a Config built in Python as overrides are checked: an attribute the schema lacks, a section replaced by
     a value, a wrong type or a value outside its Literal is a ConfigError naming the key, the file and, when the
     file assigns it on one line, that line."""
@@ -358,8 +363,10 @@ def _is_dict_field(dotted: str) -> bool:
     return _hints(type(node))[f.name] is dict
 
 
-def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+def save_config(config: Config, path) -> None:
+    import omni.storage as storage
+
+    storage.write_text(path, json.dumps(to_dict(config), indent=2) + "\n")
 
 
 def all_keys(config: Config | None = None) -> list[str]:

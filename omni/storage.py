@@ -136,6 +136,18 @@ def write_text(location, text: str) -> None:
     write_bytes(location, text.encode("utf-8"))
 
 
+def append_text(location, text: str) -> None:
+    """Adds `text` at the end of a file (made if missing): an append on disk; on a bucket, which has no append,
+    the object is read and written again whole (for small logs such as bench.jsonl, not for growing run logs)."""
+    p = path(location)
+    if is_remote(p):
+        old = p.read_bytes() if p.exists() else b""
+        write_bytes(p, old + text.encode("utf-8"))
+        return
+    with open(p, "a", encoding="utf-8") as f:
+        f.write(text)
+
+
 @contextlib.contextmanager
 def local_file(location) -> Iterator[str]:
     """A local file name with the content of `location` (for libraries that open names: sentencepiece, mmap'd

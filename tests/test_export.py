@@ -15,6 +15,8 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from omni.model import tensor_names
+from omni.train import artifact
 from omni import config as config_lib
 from omni import sharding
 from omni.data import pipeline as data
@@ -172,14 +174,14 @@ def test_reloaded_export_gives_the_checkpoint_logits(run, trainer):
     batch = data.eval_batches(cfg)[0]
     want = logits_of(graphdef, params, batch, mesh, cfg.mesh.rules)
 
-    f32 = export.load_export(exports["float32"])
+    f32 = artifact.from_export(exports["float32"])
     np.testing.assert_allclose(logits_of(f32.graphdef, f32.params, batch), want, atol=1e-6, rtol=1e-6)
     _, model_params = nnx.split(f32.model(), nnx.Param)  # the ready module holds those same params
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(model_params)),
                                                     jax.tree.leaves(f32.params)))
 
     # bf16: exactly the logits of the checkpoint's params rounded to bf16 (nothing else is lost) ...
-    bf16 = export.load_export(exports["bfloat16"])
+    bf16 = artifact.from_export(exports["bfloat16"])
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(bf16.params))  # back in the model's param_dtype
     rounded = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(jnp.float32), params)
     got = logits_of(bf16.graphdef, bf16.params, batch)
@@ -192,8 +194,8 @@ def test_reloaded_export_gives_the_checkpoint_logits(run, trainer):
 def test_scanned_export_loads_into_an_unrolled_model(run):
     cfg, _, exports = run
     batch = data.eval_batches(cfg)[0]
-    scanned = export.load_export(exports["float32"])
-    unrolled = export.load_export(exports["float32"], scan_layers=False)
+    scanned = artifact.from_export(exports["float32"])
+    unrolled = artifact.from_export(exports["float32"], scan_layers=False)
     assert not unrolled.config.model.scan_layers and sorted(unrolled.params["blocks"]) == [0, 1]
     np.testing.assert_allclose(logits_of(unrolled.graphdef, unrolled.params, batch),
                                logits_of(scanned.graphdef, scanned.params, batch), atol=1e-5, rtol=1e-5)
@@ -207,17 +209,17 @@ def test_tensor_names_do_not_depend_on_scan_layers():
     trees = {}
     for scan in (True, False):
         cfg.model.scan_layers = scan
-        _, abstract = export.abstract_model(cfg, vocab)
+        _, abstract = artifact.abstract_model(cfg, vocab)
         trees[scan] = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), abstract)
-    scanned = export.tensors_from_params(trees[True], scan_layers=True)
-    unrolled = export.tensors_from_params(trees[False], scan_layers=False)
+    scanned = tensor_names.tensors_from_params(trees[True], scan_layers=True)
+    unrolled = tensor_names.tensors_from_params(trees[False], scan_layers=False)
     assert {k: v.shape for k, v in scanned.items()} == {k: v.shape for k, v in unrolled.items()}
     assert list(scanned) == list(unrolled) and "blocks.1.mlp.w_down" in scanned
     generic = {re.sub(r"^blocks\.\d+\.", "blocks.{i}.", name) for name in scanned}
-    assert generic == set(export.TENSOR_DOCS)  # every tensor is documented, every documented name exists
+    assert generic == set(tensor_names.TENSOR_DOCS)  # every tensor is documented, every documented name exists
     # the unrolled tree goes back into an unrolled model, values intact
-    _, abstract = export.abstract_model(cfg, vocab)
-    back = export.params_from_tensors(unrolled, abstract, False, jnp.float32)
+    _, abstract = artifact.abstract_model(cfg, vocab)
+    back = tensor_names.params_from_tensors(unrolled, abstract, False, jnp.float32)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(trees[False])))
 
 
@@ -252,7 +254,7 @@ def test_sharded_unscanned_bf16_checkpoint_exports_under_the_same_names(run, tmp
     for i in range(cfg.model.layers):
         assert np.array_equal(out[f"blocks.{i}.mlp.w_up"], params["blocks"][i]["mlp"]["w_up"].astype(np.float32))
     assert np.array_equal(out["embed"], params["embed"].astype(np.float32))
-    reloaded = export.load_export(tmp_path / "out")
+    reloaded = artifact.from_export(tmp_path / "out")
     assert reloaded.params["unembed"].dtype == jnp.bfloat16  # back in the run's param_dtype
 
 
@@ -279,11 +281,11 @@ def test_mot_checkpoint_exports_per_modality_blocks_and_reloads_to_the_same_logi
     folder = export.export(tmp_path / "run", tmp_path / "out", dtype="float32")
     out = load_file(folder / "model.safetensors")
     generic = {re.sub(r"^blocks\.\d+\.", "blocks.{i}.", name) for name in out}
-    assert generic == set(export.TENSOR_DOCS)
+    assert generic == set(tensor_names.TENSOR_DOCS)
     assert out["blocks.1.attn.wq"].shape == (3, cfg.model.d, cfg.model.heads, cfg.model.d // cfg.model.heads)
     assert np.array_equal(out["blocks.1.mlp.w_up"], np.asarray(params["blocks"]["mlp"]["w_up"][1]))
     assert "[M, d, N, H] = [3, 32, 4, 8]" in (folder / "README.md").read_text()
-    reloaded = export.load_export(folder)
+    reloaded = artifact.from_export(folder)
     batch = data.eval_batches(cfg)[0]
     np.testing.assert_allclose(logits_of(reloaded.graphdef, reloaded.params, batch),
                                logits_of(graphdef, params, batch, mesh, cfg.mesh.rules), atol=1e-6, rtol=1e-6)
@@ -301,7 +303,7 @@ def test_step_picks_that_checkpoint(run, trainer, tmp_path):
 
 def test_export_loads_back_its_tokenizer_and_codec(run):
     cfg, _, exports = run
-    loaded = export.load_export(exports["bfloat16"])
+    loaded = artifact.from_export(exports["bfloat16"])
     assert loaded.tokenizer.identity() == data.tokenizer_for(cfg).identity()
     assert loaded.tokenizer.decode(loaded.tokenizer.encode("a red circle")) == "a red circle"
     assert loaded.vocab == data.vocab_for(cfg)
@@ -314,7 +316,7 @@ def test_bytes_tokenizer_export_needs_no_dataset(run, tmp_path):
     """A run whose dataset folder is gone still exports (bytes + tone need no file), and loads back."""
     _, root, _ = run
     workdir = _copy_run(root / "run", tmp_path / "run", dataset=str(tmp_path / "gone"))
-    loaded = export.load_export(export.export(workdir, tmp_path / "out"))
+    loaded = artifact.from_export(export.export(workdir, tmp_path / "out"))
     assert loaded.info["tokenizer"]["kind"] == "bytes" and isinstance(loaded.codec, ToneCodec)
 
 
@@ -370,7 +372,7 @@ def test_a_failed_export_leaves_no_folder(run, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # as if the process were stopped half-way through writing
 
-    monkeypatch.setattr(export, "_save_codec", crash)
+    monkeypatch.setattr(export, "save_codec_folder", crash)
     with pytest.raises(KeyboardInterrupt):
         export.export(root / "run", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -379,7 +381,7 @@ def test_a_failed_export_leaves_no_folder(run, tmp_path, monkeypatch):
 def test_load_export_errors_name_the_file_or_tensor(run, tmp_path):
     _, _, exports = run
     with pytest.raises(ExportError, match="not an omni export: config.json is missing"):
-        export.load_export(tmp_path)
+        artifact.from_export(tmp_path)
     tensors = load_file(exports["float32"] / "model.safetensors")
     for name, broken, message in (
             ("missing", {k: v for k, v in tensors.items() if k != "blocks.1.attn.wk"},
@@ -390,7 +392,7 @@ def test_load_export_errors_name_the_file_or_tensor(run, tmp_path):
         shutil.copytree(exports["float32"], folder)
         save_file(broken, folder / "model.safetensors")
         with pytest.raises(ExportError, match=message):
-            export.load_export(folder)
+            artifact.from_export(folder)
 
 
 # ------------------------------------------------------------------------------------------- codecs
@@ -400,8 +402,8 @@ def test_codec_folders_load_back_as_the_same_codec(tmp_path):
     rng = np.random.default_rng(0)
     fitted = MelRVQCodec(rng.normal(size=(2, 8, 16)).astype(np.float32), rng.normal(size=16), 1.5)
     for name, codec in (("tone", ToneCodec()), ("external", external), ("fitted", fitted)):
-        export._save_codec(codec, tmp_path / name)
-        back = export.load_codec_folder(tmp_path / name)
+        artifact.save_codec_folder(codec, tmp_path / name)
+        back = artifact.load_codec_folder(tmp_path / name)
         assert type(back) is type(codec) and codec_identity(back) == codec_identity(codec), name
-    assert np.array_equal(export.load_codec_folder(tmp_path / "fitted").codewords, fitted.codewords)
-    assert export.load_codec_folder(tmp_path / "nothing") is None
+    assert np.array_equal(artifact.load_codec_folder(tmp_path / "fitted").codewords, fitted.codewords)
+    assert artifact.load_codec_folder(tmp_path / "nothing") is None

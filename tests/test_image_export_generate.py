@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from omni.train import artifact
 from omni.data.image_tokenizer import PatchRVQTokenizer
 from omni.tools import export as export_lib
 from omni.tools import tasks as tasks_lib
@@ -71,7 +72,7 @@ def test_the_export_carries_the_image_tokenizer_and_the_image_code_ids(exported)
     assert info["image_tokenizer"]["image_size"] == [8, 8]  # recorded by data build, the size generation draws
     readme = (folder / "README.md").read_text()
     assert "`image_tokenizer/`" in readme and "image_offsets = [" in readme
-    model = export_lib.load_export(folder)
+    model = artifact.from_export(folder)
     assert model.image_tokenizer.codebook_sizes == (8, 8)
     original = PatchRVQTokenizer.load(exported / "tok")
     np.testing.assert_array_equal(model.image_tokenizer.codewords, original.codewords)
@@ -98,7 +99,7 @@ def test_batched_generation_and_scores_of_image_answers(exported, tmp_path):
     assert len(rows) == 20 and all(r["target"] == "image" and r["stop"] == "stop token" for r in rows)
     assert all(np.shape(r["codes"]) == (2, 2, 2) == np.shape(r["truth"]) for r in rows)
     assert all(Image.open(r["png"]).size == (8, 8) for r in rows)
-    model = export_lib.load_export(exported / "export")
+    model = artifact.from_export(exported / "export")
     scores = tasks_lib.score_predictions(rows, image_tokenizer=model.image_tokenizer)["image"]
     assert scores["n"] == 20 and scores["code_acc"][0] >= 0.8, scores  # greedy, on the prompts it trained on
     assert scores["psnr_db"] > 20, scores
@@ -126,9 +127,9 @@ def test_the_hf_export_carries_image_codes_and_their_tokenizer(exported, tmp_pat
         out = hf.export_hf(exported / "run", tmp_path / "hf", dtype="float32")
     finally:
         shutil.move(exported / "ds", exported / "ds-moved")
-    saved = export_lib.load_image_tokenizer_folder(out / export_lib.IMAGE_TOKENIZER_DIR)
+    saved = artifact.load_image_tokenizer_folder(out / artifact.IMAGE_TOKENIZER_DIR)
     np.testing.assert_array_equal(saved.codewords, PatchRVQTokenizer.load(exported / "tok").codewords)
-    ours = export_lib.load_export(exported / "export")
+    ours = artifact.from_export(exported / "export")
     vocab = ours.vocab
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer.convert_ids_to_tokens(vocab.image_offset(1) + 3) == "<image_1_3>"

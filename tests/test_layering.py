@@ -25,13 +25,15 @@ FORBIDDEN = [
     # The shared core below every subpackage.
     ("omni.config", ("omni.",)), ("omni.errors", ("omni.",)), ("omni.batch", ("omni.",)),
     ("omni.progress", ("omni.",)),  # how long work shows progress: given to the layers below the CLI, knows none
+    ("omni.storage", ("omni.",)),   # how locations are opened (local paths, gs:// URLs): below everything
 ]
 ALLOWED_ONLY = {  # importer -> the only omni modules it may reach
     "omni.loss": {"omni.batch", "omni.tokens"},
     "omni.tokens": {"omni.batch"},
-    "omni.sharding": {"omni.config", "omni.errors", "omni.batch"},  # it places the batch fields: knows their layout
+    "omni.sharding": {"omni.config", "omni.errors", "omni.batch", "omni.storage"},  # it places the batch fields: knows their layout
 }
-CORE_EXCEPTIONS = {"omni.config": {"omni.errors"}}  # the config raises ConfigError
+# the config raises ConfigError and reads config files from any location; storage raises StorageError
+CORE_EXCEPTIONS = {"omni.config": {"omni.errors", "omni.storage"}, "omni.storage": {"omni.errors"}}
 
 
 def module_name(path: Path) -> str:
@@ -116,6 +118,16 @@ def test_the_import_walk_sees_imports_inside_functions(tmp_path):
     source.write_text("def f():\n    from omni.data import pipeline\n    import omni.tools.export\n")
     assert imports_of(source, {"omni.data", "omni.data.pipeline", "omni.tools", "omni.tools.export"}) == {
         "omni.data", "omni.data.pipeline", "omni.tools", "omni.tools.export"}
+
+
+def test_no_module_opens_paths_with_pathlib():
+    """Every location goes through omni.storage (etils.epath): pathlib.Path(str(url)) would turn gs://b/x into a
+    local folder gs:/b/x, so omni never imports pathlib."""
+    users = sorted(module_name(p) for p in PACKAGE.rglob("*.py")
+                   if any(isinstance(n, ast.Import) and "pathlib" in [a.name for a in n.names] or
+                          isinstance(n, ast.ImportFrom) and n.module == "pathlib"
+                          for n in ast.walk(ast.parse(p.read_text()))))
+    assert users == []
 
 
 def test_only_the_cli_parses_arguments():

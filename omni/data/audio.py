@@ -7,6 +7,7 @@ Everything here works on mono float32 waveforms in [-1, 1]. Only WAV is read (sc
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
@@ -16,6 +17,7 @@ import numpy as np
 import scipy.io.wavfile
 import scipy.signal
 
+from omni import storage
 from omni.errors import AudioError
 
 CONVERT_HINT = "convert it to WAV first, e.g. `ffmpeg -i <input> -ac 1 <output>.wav`"
@@ -29,13 +31,20 @@ def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     Integer PCM is scaled by its full-scale value, so int16 32767 reads as ~1.0; several channels are
     averaged to mono. Float files are clipped to [-1, 1], their nominal full scale.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise AudioError(f"audio file {path} does not exist; check the path")
+    location = storage.path(path)
+    path = str(location)
+    try:
+        raw = location.read_bytes()
+    except FileNotFoundError:
+        raise AudioError(f"audio file {path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise AudioError(f"audio file {path} is a folder, not a WAV file; check the path") from None
+    except OSError as e:
+        raise AudioError(f"cannot read audio file {path}: {e.strerror or e}") from None
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", scipy.io.wavfile.WavFileWarning)
-            sample_rate, data = scipy.io.wavfile.read(path)
+            sample_rate, data = scipy.io.wavfile.read(io.BytesIO(raw))
     # scipy reports a bad header as ValueError, a truncated one as struct.error or EOFError
     except (ValueError, OSError, EOFError, struct.error) as e:
         raise AudioError(f"could not read {path} as a WAV file ({e}); if it is another format, "
@@ -75,7 +84,9 @@ def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int) -> No
         raise ValueError(f"sample_rate must be positive; got {sample_rate}")
     # the inverse of read_wav's scaling (1/32768), so a round trip only rounds; +1.0 itself clips to 32767
     pcm = np.clip(np.round(np.nan_to_num(wave) * 32768), -32768, 32767).astype(np.int16)
-    scipy.io.wavfile.write(os.fspath(path), int(sample_rate), pcm)
+    out = io.BytesIO()
+    scipy.io.wavfile.write(out, int(sample_rate), pcm)
+    storage.write_bytes(path, out.getvalue())  # whole or not at all, on disk or a bucket
 
 
 def resample(wave: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:

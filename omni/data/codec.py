@@ -22,6 +22,7 @@ carries the identity (name, frame rate, codebook sizes) that the vocabulary and 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -30,6 +31,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from omni import storage
 from omni.data.audio import load_audio
 from omni.errors import CodecError
 from omni.progress import silent
@@ -486,31 +488,31 @@ class MelRVQCodec:
                 "griffin_lim_iters": self.griffin_lim_iters, "fit": self.fit_info}
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write codec.json (readable identity and hyper-parameters) and codec.npz (codewords, normalisation)."""
-        os.makedirs(directory, exist_ok=True)
-        np.savez(os.path.join(directory, "codec.npz"), codewords=self.codewords, mean=self.mean,
-                 std=np.float32(self.std))
-        with open(os.path.join(directory, "codec.json"), "w") as f:
-            json.dump(self.config(), f, indent=2)
-            f.write("\n")
+        """Write codec.npz (codewords, normalisation), then codec.json (readable identity and hyper-parameters):
+        a reader finds codec.json only once both are whole (a local folder or a gs:// URL)."""
+        directory = storage.path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays = io.BytesIO()
+        np.savez(arrays, codewords=self.codewords, mean=self.mean, std=np.float32(self.std))
+        storage.write_bytes(directory / "codec.npz", arrays.getvalue())
+        storage.write_text(directory / "codec.json", json.dumps(self.config(), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> MelRVQCodec:
-        directory = os.fspath(directory)
+        directory = storage.path(directory)
         refit = "re-fit it with omni.data.codec.fit_codec_on_files"
-        json_path, npz_path = os.path.join(directory, "codec.json"), os.path.join(directory, "codec.npz")
-        if not os.path.isdir(directory):
-            raise CodecError(f"codec directory {directory} does not exist; check the path or {refit}")
+        json_path, npz_path = directory / "codec.json", directory / "codec.npz"
         for path in (json_path, npz_path):
-            if not os.path.isfile(path):
-                raise CodecError(f"codec directory {directory} has no {os.path.basename(path)}; "
+            if not path.is_file():
+                if path is json_path and not directory.is_dir():
+                    raise CodecError(f"codec directory {directory} does not exist; check the path or {refit}")
+                raise CodecError(f"codec directory {directory} has no {path.name}; "
                                  f"a saved {cls.name} codec has codec.json and codec.npz; {refit}")
         try:
-            with open(json_path) as f:
-                config = json.load(f)
+            config = json.loads(json_path.read_text())
             if config.get("name") != cls.name:
                 raise CodecError(f"{json_path} describes codec {config.get('name')!r}, not {cls.name!r}")
-            with np.load(npz_path) as arrays:
+            with np.load(io.BytesIO(npz_path.read_bytes())) as arrays:
                 codewords, mean, std = arrays["codewords"], arrays["mean"], float(arrays["std"])
             codec = cls(codewords, mean, std, sample_rate=config["sample_rate"], hop=config["hop"],
                         n_fft=config["n_fft"], griffin_lim_iters=config["griffin_lim_iters"],
@@ -584,11 +586,12 @@ def load_codec(spec: str | os.PathLike) -> AudioCodec:
     spec = os.fspath(spec)
     if spec in ("tone", ToneCodec.name):
         return ToneCodec()
-    directory = os.path.dirname(spec) if os.path.basename(spec) == "codec.json" else spec
-    if os.path.isfile(os.path.join(directory, "codec.json")):
+    path = storage.path(spec)
+    directory = path.parent if path.name == "codec.json" else path
+    if (directory / "codec.json").is_file():
         return MelRVQCodec.load(directory)
-    why = (f"{spec} is a directory without codec.json" if os.path.isdir(spec) else
-           f"{spec!r} is not a codec name and no such path exists" if not os.path.exists(spec) else
+    why = (f"{spec} is a directory without codec.json" if path.is_dir() else
+           f"{spec!r} is not a codec name and no such path exists" if not path.exists() else
            f"{spec} is a file, not a codec directory")
     raise CodecError(f"cannot load codec {spec!r}: {why}. Accepted: 'tone' / '{ToneCodec.name}' (the built-in "
                      f"tone codec), or a directory with codec.json + codec.npz written by "

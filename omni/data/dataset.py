@@ -41,19 +41,22 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
+from omni import storage
 from omni.data import image_tokenizer as image_tokenizer_lib
 from omni.data import manifest as manifest_lib
 from omni.data.audio import resample
 from omni.data.codec import PrecomputedCodec, codec_from_identity, codec_identity, load_codec
 from omni.data.text_tokenizer import save_tokenizer
-from omni.errors import DatasetError, ManifestError
+from omni.errors import DatasetError, ManifestError, StorageError
+
+Path = storage.Path  # a local path or a gs:// URL (omni.storage)
 from omni.progress import silent
 from omni.tokens import check_codes, check_image_codes
 
@@ -339,7 +342,7 @@ def image_tokenizer_for_manifest(lines, path, image_tokenizer):
 
 def manifest_inputs(lines, path) -> list:
     """(path, what it is) for the manifest and every file its lines name (BuildReport.inputs)."""
-    path = Path(path)
+    path = storage.path(path)
     base = path.parent
     inputs = [(path, "is the manifest")]
     for number, line in lines:
@@ -487,43 +490,64 @@ def raw_examples(examples_by_split: dict, codec, report: BuildReport, skip_bad: 
 OWN_ENTRIES = {DATASET_FILE, "tfds", "tfds.incomplete", "codec", "tokenizer", "image_tokenizer"}
 
 
-def _real(path: Path) -> Path:
+def _real(path) -> str:
+    """A path resolved as the OS sees it (links followed); a URL as written, without a trailing slash."""
+    if storage.is_remote(path):
+        return str(storage.path(path)).rstrip("/")
     try:
-        return path.resolve()
+        return str(Path(os.path.realpath(os.fspath(path))))
     except (OSError, ValueError, RuntimeError):  # a name the OS cannot take, a symlink loop
-        return Path(os.path.abspath(path))
+        return os.path.abspath(os.fspath(path))
+
+
+def _inside(folder: str, out: str) -> bool:
+    return folder == out or folder.startswith(out.rstrip("/") + "/")
 
 
 def _listing(names: list[str], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
+def _entries(out) -> list[str]:
+    """The names in a folder, folders with a trailing '/' (on a bucket: the prefixes under `out`)."""
+    if storage.is_remote(out):
+        fs = storage._fs(out)
+        fs.invalidate_cache()
+        try:
+            listing = fs.ls(str(out), detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(item["name"].rstrip("/").rsplit("/", 1)[-1] + ("/" if item["type"] == "directory" else "")
+                      for item in listing)
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+
+
 def check_out(out, overwrite: bool, inputs=()) -> None:
     """DatasetError unless `out` may become the dataset folder: it does not exist, is empty, holds an unfinished
     omni build, or holds a dataset and `overwrite` is set; and it is not and holds none of the build's `inputs`
-    ((path, what) pairs, BuildReport.inputs), since the whole folder is replaced."""
-    out = Path(out)
+    ((path, what) pairs, BuildReport.inputs), since the whole folder is replaced. `out` may be a gs:// URL."""
+    out = storage.path(out)
     if not out.exists():
         return  # nothing in it to lose (and no input can be in it)
-    if not out.is_dir():
+    if not storage.is_remote(out) and not out.is_dir():
         raise DatasetError(f"{out} is a file, not a folder; choose another --out for the dataset")
+    names = _entries(out)
     out_real = _real(out)
     checked: set = set()
     for path, what in inputs:
-        path = Path(path)
+        path = storage.path(path)
         folder = path.parent
-        if folder in checked:
+        if str(folder) in checked:
             continue
-        checked.add(folder)
+        checked.add(str(folder))
         folder_real = _real(folder)
-        if folder_real == out_real or out_real in folder_real.parents:
+        if _inside(folder_real, out_real):
             if what == "is the manifest" and folder_real == out_real:
                 problem = f"is the folder of the manifest {path}"
             else:
                 problem = f"holds {manifest_lib.show_path(path)}, which {what}"
             raise DatasetError(f"--out {out} {problem}; a dataset folder is replaced whole when built, so choose "
                                "another --out (e.g. a new folder beside it)")
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
     if not names:
         return
     foreign = [n for n in names if n.rstrip("/") not in OWN_ENTRIES]
@@ -545,12 +569,26 @@ def build(examples: dict, out, codec, tokenizer=None, report: BuildReport | None
     """Write the examples ({split: generator factory of (key, stored example)}) as a dataset in `out`, recording
     `image_tokenizer` (default: report.image_tokenizer, the one manifest_examples / raw_examples used).
 
-    The dataset is written into a temporary folder beside `out` (`.OUT.omni-build-HOST-PID`) and swapped in only
-    when it is complete, so a failed build leaves `out` as it was; check_out says which folders `out` may replace.
-    Folders of earlier builds of `out` killed outright on this host are removed first.
+    On disk the dataset is written into a temporary folder beside `out` (`.OUT.omni-build-HOST-PID`) and swapped
+    in only when it is complete, so a failed build leaves `out` as it was; check_out says which folders `out` may
+    replace. Folders of earlier builds of `out` killed outright on this host are removed first. On a bucket
+    (array_record cannot write to gs://) it is built in a local temporary folder and uploaded (_publish_remote).
     """
-    out = Path(os.path.abspath(Path(out).expanduser()))
     report = report or BuildReport()
+    image_tokenizer = image_tokenizer if image_tokenizer is not None else report.image_tokenizer
+    if storage.is_remote(out):
+        out = storage.path(out)
+        storage.check_reachable(out, "--out")
+        check_out(out, overwrite, report.inputs)
+        work = storage.Path(tempfile.mkdtemp(prefix="omni-build-"))
+        try:
+            _write(examples, work, codec, tokenizer, report, source, label=source or str(out),
+                   image_tokenizer=image_tokenizer)
+            _publish_remote(work, out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return report
+    out = Path(os.path.abspath(os.path.expanduser(os.fspath(storage.path(out)))))
     check_out(out, overwrite, report.inputs)
     _remove_dead_builds(out)
     work = out.parent / f".{out.name}.omni-build-{_host()}-{os.getpid()}"
@@ -563,7 +601,7 @@ def build(examples: dict, out, codec, tokenizer=None, report: BuildReport | None
                            "--out") from None
     try:
         _write(examples, work, codec, tokenizer, report, source, label=source or str(out),
-               image_tokenizer=image_tokenizer if image_tokenizer is not None else report.image_tokenizer)
+               image_tokenizer=image_tokenizer)
         _swap(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -571,11 +609,31 @@ def build(examples: dict, out, codec, tokenizer=None, report: BuildReport | None
     return report
 
 
+def _publish_remote(work, out) -> None:
+    """Puts the finished local folder `work` at the URL `out`. A reader opens a dataset by its DATASET_FILE, so
+    an old dataset's DATASET_FILE goes first (readers see "unfinished build", never a mix), then the old build's
+    own entries (OWN_ENTRIES, checked by check_out: nothing else is there), and the new DATASET_FILE is uploaded
+    after every other file."""
+    old = [name.rstrip("/") for name in _entries(out)]
+    try:
+        if DATASET_FILE in old:
+            (out / DATASET_FILE).unlink()
+        for name in old:
+            if name in OWN_ENTRIES and name != DATASET_FILE:
+                storage.remove_tree(out / name)
+        storage.upload_folder(work, out, last=DATASET_FILE)
+    except StorageError:
+        raise
+    except OSError as e:
+        line = storage.describe_remote_error(out, e) or f"{type(e).__name__}: {e}"
+        raise DatasetError(f"cannot write the dataset to {out}: {line}") from None
+
+
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
 
 
-def _remove_dead_builds(out: Path) -> None:
+def _remove_dead_builds(out) -> None:
     """Deletes the temporary folders of builds of `out` that were killed outright (SIGKILL, power loss): only
     those omni named itself, made on this host, by a process that no longer exists."""
     for folder in out.parent.glob(f".{out.name}.omni-*-{_host()}-*"):
@@ -590,9 +648,9 @@ def _remove_dead_builds(out: Path) -> None:
             pass
 
 
-def _swap(new: Path, out: Path) -> None:
+def _swap(new, out) -> None:
     """Puts the finished folder `new` at `out`: the old one is renamed away first and deleted last."""
-    if not (out.exists() or out.is_symlink()):
+    if not (out.exists() or os.path.islink(out)):
         new.rename(out)
         return
     old = out.parent / f".{out.name}.omni-old-{_host()}-{os.getpid()}"
@@ -603,13 +661,13 @@ def _swap(new: Path, out: Path) -> None:
     except BaseException:
         old.rename(out)
         raise
-    if old.is_symlink():
+    if os.path.islink(old):
         old.unlink()  # --out was a link to a dataset: the link is replaced, the folder it pointed to is kept
     else:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write(examples: dict, out: Path, codec, tokenizer, report: BuildReport, source: str, label: str,
+def _write(examples: dict, out, codec, tokenizer, report: BuildReport, source: str, label: str,
            image_tokenizer=None) -> None:
     tmp = out / "tfds.incomplete"
     first_error: list[Exception] = []
@@ -667,7 +725,7 @@ def _write(examples: dict, out: Path, codec, tokenizer, report: BuildReport, sou
 @dataclass
 class Dataset:
     """A built dataset folder: its metadata, codec and random-access splits."""
-    path: Path
+    path: Path  # a local folder or a gs:// URL
     meta: dict
 
     @property
@@ -733,12 +791,16 @@ def register_generated(name: str, build) -> None:
     GENERATED[name] = build
 
 
-def dataset_folder(cfg) -> Path:
-    """The folder cfg.data.dataset names: a generated corpus (built on first use) or a built dataset's folder."""
+def dataset_folder(cfg):
+    """The folder cfg.data.dataset names: a generated corpus (built on first use) or a built dataset's folder
+    (a local path or a gs:// URL)."""
     name = cfg.data.dataset
     if name in GENERATED:
         return GENERATED[name](cfg)
-    path = Path(name).expanduser()
+    try:
+        path = storage.path(name)
+    except StorageError as e:
+        raise DatasetError(f"data.dataset: {e}") from None
     if not path.exists() and name in ("demo", "demo-speech", "demo-draw"):
         raise DatasetError(f"data.dataset={name!r} is the generated demo corpus, and omni.demo (which builds it) is "
                            "not imported; the omni command imports it, in Python `import omni.demo` first")
@@ -746,7 +808,11 @@ def dataset_folder(cfg) -> Path:
 
 
 def open_dataset(path) -> Dataset:
-    path = Path(path).expanduser()
+    try:
+        path = storage.path(path)
+        storage.check_reachable(path, "dataset")
+    except StorageError as e:
+        raise DatasetError(str(e)) from None
     meta_file = path / DATASET_FILE
     if not meta_file.is_file():
         hint = " (the build did not finish; run `omni data build` again)" if path.exists() else ""

@@ -23,6 +23,7 @@ image_tokenizer.npz (codewords, mean patch). Loading checks both and names what 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -31,6 +32,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from omni import storage
 from omni.data.codec import rvq_decode, rvq_encode, rvq_fit
 from omni.data.images import decode_image, fit_image
 from omni.errors import CodecError
@@ -211,31 +213,32 @@ class PatchRVQTokenizer:
                 "codebooks": self.codebooks, "codebook_size": self.codebook_size, "fit": self.fit_info}
 
     def save(self, directory: str | os.PathLike) -> None:
-        os.makedirs(directory, exist_ok=True)
-        np.savez(os.path.join(directory, ARRAYS_FILE), codewords=self.codewords, mean=self.mean)
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            json.dump(self.config(), f, indent=2)
-            f.write("\n")
+        """The arrays, then the config a reader looks for (a local folder or a gs:// URL)."""
+        directory = storage.path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays = io.BytesIO()
+        np.savez(arrays, codewords=self.codewords, mean=self.mean)
+        storage.write_bytes(directory / ARRAYS_FILE, arrays.getvalue())
+        storage.write_text(directory / CONFIG_FILE, json.dumps(self.config(), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> PatchRVQTokenizer:
-        directory = os.fspath(directory)
+        directory = storage.path(directory)
         refit = "fit it again with `omni imagetok fit`"
-        json_path, npz_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, ARRAYS_FILE)
+        json_path, npz_path = directory / CONFIG_FILE, directory / ARRAYS_FILE
         for path in (json_path, npz_path):
-            if not os.path.isfile(path):
-                raise ImageTokenizerError(f"image tokenizer folder {directory} has no {os.path.basename(path)}; a "
+            if not path.is_file():
+                raise ImageTokenizerError(f"image tokenizer folder {directory} has no {path.name}; a "
                                           f"saved {cls.name} has {CONFIG_FILE} and {ARRAYS_FILE}; {refit}")
         try:
-            with open(json_path) as f:
-                config = json.load(f)
+            config = json.loads(json_path.read_text())
         except (OSError, ValueError) as e:
             raise ImageTokenizerError(f"{json_path} is not readable JSON ({e}); {refit}") from None
         if not isinstance(config, dict) or config.get("name") != cls.name:
             name = config.get("name") if isinstance(config, dict) else None
             raise ImageTokenizerError(f"{json_path}: field \"name\" is {name!r}, not {cls.name!r}; {refit}")
         try:
-            with np.load(npz_path) as arrays:
+            with np.load(io.BytesIO(npz_path.read_bytes())) as arrays:
                 codewords, mean = arrays["codewords"], arrays["mean"]
             tokenizer = cls(codewords, mean, config["patch_size"], fit_info=config.get("fit"))
         except ImageTokenizerError as e:
@@ -298,11 +301,12 @@ def matches(record: dict, tokenizer: ImageTokenizer) -> bool:
 def load_image_tokenizer(spec: str | os.PathLike) -> ImageTokenizer:
     """A fitted tokenizer from its folder (or that folder's image_tokenizer.json)."""
     spec = os.fspath(spec)
-    directory = os.path.dirname(spec) if os.path.basename(spec) == CONFIG_FILE else spec
-    if os.path.isdir(directory) and os.path.isfile(os.path.join(directory, CONFIG_FILE)):
+    path = storage.path(spec)
+    directory = path.parent if path.name == CONFIG_FILE else path
+    if (directory / CONFIG_FILE).is_file():
         return PatchRVQTokenizer.load(directory)
-    why = (f"{spec} is a folder without {CONFIG_FILE}" if os.path.isdir(spec) else
-           f"no such folder: {spec}" if not os.path.exists(spec) else f"{spec} is a file, not a tokenizer folder")
+    why = (f"{spec} is a folder without {CONFIG_FILE}" if path.is_dir() else
+           f"no such folder: {spec}" if not path.exists() else f"{spec} is a file, not a tokenizer folder")
     raise ImageTokenizerError(f"cannot load image tokenizer {spec!r}: {why}. Give a folder written by `omni imagetok "
                               f"fit` ({CONFIG_FILE} + {ARRAYS_FILE})")
 
@@ -311,7 +315,7 @@ class _Images:
     """Image files decoded one at a time as a fit reads them (it keeps only their budget-sized copies)."""
 
     def __init__(self, paths):
-        self.paths = [os.fspath(p) for p in paths]
+        self.paths = [storage.path(p) for p in paths]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -319,12 +323,11 @@ class _Images:
     def __getitem__(self, i) -> np.ndarray:
         path = self.paths[i]
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = path.read_bytes()
         except OSError as e:
             raise ImageTokenizerError(f"cannot read image {path}: {e.strerror or e}") from None
         try:
-            return decode_image(data, name=path)
+            return decode_image(data, name=str(path))
         except ValueError as e:
             raise ImageTokenizerError(str(e)) from None
 

@@ -58,16 +58,17 @@ Every problem is a `ManifestError` naming the file, the line and the reason.
 from __future__ import annotations
 
 import codecs
+import io
 import json
 import zlib
-from pathlib import Path
 
 import numpy as np
 
+from omni import storage
 from omni.batch import TARGET_MODALITIES
 from omni.data.audio import read_wav
 from omni.data.images import decode_image
-from omni.errors import ManifestError
+from omni.errors import ManifestError, StorageError
 
 SEGMENT_KINDS = ("text", "image", "image_codes", "audio", "codes")
 MODALITY_OF_KIND = {"text": "text", "image": "image", "image_codes": "image", "audio": "audio", "codes": "audio"}
@@ -93,12 +94,15 @@ def read_lines(path) -> "list[tuple[int, dict | ManifestError]]":
     Lines end at \\n, \\r\\n or \\r (as an editor counts them); a line that is not UTF-8 or not a JSON object is
     returned as its error, so --skip-bad can skip it like any other bad line.
     """
-    path = Path(path)
+    try:
+        path = storage.path(path)
+    except StorageError as e:
+        raise ManifestError(path, 0, str(e)) from None
     if not path.is_file():
         raise ManifestError(path, 0, "manifest file not found")
     out = []
     number = 0
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for chunk in f:  # binary lines end at \n only; splitlines() also ends them at \r, like text mode
             for data in chunk.splitlines():
                 number += 1
@@ -259,24 +263,29 @@ def check_line(line: dict, path, number: int) -> None:
              f"\"target\": false from the answer segment)")
 
 
-def _resolve_path(base: Path, value: str, path, number: int, what: str) -> Path:
-    file = (base / value) if not Path(value).is_absolute() else Path(value)
+def _resolve_path(base, value: str, path, number: int, what: str):
+    """The file a segment names: relative to the manifest's folder, or absolute (a path or a gs:// URL)."""
+    try:
+        named = storage.path(value)
+    except StorageError as e:
+        raise ManifestError(path, number, f"{what} {e}") from None
+    file = named if named.is_absolute() else base / value
     if not file.is_file():
         raise ManifestError(path, number, f"{what} file not found: {show_path(file)}")
     return file
 
 
-def load_image_bytes(file: Path) -> bytes:
+def load_image_bytes(file) -> bytes:
     """The file's bytes after checking that Pillow fully decodes them (ValueError naming the file otherwise)."""
-    data = file.read_bytes()
+    data = storage.path(file).read_bytes()
     decode_image(data, name=show_path(file))
     return data
 
 
-def load_codes(file: Path) -> np.ndarray:
+def load_codes(file) -> np.ndarray:
     """A .npy integer array [frames >= 1, codebooks], as stored (the codec's range check comes at encoding)."""
     try:
-        codes = np.load(file, allow_pickle=False)
+        codes = np.load(io.BytesIO(storage.path(file).read_bytes()), allow_pickle=False)
     except Exception as e:
         raise ValueError(f"cannot read codes {show_path(file)} as a .npy array: {e}") from None
     if not isinstance(codes, np.ndarray):  # an .npz archive loads as a mapping of arrays
@@ -289,11 +298,11 @@ def load_codes(file: Path) -> np.ndarray:
     return codes.astype(np.int64) if codes.dtype != np.uint64 else codes
 
 
-def load_image_codes(file: Path) -> np.ndarray:
+def load_image_codes(file) -> np.ndarray:
     """A .npy integer array [rows >= 1, cols >= 1, codebooks], as stored (the tokenizer's range check comes at
     encoding)."""
     try:
-        codes = np.load(file, allow_pickle=False)
+        codes = np.load(io.BytesIO(storage.path(file).read_bytes()), allow_pickle=False)
     except Exception as e:
         raise ValueError(f"cannot read image codes {show_path(file)} as a .npy array: {e}") from None
     if not isinstance(codes, np.ndarray):
@@ -309,7 +318,7 @@ def load_image_codes(file: Path) -> np.ndarray:
 def load_line(line: dict, path, number: int) -> dict:
     """A checked manifest line -> raw example (module docstring), reading its files."""
     check_line(line, path, number)
-    base = Path(path).parent
+    base = storage.path(path).parent
     segments = []
     for i, segment in enumerate(line["segments"]):
         kind = next(k for k in SEGMENT_KINDS if k in segment)

@@ -21,12 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import warnings
-from pathlib import Path
 from typing import Iterable, Protocol
 
+from omni import storage
 from omni.errors import TokenizerError
+
+Path = storage.Path  # a local path or a gs:// URL (omni.storage)
 
 HF_FILE = "tokenizer.json"
 META_FILE = "tokenizer_meta.json"          # written by train_bpe: how the tokenizer was made
@@ -57,10 +58,10 @@ def sha256_of(paths: list[Path]) -> str | None:
     """sha256 of one file's bytes; of several, sha256 over their names and hashes in order; None for no file."""
     if not paths:
         return None
-    digests = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+    digests = [hashlib.sha256(storage.path(p).read_bytes()).hexdigest() for p in paths]
     if len(digests) == 1:
         return digests[0]  # so it can be checked with `sha256sum tokenizer.json`
-    joined = "".join(f"{Path(p).name}:{d}\n" for p, d in zip(paths, digests))
+    joined = "".join(f"{storage.path(p).name}:{d}\n" for p, d in zip(paths, digests))
     return hashlib.sha256(joined.encode()).hexdigest()
 
 
@@ -96,9 +97,9 @@ class HFTokenizer:
     def __init__(self, path: str | os.PathLike, name: str | None = None):
         import tokenizers  # imported here so byte-level runs do not need the library
 
-        self.path = Path(path)
+        self.path = storage.path(path)
         try:
-            self.tokenizer = tokenizers.Tokenizer.from_file(str(self.path))
+            self.tokenizer = tokenizers.Tokenizer.from_str(self.path.read_text(encoding="utf-8"))
         except Exception as e:  # the Rust side raises a bare Exception for missing, unreadable and bad files
             raise TokenizerError(f"cannot load tokenizer.json {self.path}: {e}; it must be a file saved by "
                                  f"Hugging Face `tokenizers` (Tokenizer.save) or by omni's train_bpe") from e
@@ -139,10 +140,10 @@ class SentencePieceTokenizer:
     def __init__(self, path: str | os.PathLike, name: str | None = None):
         import sentencepiece
 
-        self.path = Path(path)
+        self.path = storage.path(path)
         try:
-            self.processor = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
-        except (OSError, RuntimeError) as e:
+            self.processor = sentencepiece.SentencePieceProcessor(model_proto=self.path.read_bytes())
+        except (OSError, RuntimeError, TypeError) as e:
             raise TokenizerError(f"cannot load SentencePiece model {self.path}: {e}; it must be a .model file "
                                  f"written by SentencePieceTrainer") from e
         self.vocab_size = self.processor.get_piece_size()
@@ -206,7 +207,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike)
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     if vocab_size < BYTE_ALPHABET:
         raise TokenizerError(f"BPE vocab_size {vocab_size} is smaller than the {BYTE_ALPHABET}-byte alphabet it "
                              f"starts from; ask for at least {BYTE_ALPHABET} (a few thousand is usual)")
@@ -236,10 +237,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike)
                       f"training texts ({stats['chars']} characters) have no more pairs to merge; train on more "
                       f"text or ask for fewer tokens", stacklevel=2)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out_dir / HF_FILE))
+    storage.write_text(out_dir / HF_FILE, tokenizer.to_str())
     meta = {"kind": "byte-level BPE", "vocab_size": got, "requested_vocab_size": vocab_size,
             "num_texts": stats["texts"], "num_chars": stats["chars"], "tokenizers_version": tokenizers.__version__}
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    storage.write_text(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
     return HFTokenizer(out_dir / HF_FILE)
 
 
@@ -253,7 +254,10 @@ def load_tokenizer(spec: str | os.PathLike) -> TextTokenizer:
     same tokenizer in both formats)."""
     if isinstance(spec, str) and spec.strip().lower() in ("bytes", "byte"):
         return ByteTokenizer()
-    path = Path(spec).expanduser()
+    try:
+        path = storage.path(spec)
+    except storage.StorageError as e:
+        raise _error(spec, str(e)) from None
     if path.is_dir():
         if (path / HF_FILE).is_file():
             return _load(HFTokenizer, path / HF_FILE, spec)
@@ -295,27 +299,27 @@ def save_tokenizer(tok: TextTokenizer, out_dir: str | os.PathLike) -> list[Path]
     """Copies the tokenizer's files into out_dir so load_tokenizer(out_dir) gives it back, and writes
     tokenizer_identity.json. Returns the paths written. A tokenizer.json is always saved under that name (so the
     directory loads); a trained BPE's tokenizer_meta.json goes along with it."""
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for src in tok.files():
-        src = Path(src)
+        src = storage.path(src)
         dst = out_dir / (HF_FILE if tok.kind == HFTokenizer.kind else src.name)
         _copy(src, dst)
         written.append(dst)
         if tok.kind == HFTokenizer.kind and (src.parent / META_FILE).is_file():
             _copy(src.parent / META_FILE, out_dir / META_FILE)
             written.append(out_dir / META_FILE)
-    (out_dir / IDENTITY_FILE).write_text(json.dumps(tok.identity(), indent=2) + "\n")
+    storage.write_text(out_dir / IDENTITY_FILE, json.dumps(tok.identity(), indent=2) + "\n")
     written.append(out_dir / IDENTITY_FILE)
     return written
 
 
 def _copy(src: Path, dst: Path) -> None:
-    if dst.exists() and dst.samefile(src):
+    if storage.same(src, dst):
         return  # saving into the directory it was loaded from
     try:
-        shutil.copyfile(src, dst)
+        storage.write_bytes(dst, storage.path(src).read_bytes())
     except OSError as e:
         raise TokenizerError(f"cannot copy tokenizer file {src} to {dst}: {e}; check that {src} still exists and "
                              f"{dst.parent} is writable") from e

@@ -27,12 +27,12 @@ import logging
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from omni.config import Config
+from omni import storage
+from omni.config import Config, ConfigError
 from omni.data import dataset as dataset_lib
 from omni.data.audio import write_wav
 from omni.data.codec import ToneCodec, fit_codec_on_files
@@ -106,11 +106,11 @@ def make_split(split: str, num_examples: int, image_size: int, seed: int,
     return [make_example(rng, TASKS[i % len(TASKS)], image_size, sample_rate) for i in range(num_examples)]
 
 
-def write_manifest(out_dir, train_examples: int, eval_examples: int, image_size: int, seed: int) -> Path:
+def write_manifest(out_dir, train_examples: int, eval_examples: int, image_size: int, seed: int):
     """The demo corpus as a user would bring it: PNG images, WAV clips and a manifest.jsonl; returns its path."""
 
 
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "audio").mkdir(parents=True, exist_ok=True)
     lines = []
@@ -162,14 +162,14 @@ def speak(text: str, path, rng: np.random.Generator) -> None:
                    check=True, capture_output=True)
 
 
-def write_speech_manifest(out_dir, train_examples: int, eval_examples: int, image_size: int, seed: int) -> Path:
+def write_speech_manifest(out_dir, train_examples: int, eval_examples: int, image_size: int, seed: int):
     """Image + caption + spoken caption triples (espeak-ng), half as image -> text + speech, half as speech -> text.
 
         spoken_caption   image            -> text "a red circle at the top left" -> speech of that caption
         transcribe       speech of a caption -> text of it
     """
 
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     for folder in ("images", "speech"):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
     lines = []
@@ -201,18 +201,24 @@ NAMES = ("demo", "demo-speech", "demo-draw")
 log = logging.getLogger("omni.demo")
 
 
-def cache_root(cfg: Config) -> Path:
-    return Path(cfg.data.cache_dir or os.environ.get("OMNI_CACHE") or "~/.cache/omni").expanduser()
+def cache_root(cfg: Config):
+    """Where generated corpora are built: a local folder (each host of a job builds the demo corpus itself, the
+    same bytes from the same seed), so a URL is refused."""
+    root = storage.path(cfg.data.cache_dir or os.environ.get("OMNI_CACHE") or "~/.cache/omni")
+    if storage.is_remote(root):
+        raise ConfigError(f"data.cache_dir={root}: the demo corpus is generated on each host into a local folder; "
+                          "set data.cache_dir to a local path (datasets on a bucket are data.dataset=gs://...)")
+    return root
 
 
-def built_path(cfg: Config) -> Path:
+def built_path(cfg: Config):
     """Where the corpus cfg.data.dataset names is built: one folder per version and demo.* settings."""
     d = cfg.demo
     return cache_root(cfg) / (f"{cfg.data.dataset}-v{VERSION}-{d.image_size}px-{d.train_examples}-"
                               f"{d.eval_examples}-seed{d.seed}")
 
 
-def build(cfg: Config) -> Path:
+def build(cfg: Config):
     """Writes the corpus cfg.data.dataset names as PNG/WAV files + manifest and builds it, once (other processes
     wait on a lock for it); returns the built dataset's folder.
 
@@ -228,7 +234,7 @@ def build(cfg: Config) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (path / dataset_lib.DATASET_FILE).exists():
             log.info("building the %s corpus into %s", cfg.data.dataset, path)
-            source = Path(str(path) + ".source")
+            source = storage.path(f"{path}.source")
             d = cfg.demo
             image_tokenizer = None
             if cfg.data.dataset == "demo-draw":
@@ -243,7 +249,7 @@ def build(cfg: Config) -> Path:
                 codec = ToneCodec()
             elif cfg.data.dataset == "demo-speech":
                 clips = sorted((source / "speech").glob("train-*.wav"))
-                codec = fit_codec_on_files(clips, Path(str(path) + ".codec"), codebooks=4, codebook_size=64,
+                codec = fit_codec_on_files(clips, storage.path(f"{path}.codec"), codebooks=4, codebook_size=64,
                                            seed=d.seed)
             report = dataset_lib.BuildReport()
             examples, codec = dataset_lib.manifest_examples(manifest, codec, 0.0, report, skip_bad=False,

@@ -18,11 +18,11 @@ would score.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from omni import storage
 from omni.data.image_tokenizer import PatchRVQTokenizer
 from omni.demo import corpus
 
@@ -40,9 +40,9 @@ def make_example(rng: np.random.Generator, image_size: int) -> dict:
             "targets": ["image"], "segments": [{"text": f"draw {scene}", "target": False}, {"image": image}]}
 
 
-def write_manifest(out_dir, train_examples: int, eval_examples: int, image_size: int, seed: int) -> Path:
+def write_manifest(out_dir, train_examples: int, eval_examples: int, image_size: int, seed: int):
     """The draw corpus as PNG images and a manifest.jsonl (train and eval are independent draws); returns its path."""
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for split, n in (("train", train_examples), ("eval", eval_examples)):
@@ -58,7 +58,7 @@ def write_manifest(out_dir, train_examples: int, eval_examples: int, image_size:
     return manifest
 
 
-def fit_tokenizer(source: Path, seed: int) -> PatchRVQTokenizer:
+def fit_tokenizer(source, seed: int) -> PatchRVQTokenizer:
     """The built-in image tokenizer of the draw corpus, fitted on its train images (source/images/train-*.png)."""
     images = [np.asarray(Image.open(path).convert("RGB")) for path in sorted((source / "images").glob("train-*.png"))]
     return PatchRVQTokenizer.fit(images, seed=seed, **TOKENIZER)

@@ -22,6 +22,7 @@ from omni.data import pipeline
 from omni.demo import corpus, draw
 from omni.tools import tasks as tasks_lib
 from omni.tools.generate import task_of
+from omni.train import artifact
 
 # synth: up to 16 frames of 2 codes, then <eoa> (its <boa> ends the prompt)
 MAX_NEW_TOKENS = {"caption": 40, "describe": 24, "synth": 1 + 2 * 16, "spoken_caption": 40, "transcribe": 40}
@@ -35,12 +36,10 @@ def run(cfg: Config, graphdef, params, num_examples: int, log=print) -> dict:
     examples = []
     for task in DEMO_TASKS:
         examples += [e for e in held_out if e["meta"].get("task") == task][:num_examples]
-    image_tokenizer = pipeline.image_tokenizer_for(cfg)
-    model = tasks_lib.model_of(cfg, graphdef, params, pipeline.vocab_for(cfg), pipeline.tokenizer_for(cfg),
-                               pipeline.dataset_for(cfg).codec(), image_tokenizer)
+    model = artifact.live(cfg, graphdef, params)
     predictions, scores = tasks_lib.run(model, [task_of(e) for e in examples], max_new_by_group=MAX_NEW_TOKENS,
                                         log=lambda *a: None)
-    return demo_scores(predictions, scores, log, image_tokenizer)
+    return demo_scores(predictions, scores, log, model.image_tokenizer)
 
 
 def demo_scores(predictions: list[dict], scores: dict, log=print, image_tokenizer=None) -> dict:

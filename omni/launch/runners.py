@@ -45,10 +45,10 @@ import sys
 import threading
 import time
 import unicodedata
-from pathlib import Path
 
 import yaml
 
+from omni import storage
 from omni.config import ConfigError
 from omni.train.distributed import ENV_AUTO, ENV_COORDINATOR, ENV_ID, ENV_NUM
 
@@ -397,7 +397,9 @@ def render(target: str, omni_args: list[str], *, slices: int = 1, **o) -> tuple[
 
 def submit(text: str, out, runner: list[str], dry_run: bool = False, log=sys.stderr) -> int:
     """Writes `text` to `out` and runs `runner out`; with dry_run prints the text and what would run instead."""
-    out = Path(out)
+    out = storage.path(out)
+    if storage.is_remote(out):
+        raise ConfigError(f"--out {out}: the launch file is run here by {runner[0]}, so it must be a local path")
     if dry_run:
         print(text, end="")
         print(f"# dry run: would write {out} and run: {' '.join(runner)} {out}", file=log)
@@ -405,6 +407,6 @@ def submit(text: str, out, runner: list[str], dry_run: bool = False, log=sys.std
     if shutil.which(runner[0]) is None:
         raise ConfigError(f"{runner[0]} is not installed here; use --dry-run to print the file and run it where "
                           f"{runner[0]} is")
-    out.write_text(text)
+    storage.write_text(out, text)
     print(f"omni launch: wrote {out}; running {' '.join(runner)} {out}", file=log)
     return subprocess.call([*runner, str(out)])

@@ -36,12 +36,12 @@ import copy
 import csv
 import dataclasses
 import json
+import io
 import math
 import statistics
 import time
-from pathlib import Path
 
-from omni import batch
+from omni import batch, storage
 from omni import config as config_lib
 from omni.batch import TARGET_MODALITIES
 from omni.config import Config, ConfigError, derived_mlp, parse_variant
@@ -220,7 +220,7 @@ def describe_plan(runs: list[Run], base: Config, vocab_size: int, patch_dim: int
 # Running.
 
 
-def run_ablation(base: Config, workdir: str | Path, seeds: int | None = None, progress: bool = True,
+def run_ablation(base: Config, workdir, seeds: int | None = None, progress: bool = True,
                  log=print) -> list[dict]:
     """Trains every planned run that has not finished (resuming interrupted ones), then writes the report.
 
@@ -233,7 +233,7 @@ def run_ablation(base: Config, workdir: str | Path, seeds: int | None = None, pr
     from omni.tools import tasks
     from omni.train import loop
 
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     vocab_size, patch_dim = pipeline.vocab_for(base).size, batch.patch_dim(base.data)
     runs = make_plan(base, vocab_size, patch_dim, seeds)  # a plan that cannot run leaves no workdir behind
     workdir_lib.check_writable(workdir)
@@ -262,7 +262,7 @@ def run_ablation(base: Config, workdir: str | Path, seeds: int | None = None, pr
     return rows
 
 
-def _check_and_save_plan(workdir: Path, runs: list[Run], base: Config) -> None:
+def _check_and_save_plan(workdir, runs: list[Run], base: Config) -> None:
     """Refuses a workdir whose earlier plan trained a run of the same name with another config."""
     path = workdir / "plan.json"
     planned = {r.name: config_lib.to_dict(r.config) for r in runs}
@@ -277,18 +277,18 @@ def _check_and_save_plan(workdir: Path, runs: list[Run], base: Config) -> None:
                 raise ConfigError(f"{workdir} holds an ablation planned with another config: run {name} differs in "
                                   f"{', '.join(keys)}; use a new --workdir, or delete {workdir}")
         planned = {**earlier, **planned}
-    path.write_text(json.dumps({"base": config_lib.to_dict(base), "runs": planned}, indent=2) + "\n")
+    storage.write_text(path, json.dumps({"base": config_lib.to_dict(base), "runs": planned}, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Reporting.
 
 
-def collect(workdir: Path, runs: list[Run], vocab_size: int, patch_dim: int) -> list[dict]:
+def collect(workdir, runs: list[Run], vocab_size: int, patch_dim: int) -> list[dict]:
     """One row per finished run: its plan entry, sizes, speed, final eval and demo scores, and eval curve."""
     rows = []
     for run in runs:
-        run_dir = Path(workdir) / "runs" / run.name
+        run_dir = storage.path(workdir) / "runs" / run.name
         if not (run_dir / "eval.json").exists():
             continue
         result = json.loads((run_dir / "eval.json").read_text())
@@ -335,18 +335,19 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
 
 
-def write_report(workdir: Path, runs: list[Run], rows: list[dict], base: Config) -> None:
-    workdir = Path(workdir)
+def write_report(workdir, runs: list[Run], rows: list[dict], base: Config) -> None:
+    workdir = storage.path(workdir)
     if not rows:
         return
     columns = [k for k in rows[0] if k != "curve"]
     for row in rows:
         columns += [k for k in row if k not in columns and k != "curve"]
-    with open(workdir / "ablation.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows([{k: row.get(k, "") for k in columns} for row in rows])
-    (workdir / "ablation.md").write_text(_markdown(runs, rows, columns, base))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows([{k: row.get(k, "") for k in columns} for row in rows])
+    storage.write_text(workdir / "ablation.csv", table.getvalue())
+    storage.write_text(workdir / "ablation.md", _markdown(runs, rows, columns, base))
     _plot(workdir / "ablation.png", runs, rows)
     if any(r.size for r in runs):
         _plot_scaling(workdir / "scaling.png", runs, rows)
@@ -406,7 +407,7 @@ def _markdown(runs: list[Run], rows: list[dict], columns: list[str], base: Confi
     return "\n".join(lines)
 
 
-def _plot(path: Path, runs: list[Run], rows: list[dict]) -> None:
+def _plot(path, runs: list[Run], rows: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -438,8 +439,7 @@ def _plot(path: Path, runs: list[Run], rows: list[dict]) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -511,7 +511,7 @@ def scaling_section(runs: list[Run], rows: list[dict]) -> list[str]:
     return lines
 
 
-def _plot_scaling(path: Path, runs: list[Run], rows: list[dict]) -> None:
+def _plot_scaling(path, runs: list[Run], rows: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -542,5 +542,14 @@ def _plot_scaling(path: Path, runs: list[Run], rows: list[dict]) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path) -> None:
+    """A matplotlib figure as a PNG at `path` (a local path or a URL), written whole."""
+    import matplotlib.pyplot as plt
+
+    data = io.BytesIO()
+    fig.savefig(data, dpi=110, format="png")
     plt.close(fig)
+    storage.write_bytes(path, data.getvalue())

@@ -43,12 +43,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from omni import sharding
+from omni import sharding, storage
 from omni.batch import AUDIO, IMAGE, PAD, TEXT, padding_rows, patch_dim, row_patches, runs_per_row
 from omni.config import Config, ConfigError
 from omni.data.text_tokenizer import ByteTokenizer
@@ -147,7 +146,7 @@ def modality_shares(batch: dict) -> dict:
 
 def run(cfg: Config, *, text_only: bool = False, warmup: int = 2, steps: int = 5, vocab_size: int = 32768,
         codebooks: int = 8, codebook_size: int = 1024, frame_rate: float = 12.5, matmul_size: int | None = None,
-        out: str | Path | None = None, seed: int = 0, reference: bool = False, compile_only: bool = False):
+        out=None, seed: int = 0, reference: bool = False, compile_only: bool = False):
     """Times cfg's train step; returns (and prints, and appends to `out`) the result dict. With `reference`,
     then times the plain-JAX step of the same size (omni.tools.reference) and returns [omni, reference, ratios]
     (three lines printed). With `compile_only`, lowers and compiles without running anything: the timed
@@ -211,9 +210,8 @@ def run(cfg: Config, *, text_only: bool = False, warmup: int = 2, steps: int = 5
         text = json.dumps(line)
         print(text)
         if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            with open(out, "a") as f:
-                f.write(text + "\n")
+            storage.path(out).parent.mkdir(parents=True, exist_ok=True)
+            storage.append_text(out, text + "\n")
     return lines if reference else result
 
 

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from omni import sharding
+from omni import sharding, storage
 from omni.config import Config
 from omni.data import pipeline
 from omni.train.perf import time_steps
@@ -72,7 +72,5 @@ def run(cfg: Config, workers: list[int], batches: int, steps: int, out=None, log
     for row in rows:
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
     if out:
-        with open(out, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        storage.append_text(out, "".join(json.dumps(row) + "\n" for row in rows))
     return rows

@@ -8,11 +8,12 @@ The text summary lists each row's segments with their lengths and targets, and t
 
 from __future__ import annotations
 
+import io
 import re
-from pathlib import Path
 
 import numpy as np
 
+from omni import storage
 from omni.batch import AUDIO, IMAGE, MODALITY_NAMES, PAD, TEXT
 from omni.loss import target_mask
 from omni.tokens import describe_tokens
@@ -50,7 +51,7 @@ def _compact(text: str) -> str:
     return re.sub(r"(?:<(?:a\d+:\d+|delay)>)+", lambda m: f"<{m.group(0).count('<')} audio codes>", text)
 
 
-def draw(batch: dict, out_path, title: str = "") -> Path:
+def draw(batch: dict, out_path, title: str = ""):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,8 +82,10 @@ def draw(batch: dict, out_path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, x=0.01, ha="left", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    out_path = Path(out_path)
+    out_path = storage.path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
+    data = io.BytesIO()
+    fig.savefig(data, dpi=100, format="png")
     plt.close(fig)
+    storage.write_bytes(out_path, data.getvalue())
     return out_path

@@ -20,32 +20,31 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from pathlib import Path
 
 import jax
 from flax import nnx
 
 from omni import config as config_lib
-from omni import sharding
+from omni import sharding, storage
 from omni.data import dataset as dataset_lib
 from omni.data import pipeline
 from omni.demo import corpus, scorer
 from omni.progress import silent
 from omni.tools import generate as generate_lib
 from omni.tools import tasks as tasks_lib
-from omni.train import checkpoint, compile_cache, workdir as workdir_lib
+from omni.train import artifact, checkpoint, compile_cache, workdir as workdir_lib
 from omni.train.step import (build_model, build_optimizer, check_host_batch, evaluate, make_eval_step,
                              modality_summary, same_batch_count)
 
 
-def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides: list[str] = (),
+def evaluate_checkpoint(workdir, step: int | None = None, overrides: list[str] = (),
                         demo_examples: int | None = None, log=print, generate: bool = False,
                         max_examples: int | None = None, prompts=None, max_new_tokens: int | None = None,
                         batch_size: int = 64, progress=silent) -> dict:
     """Evaluates a checkpoint of `workdir`; returns and saves {"step", "data", "overrides", "eval", "demo_tasks"}
     (+ "tasks" and "generate" with `generate` or `prompts`). progress (omni.progress) shows the eval batches
     as they are computed."""
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     step = checkpoint.pick_step(workdir, step)
     if jax.process_index() == 0:
         workdir_lib.check_writable(workdir)  # before any compute: the result must have a place to go
@@ -95,7 +94,7 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None, overrides:
     return result
 
 
-def predictions_path(eval_json: Path) -> Path:
+def predictions_path(eval_json):
     """Where the generated answers go: beside the eval JSON, named after it."""
     return eval_json.with_name(f"{eval_json.stem}.predictions.jsonl")
 
@@ -103,10 +102,8 @@ def predictions_path(eval_json: Path) -> Path:
 def _generate_and_score(cfg, graphdef, params, max_examples, prompts, max_new_tokens, batch_size, log):
     """({"dataset", "split", "examples", "max_new_tokens", "scores"}, predictions) of the eval split or a
     prompts file (omni.tools.tasks)."""
-    vocab, tokenizer, codec = pipeline.vocab_for(cfg), pipeline.tokenizer_for(cfg), pipeline.dataset_for(cfg).codec()
-    image_tokenizer = pipeline.image_tokenizer_for(cfg)
-    tasks, split = tasks_lib.eval_tasks(cfg, max_examples, prompts, codec, image_tokenizer)
-    model = tasks_lib.model_of(cfg, graphdef, params, vocab, tokenizer, codec, image_tokenizer)
+    model = artifact.live(cfg, graphdef, params)
+    tasks, split = tasks_lib.eval_tasks(cfg, max_examples, prompts, model.codec, model.image_tokenizer)
     demo_caps = scorer.MAX_NEW_TOKENS if cfg.data.dataset in corpus.NAMES and max_new_tokens is None else None
     predictions, scores = tasks_lib.run(model, tasks, max_new_tokens=max_new_tokens, max_new_by_group=demo_caps,
                                         batch_size=batch_size, log=log)
@@ -125,15 +122,16 @@ def same_dataset(run_cfg, cfg) -> bool:
         return a.dataset not in dataset_lib.GENERATED or (run_cfg.demo == cfg.demo and a.cache_dir == b.cache_dir)
     if a.dataset in dataset_lib.GENERATED or b.dataset in dataset_lib.GENERATED:
         return False
-    return Path(a.dataset).expanduser().resolve() == Path(b.dataset).expanduser().resolve()
+    return storage.same(a.dataset, b.dataset)
 
 
-def result_path(workdir: Path, step: int, data: dict, own: bool) -> Path:
+def result_path(workdir, step: int, data: dict, own: bool):
     """eval-<step>.json for the run's own dataset; eval-<step>-<dataset>.json for another (plus a hash of its
     folder when a file of that name already holds another folder's result)."""
     if own:
         return workdir / f"eval-{step}.json"
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data["name"]).name or data["name"]).strip("._") or "dataset"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", data["name"].rstrip("/").rsplit("/", 1)[-1] or data["name"]).strip("._") \
+        or "dataset"
     out = workdir / f"eval-{step}-{slug}.json"
     try:
         earlier = json.loads(out.read_text())["data"]["path"] if out.exists() else data["path"]
@@ -144,7 +142,7 @@ def result_path(workdir: Path, step: int, data: dict, own: bool) -> Path:
     return out
 
 
-def restore_params_onto(cfg, mesh, workdir: Path, step: int):
+def restore_params_onto(cfg, mesh, workdir, step: int):
     """(graphdef, the checkpoint's parameters sharded on `mesh` as training shards them)."""
     tx, _ = build_optimizer(cfg)
     vocab = pipeline.vocab_for(cfg)
@@ -152,4 +150,4 @@ def restore_params_onto(cfg, mesh, workdir: Path, step: int):
     param_shardings = sharding.state_shardings(cfg, mesh, abstract_params, tx)["params"]
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nnx.to_pure_dict(abstract_params), param_shardings)
-    return graphdef, checkpoint.restore_params(workdir, step, target)
+    return graphdef, artifact.checkpoint_params(workdir, step, target)

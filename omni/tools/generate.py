@@ -49,14 +49,13 @@ import dataclasses
 import functools
 import re
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from omni import sharding
+from omni import sharding, storage
 from omni.batch import AUDIO, IMAGE, TEXT
 from omni.data import manifest
 from omni.data.audio import load_audio
@@ -68,6 +67,7 @@ from omni.tokens import (AUDIO_DELAY, BOA, BOI, BOS, EOA, EOI, EOS, PAD_ID, ROW,
                          check_image_codes, encode_example, slice_positions, unflatten_codes)
 from omni.tools import image_generate
 from omni.tools.image_generate import ImageGrid
+from omni.train import artifact
 
 GENERATED_MODALITIES = ("text", "audio", "image")
 TAGS = {"image": "<image:PATH>", "audio": "<audio:PATH.wav>", "codes": "<codes:PATH.npy>"}
@@ -98,7 +98,7 @@ def parse_prompt(text: str, audio=(), *, patch_size: int = 8, max_image_patches:
             raise GenerateError(f"tag {match.group(0)} in the prompt names no file; write {TAGS[kind]} (the known "
                                 f"tags are {TAG_HELP})")
         parts.append(("text", text[start:match.start()]))
-        parts.append((kind, _relative(value, None if base is None else Path(base))))
+        parts.append((kind, _relative(value, None if base is None else storage.path(base))))
         start = match.end()
     parts.append(("text", text[start:]))
     parts += [("audio", str(path)) for path in audio]
@@ -137,10 +137,10 @@ def fit_to_context(max_new_tokens: int, prompt_len: int, context: int) -> int:
 
 def load_image(path: str, patch_size: int, max_image_patches: int) -> np.ndarray:
     """An image file -> uint8 [H, W, 3] RGB fitted to the patch budget, read as the dataset build reads images."""
-    if not Path(path).is_file():
+    if not storage.path(path).is_file():
         raise GenerateError(f"image file {path} does not exist; check the path in <image:{path}>")
     try:
-        data = manifest.load_image_bytes(Path(path))
+        data = manifest.load_image_bytes(storage.path(path))
     except ValueError as e:
         raise GenerateError(f"{e}; is it a PNG/JPEG file?") from e
     return fit_image(decode_image(data), patch_size, max_image_patches)
@@ -167,10 +167,10 @@ def load_codes(path: str, codec) -> np.ndarray:
     """A .npy of int codes [frames, codebooks] of the model's codec, checked as the dataset build checks them."""
     if codec is None:
         raise GenerateError(f"cannot use codes {path}: this model has no audio codec (its dataset had no audio)")
-    if not Path(path).is_file():
+    if not storage.path(path).is_file():
         raise GenerateError(f"codes file {path} does not exist; check the path in <codes:{path}>")
     try:
-        codes = manifest.load_codes(Path(path))
+        codes = manifest.load_codes(storage.path(path))
         check_codes(codes, codec.codebook_sizes)
     except ValueError as e:
         raise GenerateError(f"codes {path} do not fit codec {codec.name!r}: {e}") from e
@@ -658,7 +658,7 @@ def read_prompts(path, *, patch_size: int, max_image_patches: int, codec=None, t
     """
     from omni.data.audio import resample
 
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise GenerateError(f"prompts file {path} does not exist")
     tasks = []
@@ -759,8 +759,8 @@ def _is_size(value) -> bool:
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value))
 
 
-def _relative(value, base: Path | None) -> str:
-    if base is None or Path(value).is_absolute():
+def _relative(value, base) -> str:
+    if base is None or storage.path(value).is_absolute():
         return str(value)
     return str(base / value)
 
@@ -799,8 +799,7 @@ def stop_reason(stopped, tokens: list[int], limit: int, asked: int | None) -> st
 def run_tasks(model, tasks: list[Task], *, max_new_tokens: int | None = None, temperature: float = 0.0,
               top_k: int = 0, seed: int = 0, batch_size: int = 64, wav_dir=None, source: str = "",
               max_new_by_group: dict | None = None, image_dir=None) -> tuple[list[dict], ManyResult]:
-    """Generates every task with `model` (an omni.tools.export.Exported, or anything with its config, vocab,
-    tokenizer, codec, image_tokenizer, graphdef and params) in batches; returns one prediction dict per task, in
+    """Generates every task with `model` (an omni.train.artifact.ModelArtifact) in batches; returns one prediction dict per task, in
     order:
 
         {"id", "line" (prompts files), "group", "target", "text" | "codes" (audio [T][K], image [R][C][K])
@@ -812,7 +811,7 @@ def run_tasks(model, tasks: list[Task], *, max_new_tokens: int | None = None, te
     max_new_by_group overrides it per task group (the demo tasks' own caps). Image answers are their grid.
     """
     cfg = model.config
-    image_tokenizer = getattr(model, "image_tokenizer", None)
+    image_tokenizer = model.image_tokenizer
     if any(task.target == "image" for task in tasks):
         image_generate.check_can_generate(model.vocab, image_tokenizer)
     requests = []
@@ -824,7 +823,7 @@ def run_tasks(model, tasks: list[Task], *, max_new_tokens: int | None = None, te
                            temperature=temperature, top_k=top_k, seed=seed, audio_layout=cfg.data.audio_layout)
     for folder in (wav_dir, image_dir):
         if folder is not None:
-            Path(folder).mkdir(parents=True, exist_ok=True)
+            storage.path(folder).mkdir(parents=True, exist_ok=True)
     predictions = []
     for task, request, tokens, stopped in zip(tasks, requests, result.tokens, result.stopped):
         asked = (max_new_by_group or {}).get(task.group, max_new_tokens)
@@ -837,7 +836,7 @@ def run_tasks(model, tasks: list[Task], *, max_new_tokens: int | None = None, te
         elif task.target == "image":
             row["codes"] = output["codes"].tolist()
             if image_dir is not None and output["image"] is not None:
-                png = Path(image_dir) / f"{_file_name(task.id)}.png"
+                png = storage.path(image_dir) / f"{_file_name(task.id)}.png"
                 image_generate.write_png(png, output["image"])
                 row["png"] = str(png)
         else:
@@ -845,7 +844,7 @@ def run_tasks(model, tasks: list[Task], *, max_new_tokens: int | None = None, te
             if wav_dir is not None and output["wave"] is not None:
                 from omni.data.audio import write_wav
 
-                wav = Path(wav_dir) / f"{_file_name(task.id)}.wav"
+                wav = storage.path(wav_dir) / f"{_file_name(task.id)}.wav"
                 write_wav(wav, output["wave"], output["sample_rate"])
                 row["wav"] = str(wav)
         row["stop"] = stop_reason(stopped, tokens, request.max_new_tokens, asked)
@@ -866,11 +865,9 @@ def generate_file(model_path, prompts, out, *, step: int | None = None, target: 
     images mostly had. Prints a summary line on stderr."""
     import sys
 
-    from omni.tools import export
-
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     start = time.perf_counter()
-    model = export.load_model(model_path, step)
+    model = artifact.load(model_path, step)
     cfg = model.config
     tasks = read_prompts(prompts, patch_size=cfg.data.patch_size, max_image_patches=cfg.data.max_image_patches,
                          codec=model.codec, target=target, image_tokenizer=model.image_tokenizer,
@@ -893,16 +890,13 @@ def _file_name(task_id: str) -> str:
     return name[:120]
 
 
-def write_jsonl(path, rows: list[dict]) -> Path:
-    """rows as JSON lines at `path`, written whole or not at all (a temporary file renamed into place)."""
+def write_jsonl(path, rows: list[dict]):
+    """rows as JSON lines at `path` (a local path or a URL), written whole or not at all (omni.storage)."""
     import json
-    import os
 
-    path = Path(path)
+    path = storage.path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    tmp.replace(path)
+    storage.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return path
 
 

@@ -27,15 +27,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import uuid
-from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
 from omni import config as config_lib
-from omni import tokens
+from omni import storage, tokens
 from omni.config import Config
 from omni.data.codec import codec_identity
 from omni.data.text_tokenizer import ByteTokenizer, HFTokenizer, token_strings
@@ -44,7 +41,7 @@ from omni.model import hf_llama
 from omni.progress import silent
 from omni.tokens import Vocab
 from omni.tools import export as omni_export
-from omni.train import checkpoint
+from omni.train import artifact
 
 FORMAT = "omni-hf"
 FORMAT_VERSION = 1
@@ -99,7 +96,7 @@ def vocabulary_tokenizer(text_tokenizer, vocab: Vocab):
                           "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                           "ignore_merges": False, "vocab": {}, "merges": []}}
     elif text_tokenizer.kind == HFTokenizer.kind:
-        data = json.loads(Path(text_tokenizer.path).read_text(encoding="utf-8"))
+        data = json.loads(storage.path(text_tokenizer.path).read_text(encoding="utf-8"))
     else:
         raise ExportError(f"--format hf writes a tokenizer.json; the run's text tokenizer is a {text_tokenizer.kind} "
                           f"model ({text_tokenizer.name}), which has no tokenizer.json form here. Train with "
@@ -137,7 +134,7 @@ def vocabulary_tokenizer(text_tokenizer, vocab: Vocab):
     return tokenizer
 
 
-def _tokenizer_files(text_tokenizer, vocab: Vocab, context: int, folder: Path) -> None:
+def _tokenizer_files(text_tokenizer, vocab: Vocab, context: int, folder) -> None:
     tokenizer = vocabulary_tokenizer(text_tokenizer, vocab)
     tokenizer.save(str(folder / "tokenizer.json"))
     special = {"bos_token": tokens.SPECIAL_NAMES[tokens.BOS], "eos_token": tokens.SPECIAL_NAMES[tokens.EOS],
@@ -160,7 +157,7 @@ def hf_tensors(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], d
     return model, patch
 
 
-def write_shards(tensors: dict[str, np.ndarray], folder: Path, max_shard_bytes: int, metadata: dict) -> list[Path]:
+def write_shards(tensors: dict[str, np.ndarray], folder, max_shard_bytes: int, metadata: dict) -> list:
     """model.safetensors, or shards of at most max_shard_bytes (a bigger tensor gets a shard of its own) and the
     index transformers reads (weight_map: tensor name -> file). Returns the files written."""
     shards, current, size = [], {}, 0
@@ -190,57 +187,43 @@ def write_shards(tensors: dict[str, np.ndarray], folder: Path, max_shard_bytes: 
 
 
 def export_hf(workdir, out, step: int | None = None, dtype: str = "bfloat16", max_shard_size=DEFAULT_MAX_SHARD,
-              progress=silent) -> Path:
+              progress=silent):
     """Exports a checkpoint of `workdir` (the latest, or `step`) as an HF Llama folder `out`; returns it.
 
-    Like omni export: `out` must be new or empty, and appears whole or not at all (written as `<out>.tmp-*`,
-    then renamed)."""
-    workdir, out = Path(workdir), Path(out)
+    Like omni export: `out` must be new or empty, and appears whole or not at all (omni.storage.staged_folder;
+    on a bucket config.json is uploaded last)."""
     if dtype not in omni_export.DTYPES:
         raise ExportError(f"unknown --dtype {dtype!r}; allowed: {', '.join(omni_export.DTYPES)}")
     max_shard_bytes = parse_size(max_shard_size)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out} already exists and is not empty; pass a new --out or delete it")
-    step = omni_export.pick_step(workdir, step)
-    step_dir = workdir / "checkpoints" / str(step)
-    meta = checkpoint.read_meta(workdir, step)
-    cfg = config_lib.from_dict(meta["config"], source=f"{step_dir}/meta")
+    out = omni_export.check_new_folder(out)
+    ckpt = artifact.open_checkpoint(workdir, step)
+    cfg, vocab = ckpt.config, ckpt.vocab
     if cfg.model.fusion != "early":
-        raise ExportError(f"{step_dir} is a model.fusion='{cfg.model.fusion}' run; --format hf writes early-fusion "
+        raise ExportError(f"{ckpt.path} is a model.fusion='{cfg.model.fusion}' run; --format hf writes early-fusion "
                           "models only (LlamaForCausalLM has no per-modality layers or cross-attention)")
-    tokenizer = omni_export._tokenizer_of(cfg, meta)
-    codec = omni_export._codec_of(meta)
-    image_tokenizer = omni_export._image_tokenizer_of(meta)
-    vocab = omni_export._vocab_of(meta, tokenizer, codec, image_tokenizer)
-    checked = omni_export._checked_tensors(workdir, step, cfg, vocab)
+    checked = ckpt.tensors()
     with progress("export", total=len(checked) + 1, unit="tensor") as bar:
         tensors = omni_export.cast_tensors(checked, dtype, bar)
         model_tensors, patch_tensors = hf_tensors(tensors)
-        info = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "dtype": dtype,
-                "checkpoint": str(step_dir.absolute()),
-                "vocab": omni_export.vocab_block(vocab, cfg.data.audio_layout),
+        info = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": ckpt.step, "dtype": dtype,
+                "checkpoint": str(storage.absolute(ckpt.path)),
+                "vocab": artifact.vocab_block(vocab, cfg.data.audio_layout),
                 "patch_size": cfg.data.patch_size, "max_image_patches": cfg.data.max_image_patches,
                 "patch_file": hf_llama.PATCH_FILE,
-                "tokenizer": tokenizer.identity(),
-                "codec": None if codec is None else codec_identity(codec),
-                "image_tokenizer": meta.get("image_tokenizer"),
+                "tokenizer": ckpt.tokenizer.identity(),
+                "codec": None if ckpt.codec is None else codec_identity(ckpt.codec),
+                "image_tokenizer": ckpt.meta.get("image_tokenizer"),
                 "config": config_lib.to_dict(cfg)}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            _write(tmp, cfg, vocab, dtype, info, model_tensors, patch_tensors, tokenizer, codec, max_shard_bytes)
-            if image_tokenizer is not None:  # image code ids are in the vocabulary: their decoder goes beside it
-                omni_export._save_image_tokenizer(image_tokenizer, tmp / omni_export.IMAGE_TOKENIZER_DIR)
+        with storage.staged_folder(out, last="config.json") as tmp:
+            _write(tmp, cfg, vocab, dtype, info, model_tensors, patch_tensors, ckpt.tokenizer, ckpt.codec,
+                   max_shard_bytes)
+            if ckpt.image_tokenizer is not None:  # image code ids are in the vocabulary: their decoder goes beside it
+                artifact.save_image_tokenizer_folder(ckpt.image_tokenizer, tmp / artifact.IMAGE_TOKENIZER_DIR)
             bar.update(1, files=len(list(tmp.iterdir())))
-            tmp.rename(out)  # rename(2) also replaces an empty folder the user made, in one step
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return out
 
 
-def _write(folder: Path, cfg: Config, vocab: Vocab, dtype: str, info: dict, model_tensors, patch_tensors, tokenizer,
+def _write(folder, cfg: Config, vocab: Vocab, dtype: str, info: dict, model_tensors, patch_tensors, tokenizer,
            codec, max_shard_bytes: int) -> None:
     special_ids = {"bos": tokens.BOS, "eos": tokens.EOS, "pad": tokens.PAD_ID}
     llama = hf_llama.llama_config(cfg.model, vocab.size, cfg.data.seq_len, dtype, special_ids)
@@ -253,7 +236,7 @@ def _write(folder: Path, cfg: Config, vocab: Vocab, dtype: str, info: dict, mode
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     _tokenizer_files(tokenizer, vocab, cfg.data.seq_len, folder)
     if codec is not None:
-        omni_export._save_codec(codec, folder / omni_export.CODEC_DIR)
+        artifact.save_codec_folder(codec, folder / artifact.CODEC_DIR)
     (folder / "README.md").write_text(readme(cfg, info, vocab))
 
 

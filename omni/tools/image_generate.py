@@ -22,11 +22,13 @@ too) the answer decodes into a grid of exactly R x C x K codes, and the image to
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from omni import storage
 from omni.data.image_tokenizer import ImageTokenizerError
 from omni.data.images import fitted_grid
 from omni.errors import GenerateError
@@ -154,9 +156,11 @@ def decode_answer(tokens, vocab: Vocab, grid: ImageGrid, image_tokenizer) -> dic
 
 
 def write_png(path, image_HxWx3: np.ndarray) -> None:
-    from pathlib import Path
-
+    """A PNG at `path` (a local path or a URL), written whole or not at all."""
     from PIL import Image
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(image_HxWx3, np.uint8)).save(path, format="PNG")
+    path = storage.path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = io.BytesIO()
+    Image.fromarray(np.asarray(image_HxWx3, np.uint8)).save(data, format="PNG")
+    storage.write_bytes(path, data.getvalue())

@@ -14,20 +14,12 @@ plus the demo's own attribute checks.
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 
 from omni.errors import GenerateError
 from omni.tools import generate as generate_lib
 from omni.tools import scores as scores_lib
-
-
-def model_of(cfg, graphdef, params, vocab, tokenizer, codec, image_tokenizer=None, image_size=None):
-    """What omni.tools.generate.run_tasks needs of a model, from a config and its (sharded) parameters
-    (image_size: the (H, W) its image answers have by default; omni.tools.export.Exported)."""
-    return types.SimpleNamespace(config=cfg, graphdef=graphdef, params=params, vocab=vocab, tokenizer=tokenizer,
-                                 codec=codec, image_tokenizer=image_tokenizer, image_size=image_size)
+from omni.train import artifact
 
 
 def eval_tasks(cfg, max_examples: int | None = None, prompts=None, codec=None,
@@ -86,12 +78,12 @@ def describe(group: str, score: dict) -> str:
     return f"task {group}: {text} on {score['n']} held-out examples"
 
 
-def run(model, tasks: list, *, max_new_tokens: int | None = None, max_new_by_group: dict | None = None,
+def run(model: artifact.ModelArtifact, tasks: list, *, max_new_tokens: int | None = None, max_new_by_group: dict | None = None,
         batch_size: int = 64, log=print) -> tuple[list[dict], dict]:
     """Generates every task greedily and scores the answers: (predictions, {group: scores})."""
     predictions, result = generate_lib.run_tasks(model, tasks, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                                  max_new_by_group=max_new_by_group)
-    scores = score_predictions(predictions, model.codec, getattr(model, "image_tokenizer", None))
+    scores = score_predictions(predictions, model.codec, model.image_tokenizer)
     log(f"omni: generated {len(predictions)} answers ({result.generated} tokens, {result.tokens_per_s:,.0f} "
         f"tokens/s, compile {result.compile_s:.1f} s)")
     return predictions, scores
@@ -104,12 +96,8 @@ def end_of_run_for(cfg, num_examples: int):
         return None
 
     def end_of_run(cfg, graphdef, params, log=print):
-        from omni.data import pipeline
-
-        codec, image_tokenizer = pipeline.dataset_for(cfg).codec(), pipeline.image_tokenizer_for(cfg)
-        model = model_of(cfg, graphdef, params, pipeline.vocab_for(cfg), pipeline.tokenizer_for(cfg), codec,
-                         image_tokenizer)
-        tasks, _ = eval_tasks(cfg, num_examples, codec=codec, image_tokenizer=image_tokenizer)
+        model = artifact.live(cfg, graphdef, params)
+        tasks, _ = eval_tasks(cfg, num_examples, codec=model.codec, image_tokenizer=model.image_tokenizer)
         _, scores = run(model, tasks, log=log)
         for group, score in scores.items():
             log(f"omni: {describe(group, score)}")

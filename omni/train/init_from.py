@@ -30,26 +30,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from omni import config as config_lib
-from omni import tokens
+from omni import storage, tokens
 from omni.config import Config
-from omni.data.text_tokenizer import HF_FILE, load_tokenizer, token_strings
-from omni.errors import InitFromError, TokenizerError
+from omni.data.text_tokenizer import HF_FILE, token_strings
+from omni.errors import ExportError, InitFromError, StorageError
 from omni.model import hf_llama
 from omni.tokens import Vocab
-from omni.train import checkpoint
+from omni.train import artifact
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-OMNI_EXPORT_FORMAT = "omni-export"  # omni.tools.export.FORMAT (the trainer may not import omni.tools)
 ROW_KINDS = ("text", "special", "audio", "image", "padding")  # the vocabulary ranges the log counts
 
 
@@ -57,7 +58,7 @@ ROW_KINDS = ("text", "special", "audio", "image", "padding")  # the vocabulary r
 class Source:
     """What model.init_from names, in HF terms whatever the folder's format."""
 
-    folder: Path
+    folder: storage.Path
     kind: str                    # "Hugging Face Llama", "omni export --format hf" or "omni export"
     config: dict                 # a Llama config.json (for an omni export: the one it stands for)
     tensors: Tensors             # by HF name
@@ -71,13 +72,17 @@ class Source:
 
 
 def read_source(path) -> Source:
-    folder = Path(path).expanduser()
+    try:
+        folder = storage.path(path)
+        storage.check_reachable(folder, "model.init_from")
+    except StorageError as e:
+        raise InitFromError(str(e)) from None
     if not folder.is_dir():
         what = "a file, not a folder" if folder.exists() else "no such folder"
         raise InitFromError(f"model.init_from={path}: {what}; give a Hugging Face Llama folder "
                             f"(config.json, model.safetensors, tokenizer.json) or an omni export")
     config = _json(folder / CONFIG_FILE, f"model.init_from={path}")
-    if (config.get("export") or {}).get("format") == OMNI_EXPORT_FORMAT:
+    if (config.get("export") or {}).get("format") == artifact.EXPORT_FORMAT:
         return _omni_export_source(folder, config)
     if config.get("model_type") != "llama":
         raise InitFromError(f"{folder / CONFIG_FILE} has model_type {config.get('model_type')!r}; model.init_from "
@@ -93,14 +98,13 @@ def read_source(path) -> Source:
     rows = _token_rows(folder)
     patch = None
     if (folder / hf_llama.PATCH_FILE).is_file():
-        from safetensors.numpy import load_file
-        patch = load_file(folder / hf_llama.PATCH_FILE)
+        patch = artifact.read_safetensors(folder / hf_llama.PATCH_FILE)
     kind = "omni export --format hf" if omni else "Hugging Face Llama"
     return Source(folder, kind, config, _tensors_of(folder), rows, patch,
                   has_tokenizer_for_text=not omni and (folder / HF_FILE).is_file())
 
 
-def _json(path: Path, what: str) -> dict:
+def _json(path, what: str) -> dict:
     if not path.is_file():
         raise InitFromError(f"{what}: {path} is missing; the folder must hold a model's config.json")
     try:
@@ -112,12 +116,13 @@ def _json(path: Path, what: str) -> dict:
     return data
 
 
-def _token_rows(folder: Path) -> dict[str, int]:
+def _token_rows(folder) -> dict[str, int]:
     if not (folder / HF_FILE).is_file():
         return {}  # no tokenizer: no row can be matched, all of them keep their init (reported)
     try:
         import tokenizers
-        return tokenizers.Tokenizer.from_file(str(folder / HF_FILE)).get_vocab(with_added_tokens=True)
+        return tokenizers.Tokenizer.from_str((folder / HF_FILE).read_text(encoding="utf-8")).get_vocab(
+            with_added_tokens=True)
     except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception for a bad file
         raise InitFromError(f"{folder / HF_FILE} cannot be read by `tokenizers`: {e}") from None
 
@@ -125,15 +130,20 @@ def _token_rows(folder: Path) -> dict[str, int]:
 class Tensors:
     """A folder's tensors by HF name, read one at a time: names, shape(name), read(name) -> numpy array."""
 
-    def __init__(self, files: dict[str, Path] | None = None, arrays: dict[str, np.ndarray] | None = None):
+    def __init__(self, files: dict | None = None, arrays: dict[str, np.ndarray] | None = None):
         self.files, self.arrays = files or {}, arrays or {}
         self.names = set(self.files) | set(self.arrays)
+        self._local: dict[str, str] = {}  # a remote file -> its download (safetensors maps local files only)
+
+    def _open(self, file):
+        from safetensors import safe_open
+
+        return safe_open(_local_copy(file, self._local, self), framework="numpy")
 
     def shape(self, name: str) -> tuple:
         if name in self.arrays:
             return tuple(self.arrays[name].shape)
-        from safetensors import safe_open
-        with safe_open(str(self.files[name]), framework="numpy") as f:
+        with self._open(self.files[name]) as f:
             return tuple(f.get_slice(name).get_shape())
 
     def read(self, name: str) -> np.ndarray | None:
@@ -141,45 +151,54 @@ class Tensors:
             return self.arrays[name]
         if name not in self.files:
             return None
-        from safetensors import safe_open
-        with safe_open(str(self.files[name]), framework="numpy") as f:
+        with self._open(self.files[name]) as f:
             return f.get_tensor(name)
 
 
-def _tensors_of(folder: Path) -> Tensors:
-    """model.safetensors, or the shards model.safetensors.index.json names."""
-    from safetensors import safe_open
+def _local_copy(file, cache: dict, owner) -> str:
+    """A local file name for `file`: itself on disk; a URL is downloaded once into a folder deleted with `owner`."""
+    if not storage.is_remote(file):
+        return str(file)
+    if str(file) not in cache:
+        if "folder" not in cache:
+            cache["folder"] = tempfile.mkdtemp(prefix="omni-init-from-")
+            weakref.finalize(owner, shutil.rmtree, cache["folder"], True)
+        local = f"{cache['folder']}/{len(cache)}-{storage.path(file).name}"
+        storage.retry(lambda: storage._fs(file).get(str(file), local), f"download {file}")
+        cache[str(file)] = local
+    return cache[str(file)]
 
+
+def _tensors_of(folder) -> Tensors:
+    """model.safetensors, or the shards model.safetensors.index.json names."""
     index = folder / INDEX_FILE
     if index.is_file():
         weight_map = _json(index, "model.init_from").get("weight_map") or {}
         files = {name: folder / file for name, file in weight_map.items()}
     elif (folder / WEIGHTS_FILE).is_file():
-        with safe_open(str(folder / WEIGHTS_FILE), framework="numpy") as f:
-            files = {name: folder / WEIGHTS_FILE for name in f.keys()}
+        tensors = Tensors()
+        with tensors._open(folder / WEIGHTS_FILE) as f:
+            tensors.files = {name: folder / WEIGHTS_FILE for name in f.keys()}
+        tensors.names = set(tensors.files)
+        return tensors
     else:
         raise InitFromError(f"model.init_from={folder}: neither {WEIGHTS_FILE} nor {INDEX_FILE} is there")
-    for file in sorted(set(files.values())):
+    for file in sorted(set(files.values()), key=str):
         if not file.is_file():
             raise InitFromError(f"{index} names {file.name}, which is missing from {folder}")
     return Tensors(files=files)
 
 
-def _omni_export_source(folder: Path, raw: dict) -> Source:
+def _omni_export_source(folder, raw: dict) -> Source:
     """An `omni export` folder seen as a Llama: its tensors renamed and laid out as HF's, its vocabulary named."""
-    from safetensors.numpy import load_file
-
-    info = raw.pop("export")
-    cfg = config_lib.from_dict(raw, source=str(folder / CONFIG_FILE))
-    block = info["vocab"]
-    vocab = Vocab(text_size=int(block["text_size"]), codebook_sizes=tuple(block["codebook_sizes"]),
-                  pad_to=int(block.get("pad_to", 128)),
-                  image_codebook_sizes=tuple(block.get("image_codebook_sizes", ())))
     try:
-        text = load_tokenizer("bytes" if info["tokenizer"]["kind"] == "bytes" else str(folder / "tokenizer"))
-    except TokenizerError as e:
-        raise InitFromError(f"the tokenizer of omni export {folder} cannot be loaded: {e}") from e
-    tensors = load_file(folder / WEIGHTS_FILE)
+        raw, info = artifact.read_export_config(folder)
+        cfg = config_lib.from_dict(raw, source=str(folder / CONFIG_FILE))
+        vocab = artifact.vocab_from_block(info["vocab"])
+        text = artifact.export_tokenizer(folder, info)
+    except ExportError as e:
+        raise InitFromError(f"model.init_from={folder}: {e}") from None
+    tensors = artifact.read_safetensors(folder / WEIGHTS_FILE)
     hf = {hf_llama.hf_name(n): hf_llama.to_hf(n, x) for n, x in tensors.items()}
     patch = {hf_llama.PATCH_NAMES[n]: hf.pop(hf_llama.hf_name(n)) for n in hf_llama.PATCH_NAMES if n in tensors}
     special = {"bos": tokens.BOS, "eos": tokens.EOS, "pad": tokens.PAD_ID}
@@ -195,7 +214,10 @@ def _omni_export_source(folder: Path, raw: dict) -> Source:
 
 def is_run(path) -> bool:
     """Whether model.init_from names an omni run's workdir (its checkpoints) rather than a model folder."""
-    return bool(checkpoint.checkpoint_steps(Path(path).expanduser())) if Path(path).expanduser().is_dir() else False
+    try:
+        return artifact.is_workdir(storage.path(path))
+    except StorageError as e:
+        raise InitFromError(f"model.init_from: {e}") from None
 
 
 def with_source_tokenizer(cfg: Config, log=print) -> Config:
@@ -205,7 +227,7 @@ def with_source_tokenizer(cfg: Config, log=print) -> Config:
     if not cfg.model.init_from or cfg.data.tokenizer:
         return cfg
     if is_run(cfg.model.init_from):
-        earlier = config_lib.from_dict(_json(Path(cfg.model.init_from).expanduser() / CONFIG_FILE,
+        earlier = config_lib.from_dict(_json(storage.path(cfg.model.init_from) / CONFIG_FILE,
                                              f"model.init_from={cfg.model.init_from}"))
         if earlier.data.tokenizer:
             log(f"omni: model.init_from: the text tokenizer is {earlier.data.tokenizer}, as in that run")
@@ -260,7 +282,7 @@ def load(cfg: Config, vocab: Vocab, text_tokenizer, abstract_params: dict) -> Lo
     .shape): every block tensor, the final norm, and the embedding / unembedding rows matched by token string."""
     m = cfg.model
     if is_run(m.init_from):
-        return _load_run(Path(m.init_from).expanduser(), vocab, abstract_params)
+        return _load_run(storage.path(m.init_from), vocab, abstract_params)
     if m.fusion != "early":
         raise InitFromError(f"model.init_from starts early-fusion models only (model.fusion is '{m.fusion}': its "
                             f"per-modality or cross-attention layers have no Llama counterpart)")
@@ -329,10 +351,10 @@ def load(cfg: Config, vocab: Vocab, text_tokenizer, abstract_params: dict) -> Lo
     return Loaded(params=params, from_source_rows=found, counts=counts)
 
 
-def _load_run(workdir: Path, vocab: Vocab, abstract_params: dict) -> Loaded:
+def _load_run(workdir, vocab: Vocab, abstract_params: dict) -> Loaded:
     """The latest checkpoint's parameters of an omni run, every tensor of this model's shape."""
-    step = max(checkpoint.checkpoint_steps(workdir))
-    params = checkpoint.restore_params(workdir, step)
+    step = artifact.pick_step(workdir, None)
+    params = artifact.checkpoint_params(workdir, step)
     saved = dict(_param_paths(params))
     for path, leaf in _param_paths(abstract_params):
         name = "/".join(path)
