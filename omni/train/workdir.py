@@ -7,7 +7,8 @@
     never blocks a restart. Where flock is not supported the lock is skipped with a warning.
   - On gs://: an object created with the precondition `if_generation_match=0` (a second creator gets HTTP 412),
     renewed every HEARTBEAT_S seconds by a background thread (a rewrite conditioned on its own generation). A
-    lock not renewed for STALE_AFTER_S (4 heartbeats: its holder was killed or lost the network) is stale: the
+    lock not renewed for STALE_AFTER_S (4 heartbeats: its holder was killed or lost the network), or one whose
+    holder ran on this host as a process that no longer exists (a SIGKILL, then the same command), is stale: the
     next run takes it over, conditioned on the stale generation (so of two runs taking over, one wins), and says
     so in one line naming the old holder. A holder whose lock was taken over stops at its next checkpoint
     (`check_held`) instead of writing beside the new holder. The age is the object's update time (the
@@ -129,8 +130,8 @@ class _BucketLock:
         self._thread.start()
 
     def _body(self) -> str:
-        return json.dumps({"holder": self.holder, "heartbeat_s": HEARTBEAT_S, "stale_after_s": STALE_AFTER_S,
-                           "renewed": time.time()}) + "\n"
+        return json.dumps({"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
+                           "heartbeat_s": HEARTBEAT_S, "stale_after_s": STALE_AFTER_S, "renewed": time.time()}) + "\n"
 
     def _create(self) -> int | None:
         """The new lock's generation, or None when another holder's lock is there."""
@@ -150,11 +151,13 @@ class _BucketLock:
                 raise WorkdirError(f"workdir {self.location.parent} is being taken by another run; try again")
             return generation
         try:
-            old = json.loads(blob.download_as_bytes()).get("holder", "another process")
+            body = json.loads(blob.download_as_bytes())
         except ValueError:
-            old = "another process"
+            body = {}
+        old = body.get("holder", "another process") if isinstance(body, dict) else "another process"
         age = (datetime.datetime.now(datetime.timezone.utc) - blob.updated).total_seconds()
-        if age < STALE_AFTER_S:
+        dead = isinstance(body, dict) and _dead_here(body.get("host"), body.get("pid"))
+        if age < STALE_AFTER_S and not dead:
             raise WorkdirError(
                 f"workdir {self.location.parent} is in use by {old} (its lock {self.location} was renewed "
                 f"{max(age, 0):.0f} s ago); wait for it to finish (or stop it), or choose another --workdir. A lock "
@@ -165,8 +168,9 @@ class _BucketLock:
         except self._precondition:
             raise WorkdirError(f"workdir {self.location.parent}: another run took over its stale lock first; "
                                "choose another --workdir or wait for that run") from None
-        log(f"omni: took over the lock of workdir {self.location.parent}: its holder {old} had not renewed it for "
-            f"{age:.0f} s (stale after {STALE_AFTER_S:.0f} s)")
+        why = ("is no longer running on this host" if dead else
+               f"had not renewed it for {age:.0f} s (stale after {STALE_AFTER_S:.0f} s)")
+        log(f"omni: took over the lock of workdir {self.location.parent}: its holder {old} {why}")
         return self.blob.generation
 
     def _beat(self) -> None:
@@ -189,6 +193,19 @@ class _BucketLock:
             self.blob.delete(if_generation_match=self.generation)
         except Exception:  # noqa: BLE001 - a lock left behind goes stale and is taken over
             pass
+
+
+def _dead_here(host, pid) -> bool:
+    """Whether the lock's holder ran on this host and its process is gone (then its lock is stale at once)."""
+    if host != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
 
 
 def _blob(location):
