@@ -362,3 +362,22 @@ def test_a_two_process_job_on_a_bucket_workdir_and_dataset(bucket, tmp_path):
     assert checkpoint.checkpoint_steps(run) == [5, 10]
     assert json.loads(storage.path(f"{run}/eval.json").read_text())["data"]["path"] == f"{bucket}/demo-data"
     no_url_folders(tmp_path)
+
+
+COMPILE_TWICE = """
+import sys
+import jax, jax.numpy as jnp
+from omni.train import compile_cache
+compile_cache.enable(sys.argv[1])
+jax.jit(lambda x: x * 2 + 1)(jnp.ones(3)).block_until_ready()
+print(compile_cache.summary())
+"""
+
+
+def test_the_compile_cache_may_live_on_the_bucket(bucket):
+    runs = [subprocess.run([sys.executable, "-c", COMPILE_TWICE, f"{bucket}/jax-cache"], capture_output=True,
+                           text=True, timeout=120) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    assert "0 program(s) read from it" in runs[0].stdout and any("-cache" in n for n in
+                                                                 storage.listdir(f"{bucket}/jax-cache"))
+    assert "0 compiled and added" in runs[1].stdout  # the second process read every program from the bucket
