@@ -143,6 +143,26 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile-only", action="store_true", help="lower and compile without running: compiled "
                        "FLOPs, bytes, memory and kernels per step only (checks the 1B size on a CPU host)")
 
+    comp = verbs.add_parser("compile", help="compile a config's programs for hardware that is not here (H100, "
+                                            "H200, B200, TPU slices): memory, fit, work, collectives, estimate")
+    comp.add_argument("--config", required=True, help="e.g. configs/bench/omni_1b.py")
+    comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    comp.add_argument("--target", required=True, help="h100, h200, b200, a GpuTargetConfigProto text file, or a "
+                      "TPU slice: v4-8, v5p-8 ... v5p-4096, v5e-4 ... v5e-256, v6e-4 ... v6e-256")
+    comp.add_argument("--devices", type=int, default=1, help="GPUs on the host (GPU targets)")
+    comp.add_argument("--slices", type=int, default=1, help="TPU slices (multislice; mesh.dcn_* span them)")
+    comp.add_argument("--reference", action="store_true", help="also the plain-JAX step of the same size, with "
+                      "omni / reference ratios")
+    comp.add_argument("--programs", default="train,eval,generate", help="which to compile, comma-separated")
+    comp.add_argument("--vocab", type=int, default=32768, help="vocabulary size (sets the unembedding cost)")
+    comp.add_argument("--generate-batch", type=int, default=8, help="rows of the compiled generate call")
+    comp.add_argument("--memory-fraction", type=float, help="GPU: the share of device memory JAX's allocator "
+                      "takes (default XLA_PYTHON_CLIENT_MEM_FRACTION or 0.75)")
+    comp.add_argument("--no-suggest", action="store_true", help="when the train step does not fit, do not "
+                      "compile other settings to find one that does")
+    comp.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    comp.add_argument("--out", help="also append the JSON object to this file")
+
     _launch_parser(verbs)
 
     show = verbs.add_parser("config", help="print the resolved config, or the whole schema")
@@ -267,6 +287,26 @@ def _sweep(items: list[str]) -> dict:
             raise config_lib.ConfigError(f"--sweep {item!r} is not KEY=V1,V2,... (e.g. --sweep model.d=64,96,128)")
         sweep[key.strip()] = [config_lib.parse_value(v.strip()) for v in values.split(",")]
     return sweep
+
+
+def _compile(args) -> None:
+    from omni import storage
+    from omni.tools import compile as compile_tool
+    from omni.tools import targets
+
+    targets.prepare_environment()
+
+    programs = tuple(p.strip() for p in args.programs.split(",") if p.strip())
+    unknown = sorted(set(programs) - {"train", "eval", "generate"})
+    if unknown or not programs:
+        raise ConfigError(f"--programs {args.programs!r}: choose from train, eval, generate")
+    options = compile_tool.Options(target=args.target, devices=args.devices, slices=args.slices,
+                                   reference=args.reference, programs=programs, vocab_size=args.vocab,
+                                   generate_batch=args.generate_batch, memory_fraction=args.memory_fraction,
+                                   suggest=not args.no_suggest)
+    report = compile_tool.main(_resolve(args), options, as_json=args.json)
+    if args.out:
+        storage.append_text(args.out, json.dumps(report) + "\n")
 
 
 def _launch_parser(verbs) -> None:
@@ -589,6 +629,8 @@ def _run(args) -> int:
                       vocab_size=args.vocab, codebooks=args.codebooks, codebook_size=args.codebook_size,
                       matmul_size=args.matmul_size, out=args.out, reference=args.reference,
                       compile_only=args.compile_only)
+    elif args.verb == "compile":
+        _compile(args)
     elif args.verb == "config":
         from omni import config as config_lib
 

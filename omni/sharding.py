@@ -111,6 +111,13 @@ def active_mesh_key():
     return None if active is None else (active[0], json.dumps(active[1]))
 
 
+def active_platform() -> str | None:
+    """The platform ("gpu", "tpu", "cpu") of the mesh `activate` set, None outside it: backend choices made
+    while tracing (the attention kernel) follow the devices the program is for, not the host's backend."""
+    active = _active.get()
+    return None if active is None else active[0].devices.flat[0].platform
+
+
 def constrain(x, *names):
     """with_sharding_constraint by logical axis names; a no-op outside `activate` (plain single-device use)."""
     active = _active.get()

@@ -117,7 +117,11 @@ def write_bytes(location, data: bytes) -> None:
     """Replaces `location` with `data` whole, or leaves it as it was (an OSError says why)."""
     p = path(location)
     if is_remote(p):
-        retry(lambda: p.write_bytes(data), f"write {p}")
+        fs = _fs(p)
+        # One request per try (gcsfs' simple upload, under 50 MiB): a retry starts over, where a file object's
+        # resumable-upload session can be lost mid-write (a restarted server answers its next chunk with 404).
+        write = (lambda: fs.pipe_file(os.fspath(p), data)) if hasattr(fs, "pipe_file") else (lambda: p.write_bytes(data))
+        retry(write, f"write {p}")
         return
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     try:

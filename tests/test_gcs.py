@@ -273,7 +273,8 @@ def _wait_for_step(workdir, proc, step: int, timeout: float = 240) -> None:
         if any(r.get("step", 0) >= step and "loss" in r for r in read_metrics(workdir)):
             return
         if proc.poll() is not None:
-            raise AssertionError(f"run ended before step {step}:\n{proc.stdout.read()[-3000:]}")
+            out = proc.stdout.read()
+            raise AssertionError(f"run ended before step {step}:\n{out[:4000]}\n...\n{out[-3000:]}")
         time.sleep(0.2)
     raise AssertionError(f"no step {step} within {timeout} s")
 

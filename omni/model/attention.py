@@ -90,12 +90,15 @@ class Attention(nnx.Module):
         return out_Bx1xD, cache
 
 
-def attention_implementation(cfg: ModelConfig) -> str:
+def attention_implementation(cfg: ModelConfig, platform: str | None = None) -> str:
     """'cudnn' or 'xla': model.attention, where 'auto' means cuDNN's fused flash attention on GPUs for bf16/fp16
-    compute (it has no float32 kernels) and XLA's everywhere else."""
+    compute (it has no float32 kernels) and XLA's everywhere else. The GPU is the one the program is for:
+    `platform`, else that of the mesh being traced for (omni.sharding.active_platform: a compile-only H100 mesh
+    on a CPU host gets cuDNN), else the host's default backend."""
     if cfg.attention != "auto":
         return cfg.attention
-    return "cudnn" if jax.default_backend() == "gpu" and cfg.dtype != "float32" else "xla"
+    platform = platform or sharding.active_platform() or jax.default_backend()
+    return "cudnn" if platform == "gpu" and cfg.dtype != "float32" else "xla"
 
 
 def attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible, causal: bool, cfg: ModelConfig):

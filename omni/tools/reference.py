@@ -55,13 +55,14 @@ def matmul_params(cfg: Config, vocab_size: int) -> int:
     return m.layers * (d * (n + 2 * k) * h + n * h * d + 3 * d * f) + d * vocab_size
 
 
-def loss_fn(cfg: Config, params: dict, tokens):
-    """Mean next-token cross-entropy of tokens [B, T] (the last position predicts the first: rolled labels)."""
+def loss_fn(cfg: Config, params: dict, tokens, platform: str | None = None):
+    """Mean next-token cross-entropy of tokens [B, T] (the last position predicts the first: rolled labels);
+    `platform` (default: the host's backend) decides model.attention=auto as omni's model decides it."""
     m = cfg.model
     dtype = jnp.dtype(m.dtype)
     n, k, h = m.heads, m.kv_heads, derived_head_dim(m)
     batch, seq = tokens.shape
-    impl = "cudnn" if attention_implementation(m) == "cudnn" else "xla"
+    impl = "cudnn" if attention_implementation(m, platform) == "cudnn" else "xla"
     half = h // 2
     angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * m.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
@@ -108,13 +109,14 @@ def make_step(cfg: Config, vocab_size: int, mesh):
     """(step, init, state_sharding, tokens_sharding): step(state, tokens) -> (state, loss), jitted with the
     state donated; init(key) -> state {"params", "opt_state"} created replicated on the mesh."""
     tx = build_optimizer(cfg)
+    platform = mesh.devices.flat[0].platform
     replicated = NamedSharding(mesh, PartitionSpec())
     axes = tuple(mesh.axis_names)
     data = NamedSharding(mesh, PartitionSpec(axes) if cfg.train.batch_size % mesh.devices.size == 0
                          else PartitionSpec())
 
     def step(state, tokens):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(cfg, p, tokens))(state["params"])
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(cfg, p, tokens, platform))(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
 

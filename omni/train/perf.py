@@ -138,6 +138,8 @@ def _parse_hlo(text: str) -> tuple[dict, str | None]:
 
 def _dot_flops(ins: dict, shapes: dict) -> float:
     """2 x output elements x contracted size of a dot (or a cuBLAS gemm custom-call), else 0."""
+    if ins["op"] == "convolution":
+        return _convolution_flops(ins, shapes)
     if ins["op"] == "dot":
         m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins["attrs"])
     elif ins["op"] == "custom-call" and re.search(r'custom_call_target="[^"]*(gemm|matmul)', ins["attrs"]):
@@ -149,6 +151,23 @@ def _dot_flops(ins: dict, shapes: dict) -> float:
     for d in (m.group(1).replace('"', "").split(",") if m else []):
         if d.strip() and int(d) < len(lhs):
             contracted *= lhs[int(d)]
+    out = 1
+    for d in _dims(ins["shape"]):
+        out *= d
+    return 2.0 * out * contracted
+
+
+def _convolution_flops(ins: dict, shapes: dict) -> float:
+    """2 x output elements x (kernel input features x window) of a convolution: how TPU programs express matmuls
+    (dim_labels like `0bf_io0->0bf`, a window of size 1)."""
+    labels = re.search(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->", ins["attrs"])
+    kernel = _dims(shapes.get(ins["operands"][1], "")) if len(ins["operands"]) > 1 else []
+    if not labels or "i" not in labels.group(2) or len(kernel) != len(labels.group(2)):
+        return 0.0
+    contracted = kernel[labels.group(2).index("i")]
+    for digit, size in zip(labels.group(2), kernel):
+        if digit.isdigit():
+            contracted *= size  # the window along each spatial dimension
     out = 1
     for d in _dims(ins["shape"]):
         out *= d
@@ -192,6 +211,72 @@ def _kernel_bytes(ins: dict, shapes: dict, comps: dict) -> float:
     return out + sum(sizes)
 
 
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+               "collective-broadcast", "ragged-all-to-all")
+
+
+def _library_call(ins: dict) -> str | None:
+    """The library kernel an instruction is: a custom-call's target (`__cudnn$fmhaSoftmax`, `__cublas$lt$matmul`,
+    ...) or, for a fusion XLA hands to Triton or cuDNN, that backend's kind (`__triton_gemm`), else None."""
+    if ins["op"] == "custom-call":
+        m = re.search(r'custom_call_target="([^"]+)"', ins["attrs"])
+        return m.group(1) if m else "custom-call"
+    if ins["op"] == "fusion":
+        m = re.search(r'"kind":"(__triton[\w$]*|__cudnn[\w$]*|__custom_fusion)"', ins["attrs"])
+        return m.group(1) if m else None
+    return None
+
+
+def _collective(ins: dict, comps: dict) -> dict | None:
+    """{kind, bytes, groups} of a collective (sync, `-start` or wrapped in an async-start; on TPU multislice the
+    megascale runtime's DCN sends, with "dcn": True), else None. Bytes:
+    its largest array (the gathered / reduced buffer), the size each device sends or receives at most."""
+    op, attrs = ins["op"], ins["attrs"]
+    if op == "send" and "xla_megascale_runtime" in attrs:
+        # TPU multislice: what crosses slices leaves as host transfers the megascale runtime sends over DCN
+        arrays = [_shape_bytes(f"{t}[{d}]") for t, d in re.findall(_ARRAY, ins["shape"])]
+        return {"kind": "megascale-send", "bytes": max(arrays, default=0.0), "groups": "", "dcn": True}
+    kind = op[:-len("-start")] if op.endswith("-start") else op
+    if op == "async-start" and ins["calls"]:
+        inner = next((i for i in comps.get(ins["calls"], []) if i["root"]), None)
+        if inner is None:
+            return None
+        kind, attrs = inner["op"], inner["attrs"]
+    if kind not in COLLECTIVES:
+        return None
+    arrays = [(_shape_bytes(f"{t}[{d}]")) for t, d in re.findall(_ARRAY, ins["shape"])]
+    groups = re.search(r"(replica_groups|source_target_pairs)=(\{[{}0-9, ]*\}|\[[0-9,]+\]<=\[[0-9,]+\](?:T\([0-9,]+\))?"
+                       r"|mesh\[[^\]]*\] \{[^}]*\})", attrs)
+    return {"kind": kind, "bytes": max(arrays, default=0.0), "groups": groups.group(2) if groups else ""}
+
+
+def group_members(groups: str) -> list[list[int]]:
+    """Device groups of a collective's replica_groups / source_target_pairs text: the explicit form
+    `{{0,1},{2,3}}` or XLA's iota form `[2,4]<=[8]` / `[4,2]<=[2,4]T(1,0)`."""
+    import numpy as np
+
+    if not groups:
+        return []
+    named = re.fullmatch(r"mesh\[([^\]]*)\] \{([^}]*)\}", groups)
+    if named:  # mesh['a'=4,'b'=2] {'a'}: the devices that differ only along the listed axes form a group
+        axes = re.findall(r"'([^']+)'=(\d+)", named.group(1))
+        sizes = [int(n) for _, n in axes]
+        names = [a for a, _ in axes]
+        within = [names.index(a) for a in re.findall(r"'([^']+)'", named.group(2)) if a in names]
+        ids = np.arange(int(np.prod(sizes))).reshape(sizes)
+        ids = ids.transpose([i for i in range(len(sizes)) if i not in within] + within)
+        return ids.reshape(-1, int(np.prod([sizes[i] for i in within])) if within else 1).tolist()
+    iota = re.fullmatch(r"\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", groups)
+    if iota:
+        shape = [int(x) for x in iota.group(1).split(",")]
+        dims = [int(x) for x in iota.group(2).split(",")]
+        ids = np.arange(int(np.prod(dims))).reshape(dims)
+        if iota.group(3):
+            ids = ids.transpose([int(x) for x in iota.group(3).split(",")])
+        return ids.reshape(shape[0], -1).tolist()
+    return [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([0-9, ]*)\}", groups[1:-1])]
+
+
 def hlo_step_counts(text: str) -> dict:
     """Work per executed step, read from compiled HLO text (`compiled.as_text()`), deterministic.
 
@@ -203,9 +288,12 @@ def hlo_step_counts(text: str) -> dict:
     cuBLAS gemm custom-call). `flops`: 2 x M x N x K of every dot inside them, with the same loop weights (only
     matmuls: elementwise work and attention custom-calls are not counted). `bytes`: each kernel's operands
     plus output (sliced operands as the slices, in-place updates as the update), with the same weights.
-    XLA's own cost analysis counts a loop body once; these count it as often as it runs."""
+    XLA's own cost analysis counts a loop body once; these count it as often as it runs. `custom_calls`:
+    {library kernel (_library_call): executions}; `collectives`: one entry per collective instruction
+    ({kind, bytes, groups, count = executions per step})."""
     comps, entry = _parse_hlo(text)
-    totals = {"kernels": 0, "dot_kernels": 0, "flops": 0.0, "bytes": 0.0, "loops": [], "unknown_trip_loops": 0}
+    totals = {"kernels": 0, "dot_kernels": 0, "flops": 0.0, "bytes": 0.0, "loops": [], "unknown_trip_loops": 0,
+              "custom_calls": {}, "collectives": []}
 
     def walk(name: str, weight: int, depth: int = 0):
         body = comps.get(name, [])
@@ -224,6 +312,12 @@ def hlo_step_counts(text: str) -> dict:
             if op in _FREE or op.endswith("-done"):
                 continue
             flops = _dot_flops(ins, shapes) + (_fusion_flops(comps, ins["calls"]) if ins["calls"] else 0.0)
+            library = _library_call(ins)
+            if library:
+                totals["custom_calls"][library] = totals["custom_calls"].get(library, 0) + weight
+            collective = _collective(ins, comps)
+            if collective:
+                totals["collectives"].append({**collective, "count": weight})
             totals["kernels"] += weight
             totals["dot_kernels"] += weight if flops > 0 or op in ("dot", "convolution") else 0
             totals["flops"] += weight * flops

@@ -183,6 +183,11 @@ def make_eval_step(cfg: Config, graphdef, mesh):
         with sharding.activate(mesh, cfg.mesh.rules):
             return eval_fn(params, batch)
 
+    def lower(params, batch):
+        with sharding.activate(mesh, cfg.mesh.rules):
+            return eval_fn.lower(params, batch)
+
+    run.lower = lower
     return run
 
 
