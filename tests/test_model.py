@@ -226,7 +226,7 @@ def test_packed_attention_hands_the_kernel_whole_heads_and_equals_xla(monkeypatc
     for packed GQA) and the result equals XLA's attention under the segment mask."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
-    from omni.model.attention import _cudnn_packed_attention, same_ids_mask
+    from omni.model.attention import attend, runs_of, same_ids_mask
 
     def kernel(q, k, v, *, q_seqlen, kv_seqlen, q_offsets, kv_offsets, scale, mask_type, qkv_layout):
         assert k.shape[2] == v.shape[2] == q.shape[2]  # no grouped heads reach the packed kernel
@@ -239,8 +239,36 @@ def test_packed_attention_hands_the_kernel_whole_heads_and_equals_xla(monkeypatc
     q = jnp.asarray(rng.normal(size=(4, 8, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(4, 8, kv_heads, 8)), jnp.float32) for _ in range(2))
     ids = jnp.asarray(PACKED_ROWS)
-    got = _cudnn_packed_attention(q, k, v, ids, max_runs=8)
+    cfg = _cfg(attention="cudnn", max_segments=8)
     want = jax.nn.dot_product_attention(q, k, v, mask=same_ids_mask(ids), is_causal=True)
+    for visible in (runs_of(ids, cfg), ids):  # the runs computed once per pass, or from the ids in the layer
+        got = attend(q, k, v, visible, True, cfg)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_packed_runs_are_computed_once_per_pass_not_per_layer(monkeypatch, scan_layers):
+    """cuDNN's segment lengths and offsets come from the segment ids once per forward pass and reach every layer
+    (and the remat recomputation) as inputs: no layer redoes the integer cumsum / scatter work."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    from omni.model import attention
+
+    calls = []
+    real = attention.packed_runs
+    monkeypatch.setattr(attention, "packed_runs", lambda *a: calls.append(1) or real(*a))
+
+    def kernel(q, k, v, *, q_seqlen, q_offsets, scale, **_):
+        visible = jnp.asarray(_mask_from_runs(np.asarray(q_seqlen), np.asarray(q_offsets), q.shape[1]))
+        return jax.nn.dot_product_attention(q, k, v, mask=visible, is_causal=True, scale=scale)
+
+    monkeypatch.setattr(cudnn, "dot_product_attention", kernel)
+    cfg = _cfg(layers=3, attention="cudnn", max_segments=8, scan_layers=scan_layers, remat="full")
+    model = OmniTransformer(cfg, V, PD, rngs=nnx.Rngs(0))
+    batch = dict(_batch(), segment_ids=jnp.asarray([[1] * 4 + [2] * 6, [1] * 10], jnp.int32))
+    got = model(batch)
+    assert len(calls) == 1
+    want = OmniTransformer(_cfg(layers=3, scan_layers=scan_layers), V, PD, rngs=nnx.Rngs(0))(batch)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 

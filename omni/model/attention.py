@@ -3,6 +3,8 @@ packed-sequence flash attention with segments given as offsets)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -101,8 +103,26 @@ def attention_implementation(cfg: ModelConfig, platform: str | None = None) -> s
     return "cudnn" if platform == "gpu" and cfg.dtype != "float32" else "xla"
 
 
+class Runs(NamedTuple):
+    """What packed attention sees, computed once per forward pass (runs_of) and read by every layer: run ids
+    int [B, L], and for cuDNN's kernel the same runs as packed_runs describes them (None with XLA). Built
+    outside the layer scan, so neither the layers nor their remat recomputation in the backward pass redo the
+    cumsum / scatter integer work of packed_runs."""
+    ids_BxL: jax.Array
+    lengths_BxM: jax.Array | None = None
+    starts_BxM1: jax.Array | None = None
+
+
+def runs_of(ids_BxL, cfg: ModelConfig) -> Runs:
+    """Runs of ids_BxL for attend, with cuDNN's lengths and offsets when that is the kernel."""
+    if attention_implementation(cfg) == "cudnn":
+        return Runs(ids_BxL, *packed_runs(ids_BxL, cfg.max_segments))
+    return Runs(ids_BxL)
+
+
 def attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible, causal: bool, cfg: ModelConfig):
-    """Softmax attention [B, L, N, H] under `visible`: run ids int [B, L] or a bool mask [B, 1, L, S].
+    """Softmax attention [B, L, N, H] under `visible`: Runs (runs_of), run ids int [B, L] or a bool mask
+    [B, 1, L, S].
 
     Run ids: a query sees the keys of its own run of equal consecutive ids (a packed segment, padding counting as
     one, or a modality span), causally. With cuDNN that is its packed-sequence flash attention: no [L, L] mask
@@ -110,9 +130,16 @@ def attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible, causal: bool, cfg: ModelCon
     here, inside the layer, so it is neither held across the layer scan nor saved for the backward pass.
     """
     implementation = attention_implementation(cfg)
+    if isinstance(visible, Runs):
+        packed = visible.lengths_BxM is not None
+        if packed and implementation == "cudnn" and causal and q_BxLxNxH.shape[1] == k_BxSxKxH.shape[1]:
+            return _cudnn_packed_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible.lengths_BxM,
+                                           visible.starts_BxM1)
+        visible = visible.ids_BxL
     if visible.ndim == 2:
         if implementation == "cudnn" and causal and q_BxLxNxH.shape[1] == k_BxSxKxH.shape[1]:
-            return _cudnn_packed_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible, cfg.max_segments)
+            return _cudnn_packed_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH,
+                                           *packed_runs(visible, cfg.max_segments))
         visible = same_ids_mask(visible)
     return jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=visible, is_causal=causal,
                                         implementation=implementation)
@@ -140,13 +167,12 @@ def packed_runs(ids_BxL, max_runs: int):
     return lengths_BxM, starts_BxM1
 
 
-def _cudnn_packed_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, ids_BxL, max_runs: int):
-    """cuDNN flash attention over packed rows: causal inside each run of equal ids (packed_runs)."""
+def _cudnn_packed_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, lengths_BxM, starts_BxM1):
+    """cuDNN flash attention over packed rows: causal inside each run (packed_runs' lengths and offsets)."""
     # JAX's public jax.nn.dot_product_attention has no packed-sequence arguments; this is the function it calls
     # for cuDNN (MaxText calls it the same way).
     from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
 
-    lengths_BxM, starts_BxM1 = packed_runs(ids_BxL, max_runs)
     # Packed GQA/MQA reads the wrong keys in jax releases without PR #39521 (kv offsets taken with the query
     # stride, silently): give the kernel as many key/value heads as query heads. Query head n uses kv head
     # n // (N / K), the grouping XLA's attention and the KV cache use.

@@ -56,7 +56,7 @@ from flax import nnx
 from omni import sharding
 from omni.batch import IMAGE
 from omni.config import ModelConfig, derived_head_dim
-from omni.model.attention import FUSED_ATTENTION_PRIMITIVES, Attention, same_ids_mask
+from omni.model.attention import FUSED_ATTENTION_PRIMITIVES, Attention, runs_of, same_ids_mask
 from omni.model.layers import RMSNorm, SwiGLU, _param, rope_tables
 from omni.model.routing import MODALITIES, Route, make_route
 from omni.tokens import IMAGE_PATCH, scale_pixels
@@ -210,9 +210,10 @@ class OmniTransformer(nnx.Module):
             return self.final_norm(self._cross_decoder(x_BxLxD, batch, tables))
         route = self.route(batch)
         if self.cfg.fusion == "late" and self.cfg.late_layers:
-            spans_BxL = span_ids(segment_ids_BxL, batch["modality"])
-            x_BxLxD = self._run_stack(self.modality_blocks, x_BxLxD, lambda: spans_BxL, tables, route)
-        x_BxLxD = self._run_stack(self.blocks, x_BxLxD, lambda: segment_ids_BxL, tables,
+            spans = runs_of(span_ids(segment_ids_BxL, batch["modality"]), self.cfg)
+            x_BxLxD = self._run_stack(self.modality_blocks, x_BxLxD, lambda: spans, tables, route)
+        segments = runs_of(segment_ids_BxL, self.cfg)  # once per pass, not per layer (attention.Runs)
+        x_BxLxD = self._run_stack(self.blocks, x_BxLxD, lambda: segments, tables,
                                   route if self.cfg.fusion == "mot" else None)
         return self.final_norm(x_BxLxD)
 
@@ -287,7 +288,7 @@ class OmniTransformer(nnx.Module):
             raise ValueError(f"the KV cache serves model.fusion='early' and 'mot', not '{self.cfg.fusion}' "
                              "(omni.tools.generate recomputes the prefix for the other variants)")
         segment_ids_BxL, positions_BxL = batch["segment_ids"], batch["positions"]
-        visible = None if decode else segment_ids_BxL
+        visible = None if decode else runs_of(segment_ids_BxL, self.cfg)
         slot_B = positions_BxL[:, 0] if decode else None  # a token's cache slot is its position
         x_BxLxD = self.embed_inputs(batch)
         tables = self.rope_tables(positions_BxL)
