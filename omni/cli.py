@@ -142,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
                        "same process: prints omni's line, the reference's and a line of omni / reference ratios")
     bench.add_argument("--compile-only", action="store_true", help="lower and compile without running: compiled "
                        "FLOPs, bytes, memory and kernels per step only (checks the 1B size on a CPU host)")
+    bench.add_argument("--profile", metavar="DIR", help="trace the timed steps with jax.profiler into DIR (local or "
+                       "gs://): tensorboard --logdir DIR, Profile tab")
 
     comp = verbs.add_parser("compile", help="compile a config's programs for hardware that is not here (H100, "
                                             "H200, B200, TPU slices): memory, fit, work, collectives, estimate")
@@ -628,7 +630,7 @@ def _run(args) -> int:
         bench.run(_resolve(args), text_only=args.text_only, warmup=args.warmup, steps=args.steps,
                       vocab_size=args.vocab, codebooks=args.codebooks, codebook_size=args.codebook_size,
                       matmul_size=args.matmul_size, out=args.out, reference=args.reference,
-                      compile_only=args.compile_only)
+                      compile_only=args.compile_only, profile=args.profile)
     elif args.verb == "compile":
         _compile(args)
     elif args.verb == "config":

@@ -141,6 +141,10 @@ class TrainConfig:
                                          "at logging steps, decided by process 0); 0 disables")
     keep_checkpoints: int = doc(3, "checkpoints kept; older ones are deleted after a newer one is complete")
     async_checkpoint: bool = doc(True, "write checkpoints in the background while training goes on")
+    profile_steps: str = doc("", "trace these steps with jax.profiler, 'START:STOP' (steps START..STOP-1 as "
+                                 "metrics number them), into <workdir>/profile: TensorBoard's profile plugin and "
+                                 "Perfetto read it (omni.train.profile); '' traces nothing")
+    profile_process: int = doc(0, "the process that records train.profile_steps")
     phase_timeout_s: float = doc(1800.0, "multi-process jobs: an eval, the demo scoring or the last save that takes "
                                          "longer ends the job with a message naming it (a collective waiting for a "
                                          "process that never joins), instead of hanging; 0 disables")
@@ -557,6 +561,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"'train.loss_chunk' must be >= 0 (0: unfused), got {t.loss_chunk}")
     if d.num_workers < 0 or d.worker_threads < 0 or d.prefetch < 0:
         raise ConfigError("'data.num_workers', 'data.worker_threads' and 'data.prefetch' must be >= 0")
+    if t.profile_steps:
+        profile_range(t.profile_steps)
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"'train.batch_size' ({t.batch_size}) must divide by 'train.grad_accum' ({t.grad_accum})")
     for key in ("data", "fsdp", "tensor"):
@@ -588,6 +594,20 @@ def parse_variant(variant) -> tuple[str, int]:
     if fusion == "late" and k.isdigit():
         return fusion, int(k)
     raise ConfigError(f"'ablate.variants' entry {variant!r} is not 'early', 'late:K' (K an integer), 'mot' or 'cross'")
+
+
+def profile_range(text: str) -> tuple[int, int] | None:
+    """train.profile_steps 'START:STOP' -> (START, STOP), steps START..STOP-1; '' -> None."""
+    if not text:
+        return None
+    try:
+        start, stop = (int(x) for x in str(text).split(":"))
+    except ValueError:
+        raise ConfigError(f"'train.profile_steps' = {text!r} is not START:STOP (e.g. 10:13 traces steps 10, 11 "
+                          "and 12)") from None
+    if not 1 <= start < stop:
+        raise ConfigError(f"'train.profile_steps' = {text!r}: need 1 <= START < STOP (steps are numbered from 1)")
+    return start, stop
 
 
 def derived_head_dim(m: ModelConfig) -> int:

@@ -146,11 +146,12 @@ def modality_shares(batch: dict) -> dict:
 
 def run(cfg: Config, *, text_only: bool = False, warmup: int = 2, steps: int = 5, vocab_size: int = 32768,
         codebooks: int = 8, codebook_size: int = 1024, frame_rate: float = 12.5, matmul_size: int | None = None,
-        out=None, seed: int = 0, reference: bool = False, compile_only: bool = False):
+        out=None, seed: int = 0, reference: bool = False, compile_only: bool = False, profile=None):
     """Times cfg's train step; returns (and prints, and appends to `out`) the result dict. With `reference`,
     then times the plain-JAX step of the same size (omni.tools.reference) and returns [omni, reference, ratios]
     (three lines printed). With `compile_only`, lowers and compiles without running anything: the timed
-    figures are null and the compiled ones (perf.compiled_stats) are there."""
+    figures are null and the compiled ones (perf.compiled_stats) are there. With `profile` (a folder), omni's timed
+    steps are traced with jax.profiler into it (TensorBoard's profile plugin, Perfetto)."""
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_fits_mesh(cfg, mesh)
     platform = mesh.devices.flat[0].platform
@@ -182,7 +183,7 @@ def run(cfg: Config, *, text_only: bool = False, warmup: int = 2, steps: int = 5
         step_time = loss = None
         compile_s = lower_compile_s
     else:
-        state, metrics, first_s, step_time = time_steps(compiled, state, batches, warmup, steps)
+        state, metrics, first_s, step_time = time_steps(compiled, state, batches, warmup, steps, profile)
         compile_s = lower_compile_s + first_s
         loss = float(metrics["loss"])
         del state

@@ -28,6 +28,7 @@ from omni.model.counting import flops_per_token, param_count
 from omni.train import checkpoint, compile_cache, distributed, init_from, preemption, trainable
 from omni.train import workdir as workdir_lib
 from omni.train.metrics import MetricWriter
+from omni.train.profile import StepProfiler
 from omni.train.perf import datasheet_peak, measure_matmul_peak, utilisation
 from omni.train.step import (build_optimizer, check_host_batch, evaluate, init_state, make_eval_step, make_train_step,
                              modality_summary, same_batch_count)
@@ -145,6 +146,7 @@ def _train(cfg: Config, workdir, progress: bool, end_of_run: EndOfRun | None, is
         bar.set_postfix(**shown, tok_s=f"{row['tokens_per_s']:.0f}")
         return time.perf_counter()  # the next interval starts now: its first step is already running
 
+    profiler = StepProfiler(cfg.train.profile_steps, workdir, jax.process_index() == cfg.train.profile_process, log)
     watch = preemption.PreemptionWatch()
     last_save_time, preempted_at = time.monotonic(), None
     interval_start, interval_steps, wait_s = time.perf_counter(), 0, 0.0
@@ -154,7 +156,9 @@ def _train(cfg: Config, workdir, progress: bool, end_of_run: EndOfRun | None, is
             t0 = time.perf_counter()
             batch = next(train_iter) if cfg.data.prefetch else put(next(train_iter))
             wait_s += time.perf_counter() - t0
+            profiler.before(step + 1)
             state, metrics = train_step(state, batch)
+            profiler.after(step + 1, metrics)
             if pending is not None:
                 interval_start, pending = write_log_row(pending), None
             interval_steps += 1
@@ -194,6 +198,7 @@ def _train(cfg: Config, workdir, progress: bool, end_of_run: EndOfRun | None, is
         train_iter.close()
         raise
     finally:
+        profiler.close()
         watch.close()
         bar.close()
     with distributed.bounded("the last checkpoint save", bound):

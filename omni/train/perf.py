@@ -42,9 +42,14 @@ def utilisation(flops: float, seconds: float, peak_flops_per_s: float) -> float:
     return flops / seconds / peak_flops_per_s
 
 
-def time_steps(step_fn, state, batches: list, warmup: int, steps: int):
-    """Runs step_fn(state, batch) over `batches` in turn: once (compile), `warmup` more, then `steps` timed.
+def time_steps(step_fn, state, batches: list, warmup: int, steps: int, profile_dir=None):
+    """Runs step_fn(state, batch) over `batches` in turn: once (compile), `warmup` more, then `steps` timed
+    (traced with jax.profiler into `profile_dir` when given: omni.train.profile.trace_into).
     Returns (state, last metrics, compile seconds, seconds per timed step)."""
+    import contextlib
+
+    from omni.train.profile import trace_into
+
     start = time.perf_counter()
     state, metrics = step_fn(state, batches[0])
     jax.block_until_ready(metrics)
@@ -52,11 +57,13 @@ def time_steps(step_fn, state, batches: list, warmup: int, steps: int):
     for i in range(warmup):
         state, metrics = step_fn(state, batches[i % len(batches)])
     jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for i in range(steps):
-        state, metrics = step_fn(state, batches[i % len(batches)])
-    jax.block_until_ready(metrics)
-    return state, metrics, compile_s, (time.perf_counter() - start) / steps
+    with trace_into(profile_dir) if profile_dir else contextlib.nullcontext():
+        start = time.perf_counter()
+        for i in range(steps):
+            state, metrics = step_fn(state, batches[i % len(batches)])
+        jax.block_until_ready(metrics)
+        seconds = time.perf_counter() - start
+    return state, metrics, compile_s, seconds / steps
 
 
 # --- compiled cost: what XLA says one step costs, read from the compiled program (no step is run) -------------
