@@ -270,3 +270,13 @@ def test_the_command_prints_the_report_and_json(tmp_path):
     assert json.loads((tmp_path / "r.jsonl").read_text()) == report
     bad = subprocess.run(base[:-2] + ["--programs", "train,sample"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "choose from train, eval, generate" in bad.stderr
+
+
+@needs_gpu
+@pytest.mark.parametrize("name, kind", [("h200", "NVIDIA H200 141GB HBM3e"), ("b200", "NVIDIA B200")])
+def test_the_other_shipped_gpus_compile_with_cudnn_attention(name, kind):
+    cfg = small_config()
+    report = compile_tool.run(cfg, compile_tool.Options(target=name, programs=("train",)))
+    assert report["device"] == kind and report["attention"] == "cudnn"
+    assert report["programs"]["train"]["library_kernels"]["__cudnn$fmhaSoftmax"] == cfg.model.layers
+    assert report["usable_memory_gib"] == pytest.approx(targets.resolve(name).memory_bytes * 0.75 / 2**30)
