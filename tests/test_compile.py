@@ -136,6 +136,19 @@ class _Mesh:
         flat = [_Device(i) for i in range(8)]
 
 
+def test_a_loop_without_a_known_trip_count_takes_it_from_its_counter_condition():
+    """libtpu's HLO gives scans no known_trip_count: `counter < 3` in the condition says the same."""
+    bare = HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', "").replace(
+        "  ROOT %c = pred[] constant(true)",
+        "  %n = s32[] constant(3)\n  %k = s32[] get-tuple-element(%p), index=0\n"
+        "  ROOT %c = pred[] compare(%k, %n), direction=LT")
+    counts = perf.hlo_step_counts(bare)
+    assert counts["loops"] == [3] and counts["unknown_trip_loops"] == 0
+    assert counts["flops"] == perf.hlo_step_counts(HLO)["flops"]
+    data_dependent = bare.replace("compare(%k, %n), direction=LT", "compare(%k, %n), direction=NE")
+    assert perf.hlo_step_counts(data_dependent)["unknown_trip_loops"] == 1
+
+
 def test_convolutions_collectives_and_library_kernels_are_counted_per_executed_step():
     counts = perf.hlo_step_counts(HLO)
     assert counts["flops"] == 3 * 2 * (16 * 128 * 256) * 256  # a TPU matmul is a convolution; 3 loop trips
@@ -280,3 +293,15 @@ def test_the_other_shipped_gpus_compile_with_cudnn_attention(name, kind):
     assert report["device"] == kind and report["attention"] == "cudnn"
     assert report["programs"]["train"]["library_kernels"]["__cudnn$fmhaSoftmax"] == cfg.model.layers
     assert report["usable_memory_gib"] == pytest.approx(targets.resolve(name).memory_bytes * 0.75 / 2**30)
+
+
+@pytest.mark.skipif(not (HAS_GPU_PLUGIN and HAS_TPU_PLUGIN), reason="needs both compiler plugins: "
+                    "pip install -e '.[aot-gpu,aot-tpu]'")
+def test_tpu_and_gpu_programs_of_one_model_count_the_same_matmul_flops():
+    """libtpu writes matmuls as (windowed) convolutions and gives scans no trip count; read right, a 4-chip
+    data-parallel step does a quarter of one H100's matmul FLOPs per chip."""
+    cfg = small_config(dtype="float32")  # XLA attention on both: the same dense score matmuls
+    cfg.mesh.data = -1
+    gpu = compile_tool.run(cfg, compile_tool.Options(target="h100", programs=("train",)))["programs"]["train"]
+    tpu = compile_tool.run(cfg, compile_tool.Options(target="v5e-4", programs=("train",)))["programs"]["train"]
+    assert tpu["flops"] * 4 == pytest.approx(gpu["flops"], rel=0.01)

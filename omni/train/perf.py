@@ -172,9 +172,21 @@ def _convolution_flops(ins: dict, shapes: dict) -> float:
     if not labels or "i" not in labels.group(2) or len(kernel) != len(labels.group(2)):
         return 0.0
     contracted = kernel[labels.group(2).index("i")]
-    for digit, size in zip(labels.group(2), kernel):
-        if digit.isdigit():
-            contracted *= size  # the window along each spatial dimension
+    window = re.search(r"window=\{([^}]*)\}", ins["attrs"])
+    fields = dict(re.findall(r"(\w+)=([0-9_x\-]+)", window.group(1))) if window else {}
+    sizes = [int(x) for x in fields.get("size", "").split("x") if x]
+
+    def per_dim(key, neutral):
+        values = fields.get(key, "").split("x") if key in fields else []
+        return values + [neutral] * (len(sizes) - len(values))
+
+    # libtpu writes batched matmuls and transposes as convolutions whose window slides over padding or a dilated
+    # input (each output reads one window position); only a plain window (no padding, stride or dilation) is a
+    # contraction over that dimension.
+    for size, pad, stride, lhs, rhs in zip(sizes, per_dim("pad", "0_0"), per_dim("stride", "1"),
+                                           per_dim("lhs_dilate", "1"), per_dim("rhs_dilate", "1")):
+        if pad in ("0_0", "0") and stride == "1" and lhs == "1" and rhs == "1":
+            contracted *= size
     out = 1
     for d in _dims(ins["shape"]):
         out *= d
@@ -284,6 +296,21 @@ def group_members(groups: str) -> list[list[int]]:
     return [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([0-9, ]*)\}", groups[1:-1])]
 
 
+def _trip_from_condition(comps: dict, condition: str | None) -> int | None:
+    """The trip count of a scan-like loop whose backend config does not say it (libtpu's HLO): its condition is
+    `counter < N` with N a constant and the counter a tuple element starting at 0, as jax's scans and fori_loops
+    lower. None when the condition is anything else (a while_loop that stops on data)."""
+    body = comps.get(condition or "", [])
+    named = {i["name"]: i for i in body}
+    compares = [i for i in body if i["op"] == "compare" and "direction=LT" in i["attrs"]]
+    if len(compares) != 1 or len(compares[0]["operands"]) != 2:
+        return None
+    counter, limit = (named.get(o) for o in compares[0]["operands"])
+    if not counter or not limit or counter["op"] != "get-tuple-element" or limit["op"] != "constant":
+        return None
+    return int(limit["args"]) if limit["args"].lstrip("-").isdigit() and int(limit["args"]) > 0 else None
+
+
 def hlo_step_counts(text: str) -> dict:
     """Work per executed step, read from compiled HLO text (`compiled.as_text()`), deterministic.
 
@@ -308,10 +335,11 @@ def hlo_step_counts(text: str) -> dict:
         for ins in body:
             op = ins["op"]
             if op == "while" and ins["body"]:
-                if ins["trip"] is None:
+                trip = ins["trip"] or _trip_from_condition(comps, ins["condition"])
+                if trip is None:
                     totals["unknown_trip_loops"] += 1
-                totals["loops"].append(ins["trip"])
-                walk(ins["body"], weight * (ins["trip"] or 1), depth + 1)
+                totals["loops"].append(trip)
+                walk(ins["body"], weight * (trip or 1), depth + 1)
                 continue
             if op == "call" and (ins["to_apply"] or ins["calls"]):
                 walk(ins["to_apply"] or ins["calls"], weight, depth + 1)
