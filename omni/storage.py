@@ -174,28 +174,74 @@ def local_file(location) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def staged_folder(out, last: str | None = None) -> Iterator[epath.Path]:
+def staged_folder(out, last: str | None = None, what: str = "--out") -> Iterator[epath.Path]:
     """A local temporary folder to build `out` in; when the block ends without an error it is published at `out`.
 
-    On disk: the folder `<out>.tmp-*` beside `out`, renamed onto `out` (rename(2) also replaces an empty folder).
+    On disk: the folder `<out>.tmp-<host>-<pid>-<hex>` beside `out`, renamed onto `out` (rename(2) also replaces an
+    empty folder); such folders of killed earlier runs on this host (their process is gone) are deleted first.
     On a bucket: a local temporary folder uploaded file by file under `out`, `last` (the file readers check for,
     e.g. omni_dataset.json) after every other one, so a reader never sees a folder with `last` but without the
-    rest. An error (or Ctrl-C) leaves `out` as it was and removes the temporary folder."""
+    rest. An error (or Ctrl-C) leaves `out` as it was and removes the temporary folder; a full, read-only or
+    forbidden disk becomes a StorageError naming `out` and `what` (the setting that chose it)."""
     out = path(out)
-    if is_remote(out):
-        work = epath.Path(tempfile.mkdtemp(prefix="omni-stage-"))
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        work = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        work.mkdir()
+    try:
+        if is_remote(out):
+            work = epath.Path(tempfile.mkdtemp(prefix="omni-stage-"))
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_dead_staging(out)
+            work = out.parent / f"{out.name}{STAGING_MARK}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            work.mkdir()
+    except OSError as e:
+        raise os_error(e, out, what, "write") from None
     try:
         yield work
         if is_remote(out):
             upload_folder(work, out, last=last)
         else:
             os.rename(work, out)
+    except OSError as e:
+        if isinstance(e, StorageError) or os_error_line(e, what) is None:
+            raise
+        raise os_error(e, out, what, "write") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+STAGING_MARK = ".tmp-"
+
+
+def _host() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_dead_staging(out) -> list[str]:
+    """Deletes the `<out>.tmp-<host>-<pid>-<hex>` folders staged_folder left when its process was killed outright
+    (SIGKILL, power loss): only those named so, made on this host, by a process that no longer exists (a live
+    one may still be writing). Returns the names deleted."""
+    out = path(out)
+    if is_remote(out) or not out.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(out.name + STAGING_MARK + _host()) + r"-(\d+)-[0-9a-f]{8}")
+    removed = []
+    for name in os.listdir(out.parent):
+        m = pattern.fullmatch(name)
+        if m and not _process_alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(out.parent, name), ignore_errors=True)
+            removed.append(name)
+    return removed
 
 
 def upload_folder(local, remote, last: str | None = None) -> None:
@@ -357,6 +403,78 @@ def describe_remote_error(location, error: BaseException) -> str | None:
         return (f"the bucket {scheme(location)}://{name} does not exist (or these credentials cannot see it); "
                 f"create it (gcloud storage buckets create {scheme(location)}://{name}) or fix the URL")
     return None
+
+
+# What a local file system says when it cannot take a write, and what the user can do about it.
+_OS_ADVICE = {
+    errno.ENOSPC: ("the disk is full", "free space there or choose another {what}"),
+    errno.EDQUOT: ("the disk quota is used up", "free space there or choose another {what}"),
+    errno.EROFS: ("the file system is read-only", "choose another {what} on a writable disk"),
+    errno.EACCES: ("permission denied", "choose another {what}, or fix the folder's permissions"),
+    errno.EPERM: ("operation not permitted", "choose another {what}, or fix the folder's permissions"),
+    errno.EISDIR: ("it is a folder, not a file", "give a file path for {what}"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "choose another {what}"),
+    errno.ENAMETOOLONG: ("the name is too long", "choose a shorter {what}"),
+}
+# The same conditions as tensorstore (Orbax) and other C++ libraries word them.
+_OS_WORDS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+             "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+
+
+def os_errno(error: BaseException) -> int | None:
+    """The errno of a disk condition omni explains (full, read-only, forbidden, ...) anywhere in `error`'s cause chain,
+    also when a library only put it in words (tensorstore: `RESOURCE_EXHAUSTED: ... No space left on device`)."""
+    for e in _chain(error):
+        if isinstance(e, OSError) and e.errno in _OS_ADVICE:
+            return e.errno
+    for e in _chain(error):
+        for words, number in _OS_WORDS.items():
+            if words in str(e):
+                return number
+    return None
+
+
+def os_error_line(error: BaseException, what: str = "--out") -> str | None:
+    """'the disk is full: free space there or choose another --out' for the conditions in _OS_ADVICE, else None."""
+    number = os_errno(error)
+    if number is None:
+        return None
+    reason, advice = _OS_ADVICE[number]
+    return f"{reason}; {advice.format(what=what)}"
+
+
+def os_error(error: BaseException, location, what: str = "--out", doing: str = "write") -> StorageError:
+    """A StorageError of one line: 'cannot write <location>: the disk is full; free space there or choose another
+    --out' (the error's own words when it is not a condition omni knows)."""
+    line = os_error_line(error, what) or f"{_short(error)}; choose another {what}"
+    return StorageError(f"cannot {doing} {location}: {line}")
+
+
+def check_writable(location, what: str = "--out") -> None:
+    """StorageError now, before the expensive part, when `location` (a file or folder omni is about to create or
+    replace) cannot be written: the nearest folder that exists above it is read-only, not this user's to write,
+    or a file. A URL is checked for its bucket (check_reachable). Creates nothing."""
+    if is_remote(location):
+        check_reachable(location, what)
+        return
+    p = os.path.abspath(os.fspath(path(location)))
+    parent = os.path.dirname(p)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise os_error(OSError(errno.ENOTDIR, "not a folder"), location, what)
+    # The folder that gets the new entry, and the existing folder itself when omni writes inside it.
+    for folder in [parent] + ([p] if os.path.isdir(p) else []):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            number = errno.EROFS if _read_only(folder) else errno.EACCES
+            raise os_error(OSError(number, os.strerror(number)), location, what)
+
+
+def _read_only(folder: str) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def check_reachable(location, what: str) -> None:

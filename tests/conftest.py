@@ -69,3 +69,18 @@ def bucket(gcs_server, request) -> str:
 
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:60]
     return f"gs://{BUCKET}/{name}-{uuid.uuid4().hex[:6]}"
+
+
+def run_in_namespace(shell: str, timeout: float = 600):
+    """Runs `shell` in a private mount namespace (unshare -rm), where a test may mount a tiny tmpfs (a disk that
+    fills) or a read-only bind mount as an unprivileged user; pytest.skip when this machine cannot."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) for a private mount namespace")
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k none /mnt 2>/dev/null || "
+                            "mount -t tmpfs -o size=64k none /tmp"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"this machine refuses private mounts (unshare -rm: {probe.stderr.decode().strip()[:100]})")
+    return subprocess.run(["unshare", "-rm", "sh", "-c", shell], capture_output=True, text=True, timeout=timeout)

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import sys
 
 import pytest
 
@@ -159,3 +160,60 @@ def test_a_missing_bucket_is_one_line_before_any_work(gcs_server):
         storage.check_reachable("gs://no-such-bucket/runs/x", "--workdir")
     with pytest.raises(OmniError, match="the bucket gs://no-such-bucket does not exist"):
         workdir_lib.check_writable("gs://no-such-bucket/runs/x")
+
+
+def test_disk_conditions_become_one_line_naming_the_path_and_what_to_do(tmp_path):
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert storage.os_error_line(full, "--workdir") == "the disk is full; free space there or choose another --workdir"
+    # tensorstore (Orbax) puts the condition only in words
+    words = RuntimeError('RESOURCE_EXHAUSTED: Error writing "opt_state.mu": [OS error 28: No space left on device]')
+    assert storage.os_errno(words) == errno.ENOSPC
+    assert str(storage.os_error(OSError(errno.EROFS, "x"), tmp_path / "o")).startswith(
+        f"cannot write {tmp_path / 'o'}: the file system is read-only")
+    assert storage.os_error_line(ValueError("something else")) is None
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match="a part of the path is a file"):
+        storage.check_writable(tmp_path / "file" / "out")
+    storage.check_writable(tmp_path / "new" / "deeper")  # nothing exists yet below tmp_path: fine, and nothing made
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_read_only_folder_is_refused_before_any_work(tmp_path):
+    from conftest import run_in_namespace
+
+    (tmp_path / "ro").mkdir()
+    code = f"from omni import storage; storage.check_writable({str(tmp_path / 'ro' / 'out')!r}, '--out')"
+    result = run_in_namespace(f"mount -o bind,ro {tmp_path / 'ro'} {tmp_path / 'ro'} && "
+                              f"{sys.executable} -c \"{code}\"")
+    assert result.returncode != 0
+    assert "cannot write" in result.stderr and "read-only; choose another --out" in result.stderr
+
+
+def test_a_full_disk_during_a_staged_folder_is_one_error_and_leaves_nothing(tmp_path):
+    from conftest import run_in_namespace
+
+    (tmp_path / "small").mkdir()
+    script = tmp_path / "fill.py"
+    script.write_text("from omni import storage\n"
+                      "try:\n"
+                      f"    with storage.staged_folder({str(tmp_path / 'small' / 'out')!r}) as w:\n"
+                      "        (w / 'big').write_bytes(bytes(2**20))\n"
+                      "except storage.StorageError as e:\n"
+                      "    print('ERR', e)\n")
+    result = run_in_namespace(f"mount -t tmpfs -o size=256k none {tmp_path / 'small'} && "
+                              f"{sys.executable} {script} && ls -a {tmp_path / 'small'}")
+    assert result.returncode == 0, result.stderr
+    assert f"ERR cannot write {tmp_path / 'small' / 'out'}: the disk is full" in result.stdout
+    assert ".tmp-" not in result.stdout  # the partial folder is gone
+
+
+def test_staging_folders_of_killed_processes_are_swept_and_live_ones_kept(tmp_path):
+    out = tmp_path / "export"
+    dead = tmp_path / f"export.tmp-{storage._host()}-{2**22 + 12345}-0123abcd"
+    live = tmp_path / f"export.tmp-{storage._host()}-{os.getpid()}-89abcdef"
+    foreign = tmp_path / "export.tmp-mine"  # not a name omni makes: a user's
+    for folder in (dead, live, foreign):
+        folder.mkdir()
+    with storage.staged_folder(out) as work:
+        (work / "f").write_text("x")
+    assert not dead.exists() and live.exists() and foreign.exists() and (out / "f").read_text() == "x"
