@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -42,6 +43,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -49,12 +51,13 @@ import numpy as np
 from PIL import Image
 
 from omni import storage
+from omni.data import claim as claim_lib
 from omni.data import image_tokenizer as image_tokenizer_lib
 from omni.data import manifest as manifest_lib
 from omni.data.audio import resample
 from omni.data.codec import PrecomputedCodec, codec_from_identity, codec_identity, load_codec
 from omni.data.text_tokenizer import save_tokenizer
-from omni.errors import DatasetError, ManifestError, StorageError
+from omni.errors import DatasetError, ManifestError, OmniError, StorageError
 
 Path = storage.Path  # a local path or a gs:// URL (omni.storage)
 from omni.progress import silent
@@ -565,48 +568,128 @@ def check_out(out, overwrite: bool, inputs=()) -> None:
 
 
 def build(examples: dict, out, codec, tokenizer=None, report: BuildReport | None = None,
-          overwrite: bool = False, source: str = "", image_tokenizer=None) -> BuildReport:
+          overwrite: bool = False, source: str = "", image_tokenizer=None, log=None) -> BuildReport:
     """Write the examples ({split: generator factory of (key, stored example)}) as a dataset in `out`, recording
     `image_tokenizer` (default: report.image_tokenizer, the one manifest_examples / raw_examples used).
 
-    On disk the dataset is written into a temporary folder beside `out` (`.OUT.omni-build-HOST-PID`) and swapped
-    in only when it is complete, so a failed build leaves `out` as it was; check_out says which folders `out` may
-    replace. Folders of earlier builds of `out` killed outright on this host are removed first. On a bucket
-    (array_record cannot write to gs://) it is built in a local temporary folder and uploaded (_publish_remote).
+    Before any work `out` is checked (storage.check_writable: a read-only, forbidden or full place is one line) and
+    claimed (omni.data.claim: `.NAME.omni-claim` beside it, so a second build of the same `out` stops at once,
+    naming this one); check_out then says whether `out` may be replaced, and what it holds is noted. On disk the
+    dataset is written into a temporary folder beside `out` (`.NAME.omni-build-HOST-PID`) and swapped in only
+    when it is complete, so a failed build leaves `out` as it was; if anything the build did not write appeared
+    in `out` meanwhile, the swap refuses and the new dataset is put beside it (`NAME.omni-built-TIME`), the
+    files in `out` untouched. Folders of earlier builds of `out` killed outright on this host are removed
+    first. On a bucket (array_record cannot write to gs://) it is built in a local temporary folder and uploaded
+    (_publish_remote). A full or read-only disk met on the way is a StorageError of one line.
     """
     report = report or BuildReport()
     image_tokenizer = image_tokenizer if image_tokenizer is not None else report.image_tokenizer
-    if storage.is_remote(out):
-        out = storage.path(out)
-        storage.check_reachable(out, "--out")
-        check_out(out, overwrite, report.inputs)
-        work = storage.Path(tempfile.mkdtemp(prefix="omni-build-"))
-        try:
-            _write(examples, work, codec, tokenizer, report, source, label=source or str(out),
-                   image_tokenizer=image_tokenizer)
-            _publish_remote(work, out)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        return report
-    out = Path(os.path.abspath(os.path.expanduser(os.fspath(storage.path(out)))))
-    check_out(out, overwrite, report.inputs)
+    remote = storage.is_remote(out)
+    out = storage.path(out) if remote else Path(os.path.abspath(os.path.expanduser(os.fspath(storage.path(out)))))
+    storage.check_writable(out, "--out")
+    check_out(out, overwrite, report.inputs)  # refused before a claim is even made
+    with claim_lib.claim(out, log=log) as held:
+        check_out(out, overwrite, report.inputs)  # again, now that no other build can write there
+        before = _snapshot(out)
+        if remote:
+            _build_remote(examples, out, codec, tokenizer, report, source, image_tokenizer, held, before)
+        else:
+            _build_local(examples, out, codec, tokenizer, report, source, image_tokenizer, held, before)
+    return report
+
+
+# Disk conditions a build's writes may meet; the reading of inputs has its own messages (ManifestError).
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _disk_error(error: BaseException, location, what: str = "--out"):
+    """The one-line StorageError for a full or read-only disk behind `error` (None for any other error)."""
+    if isinstance(error, OmniError) or not isinstance(error, Exception) or storage.os_errno(error) not in _WRITE_ERRNOS:
+        return None
+    return storage.os_error(error, location, what, "write")
+
+
+def _build_local(examples, out, codec, tokenizer, report, source, image_tokenizer, held, before) -> None:
     _remove_dead_builds(out)
     work = out.parent / f".{out.name}.omni-build-{_host()}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         work.mkdir()
     except OSError as e:
-        raise DatasetError(f"cannot create a folder beside {out} to build in ({e.strerror or e}); choose another "
-                           "--out") from None
+        raise storage.os_error(e, out, "--out", "write") from None
     try:
         _write(examples, work, codec, tokenizer, report, source, label=source or str(out),
                image_tokenizer=image_tokenizer)
-        _swap(work, out)
-    except BaseException:
+        held.check_held()
+        _swap(work, out, before)
+    except BaseException as e:
         shutil.rmtree(work, ignore_errors=True)
+        disk = _disk_error(e, out)
+        if disk is not None:
+            raise disk from None
         raise
-    return report
+
+
+def _build_remote(examples, out, codec, tokenizer, report, source, image_tokenizer, held, before) -> None:
+    try:
+        work = storage.Path(tempfile.mkdtemp(prefix="omni-build-"))
+    except OSError as e:
+        raise storage.os_error(e, tempfile.gettempdir(), "TMPDIR", "write") from None
+    try:
+        try:
+            _write(examples, work, codec, tokenizer, report, source, label=source or str(out),
+                   image_tokenizer=image_tokenizer)
+        except BaseException as e:
+            disk = _disk_error(e, work, "TMPDIR (where a bucket's dataset is built before its upload)")
+            if disk is not None:
+                raise disk from None
+            raise
+        held.check_held()
+        appeared = _appeared(out, before)
+        if appeared:
+            aside = _aside_name(out)
+            storage.upload_folder(work, aside, last=DATASET_FILE)
+            raise _changed(out, appeared, aside)
+        _publish_remote(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _snapshot(out) -> list[str] | None:
+    """What `out` holds when the build starts (names, folders with '/'), None when it does not exist."""
+    if storage.is_remote(out):
+        return _entries(out) if out.exists() else None
+    if not (os.path.lexists(out)):
+        return None
+    return _entries(out) if out.is_dir() else [out.name]
+
+
+def _appeared(folder, before) -> list[str]:
+    """What is in `folder` (`out`, or the name it was just renamed to) that was not there when the build started:
+    written by someone else, since this build holds the claim. A file in place of the folder is named '.'."""
+    if not storage.is_remote(folder) and os.path.lexists(folder) and not folder.is_dir():
+        return ["." if before is None else folder.name]
+    if storage.is_remote(folder) or os.path.lexists(folder):
+        return sorted(set(_entries(folder)) - set(before or ()))
+    return []
+
+
+def _aside_name(out):
+    """Where a finished dataset goes when `out` may not be replaced: `NAME.omni-built-TIME` beside it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        aside = out.parent / f"{out.name}.omni-built-{stamp}{'' if n == 1 else f'-{n}'}"
+        if not (aside.exists() or (not storage.is_remote(aside) and os.path.lexists(aside))):
+            return aside
+    raise DatasetError(f"cannot find a free name beside {out} to keep the new dataset; clean up {out.parent}")
+
+
+def _changed(out, appeared, aside) -> DatasetError:
+    what = (f"a file was put at {out}" if appeared == ["."] else
+            f"{_listing(appeared)} appeared in it" + (f" ({len(appeared)} entries)" if len(appeared) > 3 else ""))
+    return DatasetError(f"--out {out} changed while the dataset was built: {what}, which this build did not "
+                        f"write, so --out was left as it is; the new dataset is at {aside} instead (move it where "
+                        f"you want it, or move those files out of --out and build again)")
 
 
 def _publish_remote(work, out) -> None:
@@ -648,14 +731,40 @@ def _remove_dead_builds(out) -> None:
             pass
 
 
-def _swap(new, out) -> None:
-    """Puts the finished folder `new` at `out`: the old one is renamed away first and deleted last."""
-    if not (out.exists() or os.path.islink(out)):
-        new.rename(out)
-        return
+def _swap(new, out, before) -> None:
+    """Puts the finished folder `new` at `out`, which held `before` (_snapshot) when the build started: the old
+    one is renamed away first and deleted last. Anything else found in `out` (_appeared), before or just after it
+    is renamed away, stops the swap: `out` is put back as it was and `new` beside it (_changed)."""
+    def refuse(appeared):
+        aside = _aside_name(out)
+        new.rename(aside)
+        return _changed(out, appeared, aside)
+
+    if not os.path.lexists(out):
+        try:
+            os.rename(new, out)
+            return
+        except OSError as e:  # `out` appeared this instant: a folder with files (or a file) is not replaced
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+    appeared = _appeared(out, before)
+    if appeared:
+        raise refuse(appeared)
+    if before is None:  # an empty folder appeared at `out`: rename(2) replaces it, or fails if it filled up
+        try:
+            os.rename(new, out)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise refuse(_appeared(out, before) or ["."]) from None
     old = out.parent / f".{out.name}.omni-old-{_host()}-{os.getpid()}"
     shutil.rmtree(old, ignore_errors=True)
     out.rename(old)
+    appeared = _appeared(old, before)  # written there the moment before the rename
+    if appeared:
+        old.rename(out)
+        raise refuse(appeared)
     try:
         new.rename(out)
     except BaseException:

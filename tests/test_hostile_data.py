@@ -1,0 +1,260 @@
+"""Issue 28, the data side: builds beside other writers, full and read-only disks, files that lie about what they are.
+
+What a user relies on: one line `omni: error: ...` and exit code 2, never a traceback; a user's file never deleted
+or replaced; nothing of omni's left behind."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from omni import cli
+from omni.data import claim as claim_lib
+from omni.data import dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _manifest(folder, n=12, text="caption"):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "m.jsonl"
+    path.write_text("".join(json.dumps({"segments": [{"text": f"{text} {i}"}], "targets": ["text"],
+                                        "split": "eval" if i % 4 == 0 else "train"}) + "\n" for i in range(n)))
+    return path
+
+
+def _main(capsys, *args):
+    """omni.cli.main in this process: (exit code, stdout, stderr lines)."""
+    code = cli.main(["data", "build", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+
+
+def _one_line(code, err):
+    assert code == 2 and len(err) == 1 and err[0].startswith("omni: error: "), (code, err)
+    return err[0]
+
+
+def _leftovers(folder):
+    """omni's own names in a folder: claims, build and swap folders."""
+    return sorted(n for n in os.listdir(folder) if ".omni-" in n and ".omni-built-" not in n)
+
+
+# ------------------------------------------------------------------------------------------- 1: one writer per --out
+
+
+def test_a_file_put_in_out_during_the_build_is_kept_and_the_swap_refused(tmp_path, capsys, monkeypatch):
+    manifest = _manifest(tmp_path / "corpus")
+    out = tmp_path / "ds"
+    write = dataset._write
+
+    def user_writes_meanwhile(*args, **kwargs):
+        write(*args, **kwargs)
+        out.mkdir()
+        (out / "notes.txt").write_bytes(b"my notes\x00\n")
+
+    monkeypatch.setattr(dataset, "_write", user_writes_meanwhile)
+    code, _, err = _main(capsys, "--manifest", str(manifest), "--out", str(out))
+    line = _one_line(code, err)
+    aside = next(p for p in tmp_path.iterdir() if p.name.startswith("ds.omni-built-"))
+    assert line == (f"omni: error: --out {out} changed while the dataset was built: notes.txt appeared in it, which "
+                    f"this build did not write, so --out was left as it is; the new dataset is at {aside} instead "
+                    "(move it where you want it, or move those files out of --out and build again)")
+    assert sorted(os.listdir(out)) == ["notes.txt"] and (out / "notes.txt").read_bytes() == b"my notes\x00\n"
+    assert dataset.open_dataset(aside).meta["counts"] == {"train": 9, "eval": 3}  # the build is not lost
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_file_put_in_a_dataset_being_rebuilt_keeps_the_old_dataset_and_the_file(tmp_path, capsys, monkeypatch):
+    manifest = _manifest(tmp_path / "corpus")
+    out = tmp_path / "ds"
+    assert _main(capsys, "--manifest", str(manifest), "--out", str(out))[0] == 0
+    first = (out / dataset.DATASET_FILE).read_bytes()
+    write = dataset._write
+
+    def user_writes_meanwhile(*args, **kwargs):
+        (out / "notes.txt").write_text("mine")
+        write(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, "_write", user_writes_meanwhile)
+    line = _one_line(*_main(capsys, "--manifest", str(manifest), "--out", str(out), "--overwrite")[::2])
+    assert f"--out {out} changed while the dataset was built: notes.txt appeared in it" in line
+    assert (out / "notes.txt").read_text() == "mine" and (out / dataset.DATASET_FILE).read_bytes() == first
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_second_build_of_the_same_out_stops_at_once_naming_the_first(tmp_path, capsys, monkeypatch):
+    manifest = _manifest(tmp_path / "corpus")
+    out = tmp_path / "ds"
+    write, second = dataset._write, {}
+
+    def another_build_meanwhile(*args, **kwargs):  # the second build starts while the first one writes
+        second["code"] = cli.main(["data", "build", "--manifest", str(manifest), "--out", str(out), "--overwrite"])
+        second["err"] = capsys.readouterr().err
+        write(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, "_write", another_build_meanwhile)
+    code, stdout, err = _main(capsys, "--manifest", str(manifest), "--out", str(out))
+    assert code == 0 and f"omni: built {out}" in stdout
+    mark = tmp_path / ".ds.omni-claim"
+    line = _one_line(second["code"], second["err"].splitlines())
+    assert line.startswith(f"omni: error: --out {out} is being built by omni data build (pid {os.getpid()} on host "
+                           f"{socket.gethostname()}, since ")
+    assert line.endswith(f"), which holds its claim {mark}; wait for that build to finish (or stop it), or choose "
+                         "another --out")
+    assert dataset.open_dataset(out).meta["counts"] == {"train": 9, "eval": 3}
+    assert _leftovers(tmp_path) == []  # the claim is gone with its build
+
+
+def _holder(out):
+    """A real process holding the claim on `out` (started, claim taken, waiting to be killed)."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from omni.data import claim
+        held = claim.claim({str(out)!r})
+        print("held", flush=True)
+        time.sleep(60)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_build_holding_out_in_another_process_refuses_and_a_killed_one_is_taken_over(tmp_path, capsys):
+    manifest = _manifest(tmp_path / "corpus")
+    out = tmp_path / "ds"
+    holder = _holder(out)
+    try:
+        line = _one_line(*_main(capsys, "--manifest", str(manifest), "--out", str(out))[::2])
+        assert f"is being built by omni data build (pid {holder.pid} on host {socket.gethostname()}" in line
+        assert not out.exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / ".ds.omni-claim").exists()  # a SIGKILL leaves the marker; its flock went with the process
+    code, _, err = _main(capsys, "--manifest", str(manifest), "--out", str(out))
+    assert code == 0, err
+    assert len(err) == 1 and err[0].startswith(
+        f"omni: took over the claim {tmp_path / '.ds.omni-claim'} on --out {out}: its holder omni data build (pid "
+        f"{holder.pid} on host {socket.gethostname()}, since ") and err[0].endswith("is no longer running"), err
+    assert dataset.open_dataset(out).meta["counts"]["train"] == 9 and _leftovers(tmp_path) == []
+
+
+def test_without_flock_a_dead_holder_on_this_host_is_taken_over_and_a_live_one_named(tmp_path, monkeypatch):
+    import errno
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(claim_lib.fcntl, "flock", no_flock)
+    out, mark = tmp_path / "ds", tmp_path / ".ds.omni-claim"
+    logged = []
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    mark.write_text(json.dumps({"holder": "omni data build", "host": socket.gethostname(),
+                                "pid": int(dead.stdout), "since": "earlier"}))
+    held = claim_lib.claim(out, log=logged.append)
+    assert "is no longer running" in logged[0] and json.loads(mark.read_text())["pid"] == os.getpid()
+    held.release()
+    assert not mark.exists()
+    mark.write_text(json.dumps({"holder": "omni data build", "host": socket.gethostname(), "pid": os.getppid(),
+                                "since": "earlier"}))
+    with pytest.raises(dataset.DatasetError, match=f"cannot tell whether that build still runs: if none does, "
+                                                   f"delete {mark}"):
+        claim_lib.claim(out, log=logged.append)
+    assert json.loads(mark.read_text())["pid"] == os.getppid()  # the live holder's marker is untouched
+
+
+def test_a_claim_on_a_bucket_refuses_a_second_build_and_takes_over_a_dead_holder(bucket, monkeypatch):
+    import time
+
+    monkeypatch.setattr(claim_lib, "HEARTBEAT_S", 0.2)
+    out = f"{bucket}/ds"
+    logged = []
+    first = claim_lib.claim(out, log=logged.append)
+    with pytest.raises(dataset.DatasetError, match=rf"--out {out} is being built by omni data build \(pid "
+                                                   rf"{os.getpid()} on host .*, which holds its claim "
+                                                   rf"{bucket}/.ds.omni-claim \(renewed 0 s ago"):
+        claim_lib.claim(out, log=logged.append)
+    first.release()
+    second = claim_lib.claim(out, log=logged.append)  # released: free again
+    # its holder "dies": a marker naming a process of this host that is gone is taken over at once
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    blob = claim_lib._blob(claim_lib.marker(out))
+    blob.upload_from_string(json.dumps({"holder": "omni data build", "host": socket.gethostname(),
+                                        "pid": int(dead.stdout), "since": "earlier"}))
+    third = claim_lib.claim(out, log=logged.append)
+    assert logged[-1].startswith(f"omni: took over the claim {bucket}/.ds.omni-claim on --out {out}: its holder "
+                                 f"omni data build (pid {int(dead.stdout)} ") and "no longer running" in logged[-1]
+    # the build whose claim was overwritten learns it before it publishes anything
+    deadline = time.time() + 10
+    with pytest.raises(dataset.DatasetError, match="was taken over by another build"):
+        while time.time() < deadline:
+            second.check_held()
+            time.sleep(0.1)
+    third.check_held()
+    second.release()
+    third.release()
+
+
+def test_a_bucket_out_written_by_someone_else_during_the_build_is_left_alone(bucket, tmp_path, capsys, monkeypatch):
+    from omni import storage
+
+    manifest = _manifest(tmp_path / "corpus")
+    out = f"{bucket}/ds"
+    write = dataset._write
+
+    def user_writes_meanwhile(*args, **kwargs):
+        write(*args, **kwargs)
+        storage.write_text(f"{out}/notes.txt", "mine")
+
+    monkeypatch.setattr(dataset, "_write", user_writes_meanwhile)
+    line = _one_line(*_main(capsys, "--manifest", str(manifest), "--out", out)[::2])
+    assert f"--out {out} changed while the dataset was built: notes.txt appeared in it" in line
+    aside = line.split("the new dataset is at ")[1].split(" instead")[0]
+    assert storage.listdir(out) == ["notes.txt"] and storage.path(f"{out}/notes.txt").read_text() == "mine"
+    assert dataset.open_dataset(aside).meta["counts"] == {"train": 9, "eval": 3}
+    assert not storage.path(f"{bucket}/.ds.omni-claim").exists()
+    monkeypatch.setattr(dataset, "_write", write)
+    code, stdout, err = _main(capsys, "--manifest", str(manifest), "--out", f"{bucket}/ds2")
+    assert code == 0 and err == [] and dataset.open_dataset(f"{bucket}/ds2").meta["counts"]["eval"] == 3
+
+
+# ------------------------------------------------------------------------------------ 5: full and read-only disks
+
+
+def _build_line(manifest, out):
+    return f"cd {ROOT} && JAX_PLATFORMS=cpu {sys.executable} -m omni.cli data build --manifest {manifest} --out {out}"
+
+
+def test_a_full_disk_during_a_build_is_one_line_and_leaves_nothing_behind(tmp_path):
+    from conftest import run_in_namespace
+
+    manifest = _manifest(tmp_path / "corpus", n=400, text="x" * 2000)  # ~800 kB of text: more than the disk
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "keep.txt").write_text("mine")
+    result = run_in_namespace(f"mount -t tmpfs -o size=256k none {small} && echo mine > {small}/keep.txt && "
+                              f"{_build_line(manifest, small / 'ds')}; echo rc=$?; ls -a {small}")
+    assert "rc=2" in result.stdout, result.stderr[-3000:]
+    assert result.stderr.strip() == (f"omni: error: cannot write {small / 'ds'}: the disk is full; free space there "
+                                     "or choose another --out")
+    assert result.stdout.split("rc=2")[1].split() == [".", "..", "keep.txt"]  # no dataset, claim or build folder
+
+
+def test_a_read_only_out_is_refused_before_any_work(tmp_path):
+    from conftest import run_in_namespace
+
+    manifest = _manifest(tmp_path / "corpus")
+    (tmp_path / "ro").mkdir()
+    result = run_in_namespace(f"mount -o bind,ro {tmp_path / 'ro'} {tmp_path / 'ro'} && "
+                              f"{_build_line(manifest, tmp_path / 'ro' / 'ds')}; echo rc=$?")
+    assert "rc=2" in result.stdout, result.stderr[-3000:]
+    assert result.stderr.strip() == (f"omni: error: cannot write {tmp_path / 'ro' / 'ds'}: the file system is "
+                                     "read-only; choose another --out on a writable disk")
+    assert os.listdir(tmp_path / "ro") == []
