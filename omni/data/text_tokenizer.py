@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import warnings
 from typing import Iterable, Protocol
 
@@ -34,6 +35,12 @@ META_FILE = "tokenizer_meta.json"          # written by train_bpe: how the token
 IDENTITY_FILE = "tokenizer_identity.json"  # written by save_tokenizer: what was saved
 BYTE_ALPHABET = 256
 
+# Limits of a tokenizer file (docs/data.md). The largest tokenizers in use are well inside them (Gemma 3's
+# tokenizer.json: 33 MB, 262,144 tokens); a file past them would take gigabytes and minutes to load, and a vocabulary
+# that size would make the model's embedding table the whole model.
+MAX_TOKENIZER_BYTES = 48 * 2**20      # bytes of a tokenizer.json or SentencePiece .model
+MAX_TOKENIZER_TOKENS = 2**20          # tokens in it (and the largest id + 1)
+
 ACCEPTED_FORMS = (
     '"bytes" (UTF-8 bytes, no file); '
     "a tokenizer.json file (Hugging Face `tokenizers`) or a directory containing one; "
@@ -41,6 +48,72 @@ ACCEPTED_FORMS = (
 )
 
 
+
+
+class _Refused(TokenizerError):
+    """A file refused for what it is (not a regular file, over a limit): its message is complete as it is."""
+
+
+def _kind_of(mode: int) -> str | None:
+    """What a non-regular file is, in words (None for a regular file)."""
+    for test, words in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return words
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def check_file(path, what: str, limit: int | None = None) -> None:
+    """TokenizerError naming `path` and the limit, before anything reads it, when the tokenizer file is not a
+    regular file (/dev/zero, a pipe: reading would never end) or is larger than `limit` (default
+    MAX_TOKENIZER_BYTES; a URL is checked as it is read, read_limited)."""
+    path, limit = storage.path(path), MAX_TOKENIZER_BYTES if limit is None else limit
+    if storage.is_remote(path):
+        return
+    try:
+        info = os.stat(os.fspath(path))
+    except OSError as e:
+        raise TokenizerError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    kind = _kind_of(info.st_mode)
+    if kind is not None:
+        raise _Refused(f"{what} {path} is {kind}, not a file; give a tokenizer.json or SentencePiece .model file")
+    if info.st_size > limit:
+        raise _too_big(path, what, info.st_size, limit)
+
+
+def read_limited(path, what: str, limit: int | None = None) -> bytes:
+    """The bytes of the tokenizer file `path` after check_file; never more than limit + 1 bytes are read (a file
+    that grows, a size the file system does not report)."""
+    path, limit = storage.path(path), MAX_TOKENIZER_BYTES if limit is None else limit
+    check_file(path, what, limit)
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise TokenizerError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise _too_big(path, what, None, limit)
+    return data
+
+
+def _too_big(path, what: str, size, limit: int) -> TokenizerError:
+    size = f"{size / 2**20:,.1f} MiB" if size is not None else "larger than that"
+    return _Refused(f"{what} {path} is {size}, more than the limit of {limit / 2**20:g} MiB for a tokenizer file "
+                    "(omni.data.text_tokenizer.MAX_TOKENIZER_BYTES; the largest tokenizers in use are about 33 MB); "
+                    "use a smaller tokenizer")
+
+
+def _check_tokens(path, what: str, count: int, largest_id: int | None = None) -> None:
+    """_Refused when a tokenizer holds more than MAX_TOKENIZER_TOKENS tokens, or ids that reach past it."""
+    if count > MAX_TOKENIZER_TOKENS:
+        detail = f"{count:,} tokens"
+    elif largest_id is not None and largest_id >= MAX_TOKENIZER_TOKENS:
+        detail = f"a token with id {largest_id:,}"
+    else:
+        return
+    raise _Refused(f"{what} {path} has {detail}, more than the limit of {MAX_TOKENIZER_TOKENS:,} tokens "
+                   "(omni.data.text_tokenizer.MAX_TOKENIZER_TOKENS; the largest vocabularies in use have about "
+                   "262,000); use a tokenizer with a smaller vocabulary")
 
 
 class TextTokenizer(Protocol):
@@ -98,16 +171,19 @@ class HFTokenizer:
         import tokenizers  # imported here so byte-level runs do not need the library
 
         self.path = storage.path(path)
+        data = read_limited(self.path, "tokenizer.json")
         try:
-            self.tokenizer = tokenizers.Tokenizer.from_str(self.path.read_text(encoding="utf-8"))
+            self.tokenizer = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
         except Exception as e:  # the Rust side raises a bare Exception for missing, unreadable and bad files
-            raise TokenizerError(f"cannot load tokenizer.json {self.path}: {e}; it must be a file saved by "
-                                 f"Hugging Face `tokenizers` (Tokenizer.save) or by omni's train_bpe") from e
+            raise TokenizerError(f"cannot load tokenizer.json {self.path}: {_short(e)}; it must be a file saved by "
+                                 f"Hugging Face `tokenizers` (Tokenizer.save) or by omni's train_bpe") from None
+        _check_tokens(self.path, "tokenizer.json", self.tokenizer.get_vocab_size(with_added_tokens=True))
         # Added tokens may sit above the model's own vocabulary, so the size is the largest id + 1, not the count.
         vocab = self.tokenizer.get_vocab(with_added_tokens=True)
         if not vocab:
             raise TokenizerError(f"tokenizer.json {self.path} has an empty vocabulary; train or pick another one")
         self.vocab_size = max(vocab.values()) + 1
+        _check_tokens(self.path, "tokenizer.json", len(vocab), self.vocab_size - 1)
         self.name = name or _name_from_path(self.path)
 
     def encode(self, text: str) -> list[int]:
@@ -141,12 +217,14 @@ class SentencePieceTokenizer:
         import sentencepiece
 
         self.path = storage.path(path)
+        data = read_limited(self.path, "SentencePiece model")
         try:
-            self.processor = sentencepiece.SentencePieceProcessor(model_proto=self.path.read_bytes())
+            self.processor = sentencepiece.SentencePieceProcessor(model_proto=data)
         except (OSError, RuntimeError, TypeError) as e:
-            raise TokenizerError(f"cannot load SentencePiece model {self.path}: {e}; it must be a .model file "
-                                 f"written by SentencePieceTrainer") from e
+            raise TokenizerError(f"cannot load SentencePiece model {self.path}: {_short(e)}; it must be a .model "
+                                 f"file written by SentencePieceTrainer") from None
         self.vocab_size = self.processor.get_piece_size()
+        _check_tokens(self.path, "SentencePiece model", self.vocab_size)
         self.name = name or _name_from_path(self.path)
 
     def encode(self, text: str) -> list[int]:
@@ -161,6 +239,12 @@ class SentencePieceTokenizer:
 
     def identity(self) -> dict:
         return _identity(self)
+
+
+def _short(e: BaseException) -> str:
+    """An error's text on one line, cut to 300 characters (the Rust side may quote much of a bad file)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _name_from_path(path: Path) -> str:
@@ -270,6 +354,11 @@ def load_tokenizer(spec: str | os.PathLike) -> TextTokenizer:
         raise _error(spec, f"directory has no {HF_FILE} and no *.model file")
     if not path.exists():
         raise _error(spec, "no such file or directory")
+    if not storage.is_remote(path):
+        kind = _kind_of(os.stat(os.fspath(path)).st_mode)
+        if kind is not None:
+            raise _Refused(f"text tokenizer {str(spec)!r} is {kind}, not a file; give a tokenizer.json or "
+                           "SentencePiece .model file (or a folder holding one), or \"bytes\"")
     if path.suffix == ".json":
         return _load(HFTokenizer, path, spec)
     if path.suffix == ".model":
@@ -278,19 +367,24 @@ def load_tokenizer(spec: str | os.PathLike) -> TextTokenizer:
 
 
 def _load(cls, path: Path, spec) -> TextTokenizer:
+    check_file(path, "tokenizer.json" if cls is HFTokenizer else "SentencePiece model")  # before _saved_name reads it
     try:
         return cls(path, name=_saved_name(path))
+    except _Refused:
+        raise
     except TokenizerError as e:  # add the accepted forms: maybe the user meant another file
-        raise _error(spec, str(e)) from e
+        raise _error(spec, str(e)) from None
 
 
 def _saved_name(path: Path) -> str | None:
     """The name save_tokenizer recorded next to `path`, if the file is still the one it saved (else None: the
     name then comes from the path). Keeps a tokenizer's identity the same across save and load."""
     try:
-        saved = json.loads((path.parent / IDENTITY_FILE).read_text())
+        if not (path.parent / IDENTITY_FILE).exists():
+            return None
+        saved = json.loads(read_limited(path.parent / IDENTITY_FILE, "tokenizer identity", limit=2**20))
         same = isinstance(saved, dict) and saved.get("sha256") == sha256_of([path])
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # (TokenizerError is a ValueError)
         return None  # no identity file (or an unreadable one): loading reports any real problem with `path`
     return (saved.get("name") or None) if same else None
 
