@@ -258,3 +258,119 @@ def test_a_read_only_out_is_refused_before_any_work(tmp_path):
     assert result.stderr.strip() == (f"omni: error: cannot write {tmp_path / 'ro' / 'ds'}: the file system is "
                                      "read-only; choose another --out on a writable disk")
     assert os.listdir(tmp_path / "ro") == []
+
+
+# ------------------------------------------------------------------------ 7: files that are not what they claim
+
+
+def test_a_tokenizer_that_is_a_device_a_pipe_or_too_large_is_refused_before_it_is_read(tmp_path, capsys):
+    manifest = _manifest(tmp_path / "corpus")
+    out = str(tmp_path / "ds")
+    os.symlink("/dev/zero", tmp_path / "zero.json")
+    os.mkfifo(tmp_path / "pipe.model")
+    (tmp_path / "hub").mkdir()
+    os.symlink("/dev/zero", tmp_path / "hub" / "tokenizer.json")
+    with open(tmp_path / "big.json", "wb") as f:
+        f.truncate(55_000_000)  # sparse: 55 MB that take no disk and are never read
+    for spec, words in (("/dev/zero", "text tokenizer '/dev/zero' is a character device, not a file"),
+                        (tmp_path / "zero.json", f"text tokenizer '{tmp_path / 'zero.json'}' is a character device"),
+                        (tmp_path / "pipe.model", f"text tokenizer '{tmp_path / 'pipe.model'}' is a named pipe"),
+                        (tmp_path / "hub", f"tokenizer.json {tmp_path / 'hub' / 'tokenizer.json'} is a character "
+                                           "device, not a file; give a tokenizer.json or SentencePiece .model file")):
+        line = _one_line(*_main(capsys, "--manifest", str(manifest), "--out", out, "--tokenizer", str(spec))[::2])
+        assert line.startswith(f"omni: error: {words}"), line
+    line = _one_line(*_main(capsys, "--manifest", str(manifest), "--out", out, "--tokenizer",
+                            str(tmp_path / "big.json"))[::2])
+    assert line == (f"omni: error: tokenizer.json {tmp_path / 'big.json'} is 52.5 MiB, more than the limit of 48 MiB "
+                    "for a tokenizer file (omni.data.text_tokenizer.MAX_TOKENIZER_BYTES; the largest tokenizers in "
+                    "use are about 33 MB); use a smaller tokenizer")
+    assert not os.path.exists(out) and _leftovers(tmp_path) == []
+
+
+def test_a_tokenizer_with_too_many_tokens_or_ids_past_the_limit_is_refused(tmp_path, monkeypatch):
+    from omni.data import text_tokenizer
+    from omni.errors import TokenizerError
+
+    def word_level(path, vocab):
+        path.write_text(json.dumps({"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+                                    "normalizer": None, "pre_tokenizer": None, "post_processor": None,
+                                    "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}}))
+        return path
+
+    monkeypatch.setattr(text_tokenizer, "MAX_TOKENIZER_TOKENS", 300)  # the real limit is 2**20: 20 MB of JSON
+    many = word_level(tmp_path / "many.json", {f"t{i}": i for i in range(301)})
+    with pytest.raises(TokenizerError) as e:
+        text_tokenizer.load_tokenizer(str(many))
+    assert str(e.value) == (f"tokenizer.json {many} has 301 tokens, more than the limit of 300 tokens "
+                            "(omni.data.text_tokenizer.MAX_TOKENIZER_TOKENS; the largest vocabularies in use have "
+                            "about 262,000); use a tokenizer with a smaller vocabulary")
+    far = word_level(tmp_path / "far.json", {"t0": 0, "t1": 5_000_000})  # two tokens, an embedding of 5M rows
+    with pytest.raises(TokenizerError, match="has a token with id 5,000,000, more than the limit of 300 tokens"):
+        text_tokenizer.load_tokenizer(str(far))
+    assert text_tokenizer.load_tokenizer(str(word_level(tmp_path / "ok.json", {"t0": 0, "t1": 1}))).vocab_size == 2
+
+
+def _wav_header(rate, channels, data_bytes):
+    import struct
+
+    return (b"RIFF" + struct.pack("<I", 36 + data_bytes) + b"WAVE" + b"fmt " +
+            struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * channels * 2, channels * 2, 16) +
+            b"data" + struct.pack("<I", data_bytes))
+
+
+def test_a_two_hour_wav_and_a_1_hz_wav_are_refused_naming_the_file_and_the_limit(tmp_path, capsys):
+    import resource
+
+    from omni.data.audio import write_wav
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    samples = 2 * 3600 * 48_000 * 2 * 2  # two hours of 48 kHz stereo 16-bit: 1.4 GB, sparse (never read)
+    with open(corpus / "talk.wav", "wb") as f:
+        f.write(_wav_header(48_000, 2, samples))
+        f.truncate(44 + samples)
+    write_wav(corpus / "one_hz.wav", np.zeros(20), 1)
+    for name in ("talk.wav", "one_hz.wav"):
+        (corpus / "m.jsonl").write_text(json.dumps({"segments": [{"audio": name}, {"text": "hi"}],
+                                                    "targets": ["text"]}) + "\n")
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        line = _one_line(*_main(capsys, "--manifest", str(corpus / "m.jsonl"), "--out", str(tmp_path / "ds"),
+                                "--codec", "tone")[::2])
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: the samples stay unread
+        prefix = f"omni: error: {corpus / 'm.jsonl'}:1: segment 0: audio file {corpus / name} "
+        if name == "talk.wav":
+            assert line == (f"{prefix}lasts 2:00:00 (7,200 s), longer than the limit of 600 s per file "
+                            f"(omni.data.audio.MAX_AUDIO_SECONDS); cut it into clips first, e.g. `ffmpeg -i "
+                            f"{corpus / name} -f segment -segment_time 300 -c copy clip%03d.wav`")
+        else:
+            assert line == (f"{prefix}has a sample rate of 1 Hz, which cannot be speech or music (omni reads 4,000 "
+                            "to 192,000 Hz, omni.data.audio.MIN_SAMPLE_RATE and MAX_SAMPLE_RATE); its header is "
+                            "probably wrong: re-export it from the source, e.g. `ffmpeg -i <input> -ac 1 -ar 16000 "
+                            "<output>.wav`")
+    assert _leftovers(tmp_path) == [] and not (tmp_path / "ds").exists()
+
+
+def test_imagetok_decode_of_a_png_or_pickle_says_it_is_not_a_npy_of_codes(tmp_path, capsys):
+    from PIL import Image
+
+    from omni.data.image_tokenizer import PatchRVQTokenizer
+
+    rng = np.random.default_rng(0)
+    PatchRVQTokenizer.fit([rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(8)], patch_size=4,
+                          codebooks=1, codebook_size=4, iters=2).save(tmp_path / "tok")
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "codes.npz", a=np.zeros((2, 2, 1), np.int64))
+    (tmp_path / "empty.npy").write_bytes(b"")
+    expected = {"img.png": "is not a .npy file of integer codes (it looks like a PNG image)",
+                "objects.npy": "holds Python objects, not integer codes (omni never unpickles a file)",
+                "codes.npz": "is an .npz archive, not one .npy array; save the one array with numpy.save",
+                "empty.npy": "is not a .npy file of integer codes (it is empty)"}
+    for name, words in expected.items():
+        code = cli.main(["imagetok", "decode", "--tokenizer", str(tmp_path / "tok"), "--codes", str(tmp_path / name),
+                         "--out", str(tmp_path / "y.png")])
+        line = _one_line(code, [x for x in capsys.readouterr().err.splitlines() if x.strip()])
+        assert line == (f"omni: error: image codes {tmp_path / name} {words}; give a .npy integer array [rows, cols, "
+                        "codebooks] (`omni imagetok encode` writes one)")
+        assert "pickle" not in line.replace("unpickles", "") and "allow_pickle" not in line
+    assert not (tmp_path / "y.png").exists()

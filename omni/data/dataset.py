@@ -54,7 +54,7 @@ from omni import storage
 from omni.data import claim as claim_lib
 from omni.data import image_tokenizer as image_tokenizer_lib
 from omni.data import manifest as manifest_lib
-from omni.data.audio import resample
+from omni.data.audio import check_sample_rate, resample
 from omni.data.codec import PrecomputedCodec, codec_from_identity, codec_identity, load_codec
 from omni.data.text_tokenizer import save_tokenizer
 from omni.errors import DatasetError, ManifestError, OmniError, StorageError
@@ -205,6 +205,7 @@ def encode_record(raw: dict, codec, image_tokenizer=None) -> dict:
                     wave = np.asarray(segment["audio"], np.float32)
                     if wave.size == 0:
                         raise ValueError("empty audio")
+                    check_sample_rate(int(segment["sample_rate"]), "audio")
                     c = np.asarray(codec.encode(resample(wave, int(segment["sample_rate"]), codec.sample_rate)))
                 else:
                     c = np.asarray(segment["codes"])

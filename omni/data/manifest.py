@@ -60,6 +60,8 @@ from __future__ import annotations
 import codecs
 import io
 import json
+import os
+import stat
 import zlib
 
 import numpy as np
@@ -282,14 +284,61 @@ def load_image_bytes(file) -> bytes:
     return data
 
 
+MAX_CODES_BYTES = 256 * 2**20  # one .npy of codes: far above what one example may hold (dataset.MAX_EXAMPLE_POSITIONS)
+NPY_MAGIC = b"\x93NUMPY"
+# What a file that is not a .npy often is, by its first bytes (to say so instead of numpy's unpickling advice).
+_SIGNATURES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+               (b"RIFF", "a RIFF file (WAV or WebP)"), (b"PK\x03\x04", "a zip archive (.npz?)"),
+               (b"\x80", "a Python pickle"), (b"\x1f\x8b", "a gzip file"), (b"%PDF", "a PDF"))
+
+
+def read_npy(file, what: str, shape: str, maker: str = "") -> np.ndarray:
+    """The one integer array in the .npy file `file` (a path or URL). ValueError naming the file when it is not a
+    regular file, larger than MAX_CODES_BYTES, not a .npy at all (saying what it looks like: a PNG given as
+    codes), an .npz archive, an array of Python objects (never unpickled) or a damaged one; `shape` is the
+    expected layout in words ("[frames, codebooks]"), `maker` the command that writes one."""
+    location = storage.path(file)
+    name = show_path(file)
+    hint = f"give a .npy integer array {shape}" + (f" (`{maker}` writes one)" if maker else "")
+    try:
+        if not storage.is_remote(location):
+            info = os.stat(os.fspath(location))
+            if stat.S_ISDIR(info.st_mode):
+                raise ValueError(f"{what} {name} is a folder, not a .npy file; {hint}")
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError(f"{what} {name} is not a regular file (a device or a pipe); {hint}")
+        with location.open("rb") as f:
+            data = f.read(MAX_CODES_BYTES + 1)
+    except FileNotFoundError:
+        raise ValueError(f"{what} file not found: {name}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {name}: {e.strerror or e}") from None
+    if len(data) > MAX_CODES_BYTES:
+        raise ValueError(f"{what} {name} is larger than the limit of {MAX_CODES_BYTES // 2**20} MiB for one .npy "
+                         "(omni.data.manifest.MAX_CODES_BYTES); split the example over several lines")
+    if not data.startswith(NPY_MAGIC):
+        looks = next((words for magic, words in _SIGNATURES if data.startswith(magic)), None)
+        if data.startswith(b"PK\x03\x04"):
+            raise ValueError(f"{what} {name} is an .npz archive, not one .npy array; save the one array with "
+                             f"numpy.save; {hint}")
+        like = f" (it looks like {looks})" if looks else (" (it is empty)" if not data else "")
+        raise ValueError(f"{what} {name} is not a .npy file of integer codes{like}; {hint}")
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e) or "pickle" in str(e):
+            raise ValueError(f"{what} {name} holds Python objects, not integer codes (omni never unpickles a file); "
+                             f"{hint}") from None
+        raise ValueError(f"{what} {name} is a damaged .npy file ({e}); write it again, {hint}") from None
+    except Exception as e:  # noqa: BLE001 - numpy's other complaints about a bad header
+        raise ValueError(f"{what} {name} is a damaged .npy file ({type(e).__name__}: {e}); write it again, "
+                         f"{hint}") from None
+    return array
+
+
 def load_codes(file) -> np.ndarray:
     """A .npy integer array [frames >= 1, codebooks], as stored (the codec's range check comes at encoding)."""
-    try:
-        codes = np.load(io.BytesIO(storage.path(file).read_bytes()), allow_pickle=False)
-    except Exception as e:
-        raise ValueError(f"cannot read codes {show_path(file)} as a .npy array: {e}") from None
-    if not isinstance(codes, np.ndarray):  # an .npz archive loads as a mapping of arrays
-        raise ValueError(f"codes {show_path(file)} must be one .npy array, not an .npz archive")
+    codes = read_npy(file, "codes", "[frames, codebooks]", "omni codec encode")
     if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
         raise ValueError(f"codes {show_path(file)} must be an integer array [frames, codebooks], got {codes.dtype} "
                          f"{list(codes.shape)}")
@@ -301,12 +350,7 @@ def load_codes(file) -> np.ndarray:
 def load_image_codes(file) -> np.ndarray:
     """A .npy integer array [rows >= 1, cols >= 1, codebooks], as stored (the tokenizer's range check comes at
     encoding)."""
-    try:
-        codes = np.load(io.BytesIO(storage.path(file).read_bytes()), allow_pickle=False)
-    except Exception as e:
-        raise ValueError(f"cannot read image codes {show_path(file)} as a .npy array: {e}") from None
-    if not isinstance(codes, np.ndarray):
-        raise ValueError(f"image codes {show_path(file)} must be one .npy array, not an .npz archive")
+    codes = read_npy(file, "image codes", "[rows, cols, codebooks]", "omni imagetok encode")
     if codes.ndim != 3 or not np.issubdtype(codes.dtype, np.integer):
         raise ValueError(f"image codes {show_path(file)} must be an integer array [rows, cols, codebooks], got "
                          f"{codes.dtype} {list(codes.shape)}")
@@ -341,6 +385,9 @@ def load_line(line: dict, path, number: int) -> dict:
             raise
         except ValueError as e:
             raise ManifestError(path, number, f"segment {i}: {e}") from None
+        except OSError as e:  # a file that exists but cannot be read (permissions, an I/O error)
+            raise ManifestError(path, number, f"segment {i}: cannot read the {kind} file "
+                                              f"{show_path(e.filename or segment[kind])}: {e.strerror or e}") from None
         segments.append(out)
     raw = {"id": str(line.get("id", f"line{number}")), "targets": list(line["targets"]),
            "meta": line.get("meta", {}), "segments": segments}
