@@ -2,6 +2,7 @@
 
     manifest.py        the JSONL manifest: one example per line, checked with the line number
     dataset.py         manifest lines -> a TFDS array_record dataset; opening one (or a generated corpus)
+    claim.py           one build per --out at a time: the claim marker beside it (flock, or a gs:// object)
     adapters.py        TFDS catalog datasets (coco_captions, librispeech) -> the same examples
     pipeline.py        dataset -> shuffle -> tokenise -> pack -> batches (grain), sharded over processes
     prefetch.py        batches made ready ahead of the step on a background thread
