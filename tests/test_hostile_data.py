@@ -374,3 +374,28 @@ def test_imagetok_decode_of_a_png_or_pickle_says_it_is_not_a_npy_of_codes(tmp_pa
                         "codebooks] (`omni imagetok encode` writes one)")
         assert "pickle" not in line.replace("unpickles", "") and "allow_pickle" not in line
     assert not (tmp_path / "y.png").exists()
+
+
+def test_the_checked_readers_read_good_files_from_a_bucket(bucket, tmp_path):
+    """The header, size and kind checks take the same road for a gs:// file (seek, bounded read)."""
+    import io as io_lib
+
+    from omni import storage
+    from omni.data import manifest, text_tokenizer
+    from omni.data.audio import read_wav, write_wav
+
+    write_wav(f"{bucket}/a.wav", 0.5 * np.sin(np.arange(8000) / 5), 16000)
+    wave, rate = read_wav(f"{bucket}/a.wav")
+    assert rate == 16000 and wave.shape == (8000,)
+    write_wav(f"{bucket}/one.wav", np.zeros(8), 1)
+    with pytest.raises(ValueError, match="has a sample rate of 1 Hz"):
+        read_wav(f"{bucket}/one.wav")
+    buffer = io_lib.BytesIO()
+    np.save(buffer, np.ones((3, 2), np.int32))
+    storage.write_bytes(f"{bucket}/c.npy", buffer.getvalue())
+    assert manifest.load_codes(f"{bucket}/c.npy").shape == (3, 2)
+    storage.write_bytes(f"{bucket}/img.png", b"\x89PNG\r\n\x1a\n....")
+    with pytest.raises(ValueError, match="it looks like a PNG image"):
+        manifest.load_image_codes(f"{bucket}/img.png")
+    tok = text_tokenizer.train_bpe(["a small corpus of words"] * 20, 260, f"{bucket}/tok")
+    assert text_tokenizer.load_tokenizer(f"{bucket}/tok").vocab_size == tok.vocab_size
