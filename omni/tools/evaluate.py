@@ -32,7 +32,7 @@ from omni.demo import corpus, scorer
 from omni.progress import silent
 from omni.tools import generate as generate_lib
 from omni.tools import tasks as tasks_lib
-from omni.train import artifact, checkpoint, compile_cache, workdir as workdir_lib
+from omni.train import artifact, checkpoint, compile_cache, readers, workdir as workdir_lib
 from omni.train.step import (build_model, build_optimizer, check_host_batch, evaluate, make_eval_step,
                              modality_summary, same_batch_count)
 
@@ -45,15 +45,19 @@ def evaluate_checkpoint(workdir, step: int | None = None, overrides: list[str] =
     (+ "tasks" and "generate" with `generate` or `prompts`). progress (omni.progress) shows the eval batches
     as they are computed."""
     workdir = storage.path(workdir)
-    step = checkpoint.pick_step(workdir, step)
+    checkpoint.pick_step(workdir, step)  # a workdir without checkpoints (or without `step`): one line, at once
     if jax.process_index() == 0:
         workdir_lib.check_writable(workdir)  # before any compute: the result must have a place to go
-    saved = checkpoint.read_meta(workdir, step)["config"]
-    run_cfg = config_lib.from_dict(saved, source=f"checkpoint {step}")
-    cfg = config_lib.apply_overrides(config_lib.from_dict(saved, source=f"checkpoint {step}"), list(overrides))
-    compile_cache.enable(cfg.compile_cache, log)  # before the first compile
-    mesh = sharding.make_mesh(cfg.mesh)
-    graphdef, params = restore_params_onto(cfg, mesh, workdir, step)
+
+    def read(step):  # under the step's read lease, beside a run that may be training there (omni.train.readers)
+        saved = checkpoint.read_meta(workdir, step)["config"]
+        run_cfg = config_lib.from_dict(saved, source=f"checkpoint {step}")
+        cfg = config_lib.apply_overrides(config_lib.from_dict(saved, source=f"checkpoint {step}"), list(overrides))
+        compile_cache.enable(cfg.compile_cache, log)  # before the first compile
+        mesh = sharding.make_mesh(cfg.mesh)
+        return (run_cfg, cfg, mesh) + restore_params_onto(cfg, mesh, workdir, step)
+
+    step, (run_cfg, cfg, mesh, graphdef, params) = readers.read_checkpoint(workdir, step, read, log)
 
     eval_step = make_eval_step(cfg, graphdef, mesh)
     batches = same_batch_count(pipeline.eval_batches(cfg, jax.process_index(), jax.process_count()))

@@ -120,6 +120,7 @@ class Checkpoint:
     codec: Any | None
     image_tokenizer: Any | None
     vocab: Vocab
+    read: dict | None = None   # its tensors once read (open_checkpoint reads them under the step's read lease)
 
     @property
     def path(self):
@@ -134,6 +135,8 @@ class Checkpoint:
     def tensors(self) -> dict[str, np.ndarray]:
         """The checkpoint's tensors by export name (omni.model.tensor_names), numpy on the host, checked against
         the model its own config builds."""
+        if self.read is not None:
+            return self.read
         tensors = tensors_from_params(checkpoint_params(self.workdir, self.step), self.config.model.scan_layers)
         _, abstract = abstract_model(self.config, self.vocab)
         wanted = tensor_shapes(abstract, self.config.model.scan_layers)
@@ -156,14 +159,30 @@ def pick_step(workdir, step: int | None) -> int:
         raise ExportError(str(e)) from None
 
 
-def open_checkpoint(workdir, step: int | None = None) -> Checkpoint:
-    """A workdir's checkpoint (the latest complete one, or `step`) with the tokenizer, codec and image tokenizer
-    its run recorded; the dataset folder must still exist for a fitted codec or tokenizer."""
-    from omni.train import checkpoint
+def open_checkpoint(workdir, step: int | None = None, log=print) -> Checkpoint:
+    """A workdir's checkpoint (the newest readable one, or `step`) with the tokenizer, codec and image tokenizer
+    its run recorded, and its tensors read (`.tensors()`); the dataset folder must still exist for a fitted codec or
+    tokenizer. Read under a lease beside a run that trains there, falling back past a step deleted or damaged
+    meanwhile with one line (omni.train.readers)."""
+    from omni.train import readers
 
     workdir = storage.path(workdir)
     _reachable(workdir, "the workdir")
-    step = pick_step(workdir, step)
+
+    def read(step):
+        ckpt = _checkpoint_at(workdir, step)
+        ckpt.read = ckpt.tensors()
+        return ckpt
+
+    try:
+        return readers.read_checkpoint(workdir, step, read, log)[1]
+    except NoUsableCheckpointError as e:  # what export, generate and the hf export say of a model they cannot read
+        raise ExportError(str(e)) from None
+
+
+def _checkpoint_at(workdir, step: int) -> Checkpoint:
+    from omni.train import checkpoint
+
     meta = checkpoint.read_meta(workdir, step)
     cfg = config_lib.from_dict(meta["config"], source=f"{workdir / 'checkpoints' / str(step)}/meta")
     tokenizer = _tokenizer_of(cfg, meta)
@@ -236,9 +255,9 @@ def _vocab_of(meta: dict, tokenizer, codec, image_tokenizer=None) -> Vocab:
     return vocab
 
 
-def from_checkpoint(workdir, step: int | None = None) -> ModelArtifact:
-    """A training workdir's checkpoint (the latest, or `step`) as a ModelArtifact."""
-    ckpt = open_checkpoint(workdir, step)
+def from_checkpoint(workdir, step: int | None = None, log=print) -> ModelArtifact:
+    """A training workdir's checkpoint (the newest readable one, or `step`) as a ModelArtifact."""
+    ckpt = open_checkpoint(workdir, step, log)
     cfg = ckpt.config
     graphdef, abstract = abstract_model(cfg, ckpt.vocab)
     params = params_from_tensors(ckpt.tensors(), abstract, cfg.model.scan_layers, jnp.dtype(cfg.model.param_dtype),

@@ -7,7 +7,8 @@ tokenizer and codec identities.
 What protects a run:
 - Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a save killed
   half-way never looks like a checkpoint; leftovers are cleaned when the next run starts. Old checkpoints are
-  deleted (keep-N) only after a newer one is finalised.
+  deleted (keep-N) only after a newer one is finalised, and not while a reader holds a lease on it
+  (omni.train.readers: eval, export and generate beside a training run).
 - `restore_latest` walks back from the newest checkpoint: one that cannot be read (a file truncated, missing
   or garbled) is reported, moved to `<workdir>/checkpoints.rejected/` and the previous one is tried. An error
   that says the storage is not answering (a timeout, a refused connection, HTTP 429/5xx: omni.storage.is_transient)
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 import time
 
 import grain
@@ -35,7 +37,8 @@ from jax.experimental import multihost_utils
 
 from omni import storage
 from omni.config import TrainConfig, changed_keys, get_key
-from omni.errors import CheckpointMismatchError, NoUsableCheckpointError, StorageError
+from omni.errors import CheckpointMismatchError, NoUsableCheckpointError, OmniError, StorageError, WorkdirError
+from omni.train import readers
 
 REJECTED_DIR = "checkpoints.rejected"
 
@@ -86,8 +89,11 @@ def saved_shard_count(step_dir) -> int | None:
 
 
 def make_manager(workdir, tc: TrainConfig) -> ocp.CheckpointManager:
+    # keep-N, except the steps a reader (eval, export, generate beside this run) holds a lease on: omni.train.readers
+    keep = ocp.checkpoint_managers.AnyPreservationPolicy(
+        [ocp.checkpoint_managers.LatestN(n=tc.keep_checkpoints), readers.KeepLeased(workdir)])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=tc.keep_checkpoints, save_interval_steps=1, enable_async_checkpointing=tc.async_checkpoint,
+        preservation_policy=keep, save_interval_steps=1, enable_async_checkpointing=tc.async_checkpoint,
         create=True, cleanup_tmp_directories=True)
     # Handlers registered up front, so a fresh manager can read metadata before its first save or restore.
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -97,15 +103,118 @@ def make_manager(workdir, tc: TrainConfig) -> ocp.CheckpointManager:
     registry.add("data", DataRestore, DataStateHandler)
     registry.add("meta", ocp.args.JsonSave, ocp.JsonCheckpointHandler)
     registry.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
-    return ocp.CheckpointManager(storage.absolute(workdir) / "checkpoints", options=options,
-                                 handler_registry=registry)
+    quiet_background_noise()
+    manager = ocp.CheckpointManager(storage.absolute(workdir) / "checkpoints", options=options,
+                                    handler_registry=registry)
+    if hasattr(manager, "_checkpoint_deleter"):  # Orbax's own; without it the policy above still keeps leases
+        manager._checkpoint_deleter = LeaseAwareDeleter(manager._checkpoint_deleter, workdir)
+    return manager
+
+
+class LeaseAwareDeleter:
+    """Orbax decides which steps keep-N drops when a save starts, and deletes them when that save is finalised,
+    seconds later in the background: the newest complete step, the one a reader picks, is already doomed meanwhile.
+    This deleter looks at the read leases again at deletion time; a step leased since is left for a later save
+    (`delete_deferred`, called by `save`) once its lease is gone. Everything else is Orbax's deleter."""
+
+    def __init__(self, inner, workdir):
+        self._inner, self._workdir = inner, workdir
+        self._deferred: set[int] = set()
+        self._lock = threading.Lock()
+
+    def delete_steps(self, steps) -> None:
+        leased = self._leased()
+        with self._lock:
+            self._deferred.update(s for s in steps if s in leased)
+        self._inner.delete_steps([s for s in steps if s not in leased])
+
+    def delete_deferred(self) -> None:
+        with self._lock:
+            if not self._deferred:
+                return
+            free = self._deferred - self._leased()
+            self._deferred -= free
+        for step in sorted(free):
+            self._inner.delete(step)
+
+    def _leased(self) -> set[int]:
+        try:
+            return readers.leased_steps(self._workdir)
+        except Exception:  # noqa: BLE001 - an unlistable lease folder must not stop a save
+            return set()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, meta: dict) -> None:
+    deleter = getattr(manager, "_checkpoint_deleter", None)
+    if isinstance(deleter, LeaseAwareDeleter):
+        deleter.delete_deferred()  # steps keep-N dropped while a reader held them, now free
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=DataSave(data_iterator),
         meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def disk_error(workdir, error: BaseException):
+    """For a run stopped by a full, read-only or forbidden disk (omni.storage.os_errno, also in tensorstore's words):
+    deletes the unfinished step folders Orbax left (`<step>.orbax-checkpoint-tmp*`, which would hold the space) and
+    returns the one-line WorkdirError to raise; None for any other error. Call it after the manager is closed."""
+    line = storage.os_error_line(error, "--workdir")
+    if line is None or isinstance(error, OmniError):
+        return None
+    root = storage.path(workdir) / "checkpoints"
+    unfinished = [name for name in storage.listdir(root) if ".orbax-checkpoint-tmp" in name]
+    if jax.process_index() == 0:
+        for name in unfinished:
+            storage.remove_tree(root / name)
+    steps = checkpoint_steps(workdir)
+    failed = sorted({int(m.group(1)) for name in unfinished if (m := re.match(r"(\d+)\.orbax", name))})
+    what = f"save checkpoint {failed[-1]} in {root}" if failed else f"write in {workdir}"
+    kept = (f"The last complete checkpoint, step {steps[-1]}, is intact: run the same command to resume from it"
+            if steps else "No checkpoint was complete yet")
+    return WorkdirError(f"cannot {what}: {line}. {kept}")
+
+
+class _QuietDiskErrors:
+    """A logging filter for Orbax's background threads, which log a disk-full write with its traceback (several
+    times) before the error reaches the trainer; the trainer says it once, in one line (disk_error)."""
+
+    def filter(self, record) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (storage.os_errno(error) if error is not None else None) and \
+            not storage.os_errno(RuntimeError(record.getMessage()))
+
+
+def _closed_loop_noise(unraisable) -> bool:
+    """Whether an unraisable error is tensorstore completing a read or write after Orbax closed the asyncio loop
+    that awaited it: what follows an error that already reached the trainer or reader (a disk full, a checkpoint
+    deleted under a reader), printed once per pending operation (28 tracebacks of nothing)."""
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+            and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed")
+
+
+def quiet_background_noise() -> None:
+    """Keeps what Orbax's background threads print after an error that omni reports in one line out of the output
+    (idempotent): disk-condition tracebacks logged by absl and asyncio, and closed-loop callbacks (above)."""
+    import logging
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "omni_quiet", False) is False:
+        def hook(unraisable):
+            if not _closed_loop_noise(unraisable):
+                previous(unraisable)
+        hook.omni_quiet = True
+        sys.unraisablehook = hook
+    for name in ("absl", "asyncio"):  # asyncio: "exception was never retrieved" of the same write
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietDiskErrors) for f in logger.filters):
+            logger.addFilter(_QuietDiskErrors())
 
 
 def abstract_like(state):

@@ -53,6 +53,11 @@ def train(cfg: Config, workdir, progress: bool = True, end_of_run: EndOfRun | No
         workdir_lib.hold(workdir)
     try:
         return _train(cfg, workdir, progress, end_of_run, is_main, log)
+    except Exception as e:
+        full = checkpoint.disk_error(workdir, e)  # a full or read-only disk: one line, unfinished saves removed
+        if full is None:
+            raise
+        raise full from None
     finally:
         workdir_lib.release(workdir)
 
@@ -196,13 +201,18 @@ def _train(cfg: Config, workdir, progress: bool, end_of_run: EndOfRun | None, is
                 break
     except BaseException:
         train_iter.close()
+        _close_after_error(manager)
         raise
     finally:
         profiler.close()
         watch.close()
         bar.close()
-    with distributed.bounded("the last checkpoint save", bound):
-        manager.wait_until_finished()
+    try:
+        with distributed.bounded("the last checkpoint save", bound):
+            manager.wait_until_finished()
+    except BaseException:
+        _close_after_error(manager)
+        raise
     train_iter.close()  # after the saves have read its state
 
     if preempted_at is not None:
@@ -228,6 +238,15 @@ def _train(cfg: Config, workdir, progress: bool, end_of_run: EndOfRun | None, is
     writer.close()
     manager.close()
     return result
+
+
+def _close_after_error(manager) -> None:
+    """Lets Orbax's background save threads end (they hold files open) before an error reaches the user; a second
+    error from them (the same full disk) adds nothing."""
+    try:
+        manager.close()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _frozen_rows(cfg: Config, vocab, params, log) -> dict | None:
