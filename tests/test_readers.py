@@ -222,3 +222,9 @@ def test_eval_export_and_generate_in_a_loop_beside_a_train_with_keep_1_never_fai
         trainer.wait(60)
     assert [s for s in steps if s is not None] == sorted(s for s in steps if s is not None)
     assert not any(name.startswith("out-") and ".tmp-" in name for name in os.listdir(tmp_path))
+
+
+def test_a_lease_on_a_bucket_workdir_pins_its_step(bucket):
+    with readers.Lease(bucket, 12) as lease:
+        assert lease.path is not None and readers.leased_steps(bucket) == {12}
+    assert readers.leased_steps(bucket) == set()
