@@ -75,11 +75,13 @@ def export(workdir, out, step: int | None = None, dtype: str = "bfloat16", progr
     if dtype not in DTYPES:
         raise ExportError(f"unknown --dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     out = check_new_folder(out)
-    ckpt = artifact.open_checkpoint(workdir, step)
-    if ckpt.config.model.fusion not in ("early", "mot"):
-        raise ExportError(f"{ckpt.path} is a model.fusion='{ckpt.config.model.fusion}' run; omni export writes "
-                          "early-fusion and mot models only (late and cross are ablation variants: score them with "
-                          "`omni eval`)")
+    def writable(ckpt):
+        if ckpt.config.model.fusion not in ("early", "mot"):
+            raise ExportError(f"{ckpt.path} is a model.fusion='{ckpt.config.model.fusion}' run; omni export writes "
+                              "early-fusion and mot models only (late and cross are ablation variants: score them "
+                              "with `omni eval`)")
+
+    ckpt = artifact.open_checkpoint(workdir, step, check=writable)
     checked = ckpt.tensors()
     with progress("export", total=len(checked) + 1, unit="tensor") as bar:
         return _write_export(ckpt, out, dtype, checked, bar)

@@ -196,11 +196,14 @@ def export_hf(workdir, out, step: int | None = None, dtype: str = "bfloat16", ma
         raise ExportError(f"unknown --dtype {dtype!r}; allowed: {', '.join(omni_export.DTYPES)}")
     max_shard_bytes = parse_size(max_shard_size)
     out = omni_export.check_new_folder(out)
-    ckpt = artifact.open_checkpoint(workdir, step)
+    def writable(ckpt):
+        if ckpt.config.model.fusion != "early":
+            raise ExportError(f"{ckpt.path} is a model.fusion='{ckpt.config.model.fusion}' run; --format hf writes "
+                              "early-fusion models only (LlamaForCausalLM has no per-modality layers or "
+                              "cross-attention)")
+
+    ckpt = artifact.open_checkpoint(workdir, step, check=writable)
     cfg, vocab = ckpt.config, ckpt.vocab
-    if cfg.model.fusion != "early":
-        raise ExportError(f"{ckpt.path} is a model.fusion='{cfg.model.fusion}' run; --format hf writes early-fusion "
-                          "models only (LlamaForCausalLM has no per-modality layers or cross-attention)")
     checked = ckpt.tensors()
     with progress("export", total=len(checked) + 1, unit="tensor") as bar:
         tensors = omni_export.cast_tensors(checked, dtype, bar)

@@ -159,11 +159,12 @@ def pick_step(workdir, step: int | None) -> int:
         raise ExportError(str(e)) from None
 
 
-def open_checkpoint(workdir, step: int | None = None, log=print) -> Checkpoint:
+def open_checkpoint(workdir, step: int | None = None, log=print, check=None) -> Checkpoint:
     """A workdir's checkpoint (the newest readable one, or `step`) with the tokenizer, codec and image tokenizer
     its run recorded, and its tensors read (`.tensors()`); the dataset folder must still exist for a fitted codec or
     tokenizer. Read under a lease beside a run that trains there, falling back past a step deleted or damaged
-    meanwhile with one line (omni.train.readers)."""
+    meanwhile with one line (omni.train.readers). `check(checkpoint)` runs before the tensors are read (a caller's
+    one-line refusal of what its metadata says, e.g. a fusion variant it cannot write)."""
     from omni.train import readers
 
     workdir = storage.path(workdir)
@@ -171,6 +172,8 @@ def open_checkpoint(workdir, step: int | None = None, log=print) -> Checkpoint:
 
     def read(step):
         ckpt = _checkpoint_at(workdir, step)
+        if check is not None:
+            check(ckpt)
         ckpt.read = ckpt.tensors()
         return ckpt
 
