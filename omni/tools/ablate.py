@@ -45,6 +45,7 @@ from omni import batch, storage
 from omni import config as config_lib
 from omni.batch import TARGET_MODALITIES
 from omni.config import Config, ConfigError, derived_mlp, parse_variant
+from omni.errors import InitFromError, OmniError
 from omni.model.counting import flops_per_token, matmul_params, param_total
 from omni.tools import scaling
 from omni.train import workdir as workdir_lib
@@ -186,6 +187,30 @@ def make_plan(base: Config, vocab_size: int, patch_dim: int, seeds: int | None =
     return runs
 
 
+def check_init_from(runs: list[Run]) -> None:
+    """The model.init_from of every run checked (headers and sizes, no weights read) before the first one trains:
+    a folder that cannot start a run (damaged files, sizes that do not fit, a late or cross fusion variant) is
+    one error now, naming the run, not a traceback hours later after the runs before it."""
+    from omni.data import pipeline
+    from omni.train import artifact, init_from
+
+    seen = set()
+    for run in runs:
+        cfg = run.config
+        if not cfg.model.init_from:
+            continue
+        key = repr((dataclasses.asdict(cfg.model), cfg.data.tokenizer))
+        if key in seen:  # the seeds of one variant start from the same folder with the same model
+            continue
+        seen.add(key)
+        try:
+            cfg = init_from.with_source_tokenizer(cfg, log=lambda *_: None)
+            init_from.check(cfg, artifact.abstract_model(cfg, pipeline.vocab_for(cfg))[1])
+        except OmniError as e:
+            where = f"ablate.sweep point {run.size}, " if run.size else ""
+            raise InitFromError(f"{where}run {run.name}: {e}") from None
+
+
 def _budget_steps(at_point: Config, reference: Config, vocab_size: int, patch_dim: int) -> int:
     """train.steps of every run at this sweep point, by ablate.budget."""
     if at_point.ablate.budget == "fixed":
@@ -236,6 +261,7 @@ def run_ablation(base: Config, workdir, seeds: int | None = None, progress: bool
     workdir = storage.path(workdir)
     vocab_size, patch_dim = pipeline.vocab_for(base).size, batch.patch_dim(base.data)
     runs = make_plan(base, vocab_size, patch_dim, seeds)  # a plan that cannot run leaves no workdir behind
+    check_init_from(runs)
     workdir_lib.check_writable(workdir)
     workdir_lib.hold(workdir, "omni ablate")  # one ablation per workdir; each run's own workdir is locked by train
     _check_and_save_plan(workdir, runs, base)

@@ -296,14 +296,12 @@ def read_export_config(folder) -> tuple[dict, dict]:
     return raw, info
 
 
-def read_safetensors(location) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file (a local path or a URL), as numpy."""
-    from safetensors.numpy import load, load_file
+def read_safetensors(location, error: type = ExportError) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file (a local path or a URL), as numpy; its header checked first
+    (omni.train.safetensors_file): a damaged or lying file is `error` naming the file and the tensor."""
+    from omni.train import safetensors_file
 
-    path = storage.path(location)
-    if storage.is_remote(path):
-        return load(path.read_bytes())
-    return load_file(str(path))
+    return safetensors_file.read_file(location, error)
 
 
 def export_tokenizer(folder, info: dict):

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
-import weakref
+import math
 from dataclasses import dataclass
 
 import jax
@@ -43,10 +41,10 @@ from omni import config as config_lib
 from omni import storage, tokens
 from omni.config import Config
 from omni.data.text_tokenizer import HF_FILE, token_strings
-from omni.errors import ExportError, InitFromError, StorageError
-from omni.model import hf_llama
+from omni.errors import InitFromError, OmniError, StorageError
+from omni.model import hf_llama, tensor_names
 from omni.tokens import Vocab
-from omni.train import artifact
+from omni.train import artifact, safetensors_file
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -82,11 +80,13 @@ def read_source(path) -> Source:
         raise InitFromError(f"model.init_from={path}: {what}; give a Hugging Face Llama folder "
                             f"(config.json, model.safetensors, tokenizer.json) or an omni export")
     config = _json(folder / CONFIG_FILE, f"model.init_from={path}")
-    if (config.get("export") or {}).get("format") == artifact.EXPORT_FORMAT:
+    export = config.get("export")
+    if isinstance(export, dict) and export.get("format") == artifact.EXPORT_FORMAT:
         return _omni_export_source(folder, config)
     if config.get("model_type") != "llama":
         raise InitFromError(f"{folder / CONFIG_FILE} has model_type {config.get('model_type')!r}; model.init_from "
                             f"reads Llama models (model_type 'llama') and omni exports only")
+    check_llama_config(config, folder / CONFIG_FILE)
     for key, ok, want in (("hidden_act", config.get("hidden_act", "silu") == "silu", "silu"),
                           ("attention_bias", not config.get("attention_bias", False), "false"),
                           ("mlp_bias", not config.get("mlp_bias", False), "false"),
@@ -98,10 +98,66 @@ def read_source(path) -> Source:
     rows = _token_rows(folder)
     patch = None
     if (folder / hf_llama.PATCH_FILE).is_file():
-        patch = artifact.read_safetensors(folder / hf_llama.PATCH_FILE)
+        patch = artifact.read_safetensors(folder / hf_llama.PATCH_FILE, InitFromError)
     kind = "omni export --format hf" if omni else "Hugging Face Llama"
+    # omni's own whole-vocabulary tokenizer.json (its specials at ids 0..15) is never a text tokenizer, also when
+    # the config.json lost its "omni" block
     return Source(folder, kind, config, _tensors_of(folder), rows, patch,
-                  has_tokenizer_for_text=not omni and (folder / HF_FILE).is_file())
+                  has_tokenizer_for_text=not omni and (folder / HF_FILE).is_file() and not is_omni_vocabulary(rows))
+
+
+# config.json keys model.init_from reads: (key, what it must be, required)
+_POSITIVE_INT, _POSITIVE, _BOOL, _TEXT, _OBJECT = "a positive integer", "a positive number", "true or false", \
+    "a string", "an object"
+LLAMA_KEYS = (("hidden_size", _POSITIVE_INT, True), ("num_hidden_layers", _POSITIVE_INT, True),
+              ("num_attention_heads", _POSITIVE_INT, True), ("intermediate_size", _POSITIVE_INT, True),
+              ("num_key_value_heads", _POSITIVE_INT, False), ("head_dim", _POSITIVE_INT, False),
+              ("vocab_size", _POSITIVE_INT, False), ("max_position_embeddings", _POSITIVE_INT, False),
+              ("rms_norm_eps", _POSITIVE, False), ("rope_theta", _POSITIVE, False),
+              ("tie_word_embeddings", _BOOL, False), ("attention_bias", _BOOL, False), ("mlp_bias", _BOOL, False),
+              ("hidden_act", _TEXT, False), ("rope_parameters", _OBJECT, False), ("rope_scaling", _OBJECT, False),
+              ("omni", _OBJECT, False))
+
+
+def _is(value, kind: str) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return {_POSITIVE_INT: number and isinstance(value, int) and value > 0,
+            _POSITIVE: number and math.isfinite(value) and value > 0,
+            _BOOL: isinstance(value, bool), _TEXT: isinstance(value, str), _OBJECT: isinstance(value, dict)}[kind]
+
+
+def check_llama_config(config: dict, where) -> None:
+    """InitFromError naming config.json and the key when a field init_from reads is missing, null where it must
+    be set, or of the wrong type (sizes positive integers, eps and theta positive numbers, flags booleans).
+    Optional keys that are null are dropped from `config`: LlamaConfig's defaults apply."""
+    for key, kind, required in LLAMA_KEYS:
+        value = config.get(key)
+        if value is None and not required:
+            config.pop(key, None)  # absent or null: LlamaConfig's default (what .get(key, default) below gives)
+            continue
+        if not _is(value, kind):
+            got = "missing" if key not in config else f"{json.dumps(value)[:60]}"
+            raise InitFromError(f"{where}: {key} must be {kind}, got {got}; fix the file or export the model "
+                                f"again (a Llama config.json as transformers writes it)")
+    for block in ("rope_parameters", "rope_scaling"):
+        theta = (config.get(block) or {}).get("rope_theta")
+        if block == "rope_parameters" and theta is not None and not _is(theta, _POSITIVE):
+            raise InitFromError(f"{where}: rope_parameters.rope_theta must be {_POSITIVE}, got {json.dumps(theta)}")
+        kind = (config.get(block) or {}).get("rope_type", (config.get(block) or {}).get("type"))
+        if kind is not None and not isinstance(kind, str):
+            raise InitFromError(f"{where}: {block}.rope_type must be a string, got {json.dumps(kind)[:60]}")
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if heads % kv:
+        raise InitFromError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    if config.get("head_dim") is None and config["hidden_size"] % heads:
+        raise InitFromError(f"{where}: hidden_size {config['hidden_size']} is not a multiple of num_attention_heads "
+                            f"{heads} and no head_dim is given")
+
+
+def is_omni_vocabulary(rows: dict[str, int]) -> bool:
+    """Whether a tokenizer.json's vocabulary is omni's whole id space (`omni export --format hf` wrote it)."""
+    return bool(rows) and all(rows.get(tokens.SPECIAL_NAMES.get(i, f"<special_{i}>")) == i
+                              for i in range(tokens.NUM_SPECIAL))
 
 
 def _json(path, what: str) -> dict:
@@ -109,8 +165,10 @@ def _json(path, what: str) -> dict:
         raise InitFromError(f"{what}: {path} is missing; the folder must hold a model's config.json")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InitFromError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise InitFromError(f"{path}: not valid JSON ({str(e)[:120]})") from None
+    except OSError as e:
+        raise InitFromError(f"{path} cannot be read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise InitFromError(f"{path}: holds a {type(data).__name__}, not a config object")
     return data
@@ -128,65 +186,50 @@ def _token_rows(folder) -> dict[str, int]:
 
 
 class Tensors:
-    """A folder's tensors by HF name, read one at a time: names, shape(name), read(name) -> numpy array."""
+    """A folder's tensors by HF name, read one at a time: names, shape(name), read(name) -> numpy array. Every file
+    behind them had its header checked (omni.train.safetensors_file) before it was trusted."""
 
-    def __init__(self, files: dict | None = None, arrays: dict[str, np.ndarray] | None = None):
-        self.files, self.arrays = files or {}, arrays or {}
-        self.names = set(self.files) | set(self.arrays)
-        self._local: dict[str, str] = {}  # a remote file -> its download (safetensors maps local files only)
-
-    def _open(self, file):
-        from safetensors import safe_open
-
-        return safe_open(_local_copy(file, self._local, self), framework="numpy")
+    def __init__(self, headers: dict | None = None, arrays: dict[str, np.ndarray] | None = None):
+        self.headers, self.arrays = headers or {}, arrays or {}  # name -> safetensors_file.Header of its file
+        self.names = set(self.headers) | set(self.arrays)
 
     def shape(self, name: str) -> tuple:
         if name in self.arrays:
             return tuple(self.arrays[name].shape)
-        with self._open(self.files[name]) as f:
-            return tuple(f.get_slice(name).get_shape())
+        return self.headers[name].tensors[name].shape
+
+    def dtype(self, name: str) -> np.dtype:
+        if name in self.arrays:
+            return self.arrays[name].dtype
+        return safetensors_file.DTYPES[self.headers[name].tensors[name].dtype]
+
+    def where(self, name: str) -> str:
+        """The file a tensor is in (for messages)."""
+        return self.headers[name].location if name in self.headers else "the folder"
 
     def read(self, name: str) -> np.ndarray | None:
         if name in self.arrays:
             return self.arrays[name]
-        if name not in self.files:
+        if name not in self.headers:
             return None
-        with self._open(self.files[name]) as f:
-            return f.get_tensor(name)
-
-
-def _local_copy(file, cache: dict, owner) -> str:
-    """A local file name for `file`: itself on disk; a URL is downloaded once into a folder deleted with `owner`."""
-    if not storage.is_remote(file):
-        return str(file)
-    if str(file) not in cache:
-        if "folder" not in cache:
-            cache["folder"] = tempfile.mkdtemp(prefix="omni-init-from-")
-            weakref.finalize(owner, shutil.rmtree, cache["folder"], True)
-        local = f"{cache['folder']}/{len(cache)}-{storage.path(file).name}"
-        storage.retry(lambda: storage._fs(file).get(str(file), local), f"download {file}")
-        cache[str(file)] = local
-    return cache[str(file)]
+        return safetensors_file.read_tensor(self.headers[name], name)
 
 
 def _tensors_of(folder) -> Tensors:
-    """model.safetensors, or the shards model.safetensors.index.json names."""
+    """model.safetensors, or the shards model.safetensors.index.json names (each tensor in the file it says)."""
     index = folder / INDEX_FILE
     if index.is_file():
-        weight_map = _json(index, "model.init_from").get("weight_map") or {}
-        files = {name: folder / file for name, file in weight_map.items()}
-    elif (folder / WEIGHTS_FILE).is_file():
-        tensors = Tensors()
-        with tensors._open(folder / WEIGHTS_FILE) as f:
-            tensors.files = {name: folder / WEIGHTS_FILE for name in f.keys()}
-        tensors.names = set(tensors.files)
-        return tensors
-    else:
-        raise InitFromError(f"model.init_from={folder}: neither {WEIGHTS_FILE} nor {INDEX_FILE} is there")
-    for file in sorted(set(files.values()), key=str):
-        if not file.is_file():
-            raise InitFromError(f"{index} names {file.name}, which is missing from {folder}")
-    return Tensors(files=files)
+        files = safetensors_file.read_index(index, InitFromError)
+        headers = {file: safetensors_file.read_header(file, InitFromError) for file in set(files.values())}
+        for name, file in files.items():
+            if name not in headers[file].tensors:
+                raise InitFromError(f"{index} puts tensor {safetensors_file.quoted(name)} in {file.name}, which has no such tensor; "
+                                    f"download or export the folder again")
+        return Tensors(headers={name: headers[file] for name, file in files.items()})
+    if (folder / WEIGHTS_FILE).is_file():
+        header = safetensors_file.read_header(folder / WEIGHTS_FILE, InitFromError)
+        return Tensors(headers={name: header for name in header.tensors})
+    raise InitFromError(f"model.init_from={folder}: neither {WEIGHTS_FILE} nor {INDEX_FILE} is there")
 
 
 def _omni_export_source(folder, raw: dict) -> Source:
@@ -196,9 +239,23 @@ def _omni_export_source(folder, raw: dict) -> Source:
         cfg = config_lib.from_dict(raw, source=str(folder / CONFIG_FILE))
         vocab = artifact.vocab_from_block(info["vocab"])
         text = artifact.export_tokenizer(folder, info)
-    except ExportError as e:
+    except OmniError as e:
         raise InitFromError(f"model.init_from={folder}: {e}") from None
-    tensors = artifact.read_safetensors(folder / WEIGHTS_FILE)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a damaged "export" block: no check caught it
+        raise InitFromError(f"{folder / CONFIG_FILE}: its \"export\" block is damaged ({type(e).__name__}: "
+                            f"{str(e)[:100]}); export the checkpoint again") from None
+    if cfg.model.fusion != "early":
+        raise InitFromError(f"model.init_from={folder} is an export of a model.fusion='{cfg.model.fusion}' run; "
+                            f"init_from starts from early-fusion models only (give that run's workdir instead)")
+    tensors = artifact.read_safetensors(folder / WEIGHTS_FILE, InitFromError)
+    wanted = tensor_names.tensor_shapes(artifact.abstract_model(cfg, vocab)[1], cfg.model.scan_layers)
+    for name, x in tensors.items():  # the layouts below need the shapes of the model config.json describes
+        if name not in wanted:
+            raise InitFromError(f"{folder / WEIGHTS_FILE} has tensor '{name}', which the model of its config.json "
+                                f"does not have; export the checkpoint again")
+        if tuple(x.shape) != wanted[name]:
+            raise InitFromError(f"tensor '{name}' in {folder / WEIGHTS_FILE} has shape {list(x.shape)} but the "
+                                f"model of its config.json has {list(wanted[name])}; export the checkpoint again")
     hf = {hf_llama.hf_name(n): hf_llama.to_hf(n, x) for n, x in tensors.items()}
     patch = {hf_llama.PATCH_NAMES[n]: hf.pop(hf_llama.hf_name(n)) for n in hf_llama.PATCH_NAMES if n in tensors}
     special = {"bos": tokens.BOS, "eos": tokens.EOS, "pad": tokens.PAD_ID}
@@ -283,6 +340,22 @@ def load(cfg: Config, vocab: Vocab, text_tokenizer, abstract_params: dict) -> Lo
     m = cfg.model
     if is_run(m.init_from):
         return _load_run(storage.path(m.init_from), vocab, abstract_params)
+    source, wanted = _checked(cfg, abstract_params)
+    return _read(cfg, source, wanted, vocab, text_tokenizer, abstract_params)
+
+
+def check(cfg: Config, abstract_params: dict) -> None:
+    """InitFromError now, reading headers only (no weights), where `load` would fail on the folder model.init_from
+    names: what cannot be read, sizes that do not fit this model. A run's workdir: that it has a checkpoint."""
+    if is_run(cfg.model.init_from):
+        artifact.pick_step(storage.path(cfg.model.init_from), None)
+        return
+    _checked(cfg, abstract_params)
+
+
+def _checked(cfg: Config, abstract_params: dict) -> tuple[Source, dict]:
+    """(the source, {omni export name: shape} of every tensor this model needs) once every check passed."""
+    m = cfg.model
     if m.fusion != "early":
         raise InitFromError(f"model.init_from starts early-fusion models only (model.fusion is '{m.fusion}': its "
                             f"per-modality or cross-attention layers have no Llama counterpart)")
@@ -294,12 +367,24 @@ def load(cfg: Config, vocab: Vocab, text_tokenizer, abstract_params: dict) -> Lo
     wanted = dict(sorted(wanted.items(), key=lambda item: _file_order(item[0])))  # errors name the first in HF order
     for name, shape in wanted.items():  # every size first: the error names the first tensor that does not fit
         if name in hf_llama.PATCH_NAMES:
+            x = (source.patch or {}).get(hf_llama.PATCH_NAMES[name])
+            if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
+                raise InitFromError(f"tensor '{hf_llama.PATCH_NAMES[name]}' in {source.folder / hf_llama.PATCH_FILE} "
+                                    f"is {x.dtype}, not floating point; download or export the folder again")
+            if x is not None and hf_llama.hf_shape(name, shape) != tuple(x.shape):
+                raise InitFromError(f"tensor '{hf_llama.PATCH_NAMES[name]}' in {source.folder / hf_llama.PATCH_FILE} "
+                                    f"has shape {list(x.shape)} but this model needs "
+                                    f"{list(hf_llama.hf_shape(name, shape))} (data.patch_size, model.d)")
             continue
         hf = hf_llama.hf_name(name)
         if hf not in source.tensors.names:
             if name == "unembed" and source.config.get("tie_word_embeddings"):
                 continue
             raise InitFromError(f"{source.folder} has no tensor '{hf}' (omni's {name}); {_fix(source, m)}")
+        if not jnp.issubdtype(source.tensors.dtype(hf), jnp.floating):
+            raise InitFromError(f"tensor '{hf}' in {source.tensors.where(hf)} is {source.tensors.dtype(hf)}, not "
+                                f"floating point; model weights are float32, float16 or bfloat16: download or "
+                                f"export the folder again")
         got = _shape_of(source, hf)
         need = hf_llama.hf_shape(name, shape)
         if name in ("embed", "unembed"):
@@ -318,6 +403,11 @@ def load(cfg: Config, vocab: Vocab, text_tokenizer, abstract_params: dict) -> Lo
             raise InitFromError(f"{source.folder / CONFIG_FILE} has {key} {theirs:g} but {omni_key} is {ours:g}; "
                                 f"set {omni_key}={theirs:g}")
 
+    return source, wanted
+
+
+def _read(cfg: Config, source: Source, wanted: dict, vocab: Vocab, text_tokenizer, abstract_params: dict) -> Loaded:
+    m = cfg.model
     row_of = _source_row_of(source, vocab, text_tokenizer)
     found = row_of >= 0
     embed = source.tensors.read("model.embed_tokens.weight")
@@ -332,10 +422,6 @@ def load(cfg: Config, vocab: Vocab, text_tokenizer, abstract_params: dict) -> Lo
             by_name[name] = _rows(lm_head, row_of, shape[::-1]).T
         elif name in hf_llama.PATCH_NAMES:
             x = (source.patch or {}).get(hf_llama.PATCH_NAMES[name])
-            if x is not None and hf_llama.hf_shape(name, shape) != tuple(x.shape):
-                raise InitFromError(f"tensor '{hf_llama.PATCH_NAMES[name]}' in {source.folder / hf_llama.PATCH_FILE} "
-                                    f"has shape {list(x.shape)} but this model needs "
-                                    f"{list(hf_llama.hf_shape(name, shape))} (data.patch_size, model.d)")
             by_name[name] = None if x is None else hf_llama.from_hf(name, x, shape)
         else:
             by_name[name] = hf_llama.from_hf(name, source.tensors.read(hf_llama.hf_name(name)), shape)
@@ -373,7 +459,13 @@ def _load_run(workdir, vocab: Vocab, abstract_params: dict) -> Loaded:
 def _source_row_of(source: Source, vocab: Vocab, text_tokenizer) -> np.ndarray:
     """int [V]: for each row of this model's vocabulary, the source's row of the same token string, or -1."""
     names = tokens.token_names(vocab, token_strings(text_tokenizer))
-    source_rows = _shape_of(source, "model.embed_tokens.weight")[0]
+    embed = "model.embed_tokens.weight"
+    if embed not in source.tensors.names or len(_shape_of(source, embed)) != 2:
+        what = "has no tensor" if embed not in source.tensors.names else \
+            f"has a {len(_shape_of(source, embed))}-dimensional tensor"
+        raise InitFromError(f"{source.folder} {what} '{embed}' (the [vocabulary, d] embedding); download or "
+                            f"export the folder again")
+    source_rows = _shape_of(source, embed)[0]
     row_of = np.array([source.rows.get(name, -1) for name in names])
     row_of[row_of >= source_rows] = -1
     return row_of
