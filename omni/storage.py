@@ -190,7 +190,7 @@ def staged_folder(out, last: str | None = None, what: str = "--out") -> Iterator
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
             remove_dead_staging(out)
-            work = out.parent / f"{out.name}{STAGING_MARK}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            work = out.parent / f"{out.name}{STAGING_MARK}{host_name()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             work.mkdir()
     except OSError as e:
         raise os_error(e, out, what, "write") from None
@@ -211,13 +211,15 @@ def staged_folder(out, last: str | None = None, what: str = "--out") -> Iterator
 STAGING_MARK = ".tmp-"
 
 
-def _host() -> str:
+def host_name() -> str:
+    """This host's name as file names made by omni hold it (temporary folders, claims, read leases)."""
     import socket
 
-    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (one of another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -234,11 +236,11 @@ def remove_dead_staging(out) -> list[str]:
     out = path(out)
     if is_remote(out) or not out.parent.is_dir():
         return []
-    pattern = re.compile(re.escape(out.name + STAGING_MARK + _host()) + r"-(\d+)-[0-9a-f]{8}")
+    pattern = re.compile(re.escape(out.name + STAGING_MARK + host_name()) + r"-(\d+)-[0-9a-f]{8}")
     removed = []
     for name in os.listdir(out.parent):
         m = pattern.fullmatch(name)
-        if m and not _process_alive(int(m.group(1))):
+        if m and not process_alive(int(m.group(1))):
             shutil.rmtree(os.path.join(out.parent, name), ignore_errors=True)
             removed.append(name)
     return removed

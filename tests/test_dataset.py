@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from omni import storage
 from omni.data import dataset
 from omni.data.audio import read_wav, write_wav
 from omni.data.codec import ToneCodec
@@ -216,7 +217,7 @@ def test_a_build_clears_what_killed_builds_of_the_same_out_left_on_this_host(tmp
     manifest = _write(tmp_path, GOOD)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid that no longer runs: a build killed outright
-    host = dataset._host()
+    host = storage.host_name()
     dead = [tmp_path / f".ds.omni-build-{host}-{gone.pid}", tmp_path / f".ds.omni-old-{host}-{gone.pid}"]
     alive = tmp_path / f".ds.omni-build-{host}-{os.getppid()}"  # a running process: maybe a build in progress
     elsewhere = tmp_path / f".ds.omni-build-another-host-{gone.pid}"  # another host's: its pids are not ours

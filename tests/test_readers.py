@@ -83,7 +83,7 @@ def test_a_step_leased_after_keep_n_chose_it_is_deleted_only_once_the_lease_is_g
 def test_leases_of_dead_readers_and_stale_leases_pin_nothing(tmp_path, monkeypatch):
     folder = tmp_path / readers.LEASE_DIR
     folder.mkdir()
-    host = readers._host()
+    host = storage.host_name()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     now = time.time()

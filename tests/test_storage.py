@@ -209,8 +209,8 @@ def test_a_full_disk_during_a_staged_folder_is_one_error_and_leaves_nothing(tmp_
 
 def test_staging_folders_of_killed_processes_are_swept_and_live_ones_kept(tmp_path):
     out = tmp_path / "export"
-    dead = tmp_path / f"export.tmp-{storage._host()}-{2**22 + 12345}-0123abcd"
-    live = tmp_path / f"export.tmp-{storage._host()}-{os.getpid()}-89abcdef"
+    dead = tmp_path / f"export.tmp-{storage.host_name()}-{2**22 + 12345}-0123abcd"
+    live = tmp_path / f"export.tmp-{storage.host_name()}-{os.getpid()}-89abcdef"
     foreign = tmp_path / "export.tmp-mine"  # not a name omni makes: a user's
     for folder in (dead, live, foreign):
         folder.mkdir()

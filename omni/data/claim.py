@@ -67,13 +67,7 @@ def _dead_here(body) -> bool:
     pid = body.get("pid")
     if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    return not storage.process_alive(pid)
 
 
 def _busy(out, mark, body, extra: str = "") -> DatasetError:

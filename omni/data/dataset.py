@@ -39,9 +39,7 @@ import functools
 import io
 import json
 import os
-import re
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -612,7 +610,7 @@ def _disk_error(error: BaseException, location, what: str = "--out"):
 
 def _build_local(examples, out, codec, tokenizer, report, source, image_tokenizer, held, before) -> None:
     _remove_dead_builds(out)
-    work = out.parent / f".{out.name}.omni-build-{_host()}-{os.getpid()}"
+    work = out.parent / f".{out.name}.omni-build-{storage.host_name()}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     try:
         work.mkdir()
@@ -713,23 +711,15 @@ def _publish_remote(work, out) -> None:
         raise DatasetError(f"cannot write the dataset to {out}: {line}") from None
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
-
-
 def _remove_dead_builds(out) -> None:
     """Deletes the temporary folders of builds of `out` that were killed outright (SIGKILL, power loss): only
     those omni named itself, made on this host, by a process that no longer exists."""
-    for folder in out.parent.glob(f".{out.name}.omni-*-{_host()}-*"):
-        kind, _, pid = folder.name[len(out.name) + 2:].partition(f"-{_host()}-")
+    for folder in out.parent.glob(f".{out.name}.omni-*-{storage.host_name()}-*"):
+        kind, _, pid = folder.name[len(out.name) + 2:].partition(f"-{storage.host_name()}-")
         if kind not in ("omni-build", "omni-old") or not pid.isdigit():
             continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if not storage.process_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:  # alive, someone else's
-            pass
 
 
 def _swap(new, out, before) -> None:
@@ -759,7 +749,7 @@ def _swap(new, out, before) -> None:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             raise refuse(_appeared(out, before) or ["."]) from None
-    old = out.parent / f".{out.name}.omni-old-{_host()}-{os.getpid()}"
+    old = out.parent / f".{out.name}.omni-old-{storage.host_name()}-{os.getpid()}"
     shutil.rmtree(old, ignore_errors=True)
     out.rename(old)
     appeared = _appeared(old, before)  # written there the moment before the rename

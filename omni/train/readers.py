@@ -45,16 +45,12 @@ MAX_STARTS = 6
 _NAME = re.compile(r"(\d+)\.([A-Za-z0-9_.-]+)\.(\d+)\.([0-9a-f]{8})\.json")
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
-
-
 class Lease:
     """A live read lease on one step of a workdir (module docstring); a context manager."""
 
     def __init__(self, workdir, step: int):
         self.step = step
-        self.path = storage.path(workdir) / LEASE_DIR / f"{step}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.json"
+        self.path = storage.path(workdir) / LEASE_DIR / f"{step}.{storage.host_name()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.json"
         self._stop = threading.Event()
         self._thread = None
 
@@ -101,7 +97,7 @@ def leased_steps(workdir, now: float | None = None) -> set[int]:
         if not m:
             continue
         step, host, pid = int(m.group(1)), m.group(2), int(m.group(3))
-        if host == _host() and not _alive(pid):
+        if host == storage.host_name() and not storage.process_alive(pid):
             continue
         try:
             renewed = float(json.loads((folder / name).read_text())["renewed"])
@@ -110,16 +106,6 @@ def leased_steps(workdir, now: float | None = None) -> set[int]:
         if now - renewed <= STALE_AFTER_S:
             steps.add(step)
     return steps
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class KeepLeased:

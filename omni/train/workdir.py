@@ -199,13 +199,7 @@ def _dead_here(host, pid) -> bool:
     """Whether the lock's holder ran on this host and its process is gone (then its lock is stale at once)."""
     if host != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid() or pid <= 0:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        return False
-    return False
+    return not storage.process_alive(pid)
 
 
 def _blob(location):
