@@ -302,6 +302,7 @@ def _compile(args) -> None:
     unknown = sorted(set(programs) - {"train", "eval", "generate"})
     if unknown or not programs:
         raise ConfigError(f"--programs {args.programs!r}: choose from train, eval, generate")
+    _check_out(args.out, "compile.jsonl")
     options = compile_tool.Options(target=args.target, devices=args.devices, slices=args.slices,
                                    reference=args.reference, programs=programs, vocab_size=args.vocab,
                                    generate_batch=args.generate_batch, memory_fraction=args.memory_fraction,
@@ -433,10 +434,23 @@ def _data_split(args) -> None:
     print(dataset.open_dataset(args.dataset).split_listing())
 
 
+def _check_out(location, example: str = "out", folder: bool = False, what: str = "--out") -> None:
+    """Before the work: `location` (a file, or with `folder` a folder omni writes into) can take the output."""
+    from omni import storage
+
+    if location is None:
+        return
+    if folder:
+        storage.check_writable(location, what)
+    else:
+        storage.check_output_file(location, what, example)
+
+
 def _data_show(args) -> None:
     from omni.data import pipeline
     from omni.tools import data_show
 
+    _check_out(args.out, "batch.png")
     cfg = _resolve(args)
     if args.split == "train":
         batch = next(iter(pipeline.train_dataset(cfg)))
@@ -460,6 +474,7 @@ def _manifest_lines(path):
 def _tokenizer_train(args) -> None:
     from omni.data.text_tokenizer import train_bpe
 
+    _check_out(args.out, folder=True)
     texts = [s["text"] for _, line in _manifest_lines(args.manifest) for s in line["segments"] if "text" in s]
     tok = train_bpe(texts, args.vocab_size, args.out)
     print(f"omni: trained a {tok.vocab_size}-token BPE tokenizer on {len(texts)} texts -> {args.out}/tokenizer.json")
@@ -470,6 +485,7 @@ def _codec(args) -> None:
     from omni.data import audio
     from omni.data import codec as codec_lib
 
+    _check_out(args.out, "codes.npy" if args.action == "encode" else "decoded.wav", folder=args.action == "fit")
     if args.action == "fit":
         base = storage.path(args.manifest).parent
         paths = [base / s["audio"] for _, line in _manifest_lines(args.manifest) for s in line["segments"]
@@ -506,6 +522,7 @@ def _imagetok(args) -> None:
     from omni.data import image_tokenizer as image_tokenizer_lib
     from omni.tools.image_generate import write_png
 
+    _check_out(args.out, "codes.npy" if args.action == "encode" else "decoded.png", folder=args.action == "fit")
     if args.action == "fit":
         base = storage.path(args.manifest).parent
         paths = [base / s["image"] for _, line in _manifest_lines(args.manifest) for s in line["segments"]
@@ -565,6 +582,14 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except OmniError as e:  # bad input: one line naming the file, line or key, and exit code 2 (omni.errors)
         print(f"omni: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a disk condition met while writing (full, read-only, a folder where a file goes): one line
+        from omni import storage
+
+        line = storage.os_error_line(e)
+        if line is None:
+            raise
+        print(f"omni: error: cannot write {e.filename or 'an output'}: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT; checkpoints already saved stay
         print("omni: interrupted", file=sys.stderr)
@@ -627,6 +652,7 @@ def _run(args) -> int:
     elif args.verb == "bench":
         from omni.tools import bench
 
+        _check_out(args.out, "bench.jsonl")
         bench.run(_resolve(args), text_only=args.text_only, warmup=args.warmup, steps=args.steps,
                       vocab_size=args.vocab, codebooks=args.codebooks, codebook_size=args.codebook_size,
                       matmul_size=args.matmul_size, out=args.out, reference=args.reference,
@@ -661,6 +687,9 @@ def _generate(args) -> None:
         if not args.out or args.audio:
             raise GenerateError("--prompts needs --out (the results file) and takes no --audio (name audio in the "
                                 "prompts' lines)")
+        _check_out(args.out, "results.jsonl")
+        _check_out(args.wav_dir, folder=True, what="--wav-dir")
+        _check_out(args.image_dir, folder=True, what="--image-dir")
         generate.generate_file(args.model, args.prompts, args.out, step=args.step, target=args.target,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                seed=args.seed, batch_size=args.batch_size, wav_dir=args.wav_dir,
@@ -671,6 +700,8 @@ def _generate(args) -> None:
     if image_size is not None and args.target != "image":
         raise GenerateError(f"--image-size goes with --target image (this asks for --target {args.target})")
     args.out = args.out or ("generated.png" if args.target == "image" else "generated.wav")
+    if args.target != "text":  # (a text answer is printed)
+        _check_out(args.out, "generated.png" if args.target == "image" else "generated.wav")
     model = artifact.load(args.model, args.step)
     cfg = model.config
     grid = None
@@ -763,6 +794,7 @@ def _enable_compile_cache_of_export(config_file) -> None:
 def _data_bench(args) -> None:
     from omni.tools import data_bench
 
+    _check_out(args.out, "data_bench.jsonl")
     data_bench.run(_resolve(args), args.workers, args.batches, args.steps, out=args.out)
 
 

@@ -130,9 +130,11 @@ def write_bytes(location, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename in (None, os.fspath(tmp)):
+            e.filename = os.fspath(p)  # the file the user named, not the hidden temporary (which is gone)
         raise
 
 
@@ -470,6 +472,24 @@ def check_writable(location, what: str = "--out") -> None:
         if not os.access(folder, os.W_OK | os.X_OK):
             number = errno.EROFS if _read_only(folder) else errno.EACCES
             raise os_error(OSError(number, os.strerror(number)), location, what)
+
+
+def check_output_file(location, what: str = "--out", example: str = "out") -> None:
+    """StorageError now, before the work, when `location` cannot become the file omni is asked to write: it is a
+    folder, the folder it names does not exist (omni makes no folders the user did not ask for), or that folder
+    cannot be written (check_writable). A URL needs only its bucket (a bucket has no folders to make)."""
+    if is_remote(location):
+        check_reachable(location, what)
+        return
+    p = os.path.abspath(os.fspath(path(location)))
+    if os.path.isdir(p):
+        raise StorageError(f"{what} {location} is a folder; name a file inside it, e.g. "
+                           f"{os.path.join(str(location), example)}")
+    parent = os.path.dirname(p)
+    if not os.path.exists(parent):
+        raise StorageError(f"{what} {location}: the folder {parent} does not exist; create it first or choose "
+                           f"another {what} (omni makes no folders you did not ask for)")
+    check_writable(location, what)
 
 
 def _read_only(folder: str) -> bool:

@@ -236,3 +236,46 @@ def test_generate_prompts_names_the_bad_line(memorised, tmp_path):
     line = _one_error_line(_omni("generate", "--model", str(out), "--prompts", str(prompts), "--out",
                                  str(tmp_path / "o.jsonl")))
     assert f"{prompts}:2: the prompt has 201 tokens but the model was trained on 128-token sequences" in line
+
+
+def test_outputs_are_checked_before_the_work_and_disk_errors_are_one_line(memorised, tmp_path):
+    """--out naming a folder, a folder that does not exist (never made silently), a read-only place (export and
+    generate, before the checkpoint is read or anything generated) and a disk that fills while the answer is
+    written: each one `omni: error:` line, exit 2, nothing left behind."""
+    from tests.conftest import run_in_namespace
+
+    out, _ = memorised
+    folder = _omni("generate", "--model", str(out), "--prompt", "play loud c e g", "--target", "audio",
+                   "--out", str(tmp_path))
+    assert folder.returncode == 2 and f"--out {tmp_path} is a folder; name a file inside it, e.g. " \
+        f"{tmp_path}/generated.wav" in folder.stderr, folder.stderr
+    missing = tmp_path / "nope" / "deeper" / "x.png"
+    result = _omni("generate", "--model", str(out), "--prompt", "a red circle", "--target", "audio",
+                   "--out", str(missing))
+    assert result.returncode == 2 and f"the folder {missing.parent} does not exist; create it first" in result.stderr
+    assert not (tmp_path / "nope").exists()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "play loud c e g"}\n')
+    result = _omni("generate", "--model", str(out), "--prompts", str(prompts), "--out", str(tmp_path))
+    assert result.returncode == 2 and "is a folder; name a file inside it" in result.stderr
+    assert "Traceback" not in folder.stderr + result.stderr
+
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "small").mkdir()
+    cli = f"{sys.executable} -m omni.cli"
+    shell = (f"mount -o bind,ro {tmp_path / 'ro'} {tmp_path / 'ro'} && "
+             f"mount -t tmpfs -o size=64k none {tmp_path / 'small'} && "
+             f"{{ head -c 1000000 /dev/zero > {tmp_path / 'small' / 'filler'} 2>/dev/null; true; }} && cd {Path.cwd()} && "
+             f"{{ {cli} export --workdir {out} --out {tmp_path / 'ro' / 'model'}; echo rc=$?; "
+             f"{cli} generate --model {out} --prompt 'play loud c e g' --target audio --out {tmp_path / 'ro' / 'x.wav'}; "
+             f"echo rc=$?; "
+             f"{cli} generate --model {out} --prompt 'play loud c e g' --target audio --out "
+             f"{tmp_path / 'small' / 'x.wav'}; echo rc=$?; ls -a {tmp_path / 'small'}; }} 2>&1")
+    result = run_in_namespace(shell)
+    text = result.stdout
+    assert text.count("rc=2") == 3, text
+    assert f"omni: error: cannot write {tmp_path / 'ro' / 'model'}: the file system is read-only; choose another --out" \
+        in text, text
+    assert f"omni: error: cannot write {tmp_path / 'ro' / 'x.wav'}: the file system is read-only" in text
+    assert f"omni: error: cannot write {tmp_path / 'small' / 'x.wav'}: the disk is full" in text
+    assert "Traceback" not in text and ".tmp-" not in text

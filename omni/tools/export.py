@@ -57,7 +57,7 @@ def check_new_folder(out):
     """The folder an export writes: it must not exist yet or be empty (an export never replaces files)."""
     try:
         out = storage.path(out)
-        storage.check_reachable(out, "--out")
+        storage.check_writable(out, "--out")  # a read-only parent: one line now, not after reading the checkpoint
     except StorageError as e:
         raise ExportError(str(e)) from None
     if out.exists() and (not out.is_dir() or storage.listdir(out)):
