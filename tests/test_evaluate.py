@@ -96,6 +96,32 @@ def test_eval_generate_cli_on_a_prompts_file_names_a_bad_line(run, tmp_path):
     assert bad.returncode == 2 and f"{prompts}:1: image file not found" in bad.stderr
 
 
+def test_eval_generate_skips_a_prompt_that_fills_the_context_and_keeps_the_other_scores(run, tmp_path):
+    """An example whose prompt leaves no room for its answer is skipped in one line and its row says why; the
+    held-out loss and the other answers' scores are still written (they were lost with the whole eval before)."""
+    workdir, _ = run
+    from omni.data.audio import write_wav
+
+    write_wav(tmp_path / "a.wav", np.sin(np.arange(16000) * 0.05).astype(np.float32) * 0.3, 16000)
+    prompts = tmp_path / "held_out.jsonl"
+    too_long = " ".join(["play loud c e g"] * 100)
+    prompts.write_text(json.dumps({"id": "short", "segments": [{"text": "play loud c"}, {"audio": "a.wav"}],
+                                   "targets": ["audio"]}) + "\n"
+                       + json.dumps({"id": "long", "segments": [{"text": too_long}, {"audio": "a.wav"}],
+                                     "targets": ["audio"]}) + "\n")
+    lines = []
+    result = evaluate.evaluate_checkpoint(workdir, generate=True, prompts=prompts, max_new_tokens=4, log=lines.append)
+    assert result["generate"]["examples"] == 2 and result["generate"]["skipped"] == 1
+    assert result["tasks"]["audio"]["n"] == 1
+    skipped = [line for line in lines if line.startswith("omni: skipped 1 of 2 examples")]
+    assert len(skipped) == 1 and f"{prompts}:2: the prompt has" in skipped[0], lines
+    rows = [json.loads(line) for line in (workdir / "eval-4.predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["short", "long"] and "skipped" in rows[1] and "codes" not in rows[1]
+    assert rows[1]["truth"] == rows[0]["truth"] and "skipped" not in rows[0] and rows[0]["tokens"] <= 4
+    saved = json.loads((workdir / "eval-4.json").read_text())
+    assert saved["generate"]["skipped"] == 1 and saved["eval"]["loss"] == pytest.approx(result["eval"]["loss"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Absent is not zero; results name the data they measured and another dataset's never replace the run's own.
 

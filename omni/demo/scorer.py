@@ -47,7 +47,7 @@ def demo_scores(predictions: list[dict], scores: dict, log=print, image_tokenize
     scores plus its attribute checks, logged as the demo run prints them. Other groups are left out."""
     results = {}
     for task in DEMO_TASKS:
-        rows = [r for r in predictions if r["group"] == task and "truth" in r]
+        rows = [r for r in predictions if r["group"] == task and "truth" in r and "skipped" not in r]
         if not rows:
             continue
         score = dict(scores[task])

@@ -110,10 +110,11 @@ def _generate_and_score(cfg, graphdef, params, max_examples, prompts, max_new_to
     tasks, split = tasks_lib.eval_tasks(cfg, max_examples, prompts, model.codec, model.image_tokenizer)
     demo_caps = scorer.MAX_NEW_TOKENS if cfg.data.dataset in corpus.NAMES and max_new_tokens is None else None
     predictions, scores = tasks_lib.run(model, tasks, max_new_tokens=max_new_tokens, max_new_by_group=demo_caps,
-                                        batch_size=batch_size, log=log)
+                                        batch_size=batch_size, log=log, source=str(prompts or ""))
     for group, score in scores.items():
         log(f"omni: {tasks_lib.describe(group, score)}")
     return ({"dataset": cfg.data.dataset, "split": split, "examples": len(tasks),
+             "skipped": sum("skipped" in row for row in predictions),
              "max_new_tokens": max_new_tokens or f"up to data.seq_len={cfg.data.seq_len}", "scores": scores},
             predictions)
 

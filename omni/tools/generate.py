@@ -798,7 +798,8 @@ def stop_reason(stopped, tokens: list[int], limit: int, asked: int | None) -> st
 
 def run_tasks(model, tasks: list[Task], *, max_new_tokens: int | None = None, temperature: float = 0.0,
               top_k: int = 0, seed: int = 0, batch_size: int = 64, wav_dir=None, source: str = "",
-              max_new_by_group: dict | None = None, image_dir=None) -> tuple[list[dict], ManyResult]:
+              max_new_by_group: dict | None = None, image_dir=None, skip_unfit: bool = False,
+              ) -> tuple[list[dict], ManyResult]:
     """Generates every task with `model` (an omni.train.artifact.ModelArtifact) in batches; returns one prediction dict per task, in
     order:
 
@@ -809,26 +810,35 @@ def run_tasks(model, tasks: list[Task], *, max_new_tokens: int | None = None, te
 
     max_new_tokens None lets each answer run to the end of the trained context (data.seq_len);
     max_new_by_group overrides it per task group (the demo tasks' own caps). Image answers are their grid.
+    A task whose prompt leaves no room for its answer in the context is a GenerateError naming it; with
+    skip_unfit (scoring, where the other answers must not be lost) its row is {"id", ..., "skipped": why} instead.
     """
     cfg = model.config
     image_tokenizer = model.image_tokenizer
     if any(task.target == "image" for task in tasks):
         image_generate.check_can_generate(model.vocab, image_tokenizer)
-    requests = []
-    for task in tasks:
+    requests, fitting, skipped = [], [], {}
+    for i, task in enumerate(tasks):
         limit = (max_new_by_group or {}).get(task.group, max_new_tokens)
-        requests += requests_for([task], model.vocab, model.tokenizer, cfg.data.patch_size, cfg.data.audio_layout,
-                                 cfg.data.seq_len, limit, source)
+        try:
+            requests += requests_for([task], model.vocab, model.tokenizer, cfg.data.patch_size,
+                                     cfg.data.audio_layout, cfg.data.seq_len, limit, source)
+            fitting.append(task)
+        except GenerateError as e:
+            if not skip_unfit:
+                raise
+            skipped[i] = str(e)
     result = generate_many(model.graphdef, model.params, cfg.model, model.vocab, requests, batch_size=batch_size,
                            temperature=temperature, top_k=top_k, seed=seed, audio_layout=cfg.data.audio_layout)
     for folder in (wav_dir, image_dir):
         if folder is not None:
             storage.path(folder).mkdir(parents=True, exist_ok=True)
-    predictions = []
-    for task, request, tokens, stopped in zip(tasks, requests, result.tokens, result.stopped):
+    predictions = {i: _row(task) | {"skipped": why} | _truth(task) for i, why in skipped.items()
+                   for task in [tasks[i]]}
+    done = (i for i in range(len(tasks)) if i not in skipped)
+    for i, task, request, tokens, stopped in zip(done, fitting, requests, result.tokens, result.stopped):
         asked = (max_new_by_group or {}).get(task.group, max_new_tokens)
-        row = {"id": task.id, **({"line": task.line} if task.line else {}), "group": task.group,
-               "target": task.target, **({"meta": task.meta} if task.meta else {})}
+        row = _row(task)
         output = decode_output(tokens, task.target, model.vocab, model.tokenizer, model.codec, cfg.data.audio_layout,
                                image_grid=request.image_grid, image_tokenizer=image_tokenizer)
         if task.target == "text":
@@ -849,10 +859,20 @@ def run_tasks(model, tasks: list[Task], *, max_new_tokens: int | None = None, te
                 row["wav"] = str(wav)
         row["stop"] = stop_reason(stopped, tokens, request.max_new_tokens, asked)
         row["tokens"] = len(tokens) + (stopped is not None)
-        if task.truth is not None:
-            row["truth"] = task.truth if isinstance(task.truth, str) else np.asarray(task.truth).tolist()
-        predictions.append(row)
-    return predictions, result
+        predictions[i] = row | _truth(task)
+    return [predictions[i] for i in range(len(tasks))], result
+
+
+def _row(task: Task) -> dict:
+    """The fields of a prediction that say which task it answers."""
+    return {"id": task.id, **({"line": task.line} if task.line else {}), "group": task.group,
+            "target": task.target, **({"meta": task.meta} if task.meta else {})}
+
+
+def _truth(task: Task) -> dict:
+    if task.truth is None:
+        return {}
+    return {"truth": task.truth if isinstance(task.truth, str) else np.asarray(task.truth).tolist()}
 
 
 def generate_file(model_path, prompts, out, *, step: int | None = None, target: str = "text",

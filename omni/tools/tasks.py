@@ -45,7 +45,7 @@ def score_predictions(predictions: list[dict], codec=None, image_tokenizer=None)
     """{group: scores} over the predictions that carry a truth (omni.tools.scores for each modality)."""
     groups: dict = {}
     for row in predictions:
-        if "truth" in row:
+        if "truth" in row and "skipped" not in row:
             groups.setdefault(row["group"], []).append(row)
     out = {}
     for group, rows in groups.items():
@@ -79,12 +79,19 @@ def describe(group: str, score: dict) -> str:
 
 
 def run(model: artifact.ModelArtifact, tasks: list, *, max_new_tokens: int | None = None, max_new_by_group: dict | None = None,
-        batch_size: int = 64, log=print) -> tuple[list[dict], dict]:
-    """Generates every task greedily and scores the answers: (predictions, {group: scores})."""
+        batch_size: int = 64, log=print, source: str = "") -> tuple[list[dict], dict]:
+    """Generates every task greedily and scores the answers: (predictions, {group: scores}). A task whose prompt
+    leaves no room for its answer in the model's context is skipped in one line (its row says why) rather than
+    losing the others' scores. source: the prompts file the tasks' lines are in."""
     predictions, result = generate_lib.run_tasks(model, tasks, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                                 max_new_by_group=max_new_by_group)
+                                                 max_new_by_group=max_new_by_group, skip_unfit=True,
+                                                 source=source)
     scores = score_predictions(predictions, model.codec, model.image_tokenizer)
-    log(f"omni: generated {len(predictions)} answers ({result.generated} tokens, {result.tokens_per_s:,.0f} "
+    skipped = [row for row in predictions if "skipped" in row]
+    if skipped:
+        log(f"omni: skipped {len(skipped)} of {len(predictions)} examples whose prompt leaves no room for the "
+            f"answer (not scored; their rows in the predictions say why), the first: {skipped[0]['skipped']}")
+    log(f"omni: generated {len(predictions) - len(skipped)} answers ({result.generated} tokens, {result.tokens_per_s:,.0f} "
         f"tokens/s, compile {result.compile_s:.1f} s)")
     return predictions, scores
 
