@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -517,6 +518,40 @@ def _coerce(key: str, value: Any, expected, source: str) -> Any:
     raise AssertionError(f"schema type {expected} of {key} is not handled")
 
 
+def _check_train_numbers(t: TrainConfig) -> None:
+    """The optimizer and checkpoint numbers that would train nonsense or lose checkpoints (NaN fails every check)."""
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        raise ConfigError(f"'train.lr' must be a positive number, got {t.lr} (a negative rate climbs the loss; "
+                          "to train nothing, list no parameters in 'train.trainable')")
+    ranges = {"train.min_lr_ratio": (t.min_lr_ratio, 0, 1), "train.b1": (t.b1, 0, 1), "train.b2": (t.b2, 0, 1)}
+    for key, (value, low, high) in ranges.items():
+        if not low <= value <= high:
+            raise ConfigError(f"'{key}' must be between {low} and {high}, got {value}")
+    if not t.eps > 0:
+        raise ConfigError(f"'train.eps' must be positive, got {t.eps}")
+    at_least_zero = {"train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
+                     "train.clip_norm": t.clip_norm, "train.eval_every": t.eval_every,
+                     "train.eval_batches": t.eval_batches, "train.checkpoint_every": t.checkpoint_every,
+                     "train.checkpoint_minutes": t.checkpoint_minutes, "train.phase_timeout_s": t.phase_timeout_s}
+    for key, value in at_least_zero.items():
+        if not value >= 0:
+            raise ConfigError(f"'{key}' must be >= 0, got {value}")
+    if t.keep_checkpoints < 1:
+        raise ConfigError(f"'train.keep_checkpoints' must be at least 1 (the last good checkpoint is always kept), "
+                          f"got {t.keep_checkpoints}")
+
+
+def notes(config: Config) -> list[str]:
+    """What a valid config will do that its author may not expect: one line each, logged when a run starts."""
+    t = config.train
+    out = []
+    if t.warmup_steps > t.steps:
+        out.append(f"'train.warmup_steps' ({t.warmup_steps}) is more than 'train.steps' ({t.steps}): the learning "
+                   f"rate rises to {t.steps / t.warmup_steps:.0%} of train.lr={t.lr:g} and never decays; lower "
+                   "train.warmup_steps for a full schedule")
+    return out
+
+
 def validate(config: Config) -> None:
     """Checks the fields that must fit together; raises ConfigError naming them."""
     m, d, t = config.model, config.data, config.train
@@ -527,6 +562,7 @@ def validate(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"'{key}' must be positive, got {value}")
+    _check_train_numbers(t)
     if not 0 <= d.row_patches <= d.seq_len:
         raise ConfigError(f"'data.row_patches' ({d.row_patches}) must be between 0 (= seq_len) and 'data.seq_len' "
                           f"({d.seq_len})")

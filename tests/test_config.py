@@ -56,6 +56,36 @@ def test_cross_field_checks():
         config_lib.apply_overrides(Config(), ["mesh.rules=[['embed', 'model']]"])
 
 
+def test_optimizer_and_checkpoint_numbers_that_train_nonsense_are_refused_naming_the_key():
+    """train.lr=-1 trained (loss 6.7 -> 9.9); keep_checkpoints=0 would keep no good checkpoint."""
+    refused = {"train.lr=-1": "'train.lr' must be a positive number, got -1.0",
+               "train.lr=0": "'train.lr' must be a positive number",
+               "train.b2=1.5": "'train.b2' must be between 0 and 1, got 1.5",
+               "train.min_lr_ratio=-0.1": "'train.min_lr_ratio' must be between 0 and 1",
+               "train.eps=0": "'train.eps' must be positive",
+               "train.warmup_steps=-1": "'train.warmup_steps' must be >= 0, got -1",
+               "train.clip_norm=-1": "'train.clip_norm' must be >= 0",
+               "train.checkpoint_every=-5": "'train.checkpoint_every' must be >= 0",
+               "train.keep_checkpoints=0": "'train.keep_checkpoints' must be at least 1"}
+    for override, message in refused.items():
+        with pytest.raises(ConfigError) as e:
+            config_lib.apply_overrides(Config(), [override])
+        assert message in str(e.value), (override, str(e.value))
+    for lr in (float("nan"), float("inf")):  # a Python config file can compute one
+        cfg = Config()
+        cfg.train.lr = lr
+        with pytest.raises(ConfigError, match="'train.lr' must be a positive number"):
+            config_lib.validate(cfg)
+
+
+def test_a_warmup_longer_than_the_run_is_allowed_and_said_in_one_note():
+    assert config_lib.notes(Config()) == []
+    cfg = config_lib.apply_overrides(Config(), ["train.steps=20", "train.warmup_steps=80", "train.lr=0.001"])
+    assert config_lib.notes(cfg) == ["'train.warmup_steps' (80) is more than 'train.steps' (20): the learning rate "
+                                     "rises to 25% of train.lr=0.001 and never decays; lower train.warmup_steps "
+                                     "for a full schedule"]
+
+
 def test_config_files_and_json_round_trip(tmp_path):
     cfg = config_lib.load_config("configs/demo.py")
     assert cfg.name == "demo"

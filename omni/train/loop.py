@@ -75,6 +75,8 @@ def _train(cfg: Config, workdir, progress: bool, end_of_run: EndOfRun | None, is
     flops_tok = flops_per_token(cfg.model, vocab.size, cfg.data.seq_len)
     log(f"omni: {cfg.name}: {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOP/token, mesh "
         f"{dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} devices")
+    for note in config_lib.notes(cfg):
+        log(f"omni: note: {note}")
     if trainable.freezes_anything(cfg.train):
         log(f"omni: {trainable.summary(trainable.trainable_mask(cfg.train, state['params']), state['params'])}")
 
