@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,18 @@ def test_the_lock_says_who_holds_it(tmp_path):
         assert f"pid {os.getpid()} on host" in text and time.strftime("%Y-%m-%d") in text
     finally:
         workdir_lib.release(tmp_path)
+
+
+def test_a_read_only_workdir_says_read_only_and_not_free_space(tmp_path):
+    """It advised freeing space on a read-only disk."""
+    from tests.conftest import run_in_namespace
+
+    (tmp_path / "ro").mkdir()
+    shell = (f"mount -o bind,ro {tmp_path / 'ro'} {tmp_path / 'ro'} && cd {Path.cwd()} && "
+             f"{sys.executable} -m omni.cli train --config configs/demo.py --workdir {tmp_path / 'ro' / 'run'} "
+             f"--no-progress 2>&1; echo rc=$?")
+    text = run_in_namespace(shell).stdout
+    assert "rc=2" in text, text
+    line = [x for x in text.splitlines() if x.startswith("omni: error:")]
+    assert len(line) == 1 and f"{tmp_path / 'ro' / 'run'}" in line[0] and "read-only" in line[0], text
+    assert "free space" not in text and "Traceback" not in text and "held-out loss" not in text

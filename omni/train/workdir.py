@@ -222,9 +222,10 @@ def check_writable(workdir) -> None:
         probe.unlink()
     except StorageError as e:
         raise WorkdirError(str(e)) from None
-    except OSError as e:
-        line = storage.describe_remote_error(workdir, e) or f"{e.strerror or e}; free space there"
-        raise WorkdirError(f"cannot write to workdir {workdir}: {line} or choose another --workdir") from None
+    except OSError as e:  # read-only, not ours, full: each its own advice (storage.os_error_line)
+        line = (storage.describe_remote_error(workdir, e) or storage.os_error_line(e, "--workdir")
+                or f"{e.strerror or e}; choose another --workdir")
+        raise WorkdirError(f"cannot write to workdir {workdir}: {line}") from None
 
 
 def write_atomic(path, text: str) -> None:
@@ -232,5 +233,5 @@ def write_atomic(path, text: str) -> None:
     try:
         storage.write_text(path, text)
     except OSError as e:
-        raise WorkdirError(f"cannot write {path}: {e.strerror or e}; free space there or choose another --workdir") \
-            from None
+        line = storage.os_error_line(e, "--workdir") or f"{e.strerror or e}; choose another --workdir"
+        raise WorkdirError(f"cannot write {path}: {line}") from None
