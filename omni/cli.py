@@ -37,6 +37,7 @@ import sys
 from omni.errors import ConfigError, GenerateError, OmniError
 
 
+SET_HELP = "override a config field, e.g. --set train.steps=200 (repeatable)"
 NO_PROGRESS = "no progress bar: a line of counts and rates every 10 s instead (also when stderr is not a terminal)"
 
 
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
     ev = verbs.add_parser("eval", help="held-out loss/accuracy per modality and demo task scores of a checkpoint")
-    ev.add_argument("--workdir", required=True)
+    ev.add_argument("--workdir", required=True, help="a training workdir (local or gs://); its checkpoints are read under a read lease")
     ev.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override the checkpoint's config, e.g. --set mesh.fsdp=1 on fewer devices")
@@ -75,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     exp = verbs.add_parser("export", help="a checkpoint's params as safetensors + config + tokenizer + codec")
-    exp.add_argument("--workdir", required=True)
+    exp.add_argument("--workdir", required=True, help="the training workdir whose checkpoint is exported")
     exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     exp.add_argument("--out", required=True, help="a new folder")
     exp.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
@@ -109,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
                           "answer is always its whole grid")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     gen.add_argument("--out", help="--prompt: where audio or an image goes (default generated.wav / generated.png; "
                                    "codes as .npy when the codec or image tokenizer cannot decode); --prompts: the "
                                    "results, one JSON line per prompt")
@@ -128,13 +129,13 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = verbs.add_parser("bench", help="time the real train step beside a matmul measured in the same run")
     bench.add_argument("--config", required=True, help="e.g. configs/bench/omni_1b.py (configs/bench/omni_cpu.py on CPU)")
-    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     bench.add_argument("--text-only", action="store_true", help="the same size on text documents only")
     bench.add_argument("--steps", type=int, default=5, help="timed steps (after compile and warm-up)")
-    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     bench.add_argument("--vocab", type=int, default=32768, help="vocabulary size (sets the unembedding cost)")
-    bench.add_argument("--codebooks", type=int, default=8)
-    bench.add_argument("--codebook-size", type=int, default=1024)
+    bench.add_argument("--codebooks", type=int, default=8, help="audio codebooks of the synthetic batch")
+    bench.add_argument("--codebook-size", type=int, default=1024, help="codes per audio codebook")
     bench.add_argument("--matmul-size", type=int, help="side of the peak-measuring matmul (default 8192 on "
                                                         "accelerators, 1024 on CPU)")
     bench.add_argument("--out", default="bench.jsonl", help="append the JSON line here")
@@ -148,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     comp = verbs.add_parser("compile", help="compile a config's programs for hardware that is not here (H100, "
                                             "H200, B200, TPU slices): memory, fit, work, collectives, estimate")
     comp.add_argument("--config", required=True, help="e.g. configs/bench/omni_1b.py")
-    comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     comp.add_argument("--target", required=True, help="h100, h200, b200, a GpuTargetConfigProto text file, or a "
                       "TPU slice: v4-8, v5p-8 ... v5p-4096, v5e-4 ... v5e-256, v6e-4 ... v6e-256")
     comp.add_argument("--devices", type=int, default=1, help="GPUs on the host (GPU targets)")
@@ -169,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
 
     show = verbs.add_parser("config", help="print the resolved config, or the whole schema")
     show.add_argument("--config", help="a configs/*.py file or a saved config.json (default: the schema defaults)")
-    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     show.add_argument("--schema", action="store_true", help="list every key with its type, default and doc")
 
     data_verb = verbs.add_parser("data", help="build, inspect and benchmark datasets").add_subparsers(
@@ -210,11 +211,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("show", "draw one packed batch (modality and loss mask per position)"),
                        ("bench", "time the input pipeline beside the train step")):
         sub = data_verb.add_parser(name, help=text)
-        sub.add_argument("--config", required=True)
-        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        sub.add_argument("--config", required=True, help="a configs/*.py file or a saved config.json")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
         if name == "show":
             sub.add_argument("--out", default="batch.png", help="where to write the picture")
-            sub.add_argument("--split", default="train", choices=("train", "eval"))
+            sub.add_argument("--split", default="train", choices=("train", "eval"), help="which split's batch")
         else:
             sub.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="worker counts to time")
             sub.add_argument("--batches", type=int, default=20, help="batches timed per worker count")
@@ -223,50 +224,50 @@ def _parser() -> argparse.ArgumentParser:
 
     tok = verbs.add_parser("tokenizer", help="text tokenizers").add_subparsers(dest="action", required=True)
     tok_train = tok.add_parser("train", help="train a byte-level BPE tokenizer on a manifest's text")
-    tok_train.add_argument("--manifest", required=True)
-    tok_train.add_argument("--vocab-size", type=int, required=True)
+    tok_train.add_argument("--manifest", required=True, help="JSONL manifest whose text segments train it")
+    tok_train.add_argument("--vocab-size", type=int, required=True, help="tokens in the trained vocabulary")
     tok_train.add_argument("--out", required=True, help="folder for tokenizer.json")
 
     codec = verbs.add_parser("codec", help="the built-in audio codec").add_subparsers(dest="action", required=True)
     fit = codec.add_parser("fit", help="fit the mel residual-VQ codec on a manifest's WAV audio")
-    fit.add_argument("--manifest", required=True)
-    fit.add_argument("--out", required=True)
+    fit.add_argument("--manifest", required=True, help="JSONL manifest whose WAV audio it fits on")
+    fit.add_argument("--out", required=True, help="folder for the fitted codec")
     fit.add_argument("--codebooks", type=int, default=None, help="residual codebooks (default: the codec's)")
     fit.add_argument("--codebook-size", type=int, default=None, help="codes per codebook (default: the codec's)")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--seed", type=int, default=0, help="k-means initialisation seed")
     fit.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     enc = codec.add_parser("encode", help="WAV -> codes .npy [frames, codebooks]")
     enc.add_argument("--codec", required=True, help="'tone' or a folder from `omni codec fit`")
-    enc.add_argument("--wav", required=True)
-    enc.add_argument("--out", required=True)
+    enc.add_argument("--wav", required=True, help="the WAV file to encode")
+    enc.add_argument("--out", required=True, help="the .npy file of codes to write")
     dec = codec.add_parser("decode", help="codes .npy -> WAV, to listen to what the model sees")
-    dec.add_argument("--codec", required=True)
-    dec.add_argument("--codes", required=True)
-    dec.add_argument("--out", required=True)
+    dec.add_argument("--codec", required=True, help="'tone' or a folder from `omni codec fit`")
+    dec.add_argument("--codes", required=True, help="a .npy of codes [frames, codebooks]")
+    dec.add_argument("--out", required=True, help="the WAV file to write")
 
     imagetok = verbs.add_parser("imagetok", help="the built-in image tokenizer (image codes)").add_subparsers(
         dest="action", required=True)
     fit = imagetok.add_parser("fit", help="fit the patch residual-VQ image tokenizer on a manifest's images")
-    fit.add_argument("--manifest", required=True)
-    fit.add_argument("--out", required=True)
+    fit.add_argument("--manifest", required=True, help="JSONL manifest whose images it fits on")
+    fit.add_argument("--out", required=True, help="folder for the fitted image tokenizer")
     fit.add_argument("--patch-size", type=int, default=8, help="side of the pixel square one code cell covers")
     fit.add_argument("--codebooks", type=int, default=4, help="residual codebooks: codes per cell")
     fit.add_argument("--codebook-size", type=int, default=256, help="codes per codebook")
     fit.add_argument("--max-cells", type=int, default=256, help="images are fitted to at most this many cells "
                                                                 "first, as training fits them (data.max_image_patches)")
     fit.add_argument("--iters", type=int, default=20, help="Lloyd steps per codebook, at most")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--seed", type=int, default=0, help="k-means initialisation seed")
     fit.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     enc = imagetok.add_parser("encode", help="image -> codes .npy [rows, cols, codebooks]")
     enc.add_argument("--tokenizer", required=True, help="a folder from `omni imagetok fit`")
-    enc.add_argument("--image", required=True)
-    enc.add_argument("--out", required=True)
+    enc.add_argument("--image", required=True, help="the image file to encode (PNG, JPEG, ...)")
+    enc.add_argument("--out", required=True, help="the .npy file of codes to write")
     enc.add_argument("--max-cells", type=int, default=256, help="fit the image to at most this many cells first "
                                                                 "(as data.max_image_patches does in training)")
     dec = imagetok.add_parser("decode", help="codes .npy -> PNG, to see what the model sees")
-    dec.add_argument("--tokenizer", required=True)
-    dec.add_argument("--codes", required=True)
-    dec.add_argument("--out", required=True)
+    dec.add_argument("--tokenizer", required=True, help="a folder from `omni imagetok fit`")
+    dec.add_argument("--codes", required=True, help="a .npy of codes [rows, cols, codebooks]")
+    dec.add_argument("--out", required=True, help="the PNG file to write")
     return parser
 
 
@@ -327,18 +328,18 @@ def _launch_parser(verbs) -> None:
         sub.add_argument("--config", help="shorthand: run `train --config CONFIG --workdir WORKDIR`")
         sub.add_argument("--workdir", help="with --config: the run's workdir (shared storage on clusters)")
         if name == "local":
-            sub.add_argument("--processes", type=int, required=True)
-            sub.add_argument("--devices-per-process", type=int, default=1)
+            sub.add_argument("--processes", type=int, required=True, help="local processes forming one jax.distributed job")
+            sub.add_argument("--devices-per-process", type=int, default=1, help="CPU devices each process has")
             sub.add_argument("--port", type=int, help="coordinator port on 127.0.0.1 (default: a free one)")
         else:
             sub.add_argument("--dry-run", action="store_true", help="print what would be run or applied, do nothing")
             sub.add_argument("--out", help="where the rendered file is written")
         if name == "slurm":
-            sub.add_argument("--nodes", type=int, required=True)
-            sub.add_argument("--gpus-per-node", type=int, required=True)
-            sub.add_argument("--partition", default="")
+            sub.add_argument("--nodes", type=int, required=True, help="SLURM nodes, one omni process per node")
+            sub.add_argument("--gpus-per-node", type=int, required=True, help="GPUs on each node")
+            sub.add_argument("--partition", default="", help="SLURM partition (default: the cluster's)")
             sub.add_argument("--time", default="24:00:00", help="SLURM time limit")
-            sub.add_argument("--job-name", default="omni")
+            sub.add_argument("--job-name", default="omni", help="SLURM job name")
             sub.add_argument("--setup", default="", help="a shell line run before srun (e.g. activating a venv)")
         if name in ("gke", "tpu"):
             sub.add_argument("--slices", type=int, default=1, help="TPU slices (multislice over DCN)")
@@ -349,11 +350,11 @@ def _launch_parser(verbs) -> None:
             sub.add_argument("--name", default="omni", help="JobSet / workload name")
             sub.add_argument("--cluster", default="CLUSTER", help="GKE cluster name for the XPK command line")
         if name == "tpu":
-            sub.add_argument("--tpu-name", required=True)
-            sub.add_argument("--zone", required=True)
+            sub.add_argument("--tpu-name", required=True, help="the TPU VM to create (or reuse)")
+            sub.add_argument("--zone", required=True, help="GCP zone of the TPU, e.g. us-east5-a")
             sub.add_argument("--accelerator", required=True, help="e.g. v5p-128, v5litepod-16, v6e-16")
-            sub.add_argument("--project", default="")
-            sub.add_argument("--runtime-version", default="v2-alpha-tpuv5")
+            sub.add_argument("--project", default="", help="GCP project (default: gcloud's)")
+            sub.add_argument("--runtime-version", default="v2-alpha-tpuv5", help="TPU VM software version")
             sub.add_argument("--install", default="", help="install command run in ~/omni on every worker")
             sub.add_argument("--keep", action="store_true", help="do not delete the TPU at the end")
         sub.add_argument("command", nargs=argparse.REMAINDER, help="-- then the omni command, e.g. -- train ...")
