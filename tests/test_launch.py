@@ -494,3 +494,23 @@ def test_two_processes_match_one_and_resume_on_one(tmp_path):
     assert sorted(moved) == list(range(1, 13))
     for step in reference:
         assert moved[step] == pytest.approx(reference[step], rel=1e-4), step
+
+
+def test_a_launch_file_the_user_wrote_is_never_replaced(fakes):
+    """`launch slurm` overwrote a user's own omni.sbatch in the current folder."""
+    run, records = fakes
+    mine = run.job / "omni.sbatch"
+    mine.write_text("#!/bin/bash\n#SBATCH --nodes=64\nmy own job\n")
+    result = run("slurm", "--nodes", "2", "--gpus-per-node", "8", "--", "train", check=False)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "omni: error: --out omni.sbatch exists and omni launch did not write it; choose another --out or move that "
+        "file away (omni never replaces a file it did not make)"), result.stderr
+    assert mine.read_text() == "#!/bin/bash\n#SBATCH --nodes=64\nmy own job\n" and records("sbatch") == []
+    (run.job / "folder").mkdir()
+    result = run("slurm", "--nodes", "2", "--gpus-per-node", "8", "--out", "folder", "--", "train", check=False)
+    assert result.returncode == 2 and "is a folder; name the launch file" in result.stderr
+    mine.unlink()
+    for nodes in ("2", "3"):  # its own file omni replaces when launched again
+        run("slurm", "--nodes", nodes, "--gpus-per-node", "8", "--", "train")
+    assert "--nodes=3" in mine.read_text() and len(records("sbatch")) == 2
+    assert mine.read_text().splitlines()[:2] == ["#!/bin/bash", launch.LAUNCH_MARK]

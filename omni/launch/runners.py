@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 import unicodedata
+from pathlib import Path
 
 import yaml
 
@@ -395,15 +396,42 @@ def render(target: str, omni_args: list[str], *, slices: int = 1, **o) -> tuple[
     raise ConfigError(f"unknown launch target {target!r}; choose local, slurm, gke or tpu")
 
 
+# The line that marks a launch file as omni's: one without it is the user's, and omni never replaces it.
+LAUNCH_MARK = "# written by `omni launch`; it replaces this file when launched again with the same --out"
+
+
+def _marked(text: str) -> str:
+    """`text` with LAUNCH_MARK as its first comment (after a #! line, which must stay first)."""
+    if text.startswith("#!"):
+        first, _, rest = text.partition("\n")
+        return f"{first}\n{LAUNCH_MARK}\n{rest}"
+    return f"{LAUNCH_MARK}\n{text}"
+
+
+def _check_ours(out: Path) -> None:
+    """ConfigError when `out` exists and is not a launch file omni wrote (a folder, or a file without the mark)."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name the launch file, e.g. --out {out / 'omni.sbatch'}")
+    if out.exists():
+        with open(out, "rb") as f:
+            head = f.read(4096)
+        if LAUNCH_MARK.encode() not in head:
+            raise ConfigError(f"--out {out} exists and omni launch did not write it; choose another --out or move "
+                              "that file away (omni never replaces a file it did not make)")
+
+
 def submit(text: str, out, runner: list[str], dry_run: bool = False, log=sys.stderr) -> int:
-    """Writes `text` to `out` and runs `runner out`; with dry_run prints the text and what would run instead."""
+    """Writes `text` to `out` and runs `runner out`; with dry_run prints the text and what would run instead.
+    A file already at `out` is replaced only when omni launch wrote it (LAUNCH_MARK)."""
     out = storage.path(out)
     if storage.is_remote(out):
         raise ConfigError(f"--out {out}: the launch file is run here by {runner[0]}, so it must be a local path")
+    text = _marked(text)
     if dry_run:
         print(text, end="")
         print(f"# dry run: would write {out} and run: {' '.join(runner)} {out}", file=log)
         return 0
+    _check_ours(Path(out))
     if shutil.which(runner[0]) is None:
         raise ConfigError(f"{runner[0]} is not installed here; use --dry-run to print the file and run it where "
                           f"{runner[0]} is")
