@@ -1,6 +1,7 @@
 """omni.tools.export: a checkpoint -> safetensors + config + tokenizer + codec, read back by numpy alone and by omni."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 from omni.model import tensor_names
 from omni.train import artifact
 from omni import config as config_lib
-from omni import sharding
+from omni import sharding, storage
 from omni.data import pipeline as data
 from omni.data.codec import MelRVQCodec, PrecomputedCodec, ToneCodec, codec_identity
 from omni.errors import ExportError
@@ -407,3 +408,30 @@ def test_codec_folders_load_back_as_the_same_codec(tmp_path):
         assert type(back) is type(codec) and codec_identity(back) == codec_identity(codec), name
     assert np.array_equal(artifact.load_codec_folder(tmp_path / "fitted").codewords, fitted.codewords)
     assert artifact.load_codec_folder(tmp_path / "nothing") is None
+
+
+def test_an_export_killed_half_way_leaves_nothing_the_next_export_keeps(run, tmp_path):
+    """SIGKILL during export left OUT.tmp-XXXX (115 MB) beside OUT forever, even after the next export to OUT. The
+    killed process here is a real one, killed by SIGKILL inside staged_folder with a weight file half written;
+    a folder of a live process and a user's look-alike folder stay."""
+    import signal
+    import subprocess
+    import sys
+
+    _, root, _ = run
+    out = tmp_path / "model"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys; from omni import storage\n"
+        f"with storage.staged_folder({str(out)!r}) as work:\n"
+        "    (work / 'model.safetensors').write_bytes(b'x' * 100_000)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = tmp_path.glob("model.tmp-*")
+    assert (left / "model.safetensors").stat().st_size == 100_000 and not out.exists()
+    live = tmp_path / f"model.tmp-{storage.host_name()}-{os.getpid()}-0123abcd"  # this process: alive
+    users = tmp_path / "model.tmp-mine"
+    live.mkdir()
+    users.mkdir()
+    export.export(root / "run", out)
+    assert (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name, users.name])
