@@ -1,4 +1,5 @@
-"""Random manifests through `omni data build`: never a crash, every line accounted for, built lines read back.
+"""Random manifests through `omni data build`: never a crash, every line accounted for, built lines read back;
+random prompts files through read_prompts (`omni generate --prompts`, `omni eval --prompts`) the same way.
 
 Each example writes a folder of random media (PNGs, JPEGs and WAVs that are valid, truncated or garbage, .npy
 arrays of any shape and dtype) and a manifest of random lines (raw bytes, random JSON values, lines with random
@@ -14,6 +15,7 @@ fields, segments and paths), then builds it with the omni command in process, wi
 import contextlib
 import io
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -277,3 +279,103 @@ def test_random_manifests_build_or_fail_cleanly_and_account_for_every_line(corpu
             event(f"skip_bad={skip_bad}: {min(built - 2, 3)}+ random lines built")
             assert f"omni: built {out}:" in stdout
             assert not [p for p in Path(tmp).iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+# ----------------------------------------------------------------------------------------------- prompts files
+
+@st.composite
+def prompt_lines(draw, names):
+    """`{"prompt": ...}` lines as `omni generate --prompts` takes them: text around tags on the files there are,
+    missing ones, unknown tag words and unclosed tags, with random extra fields."""
+    paths = st.sampled_from(names + ["missing.png", "missing.wav", "sub/../f0.png", ""])
+    tag = st.one_of(
+        paths.map(lambda p: f"<image:{p}>"), paths.map(lambda p: f"<audio:{p}>"), paths.map(lambda p: f"<codes:{p}>"),
+        st.sampled_from(["<video:x.mp4>", "<image:", "<>", "<audio:a.wav", ">"]))
+    pieces = draw(st.lists(st.text(max_size=6) | tag, max_size=4))
+    line = {"prompt": "".join(pieces) if draw(st.integers(0, 9)) else draw(json_values)}
+    fields = {"id": st.sampled_from(["a", "b", "7", 7]) | json_values,
+              "target": st.sampled_from(["text", "audio", "image", "video"]) | json_values,
+              "audio": st.lists(paths, max_size=2) | json_values,
+              "image_size": st.sampled_from([[8, 8], [16, 4], [0, 8], [8], "8x8"]) | json_values}
+    for key, strategy in fields.items():
+        if draw(st.integers(0, 2)) == 0:
+            line[key] = draw(strategy)
+    if draw(st.integers(0, 9)) == 0:
+        line[draw(st.text(max_size=4))] = draw(json_values)
+    return json.dumps(line).encode()
+
+
+@st.composite
+def plausible_prompt_lines(draw, names):
+    """Prompt lines a user would write: tags of the right kind on the files there are."""
+    tags = {"png": "image", "jpg": "image", "wav": "audio", "npy": "codes"}
+    pieces = draw(st.lists(st.text(min_size=1, max_size=6).filter(lambda t: "<" not in t and ">" not in t)
+                           | st.sampled_from([f"<{tags[n.rsplit('.', 1)[1]]}:{n}>" for n in names] or ["x"]),
+                           min_size=1, max_size=3))
+    line = {"prompt": "".join(pieces)}
+    if draw(st.booleans()):
+        line["id"] = draw(st.sampled_from(["a", "b", "7", 7]))
+    if draw(st.booleans()):
+        line["target"] = draw(st.sampled_from(["text", "audio"]))
+    return json.dumps(line).encode()
+
+
+@st.composite
+def prompts_files(draw):
+    files = draw(media_files)
+    names = [f"f{i}.{ext}" for i, (ext, _) in enumerate(files)]
+    if draw(st.booleans()):  # as a user writes them (most lines read)
+        body = draw(st.lists(plausible_prompt_lines(names) | plausible_lines(names), min_size=1, max_size=4))
+    else:  # anything
+        body = draw(st.lists(prompt_lines(names) | prompt_lines(names) | lines(names, names + ["missing.wav"]),
+                             min_size=1, max_size=8))
+    ending = draw(st.sampled_from([b"\n", b"\r\n"]))
+    return {name: data for name, (_, data) in zip(names, files)}, ending.join(body) + ending
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(prompts=prompts_files(), codec=st.sampled_from([ToneCodec(), None]), target=st.sampled_from(["text", "audio"]))
+def test_random_prompts_files_read_or_fail_naming_the_line(prompts, codec, target):
+    """`omni generate --prompts` / `omni eval --prompts` read a file of random lines: either one task per non-blank
+    line, in order, with the id the line gave, or one GenerateError line naming the file and a non-blank line;
+    never another exception."""
+    from omni.errors import GenerateError
+    from omni.tools.generate import read_prompts
+
+    files, body = prompts
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        path = folder / "prompts.jsonl"
+        path.write_bytes(body)
+        non_blank = _non_blank(body)
+        try:
+            tasks = read_prompts(path, patch_size=4, max_image_patches=16, codec=codec, target=target)
+        except GenerateError as e:
+            message = str(e)
+            if not non_blank:
+                assert message == f"prompts file {path} has no prompts (every line is blank)"
+                return
+            assert "\n" not in message and message.startswith(f"{path}:"), message
+            number = re.match(rf"{re.escape(str(path))}:(\d+)", message)
+            assert number and int(number.group(1)) in non_blank, message
+            event("a line refused")
+            return
+        event(f"{min(len(tasks), 3)}+ tasks read")
+        assert [t.line for t in tasks] == sorted(non_blank)
+        for task in tasks:
+            line = json.loads(non_blank[task.line])
+            assert task.id == str(line.get("id", f"line{task.line}"))
+            assert task.target in ("text", "audio", "image")  # (an empty prompt is an unconditional sample)
+
+
+def test_a_manifest_line_whose_meta_is_not_an_object_is_read_as_a_prompt(tmp_path):
+    """Found by the fuzz above: "meta": true gave AttributeError ('bool' object has no attribute 'get')."""
+    from omni.tools.generate import read_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"segments": [{"text": "q", "target": false}, {"text": "a"}], "targets": ["text"], '
+                    '"meta": true}\n')
+    (task,) = read_prompts(path, patch_size=4, max_image_patches=16)
+    assert (task.group, task.truth, task.meta, task.segments) == ("text", "a", True, [{"text": "q"}])

@@ -35,7 +35,7 @@ def run(cfg: Config, graphdef, params, num_examples: int, log=print) -> dict:
     held_out = pipeline.examples(cfg, "eval")
     examples = []
     for task in DEMO_TASKS:
-        examples += [e for e in held_out if e["meta"].get("task") == task][:num_examples]
+        examples += [e for e in held_out if isinstance(e["meta"], dict) and e["meta"].get("task") == task][:num_examples]
     model = artifact.live(cfg, graphdef, params)
     predictions, scores = tasks_lib.run(model, [task_of(e) for e in examples], max_new_by_group=MAX_NEW_TOKENS,
                                         log=lambda *a: None)

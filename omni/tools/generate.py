@@ -633,8 +633,9 @@ def task_of(example: dict, line: int = 0) -> Task:
         truth = segments[i]["text"]
     prompt = [{k: v for k, v in s.items() if k != "target"} for s in segments[:i]]
     meta = example.get("meta") or {}
+    group = str(meta.get("task", kind)) if isinstance(meta, dict) else kind  # a manifest's meta may be any JSON
     return Task(id=str(example.get("id", f"line{line}")), segments=prompt, target=kind, stop_ids=stop,
-                truth=truth, group=str(meta.get("task", kind)), line=line, meta=meta, image_grid=grid)
+                truth=truth, group=group, line=line, meta=meta, image_grid=grid)
 
 
 PROMPT_KEYS = {"prompt", "id", "target", "audio", "image_size"}
