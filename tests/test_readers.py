@@ -149,6 +149,20 @@ def test_eval_and_generate_read_past_a_damaged_newest_checkpoint(workdir, capsys
     assert "checkpoints/6 cannot be read and is skipped" in capsys.readouterr().out
 
 
+def test_init_from_a_run_reads_past_its_damaged_newest_checkpoint(run, workdir, tmp_path, capsys):
+    """model.init_from=<a run's workdir> reads like eval: under a lease, the damaged step 6 skipped in one line."""
+    from omni import config as config_lib
+
+    _damage(workdir, 6, "metadata")
+    cfg = config_lib.apply_overrides(run[0], ["train.steps=1", "train.checkpoint_every=1",
+                                              f"model.init_from={workdir}"])
+    loop.train(cfg, tmp_path / "next", progress=False)
+    out = capsys.readouterr().out
+    assert "checkpoints/6 cannot be read and is skipped" in out
+    assert f"model.init_from={workdir} (omni run, step 4)" in out
+    assert not (workdir / readers.LEASE_DIR).exists() or not os.listdir(workdir / readers.LEASE_DIR)
+
+
 def test_a_workdir_whose_every_checkpoint_is_damaged_is_one_line(workdir, tmp_path, capsys):
     for step in (2, 4, 6):
         _damage(workdir, step, "metadata")

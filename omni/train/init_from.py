@@ -334,12 +334,12 @@ def _fix(source: Source, m) -> str:
         f" (the sizes of {source.folder / CONFIG_FILE})"
 
 
-def load(cfg: Config, vocab: Vocab, text_tokenizer, abstract_params: dict) -> Loaded:
+def load(cfg: Config, vocab: Vocab, text_tokenizer, abstract_params: dict, log=print) -> Loaded:
     """The source's weights in the layout of `abstract_params` (nnx.to_pure_dict of the model, anything with
     .shape): every block tensor, the final norm, and the embedding / unembedding rows matched by token string."""
     m = cfg.model
     if is_run(m.init_from):
-        return _load_run(storage.path(m.init_from), vocab, abstract_params)
+        return _load_run(storage.path(m.init_from), vocab, abstract_params, log)
     source, wanted = _checked(cfg, abstract_params)
     return _read(cfg, source, wanted, vocab, text_tokenizer, abstract_params)
 
@@ -437,10 +437,14 @@ def _read(cfg: Config, source: Source, wanted: dict, vocab: Vocab, text_tokenize
     return Loaded(params=params, from_source_rows=found, counts=counts)
 
 
-def _load_run(workdir, vocab: Vocab, abstract_params: dict) -> Loaded:
-    """The latest checkpoint's parameters of an omni run, every tensor of this model's shape."""
-    step = artifact.pick_step(workdir, None)
-    params = artifact.checkpoint_params(workdir, step)
+def _load_run(workdir, vocab: Vocab, abstract_params: dict, log=print) -> Loaded:
+    """The newest readable checkpoint's parameters of an omni run (read under a lease, so a run still training
+    there does not delete it mid-read; a damaged one is skipped in one line: omni.train.readers), every tensor
+    of this model's shape."""
+    from omni.train import readers
+
+    step, params = readers.read_checkpoint(workdir, None, lambda step: artifact.checkpoint_params(workdir, step),
+                                           log)
     saved = dict(_param_paths(params))
     for path, leaf in _param_paths(abstract_params):
         name = "/".join(path)

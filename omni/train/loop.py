@@ -96,7 +96,7 @@ def _train(cfg: Config, workdir, progress: bool, end_of_run: EndOfRun | None, is
         restored = checkpoint.restore_latest(manager, checkpoint.abstract_like(state), train_iter,
                                              config=config_lib.to_dict(cfg), log=log)
         # A new run starts from model.init_from's weights; a checkpoint of the workdir always wins.
-        loaded = (init_from.load(cfg, vocab, pipeline.tokenizer_for(cfg), state["params"])
+        loaded = (init_from.load(cfg, vocab, pipeline.tokenizer_for(cfg), state["params"], log)
                   if restored is None and cfg.model.init_from else None)
     except Exception:
         manager.close()  # let Orbax's background threads end before the error reaches the user
