@@ -45,7 +45,7 @@ from etils import epath  # noqa: E402
 for _name in ("gcsfs", "fsspec"):
     logging.getLogger(_name).setLevel(logging.CRITICAL)
 
-from omni.errors import StorageError  # noqa: E402
+from omni.errors import OmniError, StorageError  # noqa: E402
 
 Path = epath.Path
 SCHEMES = ("gs", "s3")
@@ -202,8 +202,8 @@ def staged_folder(out, last: str | None = None, what: str = "--out") -> Iterator
             upload_folder(work, out, last=last)
         else:
             os.rename(work, out)
-    except OSError as e:
-        if isinstance(e, StorageError) or os_error_line(e, what) is None:
+    except Exception as e:  # noqa: BLE001 - OSError, and C++/Rust writers' own errors (safetensors, tensorstore)
+        if isinstance(e, (StorageError, OmniError)) or os_error_line(e, what) is None:
             raise
         raise os_error(e, out, what, "write") from None
     finally:

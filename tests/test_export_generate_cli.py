@@ -26,7 +26,8 @@ def _omni(*args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory):
-    """A tiny model trained until it knows its few demo captions by heart, exported as float32."""
+    """(export, [(image, caption)], workdir): a tiny model trained until it knows its few demo captions by heart,
+    exported as float32."""
     workdir = tmp_path_factory.mktemp("run")
     cfg = tiny_config()
     cfg.model.d = 64
@@ -42,11 +43,11 @@ def memorised(tmp_path_factory):
     captions = [(manifest.parent / line["segments"][0]["image"], line["meta"]["answer"]) for line in lines
                 if line["meta"]["task"] == "caption" and line.get("split") == "train"]
     assert captions
-    return out, captions
+    return out, captions, workdir
 
 
 def test_generate_writes_the_caption_of_a_memorised_image(memorised):
-    out, captions = memorised
+    out, captions, *_ = memorised
     for image, caption in captions:
         result = _omni("generate", "--model", str(out), "--prompt", f"<image:{image}>", "--target", "text")
         assert result.returncode == 0, result.stderr
@@ -55,7 +56,7 @@ def test_generate_writes_the_caption_of_a_memorised_image(memorised):
 
 
 def test_generate_audio_writes_a_wav_through_the_codec(memorised, tmp_path):
-    out, _ = memorised
+    out, *_ = memorised
     wav = tmp_path / "melody.wav"
     result = _omni("generate", "--model", str(out), "--prompt", "play loud c e g", "--target", "audio",
                    "--max-new-tokens", "12", "--out", str(wav))
@@ -67,7 +68,7 @@ def test_generate_audio_writes_a_wav_through_the_codec(memorised, tmp_path):
 
 
 def test_generate_names_a_missing_image_and_a_folder_that_is_not_an_export(memorised, tmp_path):
-    out, _ = memorised
+    out, *_ = memorised
     missing = _omni("generate", "--model", str(out), "--prompt", f"<image:{tmp_path / 'cat.png'}>")
     assert missing.returncode == 2 and f"{tmp_path / 'cat.png'}" in missing.stderr
     not_export = _omni("generate", "--model", str(tmp_path), "--prompt", "hi")
@@ -101,7 +102,7 @@ def _one_error_line(result) -> str:
 def test_generate_caps_max_new_tokens_to_the_trained_context(memorised, tmp_path):
     """--max-new-tokens 1000000 on a model that never stops ran for over ten minutes: now it stops where the
     model's 128-token training context ends, and says so."""
-    out, _ = memorised
+    out, *_ = memorised
     endless = _endless(out, tmp_path / "endless", 128)
     result = _omni("generate", "--model", str(endless), "--prompt", "play loud c e g", "--max-new-tokens", "1000000")
     assert result.returncode == 0, result.stderr
@@ -121,7 +122,7 @@ def test_generate_caps_max_new_tokens_to_the_trained_context(memorised, tmp_path
 ])
 def test_generate_rejects_a_prompt_that_fills_the_context_and_a_count_below_one(memorised, prompt, tokens,
                                                                                message):
-    out, _ = memorised
+    out, *_ = memorised
     result = _omni("generate", "--model", str(out), "--prompt", prompt, "--max-new-tokens", tokens)
     assert message in _one_error_line(result)
 
@@ -129,7 +130,7 @@ def test_generate_rejects_a_prompt_that_fills_the_context_and_a_count_below_one(
 @pytest.mark.slow
 def test_ctrl_c_stops_generation_at_once_with_exit_code_130(memorised, tmp_path):
     """A decode of ~65,000 steps over a 65,536-slot cache (minutes): SIGINT in the middle ends it in seconds."""
-    out, _ = memorised
+    out, *_ = memorised
     endless = _endless(out, tmp_path / "endless", 65536)
     cache = tmp_path / "compile-cache"  # its own: a compiled program lands here when its compile is done
     process = subprocess.Popen([sys.executable, "-m", "omni.cli", "generate", "--model", str(endless), "--prompt",
@@ -174,7 +175,7 @@ def test_ctrl_c_stops_generation_at_once_with_exit_code_130(memorised, tmp_path)
     ("<codes:> then", "tag <codes:> in the prompt names no file"),
 ])
 def test_generate_rejects_empty_prompts_and_unknown_or_empty_tags(memorised, prompt, message):
-    out, _ = memorised
+    out, *_ = memorised
     line = _one_error_line(_omni("generate", "--model", str(out), "--prompt", prompt, "--max-new-tokens", "4"))
     assert message in line
     if "tag" in message:  # the known tags are listed
@@ -182,7 +183,7 @@ def test_generate_rejects_empty_prompts_and_unknown_or_empty_tags(memorised, pro
 
 
 def test_angle_brackets_outside_the_tag_shape_are_prompt_text(memorised):
-    out, _ = memorised
+    out, *_ = memorised
     result = _omni("generate", "--model", str(out), "--prompt", "a < b > c <b>x</b>", "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr
     assert "prompt 19 tokens" in result.stderr  # 18 bytes of text and <bos>
@@ -192,7 +193,7 @@ def test_generate_prompts_file_batches_and_matches_the_single_prompt_form(memori
     """`--prompts`: manifest lines (the caption is the answer, left out of the prompt) and an inline-tag line,
     in one run; each result line carries the id, the output, the stop reason and the token count, in file order,
     and equals what the single-prompt form gives. A training workdir serves as --model as well as its export."""
-    out, captions = memorised
+    out, captions, *_ = memorised
     lines = [{"id": f"cap{i}", "segments": [{"image": str(image)}, {"text": caption}], "targets": ["text"]}
              for i, (image, caption) in enumerate(captions)]
     lines.append({"prompt": "play loud c e g", "target": "audio", "id": "melody"})
@@ -226,7 +227,7 @@ def test_generate_prompts_file_batches_and_matches_the_single_prompt_form(memori
 
 
 def test_generate_prompts_names_the_bad_line(memorised, tmp_path):
-    out, _ = memorised
+    out, *_ = memorised
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hi"}\n{"prompt": "see <video:x.mp4>"}\n')
     line = _one_error_line(_omni("generate", "--model", str(out), "--prompts", str(prompts), "--out",
@@ -240,11 +241,11 @@ def test_generate_prompts_names_the_bad_line(memorised, tmp_path):
 
 def test_outputs_are_checked_before_the_work_and_disk_errors_are_one_line(memorised, tmp_path):
     """--out naming a folder, a folder that does not exist (never made silently), a read-only place (export and
-    generate, before the checkpoint is read or anything generated) and a disk that fills while the answer is
-    written: each one `omni: error:` line, exit 2, nothing left behind."""
+    generate, before the checkpoint is read or anything generated) and a disk that fills while the answer or an
+    export (both formats) is written: each one `omni: error:` line, exit 2, nothing left behind."""
     from tests.conftest import run_in_namespace
 
-    out, _ = memorised
+    out, _, workdir = memorised
     folder = _omni("generate", "--model", str(out), "--prompt", "play loud c e g", "--target", "audio",
                    "--out", str(tmp_path))
     assert folder.returncode == 2 and f"--out {tmp_path} is a folder; name a file inside it, e.g. " \
@@ -266,16 +267,23 @@ def test_outputs_are_checked_before_the_work_and_disk_errors_are_one_line(memori
     shell = (f"mount -o bind,ro {tmp_path / 'ro'} {tmp_path / 'ro'} && "
              f"mount -t tmpfs -o size=64k none {tmp_path / 'small'} && "
              f"{{ head -c 1000000 /dev/zero > {tmp_path / 'small' / 'filler'} 2>/dev/null; true; }} && cd {Path.cwd()} && "
-             f"{{ {cli} export --workdir {out} --out {tmp_path / 'ro' / 'model'}; echo rc=$?; "
+             f"{{ {cli} export --workdir {workdir} --out {tmp_path / 'ro' / 'model'}; echo rc=$?; "
              f"{cli} generate --model {out} --prompt 'play loud c e g' --target audio --out {tmp_path / 'ro' / 'x.wav'}; "
              f"echo rc=$?; "
              f"{cli} generate --model {out} --prompt 'play loud c e g' --target audio --out "
-             f"{tmp_path / 'small' / 'x.wav'}; echo rc=$?; ls -a {tmp_path / 'small'}; }} 2>&1")
+             f"{tmp_path / 'small' / 'x.wav'}; echo rc=$?; "
+             f"{cli} export --workdir {workdir} --out {tmp_path / 'small' / 'model'}; echo rc=$?; "
+             f"{cli} export --workdir {workdir} --format hf --out {tmp_path / 'small' / 'hf'}; echo rc=$?; "
+             f"ls -a {tmp_path / 'small'}; }} 2>&1")
     result = run_in_namespace(shell)
     text = result.stdout
-    assert text.count("rc=2") == 3, text
+    assert text.count("rc=2") == 5, text
     assert f"omni: error: cannot write {tmp_path / 'ro' / 'model'}: the file system is read-only; choose another --out" \
         in text, text
     assert f"omni: error: cannot write {tmp_path / 'ro' / 'x.wav'}: the file system is read-only" in text
     assert f"omni: error: cannot write {tmp_path / 'small' / 'x.wav'}: the disk is full" in text
+    for fmt in ("model", "hf"):  # a full disk during either export format
+        assert f"omni: error: cannot write {tmp_path / 'small' / fmt}: the disk is full; free space there or " \
+            "choose another --out" in text, text
+    assert text.rstrip().splitlines()[-3:] == [".", "..", "filler"]  # no export folder, no temporary
     assert "Traceback" not in text and ".tmp-" not in text
