@@ -45,7 +45,6 @@ import sys
 import threading
 import time
 import unicodedata
-from pathlib import Path
 
 import yaml
 
@@ -408,12 +407,12 @@ def _marked(text: str) -> str:
     return f"{LAUNCH_MARK}\n{text}"
 
 
-def _check_ours(out: Path) -> None:
+def _check_ours(out) -> None:
     """ConfigError when `out` exists and is not a launch file omni wrote (a folder, or a file without the mark)."""
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; name the launch file, e.g. --out {out / 'omni.sbatch'}")
     if out.exists():
-        with open(out, "rb") as f:
+        with open(os.fspath(out), "rb") as f:
             head = f.read(4096)
         if LAUNCH_MARK.encode() not in head:
             raise ConfigError(f"--out {out} exists and omni launch did not write it; choose another --out or move "
@@ -431,7 +430,7 @@ def submit(text: str, out, runner: list[str], dry_run: bool = False, log=sys.std
         print(text, end="")
         print(f"# dry run: would write {out} and run: {' '.join(runner)} {out}", file=log)
         return 0
-    _check_ours(Path(out))
+    _check_ours(out)
     if shutil.which(runner[0]) is None:
         raise ConfigError(f"{runner[0]} is not installed here; use --dry-run to print the file and run it where "
                           f"{runner[0]} is")
