@@ -218,15 +218,16 @@ def test_cli_exports_hf(run, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------- init_from
 
 def test_round_trip_export_transformers_save_pretrained_init_from(run, omni_model, tmp_path, monkeypatch):
-    """export -> transformers -> save_pretrained -> model.init_from in the trainer: the same logits (lr 0, so the
-    one step it takes changes nothing). Run again, the workdir's checkpoint wins: init_from is not loaded."""
+    """export -> transformers -> save_pretrained -> model.init_from in the trainer: the same logits (the one step it
+    takes is the first of the warmup, whose learning rate is 0, so it changes nothing). Run again, the workdir's
+    checkpoint wins: init_from is not loaded."""
     cfg, _, out = run
     saved = tmp_path / "saved"
     transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).save_pretrained(saved)
     transformers.AutoTokenizer.from_pretrained(out).save_pretrained(saved)
     shutil.copy(out / hf_llama.PATCH_FILE, saved)  # the image projection lives beside the Llama
     started = tiny_config()
-    started.train.steps, started.train.lr, started.train.eval_batches = 1, 0.0, 1
+    started.train.steps, started.train.eval_batches = 1, 1  # train.lr must be > 0; warmup step 0 has rate 0
     started.model.init_from = str(saved)
     loop.train(started, tmp_path / "run", progress=False)
     back = artifact.from_checkpoint(tmp_path / "run")

@@ -77,7 +77,8 @@ def test_a_failed_write_keeps_the_previous_file_whole(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "replace", disk_full)
-    with pytest.raises(WorkdirError, match=f"cannot write {target}: No space left on device"):
+    with pytest.raises(WorkdirError, match=f"cannot write {target}: the disk is full; free space there or choose "
+                                           "another --workdir"):
         workdir_lib.write_atomic(target, json.dumps({"step": 2}))
     assert json.loads(target.read_text()) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # no temp file left behind
