@@ -91,7 +91,7 @@ def _decoder_alone(model, batch):
     is_image = mod == IMAGE
     mask = same_ids_mask(seg) & (~is_image[:, None, None, :] | jnp.eye(L, dtype=bool)[None, None])
     x = model._run_stack(model.blocks, model.embed_inputs(batch), lambda: mask, model.rope_tables(batch["positions"]))
-    return model.logits(x)
+    return model.vocab_logits(model.final_norm(x))
 
 
 @pytest.mark.parametrize("scan", [True, False])

@@ -59,7 +59,8 @@ def test_prefill_then_decode_gives_the_full_forward_logits(setup, changes):
     model_cfg, graphdef, params = _variant(setup, **changes)
     pdim, length = patch_dim(setup[0].data), 12
     forward = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b))
-    cached = jax.jit(lambda p, b, c, decode: nnx.merge(graphdef, p)(b, cache=c, decode=decode), static_argnums=3)
+    prefill = jax.jit(lambda p, b, c: nnx.merge(graphdef, p).prefill(b, c))
+    decode_step = jax.jit(lambda p, b, c: nnx.merge(graphdef, p).decode_step(b, c))
     rng = np.random.default_rng(0)
     tokens, modality = rng.integers(16, 300, (2, length)), np.full((2, length), TEXT)
     tokens[:, 1:4], modality[:, 1:4] = IMAGE_PATCH, IMAGE  # image patches inside both prompts
@@ -73,7 +74,7 @@ def test_prefill_then_decode_gives_the_full_forward_logits(setup, changes):
     lengths, width = np.array([5, 8]), 8  # two prompts of different lengths, right-padded to 8
     prompt = {k: v if k.startswith("patch") else v[:, :width] for k, v in full.items()}
     prompt["segment_ids"] = jnp.array(np.arange(width)[None] < lengths[:, None], jnp.int32)
-    logits, cache = cached(params, prompt, init_cache(model_cfg, 2, length), False)
+    logits, cache = prefill(params, prompt, init_cache(model_cfg, 2, length))
     assert cache["k"].shape == (2, 2, length, 2, 8)
     for i in range(2):
         np.testing.assert_allclose(logits[i, :lengths[i]], reference[i, :lengths[i]], rtol=1e-5, atol=1e-5)
@@ -83,7 +84,7 @@ def test_prefill_then_decode_gives_the_full_forward_logits(setup, changes):
                 "patches": jnp.zeros((2, 1, pdim), jnp.uint8), "patch_positions": jnp.ones((2, 1), jnp.int32),
                 "segment_ids": jnp.ones((2, 1), jnp.int32),
                 "positions": jnp.array(slot[:, None], jnp.int32)}
-        logits, cache = cached(params, step, cache, True)
+        logits, cache = decode_step(params, step, cache)
         np.testing.assert_allclose(logits[:, 0], reference[rows, slot], rtol=1e-5, atol=1e-5)
         slot += 1
 

@@ -29,16 +29,14 @@ class Attention(nnx.Module):
         self.wo = _modality_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, pd, m)
         self.cfg, self.causal, self.rotary = cfg, causal, rotary
 
-    def __call__(self, x_BxLxD, visible, rope_tables=None, cache=None, layer=None, decode_slot_B=None,
-                 route=None, context_BxSxD=None):
-        """Attention output [B, L, D]; with a cache (module docstring) returns (output, updated cache).
+    def __call__(self, x_BxLxD, visible, rope_tables=None, route=None, context_BxSxD=None):
+        """Attention output [B, L, D].
 
         visible says which keys each query sees (causal attention also requires s <= t): run ids int [B, L]
         (a query sees the keys of its own run of equal ids, see attend), or a bool mask [B, 1, L, S] (key s
-        visible to query t). Ignored when decoding. rope_tables: omni.model.layers.rope_tables of the positions
-        (None without rotary embeddings). With context_BxSxD keys and values come from it (cross-attention,
-        a mask [B, 1, L, S]; no rotary embedding: keys and queries come from different sequences).
-        decode_slot_B (int [B]): decode one token per row, written at that cache slot.
+        visible to query t). rope_tables: omni.model.layers.rope_tables of the positions (None without rotary
+        embeddings). With context_BxSxD keys and values come from it (cross-attention, a mask [B, 1, L, S]; no
+        rotary embedding: keys and queries come from different sequences).
         """
         dt = jnp.dtype(self.cfg.dtype)
         if context_BxSxD is None:
@@ -48,15 +46,24 @@ class Attention(nnx.Module):
             k_BxLxKxH = dense("bld,dkh->blkh", context_BxSxD, self.wk[...], dt, route)
             v_BxLxKxH = dense("bld,dkh->blkh", context_BxSxD, self.wv[...], dt, route)
         q_BxLxNxH = sharding.constrain(q_BxLxNxH, "batch", "length", "heads", "head_dim")
-        if decode_slot_B is not None:
-            return self._decode(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, decode_slot_B, cache, layer, route)
-        if cache is not None:  # prefill: the block attends as in training; its keys/values fill slots 0..L-1
-            cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype),
-                                                        (layer, 0, 0, 0, 0))
-                     for name, new in (("k", k_BxLxKxH), ("v", v_BxLxKxH))}
         out_BxLxNxH = attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, visible, self.causal, self.cfg)
-        out_BxLxD = dense("blnh,nhd->bld", out_BxLxNxH, self.wo[...], dt, route)
-        return out_BxLxD if cache is None else (out_BxLxD, cache)
+        return dense("blnh,nhd->bld", out_BxLxNxH, self.wo[...], dt, route)
+
+    def attend_cached(self, x_BxLxD, visible, rope_tables, cache, layer, slot_B=None, route=None):
+        """(output [B, L, D], cache) against a KV cache {"k", "v"} [layers, B, S, kv_heads, head_dim].
+
+        Without slot_B a prefill: the block attends as in training (`visible` as in __call__) and its keys and
+        values fill slots 0..L-1 of cache[layer]. With slot_B (int [B]) one decode step: L == 1, the row's token
+        is written at its slot and attends to slots 0..slot (`visible` is not read)."""
+        q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self._project_qkv(x_BxLxD, rope_tables, route)
+        q_BxLxNxH = sharding.constrain(q_BxLxNxH, "batch", "length", "heads", "head_dim")
+        if slot_B is not None:
+            return self._decode(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, slot_B, cache, layer, route)
+        cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype),
+                                                    (layer, 0, 0, 0, 0))
+                 for name, new in (("k", k_BxLxKxH), ("v", v_BxLxKxH))}
+        out_BxLxNxH = attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, visible, self.causal, self.cfg)
+        return dense("blnh,nhd->bld", out_BxLxNxH, self.wo[...], jnp.dtype(self.cfg.dtype), route), cache
 
     def _project_qkv(self, x_BxLxD, rope_tables, route):
         """q [B, L, N, H], k and v [B, L, K, H] from one matmul, RoPE applied to q and k in one pass.

@@ -32,14 +32,20 @@ batch's tokens out by modality in tiles and multiplies each tile by its modality
 tiles, the default; ragged_dot; or masked, every slice for every token with two masked away, 3x FLOPs). The
 Route that says where each token goes is built once per call (OmniTransformer.route) and read by every layer.
 
-Inference with a KV cache (omni.tools.generate; early and mot) calls the same model with `cache=init_cache(...)`,
-one example per row starting at slot 0, so a token's cache slot is also its RoPE position (mot: a decode step routes
-each row's one token through its modality's slice):
+The model's calls, one contract each (shapes: B rows, L positions, D model width, V vocabulary):
 
-    model(prompt_batch, cache=cache)                -> logits [B, P, V], cache with slots 0..P-1 written
-        prefill: the right-padded prompt block runs as in training (segment_ids 1 on tokens, 0 on padding)
-    model(step_batch, cache=cache, decode=True)     -> logits [B, 1, V], cache with one more slot per row
-        decode: one token per row at slot positions[i, 0] (rows may differ), attending to slots <= that slot
+    model(batch)                          -> logits float32 [B, L, V]   (position t predicts token t+1)
+    model.hidden(batch)                   -> hidden [B, L, D]           (after the final norm; the loss reads it)
+    model.vocab_logits(hidden)            -> logits float32 [B, L, V]
+    model.prefill(prompt_batch, cache, logits_at_B=None) -> (logits [B, P, V] or [B, 1, V], cache)
+        the right-padded prompt block runs as in training (segment_ids 1 on tokens, 0 on padding) and fills
+        cache slots 0..P-1; logits_at_B (int [B]) unembeds only that position of each row
+    model.decode_step(step_batch, cache)  -> (logits [B, 1, V], cache)
+        one token per row at slot positions[i, 0] (rows may differ), attending to slots <= that slot
+
+Inference with a KV cache (omni.tools.generate; early and mot) uses prefill and decode_step on a cache from
+init_cache, one example per row starting at slot 0, so a token's cache slot is also its RoPE position (mot: a
+decode step routes each row's one token through its modality's slice).
 
 The cache is {"k", "v"}: [layers, B, S, kv_heads, head_dim] in the compute dtype, S the longest total length.
 It travels through the layers as part of the scan carry (or the Python loop), and each layer writes only its
@@ -87,15 +93,21 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d, cfg.norm_eps, cfg.param_dtype, modalities)
         self.mlp = SwiGLU(cfg, rngs, modalities)
 
-    def __call__(self, x_BxLxD, visible, rope_tables, cache=None, layer=None, decode_slot_B=None,
-                 route: Route | None = None):
-        attended = self.attn(self.attn_norm(x_BxLxD, route), visible, rope_tables, cache, layer, decode_slot_B, route)
-        if cache is not None:
-            attended, cache = attended
-        x_BxLxD = x_BxLxD + attended
+    def __call__(self, x_BxLxD, visible, rope_tables, route: Route | None = None):
+        """x [B, L, D] -> x [B, L, D]."""
+        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD, route), visible, rope_tables, route)
+        return self._mlp(x_BxLxD, route)
+
+    def cached(self, x_BxLxD, visible, rope_tables, cache, layer, slot_B=None, route: Route | None = None):
+        """(x, cache): the block against a KV cache, a prefill or with slot_B one decode step
+        (Attention.attend_cached)."""
+        attended, cache = self.attn.attend_cached(self.attn_norm(x_BxLxD, route), visible, rope_tables, cache, layer,
+                                                  slot_B, route)
+        return self._mlp(x_BxLxD + attended, route), cache
+
+    def _mlp(self, x_BxLxD, route):
         x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD, route), route)
-        x_BxLxD = sharding.constrain(x_BxLxD, "batch", "length", "act_embed")
-        return x_BxLxD if cache is None else (x_BxLxD, cache)
+        return sharding.constrain(x_BxLxD, "batch", "length", "act_embed")
 
 
 class GatedCrossBlock(nnx.Module):
@@ -187,22 +199,14 @@ class OmniTransformer(nnx.Module):
         x_BxLxD = jnp.where(is_patch_BxL[..., None], placed_BxLxD, x_BxLxD)
         return sharding.constrain(x_BxLxD, "batch", "length", "act_embed")
 
-    def __call__(self, batch, cache=None, decode=False, logits_at=None):
-        """The batch of omni.batch -> logits float32 [B, L, V] (position t predicts token t+1).
-
-        With `cache` (init_cache) returns (logits, updated cache): a prefill of the prompt block, or with
-        `decode=True` one token per row at slot positions[:, 0] (module docstring). `logits_at` (int [B], cache
-        path only) unembeds just that position of each row: logits [B, 1, V], e.g. a prompt's last token.
-        """
-        if cache is not None:
-            return self._cached_call(batch, cache, decode, logits_at)
-        if decode or logits_at is not None:
-            raise ValueError("decode and logits_at need a cache (omni.model.transformer.init_cache)")
-        return self.unembed_hidden(self.hidden(batch))
+    def __call__(self, batch) -> jax.Array:
+        """The batch of omni.batch -> logits float32 [B, L, V] (position t predicts token t+1)."""
+        return self.vocab_logits(self.hidden(batch))
 
     def hidden(self, batch) -> jax.Array:
-        """x_BxLxD after the final norm: what the unembedding reads. The trainer's loss takes it with the
-        unembedding weight (omni.loss.fused_loss_sums) so that no [B, L, V] array is ever held whole."""
+        """hidden [B, L, D]: the last layer's output after the final norm, what vocab_logits unembeds. The
+        trainer's loss takes it with the unembedding weight (omni.loss.fused_loss_sums) so that no [B, L, V]
+        array is ever held whole."""
         segment_ids_BxL = batch["segment_ids"]
         x_BxLxD = self.embed_inputs(batch)
         tables = self.rope_tables(batch["positions"])
@@ -273,36 +277,43 @@ class OmniTransformer(nnx.Module):
                                       decoder_mask, tables)
         return x_BxLxD
 
-    def logits(self, x_BxLxD) -> jax.Array:
-        """logits float32 [B, L, V] of the last block's output (before the final norm)."""
-        return self.unembed_hidden(self.final_norm(x_BxLxD))
-
-    def unembed_hidden(self, hidden_BxLxD) -> jax.Array:
+    def vocab_logits(self, hidden_BxLxD) -> jax.Array:
+        """hidden [B, L, D] (after the final norm: `hidden`) -> logits float32 [B, L, V]."""
         logits_BxLxV = jnp.einsum("bld,dv->blv", hidden_BxLxD, self.unembed[...].astype(hidden_BxLxD.dtype),
                                   preferred_element_type=jnp.float32)
         return sharding.constrain(logits_BxLxV, "batch", "length", "vocab")
 
-    def _cached_call(self, batch, cache, decode: bool, logits_at=None):
-        """The KV-cache path: the stacked cache rides in the layer carry; layer i reads/writes cache[:, i]."""
+    def prefill(self, batch, cache, logits_at_B=None):
+        """(logits, cache): the right-padded prompt block [B, P] runs as in training (segment_ids 1 on tokens, 0
+        on padding) and fills cache slots 0..P-1. logits float32 [B, P, V], or with logits_at_B (int [B]) only
+        that position of each row, [B, 1, V] (a prompt's last token)."""
+        return self._cached(batch, cache, None, logits_at_B)
+
+    def decode_step(self, batch, cache):
+        """(logits float32 [B, 1, V], cache): one token per row ([B, 1] fields, omni.tools.generate.step_batch)
+        at slot positions[:, 0] (rows may differ), attending to slots <= that slot; the cache gains that slot."""
+        return self._cached(batch, cache, batch["positions"][:, 0], None)
+
+    def _cached(self, batch, cache, slot_B, logits_at_B):
+        """The KV-cache path: the stacked cache rides in the layer carry; layer i reads/writes cache[:, i]. A
+        token's cache slot is its position."""
         if self.cfg.fusion not in ("early", "mot"):
             raise ValueError(f"the KV cache serves model.fusion='early' and 'mot', not '{self.cfg.fusion}' "
                              "(omni.tools.generate recomputes the prefix for the other variants)")
-        segment_ids_BxL, positions_BxL = batch["segment_ids"], batch["positions"]
-        visible = None if decode else runs_of(segment_ids_BxL, self.cfg)
-        slot_B = positions_BxL[:, 0] if decode else None  # a token's cache slot is its position
+        visible = None if slot_B is not None else runs_of(batch["segment_ids"], self.cfg)
         x_BxLxD = self.embed_inputs(batch)
-        tables = self.rope_tables(positions_BxL)
+        tables = self.rope_tables(batch["positions"])
         route = self.route(batch)  # mot: a decode step routes each row's one token by its modality
 
         def run_block(carry, block):
             x, cache, layer = carry
-            x, cache = block(x, visible, tables, cache, layer, slot_B, route)
+            x, cache = block.cached(x, visible, tables, cache, layer, slot_B, route)
             return x, cache, layer + 1
 
         x_BxLxD, cache, _ = _over_blocks(self.blocks, run_block, (x_BxLxD, cache, jnp.zeros((), jnp.int32)))
-        if logits_at is not None:
-            x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at[:, None, None], axis=1)
-        return self.logits(x_BxLxD), cache
+        if logits_at_B is not None:
+            x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at_B[:, None, None], axis=1)
+        return self.vocab_logits(self.final_norm(x_BxLxD)), cache
 
 
 def _over_blocks(stack, body, carry):

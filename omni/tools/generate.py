@@ -327,12 +327,12 @@ def _cached_steps(model_cfg, spec: _Spec, total_len: int, patch_dim: int):
     routes it through its modality's slice)."""
     def first_logits(model, batch, lengths_B):
         cache = init_cache(model_cfg, lengths_B.shape[0], total_len)
-        logits_Bx1xV, cache = model(batch, cache=cache, logits_at=lengths_B - 1)
+        logits_Bx1xV, cache = model.prefill(batch, cache, lengths_B - 1)
         return logits_Bx1xV[:, 0], cache
 
     def next_logits(model, token_B, slot_B, cache):
         batch = step_batch(token_B, _modality_of(token_B, spec.vocab), slot_B, patch_dim)
-        logits_Bx1xV, cache = model(batch, cache=cache, decode=True)
+        logits_Bx1xV, cache = model.decode_step(batch, cache)
         return logits_Bx1xV[:, 0], cache
 
     return first_logits, next_logits
