@@ -7,6 +7,7 @@ import pytest
 from omni import config as config_lib
 from omni.batch import check_batch, patch_dim, row_patches
 from omni.config import ConfigError
+from omni.data import images
 from omni.data import pipeline as data
 from omni.data.prefetch import Prefetched
 from omni.data.text_tokenizer import ByteTokenizer
@@ -142,7 +143,7 @@ def test_split_pieces_keep_order_and_flags():
 @pytest.mark.parametrize("shape", [(32, 32), (100, 50), (37, 203), (5, 5), (640, 480)])
 def test_images_fit_the_patch_budget_keeping_aspect(shape):
     image = np.random.default_rng(0).integers(0, 255, shape + (3,), dtype=np.uint8)
-    fitted = data.fit_image(image, patch_size=8, max_patches=64)
+    fitted = images.fit_image(image, patch_size=8, max_patches=64)
     h, w = fitted.shape[:2]
     assert h % 8 == 0 and w % 8 == 0 and (h // 8) * (w // 8) <= 64 and h >= 8 and w >= 8
     if shape == (32, 32):

@@ -105,3 +105,42 @@ def test_a_tiny_model_learns_image_codes(built, tmp_path):
     assert result["eval"]["tokens/image"] > 0 and result["eval"]["tokens/audio"] > 0
     assert result["eval"]["loss/image"] < 0.7 * first_eval, (first_eval, result["eval"])
     assert train_curve[-1] < train_curve[0]
+
+
+@pytest.mark.parametrize("kind, target", [(0, "image"), (2, "text"), (3, "image")])
+def test_a_manifest_line_enters_training_and_generation_as_the_same_tokens(built, kind, target):
+    """One input path (omni.data.image_entry): the line's prompt through the training pipeline (build, prepare,
+    encode_example) and through generation (read_prompts, prompt_arrays) gives identical tokens, modalities,
+    patches and patch positions, for an image entering as codes (0), as patches (2) and as both (3)."""
+    from omni.data import dataset, pipeline
+    from omni.tokens import encode_example
+    from omni.tools import generate
+
+    cfg = _cfg(built)
+    ds = dataset.open_dataset(cfg.data.dataset)
+    tok, vocab, image_tokenizer = pipeline.tokenizer_for(cfg), pipeline.vocab_for(cfg), pipeline.image_tokenizer_for(cfg)
+    line = next(json.loads(l) for l in (built / "m.jsonl").read_text().splitlines()
+                if int(json.loads(l)["id"][2:]) % 5 == kind and "split" not in json.loads(l))
+    source = ds.source("train")
+    record = next(source[i] for i in range(len(source))
+                  if dataset.decode_record(source[i], len(ds.codebook_sizes), 2)["id"] == line["id"])
+    trained = encode_example(pipeline.prepare(record, cfg.data, len(ds.codebook_sizes), image_tokenizer), vocab,
+                             tok, cfg.data.patch_size, cfg.data.audio_layout)
+
+    prompts = built / f"prompt-{kind}.jsonl"
+    prompts.write_text(json.dumps(line) + "\n")
+    (task,) = generate.read_prompts(prompts, patch_size=cfg.data.patch_size, max_image_patches=16,
+                                    image_tokenizer=image_tokenizer)
+    assert task.target == target
+    prompt = generate.prompt_arrays(task.segments, vocab, tok, cfg.data.patch_size, cfg.data.audio_layout, target)
+    n = len(prompt["tokens"])
+    assert n < len(trained["tokens"])
+    np.testing.assert_array_equal(prompt["tokens"], trained["tokens"][:n])
+    np.testing.assert_array_equal(prompt["modality"], trained["modality"][:n])
+    inside = trained["patch_positions"] < n
+    np.testing.assert_array_equal(prompt["patch_positions"], trained["patch_positions"][inside])
+    np.testing.assert_array_equal(prompt["patches"], trained["patches"][inside])
+    assert (len(prompt["patches"]) > 0) == (kind in (2, 3))  # the patches are really there where they enter
+    if target == "image":  # the truth generation scores against is the codes training learns
+        np.testing.assert_array_equal(task.truth, [s for s in pipeline.prepare(record, cfg.data, len(
+            ds.codebook_sizes), image_tokenizer)["segments"] if "image_codes" in s][0]["image_codes"])

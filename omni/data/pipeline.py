@@ -31,8 +31,8 @@ from grain import experimental as grain_experimental
 from omni.batch import FIELDS, padding_rows, row_patches
 from omni.config import Config, DataConfig
 from omni.data import dataset as dataset_lib
-from omni.data.image_tokenizer import encode_fitted
-from omni.data.images import decode_image, fit_image
+from omni.data.image_entry import image_segments
+from omni.data.images import decode_image
 from omni.data.text_tokenizer import load_tokenizer
 from omni.errors import ConfigError, DatasetError
 from omni.tokens import MAX_CHUNKS, Vocab, encode_example, fit_to_length
@@ -98,16 +98,14 @@ def prepare(record: dict, cfg: DataConfig, codebook_count: int, image_tokenizer=
         if "image_bytes" not in segment:
             segments.append(segment)
             continue
-        enters, target = segment.pop("as"), segment["target"]
-        pixels = decode_image(segment.pop("image_bytes"))
-        if enters in ("patches", "both"):
-            segments.append({"image": fit_image(pixels, cfg.patch_size, cfg.max_image_patches), "target": False})
-        if enters in ("codes", "both"):
-            if image_tokenizer is None:
-                raise DatasetError(f"example {example['id']} has an image entering as {enters} but the dataset has "
-                                   "no image tokenizer; rebuild it with --image-tokenizer")
-            segments.append({"image_codes": encode_fitted(image_tokenizer, pixels, cfg.max_image_patches),
-                             "target": target})
+        enters = segment["as"]
+        try:
+            segments += image_segments(decode_image(segment["image_bytes"]), enters, segment["target"],
+                                       cfg.patch_size, cfg.max_image_patches, image_tokenizer,
+                                       f"example {example['id']} has an image entering as {enters} but the dataset "
+                                       "has no image tokenizer; rebuild it with --image-tokenizer")
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
     example["segments"] = segments
     return example
 

@@ -59,8 +59,8 @@ from omni import sharding, storage
 from omni.batch import AUDIO, IMAGE, TEXT
 from omni.data import manifest
 from omni.data.audio import load_audio
+from omni.data.image_entry import image_segments
 from omni.data.images import decode_image, fit_image
-from omni.data.image_tokenizer import encode_fitted
 from omni.errors import AudioError, GenerateError
 from omni.model.transformer import init_cache
 from omni.tokens import (AUDIO_DELAY, BOA, BOI, BOS, EOA, EOI, EOS, PAD_ID, ROW, Vocab, check_codes,
@@ -736,23 +736,18 @@ def read_prompts(path, *, patch_size: int, max_image_patches: int, codec=None, t
 
 
 def _image_segments(segment: dict, target: bool, patch_size: int, max_image_patches: int, image_tokenizer) -> list:
-    """A manifest line's image segment as training reads it (omni.data.pipeline.prepare): patches fitted to the
-    budget, codes of the image tokenizer, or both (patches in, codes out); precomputed codes as they are."""
+    """A manifest line's image segment as training reads it (omni.data.image_entry, the rule both use): patches
+    fitted to the budget, codes of the image tokenizer, or both (patches in, codes out); precomputed codes as
+    they are."""
     needs = "an image tokenizer (its dataset had none): give the image \"as\": \"patches\""
     if "image_codes" in segment:
         if image_tokenizer is None:
             raise ValueError(f"image codes need {needs}")
         check_image_codes(segment["image_codes"], image_tokenizer.codebook_sizes)
         return [{"image_codes": np.asarray(segment["image_codes"]), "target": target}]
-    enters, pixels = segment.get("as", "patches"), decode_image(segment["image_bytes"])
-    out = []
-    if enters in ("patches", "both"):
-        out.append({"image": fit_image(pixels, patch_size, max_image_patches), "target": False})
-    if enters in ("codes", "both"):
-        if image_tokenizer is None:
-            raise ValueError(f"an image entering as {enters} needs {needs}")
-        out.append({"image_codes": encode_fitted(image_tokenizer, pixels, max_image_patches), "target": target})
-    return out
+    enters = segment.get("as", "patches")
+    return image_segments(decode_image(segment["image_bytes"]), enters, target, patch_size, max_image_patches,
+                          image_tokenizer, f"an image entering as {enters} needs {needs}")
 
 
 def _is_size(value) -> bool:
