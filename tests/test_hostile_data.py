@@ -89,6 +89,25 @@ def test_a_file_put_in_a_dataset_being_rebuilt_keeps_the_old_dataset_and_the_fil
     assert _leftovers(tmp_path) == []
 
 
+def test_a_file_put_inside_a_subfolder_of_a_dataset_being_rebuilt_is_kept(tmp_path, capsys, monkeypatch):
+    """Only top-level names were compared: OUT/tfds/notes.txt was deleted with the old dataset (--overwrite)."""
+    manifest = _manifest(tmp_path / "corpus")
+    out = tmp_path / "ds"
+    assert _main(capsys, "--manifest", str(manifest), "--out", str(out))[0] == 0
+    sub = next(p for p in out.iterdir() if p.is_dir())
+    write = dataset._write
+
+    def user_writes_meanwhile(*args, **kwargs):
+        (sub / "notes.txt").write_text("mine")
+        write(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, "_write", user_writes_meanwhile)
+    line = _one_line(*_main(capsys, "--manifest", str(manifest), "--out", str(out), "--overwrite")[::2])
+    assert f"--out {out} changed while the dataset was built: {sub.name}/notes.txt appeared in it" in line, line
+    assert (sub / "notes.txt").read_text() == "mine" and dataset.open_dataset(out).meta["counts"]["train"] == 9
+    assert _leftovers(tmp_path) == []
+
+
 def test_a_second_build_of_the_same_out_stops_at_once_naming_the_first(tmp_path, capsys, monkeypatch):
     manifest = _manifest(tmp_path / "corpus")
     out = tmp_path / "ds"

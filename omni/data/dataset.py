@@ -654,13 +654,25 @@ def _build_remote(examples, out, codec, tokenizer, report, source, image_tokeniz
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _tree(folder) -> list[str]:
+    """Every path below a local folder, relative to it, folders with a trailing '/' (links not followed): a file
+    put inside a subfolder of the old dataset (OUT/tfds/notes.txt) is seen, not only new top-level names."""
+    paths = []
+    for root, dirs, files in os.walk(folder):
+        rel = os.path.relpath(root, folder)
+        prefix = "" if rel == "." else rel + "/"
+        paths += [prefix + d + "/" for d in dirs] + [prefix + f for f in files]
+    return sorted(paths)
+
+
 def _snapshot(out) -> list[str] | None:
-    """What `out` holds when the build starts (names, folders with '/'), None when it does not exist."""
+    """What `out` holds when the build starts (every path below it on disk, folders with '/'; on a bucket its
+    top-level names), None when it does not exist."""
     if storage.is_remote(out):
         return _entries(out) if out.exists() else None
     if not (os.path.lexists(out)):
         return None
-    return _entries(out) if out.is_dir() else [out.name]
+    return _tree(out) if out.is_dir() else [out.name]
 
 
 def _appeared(folder, before) -> list[str]:
@@ -668,8 +680,10 @@ def _appeared(folder, before) -> list[str]:
     written by someone else, since this build holds the claim. A file in place of the folder is named '.'."""
     if not storage.is_remote(folder) and os.path.lexists(folder) and not folder.is_dir():
         return ["." if before is None else folder.name]
-    if storage.is_remote(folder) or os.path.lexists(folder):
+    if storage.is_remote(folder):
         return sorted(set(_entries(folder)) - set(before or ()))
+    if os.path.lexists(folder):
+        return sorted(set(_tree(folder)) - set(before or ()))
     return []
 
 
