@@ -12,7 +12,6 @@ import contextlib
 import contextvars
 import itertools
 import json
-import logging
 import math
 
 import jax
@@ -27,7 +26,6 @@ from omni.errors import ConfigError, MeshError
 
 AXES = ("data", "fsdp", "tensor")
 
-log = logging.getLogger("omni.sharding")
 
 _active: contextvars.ContextVar = contextvars.ContextVar("omni_sharding", default=None)
 
@@ -146,12 +144,7 @@ def state_shardings(cfg: Config, mesh: Mesh, abstract_params, tx) -> dict:
     shapes = nnx.to_pure_dict(abstract_params)
 
     def param_sharding(path, spec, shape):
-        wanted = _logical_spec(spec, cfg.mesh.rules)
-        fitted = _divisible(wanted, shape.shape, mesh)
-        if fitted != wanted:
-            log.info("omni: %s %s: replicated where the mesh does not divide it (wanted %s, using %s)",
-                     jax.tree_util.keystr(path, simple=True, separator="."), list(shape.shape), wanted, fitted)
-        return NamedSharding(mesh, fitted)
+        return NamedSharding(mesh, _divisible(_logical_spec(spec, cfg.mesh.rules), shape.shape, mesh))
 
     param_sh = jax.tree_util.tree_map_with_path(param_sharding, specs, shapes,
                                                 is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -159,6 +152,35 @@ def state_shardings(cfg: Config, mesh: Mesh, abstract_params, tx) -> dict:
     abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
     return {"step": replicated, "params": param_sh, "opt_state": _like_params(abstract_opt, param_sh, shapes,
                                                                               replicated)}
+
+
+def undivided(cfg: Config, mesh: Mesh, abstract_params) -> list[str]:
+    """The parameters kept whole along a mesh axis their logical names ask for, because the mesh does not divide
+    that dimension (more memory per device, not an error): one 'name [shape]: wanted SPEC, using SPEC' each, for
+    the trainer to say at start-up (it went to a logger nobody configured)."""
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    shapes = nnx.to_pure_dict(abstract_params)
+    out = []
+
+    def check(path, spec, shape):
+        wanted = _logical_spec(spec, cfg.mesh.rules)
+        fitted = _divisible(wanted, shape.shape, mesh)
+        if fitted != wanted:
+            out.append(f"{jax.tree_util.keystr(path, simple=True, separator='.')} {list(shape.shape)}: wanted "
+                       f"{tuple(wanted)}, using {tuple(fitted)}")
+
+    jax.tree_util.tree_map_with_path(check, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return out
+
+
+def describe_undivided(lines: list[str], mesh: Mesh, shown: int = 4) -> str | None:
+    """One line for the start of a run naming what `undivided` found (None when nothing)."""
+    if not lines:
+        return None
+    more = f"; and {len(lines) - shown} more" if len(lines) > shown else ""
+    return (f"omni: {len(lines)} parameter(s) stay whole along a mesh axis that does not divide them (mesh "
+            f"{dict(mesh.shape)}; more memory per device, set the sizes or mesh.rules to shard them): "
+            + "; ".join(lines[:shown]) + more)
 
 
 def _like_params(opt_state, param_sh, param_shapes, replicated):

@@ -118,3 +118,22 @@ def test_the_fused_loss_trains_like_the_full_logits(single_device, loss_chunk):
         assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5), key
     for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref_update)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_parameters_the_mesh_cannot_divide_are_said_at_the_start_of_train(tmp_path, capsys):
+    """kv_heads=2 on a tensor axis of 4: wk and wv stay whole there; that went to a logger nobody configured."""
+    from omni.train import loop
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(data=2, tensor=4)
+    cfg.train.steps, cfg.train.checkpoint_every, cfg.train.eval_batches = 1, 0, 1
+    loop.train(cfg, tmp_path / "run", progress=False)
+    (line,) = [l for l in capsys.readouterr().out.splitlines() if "stay whole along a mesh axis" in l]
+    assert line.startswith("omni: 2 parameter(s) stay whole along a mesh axis that does not divide them (mesh "
+                           "{'data': 2, 'fsdp': 1, 'tensor': 4}"), line
+    assert "blocks.attn.wk [2, 32, 2, 8]: wanted (" in line and "blocks.attn.wv [2, 32, 2, 8]" in line
+    capsys.readouterr()
+    cfg = tiny_config()  # data 8: everything divides
+    cfg.train.steps, cfg.train.checkpoint_every, cfg.train.eval_batches = 1, 0, 1
+    loop.train(cfg, tmp_path / "run2", progress=False)
+    assert "stay whole" not in capsys.readouterr().out

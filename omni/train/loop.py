@@ -32,8 +32,8 @@ from omni.train import workdir as workdir_lib
 from omni.train.metrics import MetricWriter
 from omni.train.profile import StepProfiler
 from omni.train.perf import datasheet_peak, measure_matmul_peak, utilisation
-from omni.train.step import (build_optimizer, check_host_batch, evaluate, init_state, make_eval_step, make_train_step,
-                             modality_summary, same_batch_count)
+from omni.train.step import (abstract_params, build_optimizer, check_host_batch, evaluate, init_state,
+                             make_eval_step, make_train_step, modality_summary, same_batch_count)
 
 # What a caller may run on the trained params at the end (the CLI passes the demo corpus's scorer):
 # end_of_run(cfg, graphdef, params, log) -> dict of scores, written to eval.json under "demo_tasks".
@@ -77,6 +77,10 @@ def _train(cfg: Config, workdir, progress: bool, end_of_run: EndOfRun | None, is
     flops_tok = flops_per_token(cfg.model, vocab.size, cfg.data.seq_len)
     log(f"omni: {cfg.name}: {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOP/token, mesh "
         f"{dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} devices")
+    said = sharding.describe_undivided(
+        sharding.undivided(cfg, mesh, abstract_params(cfg, vocab)[1]), mesh)
+    if said:
+        log(said)
     for note in config_lib.notes(cfg):
         log(f"omni: note: {note}")
     if trainable.freezes_anything(cfg.train):

@@ -73,11 +73,15 @@ def abstract_state(cfg: Config, mesh, tx, vocab: Vocab):
     return graphdef, state, shardings
 
 
+def abstract_params(cfg: Config, vocab: Vocab):
+    """(graphdef, nnx.State of the params as shapes, with their logical axis names): nothing is allocated."""
+    return nnx.split(nnx.eval_shape(lambda: build_model(cfg, vocab)), nnx.Param)
+
+
 def _state_factory(cfg: Config, mesh, tx, vocab: Vocab):
     """(graphdef, shardings of the state, create() -> the initial state) for cfg's model on mesh."""
-    abstract_model = nnx.eval_shape(lambda: build_model(cfg, vocab))
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-    shardings = sharding.state_shardings(cfg, mesh, abstract_params, tx)
+    graphdef, param_shapes = abstract_params(cfg, vocab)
+    shardings = sharding.state_shardings(cfg, mesh, param_shapes, tx)
 
     def create():
         params = nnx.to_pure_dict(nnx.state(build_model(cfg, vocab), nnx.Param))
