@@ -6,6 +6,7 @@ behind a third module).
 """
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,32 @@ def test_light_modules_import_without_the_data_stack(module):
     code = _GENERATE_WITHOUT_DATA_STACK.split("from flax import nnx")[0] + f"import {module}\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_no_module_asks_for_a_class_by_its_name():
+    """`type(codec).__name__ != "PrecomputedCodec"` broke silently on a rename; omni.data.precomputed.is_precomputed
+    is how code asks."""
+    users = sorted(module_name(p) for p in PACKAGE.rglob("*.py") if re.search(r"type\([^)]*\)\.__name__ *[!=]=",
+                                                                            p.read_text()))
+    assert users == []
+
+
+def test_precomputed_codecs_and_image_tokenizers_share_one_base_and_refuse_to_run():
+    import pytest
+
+    from omni.data.codec import PrecomputedCodec
+    from omni.data.image_tokenizer import ImageTokenizerError, PrecomputedImageTokenizer
+    from omni.data.precomputed import is_precomputed
+    from omni.errors import CodecError
+
+    codec = PrecomputedCodec("encodec-24khz", 75.0, [1024] * 8, 24000)
+    images = PrecomputedImageTokenizer("vqgan", [16384], 16)
+    assert is_precomputed(codec) and is_precomputed(images) and not is_precomputed(object())
+    with pytest.raises(CodecError, match=r"precompute the codes \[frames, 8\] with the original encodec-24khz"):
+        codec.encode(None)
+    with pytest.raises(ImageTokenizerError, match=r"precompute the codes \[rows, cols, 1\] with the original vqgan"):
+        images.encode(None)
+    with pytest.raises(ImageTokenizerError, match="a precomputed image tokenizer needs a name"):
+        PrecomputedImageTokenizer("", [4])
+    with pytest.raises(CodecError, match="codebook_sizes must be one or more positive sizes"):
+        PrecomputedCodec("x", 50.0, [0])

@@ -33,6 +33,7 @@ import numpy as np
 
 from omni import storage
 from omni.data.audio import load_audio
+from omni.data.precomputed import Precomputed
 from omni.errors import CodecError
 from omni.progress import silent
 
@@ -533,32 +534,18 @@ class MelRVQCodec:
 # ---------------------------------------------------------------------------------------------------------
 # External codecs, identity, loading
 
-class PrecomputedCodec:
-    """The identity of an external codec (EnCodec, Mimi, DAC...) whose codes users bring precomputed.
+class PrecomputedCodec(Precomputed):
+    """The identity of an external codec (EnCodec, Mimi, DAC...) whose codes users bring precomputed
+    (omni.data.precomputed): frame_rate and, when given, sample_rate besides the name and codebook sizes."""
 
-    It sizes the vocabulary and is recorded in checkpoints like any codec, but cannot run: omni does not ship
-    those models, so encode/decode raise and say where the codes must come from.
-    """
+    what, error, codes_shape, example = "codec", CodecError, "[frames, codebooks]", "encodec-24khz"
 
     def __init__(self, name: str, frame_rate: float, codebook_sizes: Sequence[int], sample_rate: int | None = None):
-        if not name:
-            raise CodecError("a precomputed codec needs a name, e.g. 'encodec-24khz'")
-        if not frame_rate or float(frame_rate) <= 0:
+        if name and (not frame_rate or float(frame_rate) <= 0):
             raise CodecError(f"codec {name!r}: frame_rate must be positive; got {frame_rate}")
-        sizes = tuple(int(s) for s in codebook_sizes)
-        if not sizes or min(sizes) < 1:
-            raise CodecError(f"codec {name!r}: codebook_sizes must be one or more positive sizes; got {sizes}")
-        self.name, self.frame_rate, self.codebook_sizes = name, float(frame_rate), sizes
+        super().__init__(name, codebook_sizes)
+        self.frame_rate = float(frame_rate)
         self.sample_rate = None if sample_rate is None else int(sample_rate)
-
-    def encode(self, wave: np.ndarray) -> np.ndarray:
-        raise CodecError(f"codec {self.name!r} is external: omni cannot encode with it; precompute the codes "
-                         f"[frames, {len(self.codebook_sizes)}] with the original {self.name} model and give "
-                         f"those to omni")
-
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        raise CodecError(f"codec {self.name!r} is external: omni cannot decode its codes; decode them with the "
-                         f"original {self.name} model")
 
 
 def codec_identity(codec: AudioCodec) -> dict:

@@ -35,6 +35,7 @@ import numpy as np
 from omni import storage
 from omni.data.codec import rvq_decode, rvq_encode, rvq_fit
 from omni.data.images import decode_image, fit_image
+from omni.data.precomputed import Precomputed
 from omni.errors import CodecError
 from omni.progress import silent
 
@@ -257,28 +258,16 @@ class PatchRVQTokenizer:
 # ---------------------------------------------------------------------------------------------------------
 # External tokenizers, identity, loading
 
-class PrecomputedImageTokenizer:
+class PrecomputedImageTokenizer(Precomputed):
     """The identity of an external image tokenizer (a VQGAN, Chameleon's, MaskGIT's...) whose codes users bring
-    precomputed as `image_codes`: it sizes the vocabulary, but cannot run."""
+    precomputed as `image_codes` (omni.data.precomputed); patch_size when given."""
+
+    what, error, codes_shape, example = "image tokenizer", ImageTokenizerError, "[rows, cols, codebooks]", \
+        "vqgan-f16-16384"
 
     def __init__(self, name: str, codebook_sizes: Sequence[int], patch_size: int | None = None):
-        if not name:
-            raise ImageTokenizerError("a precomputed image tokenizer needs a name, e.g. 'vqgan-f16-16384'")
-        sizes = tuple(int(s) for s in codebook_sizes)
-        if not sizes or min(sizes) < 1:
-            raise ImageTokenizerError(f"image tokenizer {name!r}: codebook_sizes must be one or more positive sizes; "
-                                      f"got {list(sizes)}")
-        self.name, self.codebook_sizes = name, sizes
+        super().__init__(name, codebook_sizes)
         self.patch_size = None if patch_size is None else int(patch_size)
-
-    def encode(self, image_HxWx3: np.ndarray) -> np.ndarray:
-        raise ImageTokenizerError(f"image tokenizer {self.name!r} is external: omni cannot encode pixels with it; "
-                                  f"precompute the codes [rows, cols, {len(self.codebook_sizes)}] with the original "
-                                  f"model and give them as \"image_codes\" segments")
-
-    def decode(self, codes_RxCxK: np.ndarray) -> np.ndarray:
-        raise ImageTokenizerError(f"image tokenizer {self.name!r} is external: omni cannot decode its codes; decode "
-                                  f"them with the original {self.name} model")
 
 
 def identity(tokenizer: ImageTokenizer) -> dict:

@@ -61,6 +61,7 @@ from omni.data import manifest
 from omni.data.audio import load_audio
 from omni.data.image_entry import image_segments
 from omni.data.images import decode_image, fit_image
+from omni.data.precomputed import is_precomputed
 from omni.errors import AudioError, GenerateError
 from omni.model.transformer import init_cache
 from omni.tokens import (AUDIO_DELAY, BOA, BOI, BOS, EOA, EOI, EOS, PAD_ID, ROW, Vocab, check_codes,
@@ -150,7 +151,7 @@ def encode_audio(path: str, codec) -> np.ndarray:
     """A WAV file -> codes [T, K] from the model's codec."""
     if codec is None:
         raise GenerateError(f"cannot use audio {path}: this model has no audio codec (its dataset had no audio)")
-    if getattr(codec, "sample_rate", None) is None or type(codec).__name__ == "PrecomputedCodec":
+    if getattr(codec, "sample_rate", None) is None or is_precomputed(codec):
         raise GenerateError(f"cannot encode audio {path}: the model's codec {codec.name!r} is external; encode the "
                             f"file with that codec and pass its codes [frames, codebooks] as <codes:FILE.npy>")
     try:

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from omni.data.precomputed import is_precomputed
+
 SENTENCE_WORDS = 3  # truths this long on average (in words) get BLEU and chrF
 MEL_BINS = 40
 
@@ -128,7 +130,7 @@ def audio_scores(answers: list[np.ndarray], truths: list[np.ndarray], codec=None
     scores = {"n": len(truths), "code_acc": per_codebook, "code_acc_mean": float(np.mean(per_codebook)),
               "frames_diff": float(np.mean([abs(len(a) - len(t)) for a, t in zip(answers, truths)]))}
     rate = getattr(codec, "sample_rate", None)
-    if codec is not None and rate is not None and type(codec).__name__ != "PrecomputedCodec":
+    if codec is not None and rate is not None and not is_precomputed(codec):
         distances = []
         for answer, truth in zip(answers, truths):
             truth_wave = np.asarray(codec.decode(np.asarray(truth)))
