@@ -274,6 +274,25 @@ def listdir(location) -> list[str]:
         return []
 
 
+def stamp(location) -> tuple | None:
+    """What changes when the file at `location` is written again (inode, size and mtime on disk; size and the
+    object's generation or etag on a bucket), None when there is none: the key that lets a process reuse what it
+    opened until someone rebuilds it at the same path."""
+    if is_remote(location):
+        fs = _fs(location)
+        fs.invalidate_cache(os.fspath(path(location)))
+        try:
+            info = fs.info(os.fspath(path(location)))
+        except FileNotFoundError:
+            return None
+        return (info.get("size"), info.get("generation") or info.get("etag") or info.get("updated"))
+    try:
+        st = os.stat(os.fspath(path(location)))
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def refresh(location) -> None:
     """Forgets cached listings of `location` (another process may have written there since)."""
     if is_remote(location):

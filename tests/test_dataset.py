@@ -307,3 +307,37 @@ def test_bad_image_codes_and_image_targets_name_the_line_and_what_to_do(tmp_path
         _build(_write(tmp_path, [draw]), tmp_path / "o")
     with pytest.raises(ManifestError, match=r"manifest.jsonl:1: image_codes need the image tokenizer's identity"):
         _build(_write(tmp_path, [{"segments": [{"image_codes": "vq.npy"}], "targets": ["image"]}]), tmp_path / "o")
+
+
+def test_a_dataset_or_tokenizer_rebuilt_at_the_same_path_is_seen_in_the_same_process(tmp_path, capsys):
+    """pipeline.*_for reuse what they opened until it is written again (the key holds the file's stamp): a
+    rebuilt dataset came back stale from an lru_cache keyed by its path alone."""
+    import json as json_lib
+
+    from omni import cli
+    from omni.config import Config
+    from omni.data import pipeline
+    from omni.data.text_tokenizer import train_bpe
+
+    def build(n):
+        manifest = tmp_path / "m.jsonl"
+        manifest.write_text("".join(json_lib.dumps({"segments": [{"text": f"words number {i}"}], "targets": ["text"],
+                                                    "split": "eval" if i % 4 == 0 else "train"}) + "\n"
+                                    for i in range(n)))
+        assert cli.main(["data", "build", "--manifest", str(manifest), "--out", str(tmp_path / "ds"),
+                         "--overwrite", "--no-progress"]) == 0
+
+    cfg = Config()
+    cfg.data.dataset = str(tmp_path / "ds")
+    build(8)
+    first = pipeline.dataset_for(cfg)
+    assert first.meta["counts"] == {"train": 6, "eval": 2} and pipeline.dataset_for(cfg) is first  # reused
+    build(12)
+    assert pipeline.dataset_for(cfg).meta["counts"] == {"train": 9, "eval": 3}
+
+    texts = [f"some text {i} more words" for i in range(50)]
+    train_bpe(texts, 300, tmp_path / "tok")
+    cfg.data.tokenizer = str(tmp_path / "tok")
+    assert pipeline.tokenizer_for(cfg).vocab_size == 300 and pipeline.vocab_for(cfg).text_size == 300
+    train_bpe(texts, 280, tmp_path / "tok")
+    assert pipeline.tokenizer_for(cfg).vocab_size == 280 and pipeline.vocab_for(cfg).text_size == 280

@@ -28,13 +28,14 @@ import grain
 import numpy as np
 from grain import experimental as grain_experimental
 
+from omni import storage
 from omni.batch import FIELDS, padding_rows, row_patches
 from omni.config import Config, DataConfig
 from omni.data import dataset as dataset_lib
 from omni.data.image_entry import image_segments
 from omni.data.images import decode_image
-from omni.data.text_tokenizer import load_tokenizer
-from omni.errors import ConfigError, DatasetError
+from omni.data.text_tokenizer import HF_FILE, load_tokenizer
+from omni.errors import ConfigError, DatasetError, StorageError
 from omni.tokens import MAX_CHUNKS, Vocab, encode_example, fit_to_length
 
 PACKED_FIELDS = ("tokens", "modality", "is_target")  # per position, packed to seq_len
@@ -45,27 +46,43 @@ log = logging.getLogger("omni.data")
 # ----------------------------------------------------------------------------------------------- datasets
 
 
+# Opened once per process and reused until someone rebuilds them at the same path: each cache key holds the
+# file's storage.stamp, so a dataset or tokenizer written again is opened again (a caller never sees a stale one).
+
 @functools.lru_cache(maxsize=8)
-def _open(path: str) -> dataset_lib.Dataset:
+def _open(path: str, stamp) -> dataset_lib.Dataset:
     return dataset_lib.open_dataset(path)
 
 
 def dataset_for(cfg: Config) -> dataset_lib.Dataset:
     """The dataset data.dataset names (a generated corpus is built on first use, omni.data.dataset.dataset_folder)."""
-    return _open(str(dataset_lib.dataset_folder(cfg)))
+    folder = str(dataset_lib.dataset_folder(cfg))
+    return _open(folder, storage.stamp(storage.path(folder) / dataset_lib.DATASET_FILE))
 
 
 def tokenizer_spec(cfg: Config) -> str:
     return cfg.data.tokenizer or dataset_for(cfg).tokenizer_spec()
 
 
+def _tokenizer_stamp(spec: str):
+    """The stamp of the file a tokenizer spec names ('bytes' has none; a folder: its tokenizer.json)."""
+    if spec.strip().lower() in ("bytes", "byte"):
+        return None
+    try:
+        location = storage.path(spec)
+    except StorageError:  # load_tokenizer says what is wrong with it
+        return None
+    return storage.stamp(location / HF_FILE) or storage.stamp(location)
+
+
 @functools.lru_cache(maxsize=8)
-def _tokenizer(spec: str):
+def _tokenizer(spec: str, stamp=None):
     return load_tokenizer(spec)
 
 
 def tokenizer_for(cfg: Config):
-    return _tokenizer(tokenizer_spec(cfg))
+    spec = tokenizer_spec(cfg)
+    return _tokenizer(spec, _tokenizer_stamp(spec))
 
 
 def vocab_for(cfg: Config) -> Vocab:
@@ -75,13 +92,14 @@ def vocab_for(cfg: Config) -> Vocab:
 
 
 @functools.lru_cache(maxsize=8)
-def _image_tokenizer(dataset_path: str):
-    return _open(dataset_path).image_tokenizer()
+def _image_tokenizer(dataset_path: str, stamp):
+    return _open(dataset_path, stamp).image_tokenizer()
 
 
 def image_tokenizer_for(cfg: Config):
-    """The dataset's image tokenizer (None when it has none), loaded once per process."""
-    return _image_tokenizer(str(dataset_for(cfg).path))
+    """The dataset's image tokenizer (None when it has none), loaded once per build of the dataset."""
+    ds = dataset_for(cfg)
+    return _image_tokenizer(str(ds.path), storage.stamp(storage.path(ds.path) / dataset_lib.DATASET_FILE))
 
 
 # ----------------------------------------------------------------------------------------------- examples
@@ -119,15 +137,19 @@ class Tokenize(grain.transforms.Map):
     def __init__(self, cfg: Config):
         self.cfg = cfg.data
         self.tokenizer_spec = tokenizer_spec(cfg)
-        self.codebook_sizes = dataset_for(cfg).codebook_sizes
-        self.image_codebook_sizes = dataset_for(cfg).image_codebook_sizes
-        self.dataset_path = str(dataset_for(cfg).path)
+        self.tokenizer_stamp = _tokenizer_stamp(self.tokenizer_spec)
+        ds = dataset_for(cfg)
+        self.codebook_sizes = ds.codebook_sizes
+        self.image_codebook_sizes = ds.image_codebook_sizes
+        self.dataset_path = str(ds.path)
+        self.dataset_stamp = storage.stamp(storage.path(ds.path) / dataset_lib.DATASET_FILE)
 
     def map(self, record: dict) -> list[dict]:
-        tokenizer = _tokenizer(self.tokenizer_spec)
+        tokenizer = _tokenizer(self.tokenizer_spec, self.tokenizer_stamp)
         vocab = Vocab(text_size=tokenizer.vocab_size, codebook_sizes=self.codebook_sizes,
                       image_codebook_sizes=self.image_codebook_sizes)
-        image_tokenizer = _image_tokenizer(self.dataset_path) if self.image_codebook_sizes else None
+        image_tokenizer = (_image_tokenizer(self.dataset_path, self.dataset_stamp) if self.image_codebook_sizes
+                           else None)
         example = prepare(record, self.cfg, len(self.codebook_sizes), image_tokenizer)
         encoded = encode_example(example, vocab, tokenizer, self.cfg.patch_size, self.cfg.audio_layout)
         try:  # a user's data or settings, not a bug: an OmniError, which the CLI reports in one line (exit 2)
@@ -284,7 +306,7 @@ def split_description(cfg: Config, split: str = "eval") -> dict:
 
 def examples(cfg: Config, split: str, limit: int | None = None) -> list[dict]:
     """Decoded examples of a split in stored order (for demo metrics and inspection), images fitted."""
-    source = dataset_for(cfg).source(split)
-    count = len(dataset_for(cfg).codebook_sizes)
+    ds, image_tokenizer = dataset_for(cfg), image_tokenizer_for(cfg)
+    source = ds.source(split)
     n = len(source) if limit is None else min(limit, len(source))
-    return [prepare(source[i], cfg.data, count, image_tokenizer_for(cfg)) for i in range(n)]
+    return [prepare(source[i], cfg.data, len(ds.codebook_sizes), image_tokenizer) for i in range(n)]
