@@ -704,30 +704,16 @@ def _generate(args) -> None:
     if args.target != "text":  # (a text answer is printed)
         _check_out(args.out, "generated.png" if args.target == "image" else "generated.wav")
     model = artifact.load(args.model, args.step)
-    cfg = model.config
-    grid = None
-    if args.target == "image":
-        image_generate.check_can_generate(model.vocab, model.image_tokenizer)
-        grid = image_generate.grid_for(model.image_tokenizer, cfg.data.max_image_patches,
-                                       image_size or model.image_size)
-    segments = generate.parse_prompt(args.prompt, args.audio, patch_size=cfg.data.patch_size,
-                                     max_image_patches=cfg.data.max_image_patches, codec=model.codec)
-    prompt = generate.prompt_arrays(segments, model.vocab, model.tokenizer, cfg.data.patch_size,
-                                    cfg.data.audio_layout, args.target)
-    prompt_len, context = len(prompt["tokens"]), cfg.data.seq_len
-    if grid is not None:
-        max_new = image_generate.fit_to_context(grid, prompt_len, context)
-    else:
-        max_new = generate.fit_to_context(args.max_new_tokens, prompt_len, context)
-        if max_new < args.max_new_tokens:
-            print(f"omni: --max-new-tokens {args.max_new_tokens} capped to {max_new}: the model was trained on "
-                  f"{context}-token sequences and the prompt has {prompt_len}", file=sys.stderr, flush=True)
-    result = generate.generate(model.graphdef, model.params, cfg.model, model.vocab, [prompt],
-                               target=args.target, max_new_tokens=max_new, temperature=args.temperature,
-                               top_k=args.top_k, seed=args.seed, audio_layout=cfg.data.audio_layout, image_grid=grid)
-    output = generate.decode_output(result.tokens[0], args.target, model.vocab, model.tokenizer, model.codec,
-                                    cfg.data.audio_layout, image_grid=grid, image_tokenizer=model.image_tokenizer)
-    ending = ("a stop token" if result.stopped[0] is not None else f"--max-new-tokens={max_new}"
+    context = model.config.data.seq_len
+    task = generate.prompt_task(args.prompt, args.audio, args.target, model, image_size)
+    answers, _, result = generate.answer_tasks(model, [task], max_new_tokens=args.max_new_tokens,
+                                               temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                                               batch_size=1, log=lambda line: print(line, file=sys.stderr,
+                                                                                    flush=True))
+    answer = answers[0]
+    prompt_len, max_new, output = len(answer.request.prompt["tokens"]), answer.request.max_new_tokens, answer.output
+    grid = answer.request.image_grid
+    ending = ("a stop token" if answer.stopped is not None else f"--max-new-tokens={max_new}"
               if max_new == args.max_new_tokens else f"the {context}-token context was full")
     if args.target == "text":
         print(output)
@@ -747,8 +733,9 @@ def _generate(args) -> None:
         out = _save_npy(storage.path(args.out).with_suffix(".npy"), output["codes"])
         print(f"omni: {len(output['codes'])} frames of {model.codec.name if model.codec else 'audio'} codes -> "
               f"{out} (this codec cannot decode to a waveform here)")
+    decode_rate = result.decode_tokens / result.decode_s if result.decode_s > 0 else 0.0
     print(f"omni: {result.decode_tokens + 1} tokens until {ending}; prompt {prompt_len} tokens, prefill "
-          f"{result.prefill_s * 1e3:.1f} ms, decode {result.decode_tokens_per_s:,.0f} tokens/s, compile "
+          f"{result.prefill_s * 1e3:.1f} ms, decode {decode_rate:,.0f} tokens/s, compile "
           f"{result.compile_s:.1f} s", file=sys.stderr)
     from omni.train import compile_cache
 

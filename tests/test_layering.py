@@ -204,3 +204,13 @@ def test_precomputed_codecs_and_image_tokenizers_share_one_base_and_refuse_to_ru
         PrecomputedImageTokenizer("", [4])
     with pytest.raises(CodecError, match="codebook_sizes must be one or more positive sizes"):
         PrecomputedCodec("x", 50.0, [0])
+
+
+def test_generate_prompt_is_one_task_of_the_prompts_code():
+    """`omni generate --prompt` went through parse_prompt, prompt_arrays, fit_to_context and generate by hand in
+    the CLI beside the --prompts path; it is now one task of generate.answer_tasks, as --prompts and eval are."""
+    cli_source = (PACKAGE / "cli.py").read_text()
+    for by_hand in ("generate.generate(", "generate.prompt_arrays(", "generate.fit_to_context(",
+                    "generate.decode_output("):
+        assert by_hand not in cli_source, by_hand
+    assert "generate.answer_tasks(" in cli_source

@@ -545,6 +545,7 @@ class ManyResult:
     prefill_s: float
     decode_s: float
     compile_s: float
+    decode_tokens: int = 0       # tokens made by decode steps (generated less each request's first token)
 
     @property
     def tokens_per_s(self) -> float:
@@ -581,6 +582,7 @@ def generate_many(graphdef, params, model_cfg, vocab: Vocab, requests: list[Requ
             width = max(len(requests[i].prompt["tokens"]) for i in chunk)
             out.batches.append((len(chunk), bucket(len(chunk)), bucket(width, 16)))
             out.generated += result.decode_tokens + len(chunk)
+            out.decode_tokens += result.decode_tokens
             out.prefill_s += result.prefill_s
             out.decode_s += result.decode_s
             out.compile_s += result.compile_s
@@ -777,7 +779,8 @@ def requests_for(tasks: list[Task], vocab: Vocab, tokenizer, patch_size: int, au
                 limit = fit_to_context(context if max_new_tokens is None else max_new_tokens, len(prompt["tokens"]),
                                        context)
         except GenerateError as e:
-            where = f"{source}:{task.line}" if task.line else f"example {task.id}"
+            where = (f"{source}:{task.line}" if task.line else task.id if task.id == PROMPT_ID
+                     else f"example {task.id}")
             raise GenerateError(f"{where}: {e}") from None
         requests.append(Request(prompt, task.target, limit, task.stop_ids, task.image_grid))
     return requests
@@ -793,51 +796,84 @@ def stop_reason(stopped, tokens: list[int], limit: int, asked: int | None) -> st
     return STOP_REASONS[1] if asked is not None and limit >= asked else STOP_REASONS[2]
 
 
-def run_tasks(model, tasks: list[Task], *, max_new_tokens: int | None = None, temperature: float = 0.0,
-              top_k: int = 0, seed: int = 0, batch_size: int = 64, wav_dir=None, source: str = "",
-              max_new_by_group: dict | None = None, image_dir=None, skip_unfit: bool = False,
-              ) -> tuple[list[dict], ManyResult]:
-    """Generates every task with `model` (an omni.train.artifact.ModelArtifact) in batches; returns one prediction dict per task, in
-    order:
+@dataclasses.dataclass
+class Answer:
+    """One task's generation: its request (the prompt arrays and the token limit it got), the generated tokens
+    (stop id excluded), the stop id or None, and the decoded output (decode_output)."""
+    task: Task
+    request: Request
+    tokens: list[int]
+    stopped: int | None
+    output: object
 
-        {"id", "line" (prompts files), "group", "target", "text" | "codes" (audio [T][K], image [R][C][K])
-         (+ "wav" with wav_dir, "png" with image_dir when the tokenizer decodes),
-         "stop": "stop token" | "max new tokens" | "context full", "tokens": generated count (stop id included),
-         "truth": the answer when the task has one, "meta": the example's meta when it has one}
+
+def answer_tasks(model, tasks: list[Task], *, max_new_tokens: int | None = None, temperature: float = 0.0,
+                 top_k: int = 0, seed: int = 0, batch_size: int = 64, source: str = "",
+                 max_new_by_group: dict | None = None, skip_unfit: bool = False, log=None,
+                 ) -> tuple[dict[int, Answer], dict[int, str], ManyResult]:
+    """The one way tasks are generated (`omni generate --prompt` is one task, `--prompts` and eval many):
+    ({task index: Answer}, {task index: why it was skipped}, ManyResult).
 
     max_new_tokens None lets each answer run to the end of the trained context (data.seq_len);
     max_new_by_group overrides it per task group (the demo tasks' own caps). Image answers are their grid.
     A task whose prompt leaves no room for its answer in the context is a GenerateError naming it; with
-    skip_unfit (scoring, where the other answers must not be lost) its row is {"id", ..., "skipped": why} instead.
-    """
+    skip_unfit (scoring, where the other answers must not be lost) it is skipped, saying why. With `log`, a
+    text or audio answer whose max_new_tokens the context cuts is said before generating (`omni generate`)."""
     cfg = model.config
-    image_tokenizer = model.image_tokenizer
     if any(task.target == "image" for task in tasks):
-        image_generate.check_can_generate(model.vocab, image_tokenizer)
+        image_generate.check_can_generate(model.vocab, model.image_tokenizer)
     requests, fitting, skipped = [], [], {}
     for i, task in enumerate(tasks):
         limit = (max_new_by_group or {}).get(task.group, max_new_tokens)
         try:
             requests += requests_for([task], model.vocab, model.tokenizer, cfg.data.patch_size,
                                      cfg.data.audio_layout, cfg.data.seq_len, limit, source)
-            fitting.append(task)
+            fitting.append(i)
         except GenerateError as e:
             if not skip_unfit:
                 raise
             skipped[i] = str(e)
+    for i, request in zip(fitting, requests):
+        asked = (max_new_by_group or {}).get(tasks[i].group, max_new_tokens)
+        if log is not None and request.target != "image" and asked is not None and request.max_new_tokens < asked:
+            log(f"omni: --max-new-tokens {asked} capped to {request.max_new_tokens}: the model was trained on "
+                f"{cfg.data.seq_len}-token sequences and the prompt has {len(request.prompt['tokens'])}")
     result = generate_many(model.graphdef, model.params, cfg.model, model.vocab, requests, batch_size=batch_size,
                            temperature=temperature, top_k=top_k, seed=seed, audio_layout=cfg.data.audio_layout)
+    answers = {}
+    for i, request, tokens, stopped in zip(fitting, requests, result.tokens, result.stopped):
+        output = decode_output(tokens, tasks[i].target, model.vocab, model.tokenizer, model.codec,
+                               cfg.data.audio_layout, image_grid=request.image_grid,
+                               image_tokenizer=model.image_tokenizer)
+        answers[i] = Answer(tasks[i], request, tokens, stopped, output)
+    return answers, skipped, result
+
+
+def run_tasks(model, tasks: list[Task], *, max_new_tokens: int | None = None, temperature: float = 0.0,
+              top_k: int = 0, seed: int = 0, batch_size: int = 64, wav_dir=None, source: str = "",
+              max_new_by_group: dict | None = None, image_dir=None, skip_unfit: bool = False,
+              ) -> tuple[list[dict], ManyResult]:
+    """Generates every task (answer_tasks, which says what the options do) and returns one prediction dict per
+    task, in order:
+
+        {"id", "line" (prompts files), "group", "target", "text" | "codes" (audio [T][K], image [R][C][K])
+         (+ "wav" with wav_dir, "png" with image_dir when the tokenizer decodes),
+         "stop": "stop token" | "max new tokens" | "context full", "tokens": generated count (stop id included),
+         "truth": the answer when the task has one, "meta": the example's meta when it has one}
+
+    a skipped task (skip_unfit) is {"id", ..., "skipped": why}.
+    """
+    answers, skipped, result = answer_tasks(model, tasks, max_new_tokens=max_new_tokens, temperature=temperature,
+                                            top_k=top_k, seed=seed, batch_size=batch_size, source=source,
+                                            max_new_by_group=max_new_by_group, skip_unfit=skip_unfit)
     for folder in (wav_dir, image_dir):
         if folder is not None:
             storage.path(folder).mkdir(parents=True, exist_ok=True)
-    predictions = {i: _row(task) | {"skipped": why} | _truth(task) for i, why in skipped.items()
-                   for task in [tasks[i]]}
-    done = (i for i in range(len(tasks)) if i not in skipped)
-    for i, task, request, tokens, stopped in zip(done, fitting, requests, result.tokens, result.stopped):
+    predictions = {i: _row(tasks[i]) | {"skipped": why} | _truth(tasks[i]) for i, why in skipped.items()}
+    for i, answer in answers.items():
+        task, output = answer.task, answer.output
         asked = (max_new_by_group or {}).get(task.group, max_new_tokens)
         row = _row(task)
-        output = decode_output(tokens, task.target, model.vocab, model.tokenizer, model.codec, cfg.data.audio_layout,
-                               image_grid=request.image_grid, image_tokenizer=image_tokenizer)
         if task.target == "text":
             row["text"] = output
         elif task.target == "image":
@@ -854,10 +890,30 @@ def run_tasks(model, tasks: list[Task], *, max_new_tokens: int | None = None, te
                 wav = storage.path(wav_dir) / f"{_file_name(task.id)}.wav"
                 write_wav(wav, output["wave"], output["sample_rate"])
                 row["wav"] = str(wav)
-        row["stop"] = stop_reason(stopped, tokens, request.max_new_tokens, asked)
-        row["tokens"] = len(tokens) + (stopped is not None)
+        row["stop"] = stop_reason(answer.stopped, answer.tokens, answer.request.max_new_tokens, asked)
+        row["tokens"] = len(answer.tokens) + (answer.stopped is not None)
         predictions[i] = row | _truth(task)
     return [predictions[i] for i in range(len(tasks))], result
+
+
+PROMPT_ID = "--prompt"  # the id of the one task `omni generate --prompt` makes (messages name it so)
+
+
+def prompt_task(text: str, audio, target: str, model, image_size=None) -> Task:
+    """`omni generate --prompt TEXT [--audio WAV ...]`: the one Task it is, read as a prompts line {"prompt":
+    TEXT, "audio": [...], "target": ...} is (an image answer has the grid of image_size pixels, default the size
+    the model's images mostly had)."""
+    _check_target(target)
+    cfg = model.config
+    grid = None
+    if target == "image":
+        image_generate.check_can_generate(model.vocab, model.image_tokenizer)
+        grid = image_generate.grid_for(model.image_tokenizer, cfg.data.max_image_patches,
+                                       image_size or model.image_size)
+    segments = parse_prompt(text, audio, patch_size=cfg.data.patch_size,
+                            max_image_patches=cfg.data.max_image_patches, codec=model.codec)
+    return Task(id=PROMPT_ID, segments=segments, target=target, stop_ids=DEFAULT_STOP[target], group=target,
+                image_grid=grid)
 
 
 def _row(task: Task) -> dict:
