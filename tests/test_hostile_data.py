@@ -418,3 +418,24 @@ def test_the_checked_readers_read_good_files_from_a_bucket(bucket, tmp_path):
         manifest.load_image_codes(f"{bucket}/img.png")
     tok = text_tokenizer.train_bpe(["a small corpus of words"] * 20, 260, f"{bucket}/tok")
     assert text_tokenizer.load_tokenizer(f"{bucket}/tok").vocab_size == tok.vocab_size
+
+
+def test_a_wav_beside_an_external_codec_named_by_the_line_is_one_line_naming_it(tmp_path, capsys):
+    """Found by the manifest fuzz: a line naming an external codec ("codec": {...}) with a WAV segment reached the
+    resampler with no sample rate (TypeError); omni cannot run that codec, so the line says what to give."""
+    import numpy as np
+    import scipy.io.wavfile
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    scipy.io.wavfile.write(folder / "a.wav", 8000, (np.sin(np.arange(800) / 5) * 3000).astype(np.int16))
+    external = {"name": "encodec-24khz", "frame_rate": 75.0, "codebook_sizes": [1024, 1024]}
+    lines = [{"segments": [{"text": "good"}], "targets": ["text"], "split": "train"},
+             {"segments": [{"text": "good too"}], "targets": ["text"], "split": "eval"},
+             {"segments": [{"text": "say"}, {"audio": "a.wav"}], "targets": ["audio"], "codec": external}]
+    (folder / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code, _, err = _main(capsys, "--manifest", str(folder / "m.jsonl"), "--out", str(tmp_path / "ds"))
+    line = _one_line(code, err)
+    assert f"{folder / 'm.jsonl'}:3" in line and "the codec 'encodec-24khz' is external" in line, line
+    code, out, _ = _main(capsys, "--manifest", str(folder / "m.jsonl"), "--out", str(tmp_path / "ds"), "--skip-bad")
+    assert code == 0 and dataset.open_dataset(tmp_path / "ds").meta["skipped"][0]["line"] == 3

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 import scipy.io.wavfile
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -368,6 +369,20 @@ def test_random_prompts_files_read_or_fail_naming_the_line(prompts, codec, targe
             line = json.loads(non_blank[task.line])
             assert task.id == str(line.get("id", f"line{task.line}"))
             assert task.target in ("text", "audio", "image")  # (an empty prompt is an unconditional sample)
+
+
+def test_a_prompt_line_whose_audio_list_holds_a_non_path_names_the_line(tmp_path):
+    """Found by the fuzz above: "audio": [null] gave TypeError in the path join, "audio": [""] a StorageError
+    without the line."""
+    from omni.errors import GenerateError
+    from omni.tools.generate import read_prompts
+
+    path = tmp_path / "p.jsonl"
+    for bad in ("null", '""', '"  "', "3"):
+        path.write_text(f'{{"prompt": "hi"}}\n{{"prompt": "", "audio": [{bad}]}}\n')
+        with pytest.raises(GenerateError, match=rf"^{re.escape(str(path))}:2: \"prompt\" must be a string and "
+                                                r"\"audio\" a list of WAV paths$"):
+            read_prompts(path, patch_size=4, max_image_patches=16)
 
 
 def test_a_manifest_line_whose_meta_is_not_an_object_is_read_as_a_prompt(tmp_path):

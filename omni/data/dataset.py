@@ -54,6 +54,7 @@ from omni.data import image_tokenizer as image_tokenizer_lib
 from omni.data import manifest as manifest_lib
 from omni.data.audio import check_sample_rate, resample
 from omni.data.codec import PrecomputedCodec, codec_from_identity, codec_identity, load_codec
+from omni.data.precomputed import is_precomputed
 from omni.data.text_tokenizer import save_tokenizer
 from omni.errors import DatasetError, ManifestError, OmniError, StorageError
 
@@ -200,6 +201,10 @@ def encode_record(raw: dict, codec, image_tokenizer=None) -> dict:
                 if codec is None:
                     raise ValueError("audio needs a codec: pass --codec (tone, or a folder from `omni codec fit`)")
                 if "audio" in segment:
+                    if is_precomputed(codec) or getattr(codec, "sample_rate", None) is None:
+                        raise ValueError(f"WAV audio needs a codec omni can run, and the codec {codec.name!r} is "
+                                         "external: give this audio's codes as a \"codes\" segment, or pass --codec "
+                                         "tone or a folder from `omni codec fit`")
                     wave = np.asarray(segment["audio"], np.float32)
                     if wave.size == 0:
                         raise ValueError("empty audio")

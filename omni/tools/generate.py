@@ -683,7 +683,8 @@ def read_prompts(path, *, patch_size: int, max_image_patches: int, codec=None, t
             if kind not in GENERATED_MODALITIES:
                 fail(f"target {manifest.short_repr(kind)} is not one of {GENERATED_MODALITIES}")
             audio = line.get("audio", [])
-            if not isinstance(line["prompt"], str) or not isinstance(audio, list):
+            if not isinstance(line["prompt"], str) or not isinstance(audio, list) or \
+                    not all(isinstance(a, str) and a.strip() for a in audio):
                 fail("\"prompt\" must be a string and \"audio\" a list of WAV paths")
             size = line.get("image_size", image_size)
             if "image_size" in line and not (kind == "image" and _is_size(size)):
