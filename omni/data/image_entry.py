@@ -19,16 +19,16 @@ ENTRIES = ("patches", "codes", "both")
 
 
 def image_segments(pixels: np.ndarray, enters: str, target: bool, patch_size: int, max_image_patches: int,
-                   image_tokenizer, missing_tokenizer: str) -> list[dict]:
-    """The segments one image becomes (module docstring). ValueError(missing_tokenizer) when it enters as codes
-    and there is no image tokenizer; the caller's message says what to do where it is."""
+                   image_tokenizer, missing_tokenizer: str, error: type[Exception] = ValueError) -> list[dict]:
+    """The segments one image becomes (module docstring). error(missing_tokenizer) when it enters as codes and
+    there is no image tokenizer: the caller's message and error type say what to do where it is."""
     if enters not in ENTRIES:
-        raise ValueError(f"an image enters as one of {ENTRIES}, not {enters!r}")
+        raise error(f"an image enters as one of {ENTRIES}, not {enters!r}")
     segments = []
     if enters in ("patches", "both"):
         segments.append({"image": fit_image(pixels, patch_size, max_image_patches), "target": False})
     if enters in ("codes", "both"):
         if image_tokenizer is None:
-            raise ValueError(missing_tokenizer)
+            raise error(missing_tokenizer)
         segments.append({"image_codes": encode_fitted(image_tokenizer, pixels, max_image_patches), "target": target})
     return segments

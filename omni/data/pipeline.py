@@ -117,13 +117,10 @@ def prepare(record: dict, cfg: DataConfig, codebook_count: int, image_tokenizer=
             segments.append(segment)
             continue
         enters = segment["as"]
-        try:
-            segments += image_segments(decode_image(segment["image_bytes"]), enters, segment["target"],
-                                       cfg.patch_size, cfg.max_image_patches, image_tokenizer,
-                                       f"example {example['id']} has an image entering as {enters} but the dataset "
-                                       "has no image tokenizer; rebuild it with --image-tokenizer")
-        except ValueError as e:
-            raise DatasetError(str(e)) from None
+        segments += image_segments(decode_image(segment["image_bytes"]), enters, segment["target"], cfg.patch_size,
+                                   cfg.max_image_patches, image_tokenizer,
+                                   f"example {example['id']} has an image entering as {enters} but the dataset has "
+                                   "no image tokenizer; rebuild it with --image-tokenizer", DatasetError)
     example["segments"] = segments
     return example
 
