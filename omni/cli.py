@@ -733,9 +733,8 @@ def _generate(args) -> None:
         out = _save_npy(storage.path(args.out).with_suffix(".npy"), output["codes"])
         print(f"omni: {len(output['codes'])} frames of {model.codec.name if model.codec else 'audio'} codes -> "
               f"{out} (this codec cannot decode to a waveform here)")
-    decode_rate = result.decode_tokens / result.decode_s if result.decode_s > 0 else 0.0
     print(f"omni: {result.decode_tokens + 1} tokens until {ending}; prompt {prompt_len} tokens, prefill "
-          f"{result.prefill_s * 1e3:.1f} ms, decode {decode_rate:,.0f} tokens/s, compile "
+          f"{result.prefill_s * 1e3:.1f} ms, decode {result.decode_tokens_per_s:,.0f} tokens/s, compile "
           f"{result.compile_s:.1f} s", file=sys.stderr)
     from omni.train import compile_cache
 

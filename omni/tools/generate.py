@@ -548,6 +548,11 @@ class ManyResult:
     decode_tokens: int = 0       # tokens made by decode steps (generated less each request's first token)
 
     @property
+    def decode_tokens_per_s(self) -> float:
+        """Decode-loop tokens per second, as GenerationResult.decode_tokens_per_s."""
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
     def tokens_per_s(self) -> float:
         """Generated tokens per second of prefill + decode (compiling excluded)."""
         seconds = self.prefill_s + self.decode_s
